@@ -1,0 +1,555 @@
+//! The online backfill of `Jobs.jobset_id` and `Builds.jobset_id`.
+//!
+//! Each table is walked once: by heap pages (per-page, HOT-friendly) followed by a keyset
+//! sweep, or by keyset alone. Every batch is one short transaction under `lock_timeout`
+//! and `statement_timeout`, retried with capped backoff on lock timeout, deadlock and
+//! serialization failure; its size adapts towards a target time. Progress is committed in
+//! the database, so a re-run continues; one backfill at a time (advisory lock).
+
+pub mod keyset;
+pub mod per_page;
+pub mod state;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::cli::{BackfillArgs, StrategyChoice};
+use crate::config::Config;
+use crate::db::{self, Db};
+use crate::exit::{Exit, fail};
+use crate::interrupt::Interrupt;
+use crate::progress::Out;
+use state::{PHASE_DONE, PHASE_KEYS, PHASE_PAGES, TableProgress};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Table {
+    Jobs,
+    Builds,
+}
+
+impl Table {
+    pub const ALL: [Table; 2] = [Table::Jobs, Table::Builds];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Jobs => "jobs",
+            Table::Builds => "builds",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub strategy: StrategyChoice,
+    pub target_batch: Duration,
+    pub pause: Duration,
+    pub initial_batch: Option<u64>,
+    pub max_batch: u64,
+    pub lock_timeout: Duration,
+    pub statement_timeout: Duration,
+    pub max_retries: u32,
+    /// A transaction or snapshot older than this defeats HOT pruning.
+    pub horizon_age: Duration,
+}
+
+impl Options {
+    pub fn from_args(a: &BackfillArgs, config: &Config) -> Options {
+        let cfg = config.backfill.clone().unwrap_or_default();
+        Options {
+            strategy: a.strategy.or(cfg.strategy).unwrap_or(StrategyChoice::Auto),
+            target_batch: Duration::from_millis(
+                a.target_batch_ms.or(cfg.target_batch_ms).unwrap_or(200),
+            ),
+            pause: Duration::from_millis(a.pause_ms.or(cfg.pause_ms).unwrap_or(0)),
+            initial_batch: a.batch_size,
+            max_batch: a.max_batch_size.max(1),
+            lock_timeout: Duration::from_millis(a.lock_timeout_ms),
+            statement_timeout: Duration::from_millis(a.statement_timeout_ms),
+            max_retries: a.max_retries,
+            horizon_age: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TableReport {
+    pub table: Table,
+    pub strategy: String,
+    pub rows_updated: u64,
+    pub rows_skipped: u64,
+    pub transactions: u64,
+    pub retries: u64,
+    pub seconds: f64,
+    pub why: String,
+    /// Share of this table's row updates during the run that were HOT (no index entries).
+    pub hot_share: Option<f64>,
+    /// Table + indexes, before and after the run.
+    pub bytes_before: i64,
+    pub bytes_after: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub tables: Vec<TableReport>,
+    pub seconds: f64,
+}
+
+impl Report {
+    pub fn rows_updated(&self) -> u64 {
+        self.tables.iter().map(|t| t.rows_updated).sum()
+    }
+}
+
+/// Batch size that adapts towards a target time per transaction: it follows an
+/// exponential moving average of the time per unit, and moves at most 2x per step.
+#[derive(Debug)]
+struct Adaptive {
+    size: u64,
+    min: u64,
+    max: u64,
+    target: Duration,
+    per_unit: Option<f64>,
+}
+
+impl Adaptive {
+    fn new(initial: u64, min: u64, max: u64, target: Duration) -> Adaptive {
+        Adaptive {
+            size: initial.clamp(min, max),
+            min,
+            max,
+            target,
+            per_unit: None,
+        }
+    }
+
+    fn observe(&mut self, units: u64, took: Duration) {
+        if units == 0 {
+            return;
+        }
+        let sample = took.as_secs_f64() / units as f64;
+        let ema = match self.per_unit {
+            Some(prev) => 0.7 * prev + 0.3 * sample,
+            None => sample,
+        };
+        self.per_unit = Some(ema);
+        let want = (self.target.as_secs_f64() / ema.max(1e-9)) as u64;
+        self.size = want
+            .clamp(self.size / 2, self.size.saturating_mul(2))
+            .clamp(self.min, self.max);
+    }
+
+    fn shrink(&mut self) -> bool {
+        let before = self.size;
+        self.size = (self.size / 2).max(self.min);
+        self.size < before
+    }
+}
+
+/// Run one batch with retries: transient errors back off and retry; a statement timeout
+/// halves the batch and retries.
+fn with_retries<T>(
+    opts: &Options,
+    out: &Out,
+    what: &str,
+    adaptive: &mut Adaptive,
+    retries: &mut u64,
+    mut op: impl FnMut(u64) -> Result<T>,
+) -> Result<T> {
+    let mut attempt = 0;
+    loop {
+        match op(adaptive.size) {
+            Ok(v) => return Ok(v),
+            Err(e) if db::is_statement_timeout(&e) && adaptive.shrink() => {
+                out.warn(&format!(
+                    "{what}: statement timeout, batch halved to {}",
+                    adaptive.size
+                ));
+            }
+            Err(e) if db::is_transient(&e) && attempt < opts.max_retries => {
+                let wait = db::backoff(attempt, Duration::from_millis(50), Duration::from_secs(10));
+                out.warn(&format!(
+                    "{what}: {e:#}; retry {} in {} ms",
+                    attempt + 1,
+                    wait.as_millis()
+                ));
+                std::thread::sleep(wait);
+            }
+            Err(e) if db::is_transient(&e) => {
+                return Err(e.context(crate::exit::Failure::new(
+                    Exit::RetriesExhausted,
+                    format!(
+                        "{what} still failed after {} retries because of lock contention. \
+                         Committed work is kept; re-run later, or raise --lock-timeout-ms / \
+                         --max-retries.",
+                        opts.max_retries
+                    ),
+                )));
+            }
+            Err(e) => return Err(e),
+        }
+        attempt += 1;
+        *retries += 1;
+    }
+}
+
+/// Things that keep PostgreSQL from pruning dead row versions, which HOT updates need.
+pub fn hot_blockers(db: &mut Db, table: Table, horizon_age: Duration) -> Result<Vec<String>> {
+    let mut why = Vec::new();
+    let idx = db.client().query(
+        "SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+          WHERE i.indrelid = to_regclass($1) AND pg_get_indexdef(i.indexrelid) ILIKE '%jobset_id%'",
+        &[&table.name()],
+    )?;
+    for r in idx {
+        let name: String = r.get(0);
+        why.push(format!(
+            "index {name} contains jobset_id, so no update of it can be HOT"
+        ));
+    }
+    let secs = horizon_age.as_secs_f64();
+    let old = db.client().query(
+        "SELECT pid, coalesce(datname::text, ''), coalesce(application_name, ''),
+                extract(epoch FROM now() - coalesce(xact_start, backend_start))::bigint
+           FROM pg_stat_activity
+          WHERE pid <> pg_backend_pid() AND (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)
+            AND now() - coalesce(xact_start, backend_start) > make_interval(secs => $1)
+          ORDER BY 4 DESC LIMIT 5",
+        &[&secs],
+    )?;
+    for r in old {
+        let (pid, dbname, app, age): (i32, String, String, i64) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        why.push(format!(
+            "pid {pid} (database {dbname:?}, application {app:?}) holds a snapshot or transaction \
+             open for {age}s; dead rows cannot be pruned until it ends"
+        ));
+    }
+    let prepared = db.client().query(
+        "SELECT gid, extract(epoch FROM now() - prepared)::bigint FROM pg_prepared_xacts
+          WHERE now() - prepared > make_interval(secs => $1)",
+        &[&secs],
+    )?;
+    for r in prepared {
+        let (gid, age): (String, i64) = (r.get(0), r.get(1));
+        why.push(format!("prepared transaction {gid:?} is {age}s old"));
+    }
+    let slots = db.client().query(
+        "SELECT slot_name::text FROM pg_replication_slots WHERE xmin IS NOT NULL OR catalog_xmin IS NOT NULL AND database = current_database()",
+        &[],
+    )?;
+    for r in slots {
+        let name: String = r.get(0);
+        why.push(format!(
+            "replication slot {name} holds back the xmin horizon"
+        ));
+    }
+    Ok(why)
+}
+
+/// (updates, HOT updates, total bytes) of a table, with this session's counters flushed.
+fn table_stats(db: &mut Db, table: Table) -> Result<(i64, i64, i64)> {
+    db.client()
+        .batch_execute("SELECT pg_stat_force_next_flush()")?;
+    let row = db.client().query_one(
+        "SELECT coalesce(n_tup_upd, 0), coalesce(n_tup_hot_upd, 0), pg_total_relation_size(relid)
+           FROM pg_stat_user_tables WHERE relid = to_regclass($1)",
+        &[&table.name()],
+    )?;
+    Ok((row.get(0), row.get(1), row.get(2)))
+}
+
+/// Does the table hold any NULL jobset_id row that can be filled (its jobset exists)?
+fn has_fillable(db: &mut Db, table: Table) -> Result<bool> {
+    let sql = format!(
+        "SELECT EXISTS (SELECT 1 FROM {t} AS t JOIN jobsets js ON js.project = t.project AND js.name = t.jobset
+                         WHERE t.jobset_id IS NULL)",
+        t = table.name()
+    );
+    Ok(db
+        .client()
+        .query_one(&sql, &[])
+        .with_context(|| format!("looking for NULL rows in {}", table.name()))?
+        .get(0))
+}
+
+/// Fill both tables. The caller has checked the stage (the columns exist).
+pub fn run(db: &mut Db, opts: &Options, out: &Out, interrupt: &Interrupt) -> Result<Report> {
+    let start = Instant::now();
+    db.take_upgrade_lock()?;
+    db.set_timeouts(opts.lock_timeout, opts.statement_timeout)?;
+    db.async_commit()?;
+    state::ensure(db)?;
+    let mut tables = Vec::new();
+    for table in Table::ALL {
+        tables.push(run_table(db, table, opts, out, interrupt)?);
+    }
+    Ok(Report {
+        tables,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+fn choose(db: &mut Db, table: Table, opts: &Options, out: &Out) -> Result<(&'static str, String)> {
+    let blockers = hot_blockers(db, table, opts.horizon_age)?;
+    for b in &blockers {
+        out.warn(&format!("{}: HOT updates are defeated: {b}", table.name()));
+    }
+    Ok(match opts.strategy {
+        StrategyChoice::Keyset => ("keyset", "chosen with --strategy keyset".into()),
+        StrategyChoice::PerPage => ("per-page", "chosen with --strategy per-page".into()),
+        _ if table == Table::Jobs => (
+            "keyset",
+            "Jobs has one index, so the keyset walk serves it".into(),
+        ),
+        StrategyChoice::Auto if blockers.is_empty() => {
+            ("per-page", "auto: nothing defeats HOT updates".into())
+        }
+        StrategyChoice::Auto => ("keyset", format!("auto: {}", blockers.join("; "))),
+    })
+}
+
+fn run_table(
+    db: &mut Db,
+    table: Table,
+    opts: &Options,
+    out: &Out,
+    interrupt: &Interrupt,
+) -> Result<TableReport> {
+    let start = Instant::now();
+    let name = table.name();
+    let before = table_stats(db, table)?;
+    let resume_hint = "Run the same command again to continue from the last committed batch.";
+    let mut progress = match state::load(db, name)? {
+        Some(p) if !p.finished => {
+            out.event(
+                "resume",
+                &format!(
+                    "{name}: resuming the {} walk ({} phase) at {} of {}",
+                    p.strategy, p.phase, p.position, p.total
+                ),
+                json!({"table": name, "position": p.position, "phase": p.phase}),
+            );
+            p
+        }
+        previous => {
+            if !has_fillable(db, table)? {
+                let skipped = previous.map(|p| p.rows_skipped).unwrap_or(0);
+                out.event(
+                    "table_done",
+                    &format!("{name}: no NULL jobset_id row to fill"),
+                    json!({"table": name}),
+                );
+                return Ok(TableReport {
+                    table,
+                    strategy: "none".into(),
+                    rows_updated: 0,
+                    rows_skipped: skipped as u64,
+                    transactions: 0,
+                    retries: 0,
+                    seconds: start.elapsed().as_secs_f64(),
+                    why: "nothing to fill".into(),
+                    hot_share: None,
+                    bytes_before: before.2,
+                    bytes_after: before.2,
+                });
+            }
+            let (strategy, why) = choose(db, table, opts, out)?;
+            out.event(
+                "strategy",
+                &format!("{name}: strategy {strategy} ({why})"),
+                json!({"table": name, "strategy": strategy, "why": why}),
+            );
+            let p = if strategy == "per-page" {
+                TableProgress::new(
+                    name,
+                    strategy,
+                    PHASE_PAGES,
+                    per_page::pages(db.client(), table)?,
+                )
+            } else {
+                start_keys(db, table, TableProgress::new(name, strategy, PHASE_KEYS, 0))?
+            };
+            state::save(db.client(), &p)?;
+            p
+        }
+    };
+    let rows_before = progress.rows_updated;
+    let mut transactions = 0u64;
+    let mut retries = 0u64;
+
+    if progress.phase == PHASE_PAGES {
+        // At most 8192 pages (about 360,000 listed ids, ~1.5 MB) per window keeps memory small.
+        let mut adaptive = Adaptive::new(
+            opts.initial_batch.unwrap_or(64),
+            4,
+            opts.max_batch.min(8192),
+            opts.target_batch,
+        );
+        let mut bar = out.progress(name, progress.total as u64, "pages");
+        while progress.position < progress.total {
+            interrupt.check(resume_hint)?;
+            let window = adaptive.size as i64;
+            let pages = with_retries(
+                opts,
+                out,
+                &format!("{name} window listing"),
+                &mut adaptive,
+                &mut retries,
+                |_| per_page::list_window(db.client(), table, progress.position, window),
+            )?;
+            let mut round = 0;
+            while let Some(ids) = per_page::round_ids(&pages, round) {
+                let t0 = Instant::now();
+                let updated = with_retries(
+                    opts,
+                    out,
+                    &format!("{name} round"),
+                    &mut adaptive,
+                    &mut retries,
+                    |_| per_page::update_round(db.client(), table, &ids),
+                )?;
+                adaptive.observe(ids.len() as u64, t0.elapsed());
+                transactions += 1;
+                progress.rows_updated += updated as i64;
+                round += 1;
+                if !opts.pause.is_zero() {
+                    std::thread::sleep(opts.pause);
+                }
+                // Stopping mid-window is fine: the window is listed again on resume and
+                // only rows still NULL are in it.
+                if interrupt.requested() {
+                    break;
+                }
+            }
+            if interrupt.requested() {
+                state::save(db.client(), &progress)?;
+                interrupt.check(resume_hint)?;
+            }
+            progress.position = (progress.position + window).min(progress.total);
+            state::save(db.client(), &progress)?;
+            bar.update(
+                progress.position as u64,
+                (progress.rows_updated - rows_before) as u64,
+                "",
+            );
+        }
+        bar.finish(" (page walk done, sweeping for rows moved meanwhile)");
+        progress = start_keys(db, table, progress)?;
+        state::save(db.client(), &progress)?;
+    }
+
+    if progress.phase == PHASE_KEYS {
+        let mut cursor: keyset::Cursor =
+            serde_json::from_str(progress.cursor.as_deref().unwrap_or("null"))
+                .with_context(|| format!("reading the saved keyset cursor of {name}"))?;
+        let initial = opts.initial_batch.unwrap_or(1_000);
+        let mut adaptive = Adaptive::new(initial, 1, opts.max_batch, opts.target_batch);
+        let mut bar = out.progress(name, progress.total as u64, "keys");
+        let rows_at_sweep = progress.rows_updated;
+        loop {
+            interrupt.check(resume_hint)?;
+            let t0 = Instant::now();
+            let (batch, next) = with_retries(
+                opts,
+                out,
+                &format!("{name} keyset batch"),
+                &mut adaptive,
+                &mut retries,
+                |size| {
+                    let mut next = cursor.clone();
+                    let mut p = progress.clone();
+                    let mut tx = db.client().transaction()?;
+                    let b = keyset::batch(&mut tx, &mut next, size)?;
+                    p.position += b.walked as i64;
+                    p.rows_updated += b.updated as i64;
+                    p.rows_skipped += b.skipped as i64;
+                    p.cursor = Some(serde_json::to_string(&next)?);
+                    state::save(&mut tx, &p)?;
+                    tx.commit()?;
+                    Ok((b, (next, p)))
+                },
+            )?;
+            (cursor, progress) = next;
+            adaptive.observe(batch.walked.max(1), t0.elapsed());
+            transactions += 1;
+            bar.update(
+                progress.position as u64,
+                (progress.rows_updated - rows_at_sweep) as u64,
+                "",
+            );
+            if batch.done {
+                break;
+            }
+            if !opts.pause.is_zero() {
+                std::thread::sleep(opts.pause);
+            }
+        }
+        bar.finish("");
+        progress.phase = PHASE_DONE.into();
+        progress.finished = true;
+        state::save(db.client(), &progress)?;
+    }
+    if progress.rows_skipped > 0 {
+        out.warn(&format!(
+            "{name}: {} NULL rows match no jobset (orphans) and were left as they are; \
+             `hydra-upgrade verify` lists them",
+            progress.rows_skipped
+        ));
+    }
+    let after = table_stats(db, table)?;
+    let updates = after.0 - before.0;
+    Ok(TableReport {
+        hot_share: (updates > 0).then(|| (after.1 - before.1) as f64 / updates as f64),
+        bytes_before: before.2,
+        bytes_after: after.2,
+        table,
+        strategy: progress.strategy.clone(),
+        rows_updated: (progress.rows_updated - rows_before) as u64,
+        rows_skipped: progress.rows_skipped as u64,
+        transactions,
+        retries,
+        seconds: start.elapsed().as_secs_f64(),
+        why: String::new(),
+    })
+}
+
+/// Enter the keyset phase: a fresh cursor from the start of the table.
+fn start_keys(db: &mut Db, table: Table, mut p: TableProgress) -> Result<TableProgress> {
+    let cursor = keyset::Cursor::start(db.client(), table)?;
+    p.total = match &cursor {
+        keyset::Cursor::Id { upper, .. } => *upper,
+        keyset::Cursor::Key { .. } => {
+            let n: f32 = db
+                .client()
+                .query_one(
+                    "SELECT greatest(reltuples, 0) FROM pg_class WHERE oid = to_regclass('jobs')",
+                    &[],
+                )?
+                .get(0);
+            n as i64
+        }
+    };
+    p.phase = PHASE_KEYS.into();
+    p.position = 0;
+    p.cursor = Some(serde_json::to_string(&cursor)?);
+    Ok(p)
+}
+
+/// Refuse to backfill where it does not apply.
+pub fn require_columns(status: &crate::status::Status) -> Result<()> {
+    if !status.jobs_jobset_id.exists || !status.builds_jobset_id.exists {
+        return Err(fail(
+            Exit::WrongPhase,
+            format!(
+                "the jobset_id columns do not exist yet (schema {}): switch to the migration \
+                 package first (`hydra-upgrade upgrade` does it), then backfill.",
+                status.schema_version
+            ),
+        ));
+    }
+    Ok(())
+}

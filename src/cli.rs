@@ -1,0 +1,204 @@
+//! The command line: clap definitions only, no logic.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hydra-upgrade",
+    version,
+    about = "Carry a Hydra through its two-phase jobset_id schema upgrade, online and resumable",
+    after_help = "Exit codes: 0 ok, 1 internal, 2 usage, 3 config, 4 connect, 5 not Hydra, \
+6 schema mismatch, 7 rows left, 8 locked, 9 wrong phase, 10 rolled back, 11 host failed, \
+12 environment, 13 declined, 14 retries exhausted, 130 interrupted (see README.md)."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Database: libpq URL or keyword string, or Hydra's DBI string
+    /// (dbi:Pg:dbname=hydra;user=hydra;host=...;port=...). Default: $HYDRA_DBI, then the
+    /// config file's "db".
+    #[arg(long, global = true, value_name = "DSN")]
+    pub db: Option<String>,
+
+    /// Machine-readable output: one JSON document (status, plan, verify, summaries) or
+    /// JSON lines of events (backfill progress).
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// Configuration file written by the NixOS module.
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        env = "HYDRA_UPGRADE_CONFIG",
+        default_value = "/etc/hydra-upgrade/config.json"
+    )]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Where the upgrade stands, read from the database alone.
+    Status {
+        /// Count NULL rows exactly (a full scan of Jobs and Builds) instead of estimating.
+        #[arg(long)]
+        exact: bool,
+    },
+    /// What `upgrade` would do next; changes nothing.
+    Plan,
+    /// Fill Jobs.jobset_id and Builds.jobset_id online, in short resumable batches.
+    Backfill(BackfillArgs),
+    /// Prove nothing is left: exact NULL, orphan and wrong jobset_id counts, with samples.
+    Verify,
+    /// Carry out the effect of upgrade-62..65 online (no long write-blocking lock) and
+    /// record schema 65, so the final package's hydra-init has nothing left to do.
+    Finalize(FinalizeArgs),
+    /// Run the whole upgrade on a throwaway PostgreSQL: synthetic data by default, or a
+    /// copy of production (--from-dump / --from-db). Reports durations and lock times.
+    Rehearse(RehearseArgs),
+    /// Run the whole upgrade, in order, to the end.
+    Upgrade(UpgradeArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StrategyChoice {
+    /// per-page unless something defeats HOT updates, then keyset.
+    Auto,
+    /// Few rows per heap page per transaction, many pages: HOT updates, little bloat.
+    PerPage,
+    /// Consecutive primary-key ranges: the plain fallback.
+    Keyset,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BackfillArgs {
+    /// Batch selection strategy.
+    #[arg(long, value_enum)]
+    pub strategy: Option<StrategyChoice>,
+    /// Target duration of one batch transaction; the batch size adapts towards it.
+    #[arg(long, value_name = "MS")]
+    pub target_batch_ms: Option<u64>,
+    /// Pause between batches (throttle).
+    #[arg(long, value_name = "MS")]
+    pub pause_ms: Option<u64>,
+    /// First batch size (keys for keyset, heap pages for per-page).
+    #[arg(long, value_name = "N")]
+    pub batch_size: Option<u64>,
+    /// Largest batch size the adaptation may reach.
+    #[arg(long, value_name = "N", default_value_t = 50_000)]
+    pub max_batch_size: u64,
+    /// lock_timeout for every statement (SQLSTATE 55P03 is retried).
+    #[arg(long, value_name = "MS", default_value_t = 2_000)]
+    pub lock_timeout_ms: u64,
+    /// statement_timeout for every statement (a timed-out batch is halved and retried).
+    #[arg(long, value_name = "MS", default_value_t = 120_000)]
+    pub statement_timeout_ms: u64,
+    /// How often one batch is retried on lock timeout, deadlock or serialization failure.
+    #[arg(long, value_name = "N", default_value_t = 12)]
+    pub max_retries: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FinalizeArgs {
+    /// lock_timeout for each short ACCESS EXCLUSIVE step (retried with backoff).
+    #[arg(long, value_name = "MS", default_value_t = 1_000)]
+    pub lock_timeout_ms: u64,
+    /// How often a DDL step is retried on lock timeout.
+    #[arg(long, value_name = "N", default_value_t = 30)]
+    pub max_retries: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RehearseArgs {
+    /// Synthetic data: number of builds.
+    #[arg(long, default_value_t = 50_000)]
+    pub builds: u64,
+    /// Synthetic data: number of projects.
+    #[arg(long, default_value_t = 60)]
+    pub projects: u64,
+    /// Synthetic data: number of jobsets (names shared across projects).
+    #[arg(long, default_value_t = 240)]
+    pub jobsets: u64,
+    /// Synthetic data: number of jobs (spread over large and small jobsets).
+    #[arg(long, default_value_t = 8_000)]
+    pub jobs: u64,
+    /// Synthetic data: seed, so a rehearsal can be repeated exactly.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Rehearse on a copy of this pg_dump file (custom, directory, tar or plain SQL format).
+    #[arg(long, value_name = "FILE", conflicts_with = "from_db")]
+    pub from_dump: Option<PathBuf>,
+    /// Rehearse on a copy of this database (dumped with pg_dump; production is only read).
+    #[arg(long, value_name = "DSN")]
+    pub from_db: Option<String>,
+    /// Apply upgrade-62..65 as the stock hydra-init does (long locks), instead of `finalize`.
+    #[arg(long)]
+    pub stock_final: bool,
+    #[command(flatten)]
+    pub backfill: BackfillArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SwitchMode {
+    /// Set the system profile and activate (like `nixos-rebuild switch`).
+    Switch,
+    /// Activate only; the profile and boot menu stay as they are.
+    Test,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UpgradeArgs {
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Print every step and command it would run, in order, and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Toplevel of the NixOS system running the hydra-migration package.
+    #[arg(long, value_name = "PATH", requires = "final_system")]
+    pub migration_system: Option<PathBuf>,
+    /// Toplevel of the NixOS system running the final (hydra-unstable) package.
+    #[arg(long, value_name = "PATH", requires = "migration_system")]
+    pub final_system: Option<PathBuf>,
+    /// Build both phase systems from this flake's NixOS configuration (e.g. `.#hydra`).
+    #[arg(long, value_name = "REF", conflicts_with = "migration_system")]
+    pub flake: Option<String>,
+    /// How each phase system is activated.
+    #[arg(long, value_enum, default_value_t = SwitchMode::Switch)]
+    pub mode: SwitchMode,
+    /// Run every host command over SSH on this host (the database is reached with --db).
+    #[arg(long, value_name = "USER@HOST")]
+    pub target_host: Option<String>,
+    /// Where the upgrade keeps its small state file.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Command that switches the host to the migration system (instead of
+    /// switch-to-configuration); run with `sh -c`.
+    #[arg(long, value_name = "CMD")]
+    pub migration_switch_command: Option<String>,
+    /// Command that switches the host to the final system; run with `sh -c`.
+    #[arg(long, value_name = "CMD")]
+    pub final_switch_command: Option<String>,
+    /// Hydra's web server, for the health check.
+    #[arg(long, value_name = "URL")]
+    pub hydra_url: Option<String>,
+    /// Let the final package's hydra-init apply upgrade-62..65 itself (long locks),
+    /// instead of finishing them online with `finalize` first.
+    #[arg(long)]
+    pub stock_final: bool,
+    /// Use the simulated host: phase switches apply the schema steps as hydra-init would,
+    /// directly to the database (what `rehearse` does). For rehearsals and tests only.
+    #[arg(long, hide = true)]
+    pub simulate_host: bool,
+    #[command(flatten)]
+    pub backfill: BackfillArgs,
+}

@@ -1,0 +1,181 @@
+//! The one place that opens database connections and knows PostgreSQL's error classes.
+//! SQL itself lives next to the code that owns it; every statement goes through a
+//! [`Db`] so that session settings, error context and retries are the same everywhere.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use postgres::error::SqlState;
+use postgres::{Client, NoTls};
+
+use crate::dsn::Dsn;
+use crate::exit::{Exit, fail};
+
+/// Key of the session advisory lock that allows one hydra-upgrade per database
+/// ("hydra-up" in ASCII).
+const UPGRADE_LOCK_KEY: i64 = 0x6879_6472_612d_7570;
+
+pub struct Db {
+    client: Client,
+    described: String,
+}
+
+impl Db {
+    pub fn connect(dsn: &Dsn) -> Result<Db> {
+        let described = dsn.describe();
+        let client = dsn.config.connect(NoTls).map_err(|e| {
+            fail(
+                Exit::Connect,
+                format!(
+                    "cannot connect to the database ({described}): {}. Check that PostgreSQL \
+                     is running and reachable, the DSN (--db, HYDRA_DBI or the config file), \
+                     and the credentials (password in the DSN, PGPASSWORD or ~/.pgpass).",
+                    error_text(&e)
+                ),
+            )
+        })?;
+        Ok(Db { client, described })
+    }
+
+    pub fn describe(&self) -> &str {
+        &self.described
+    }
+
+    pub fn client(&mut self) -> &mut Client {
+        &mut self.client
+    }
+
+    /// Session settings for online work: a short lock_timeout so we never queue behind
+    /// (and in front of) Hydra's own lock requests for long, and a statement_timeout so no
+    /// statement of ours runs unbounded.
+    pub fn set_timeouts(
+        &mut self,
+        lock_timeout: Duration,
+        statement_timeout: Duration,
+    ) -> Result<()> {
+        let sql = format!(
+            "SET lock_timeout = {}; SET statement_timeout = {}",
+            lock_timeout.as_millis(),
+            statement_timeout.as_millis()
+        );
+        self.client
+            .batch_execute(&sql)
+            .context("setting session timeouts")
+    }
+
+    /// `synchronous_commit = off` for this session only. The backfill commits thousands of
+    /// small transactions; waiting for each WAL flush would dominate its time. It is safe
+    /// because every batch is idempotent (it only fills NULL jobset_id from the row's own
+    /// project/jobset): a commit lost in a crash is simply redone by the next run, and no
+    /// other session's durability changes.
+    pub fn async_commit(&mut self) -> Result<()> {
+        self.client
+            .batch_execute("SET synchronous_commit = off")
+            .context("setting synchronous_commit")
+    }
+
+    /// Take the database-wide upgrade lock (session advisory lock) or fail with
+    /// [`Exit::Locked`], naming the holder.
+    pub fn take_upgrade_lock(&mut self) -> Result<()> {
+        let got: bool = self
+            .client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&UPGRADE_LOCK_KEY])
+            .context("taking the upgrade advisory lock")?
+            .get(0);
+        if got {
+            return Ok(());
+        }
+        let holder = self
+            .client
+            .query_opt(
+                "SELECT a.pid, coalesce(a.application_name, ''), coalesce(a.client_addr::text, 'local'),
+                        coalesce(extract(epoch FROM now() - a.backend_start)::bigint, 0)
+                   FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                  WHERE l.locktype = 'advisory' AND l.granted
+                    AND l.classid = ($1 >> 32)::oid AND l.objid = ($1 & 4294967295)::oid
+                  LIMIT 1",
+                &[&UPGRADE_LOCK_KEY],
+            )
+            .context("looking up the upgrade lock holder")?;
+        let who = holder
+            .map(|r| {
+                let (pid, app, addr, age): (i32, String, String, i64) =
+                    (r.get(0), r.get(1), r.get(2), r.get(3));
+                format!("pid {pid} ({app}, from {addr}, connected {age}s ago)")
+            })
+            .unwrap_or_else(|| "another session".into());
+        Err(fail(
+            Exit::Locked,
+            format!(
+                "another hydra-upgrade is already working on this database: {who}. \
+                 Wait for it to end (`hydra-upgrade status` shows progress), or stop it; \
+                 its committed work is kept."
+            ),
+        ))
+    }
+}
+
+/// A readable text for a postgres error: the server's message and SQLSTATE when there is
+/// one, else the client-side cause.
+pub fn error_text(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                text.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            text
+        }
+    }
+}
+
+/// The SQLSTATE of the first PostgreSQL error in an error chain.
+pub fn sqlstate(err: &anyhow::Error) -> Option<SqlState> {
+    err.chain()
+        .find_map(|e| e.downcast_ref::<postgres::Error>())
+        .and_then(|e| e.code().cloned())
+}
+
+/// Lock timeout, deadlock, serialization failure: the batch did nothing and can simply
+/// be tried again.
+pub fn is_transient(err: &anyhow::Error) -> bool {
+    matches!(
+        sqlstate(err),
+        Some(ref s) if *s == SqlState::LOCK_NOT_AVAILABLE
+            || *s == SqlState::T_R_DEADLOCK_DETECTED
+            || *s == SqlState::T_R_SERIALIZATION_FAILURE
+    )
+}
+
+/// statement_timeout fired: the batch was too large for the server's current speed.
+pub fn is_statement_timeout(err: &anyhow::Error) -> bool {
+    sqlstate(err).is_some_and(|s| s == SqlState::QUERY_CANCELED)
+}
+
+/// Capped exponential backoff with full jitter: attempt 0 waits up to `base`, each later
+/// attempt doubles the cap, never above `max`.
+pub fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
+    let cap = base.saturating_mul(1u32 << attempt.min(16)).min(max);
+    let ms = cap.as_millis().max(1) as u64;
+    Duration::from_millis(ms / 2 + fastrand::u64(0..=ms / 2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_and_grows() {
+        let base = Duration::from_millis(100);
+        let max = Duration::from_secs(5);
+        for attempt in 0..40 {
+            let d = backoff(attempt, base, max);
+            assert!(d <= max, "{attempt}: {d:?}");
+            let cap = base.saturating_mul(1u32 << attempt.min(16)).min(max);
+            assert!(d >= cap / 2, "{attempt}: {d:?} < half of {cap:?}");
+        }
+    }
+}

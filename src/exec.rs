@@ -1,0 +1,243 @@
+//! The one place that runs external commands (through `duct`). A failure names the
+//! command line, the exit status and the end of stderr. Environment values are never
+//! shown (they may carry PGPASSWORD); only their names are.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+
+#[derive(Debug, Clone)]
+pub struct Cmd {
+    program: OsString,
+    args: Vec<OsString>,
+    env: Vec<(String, OsString)>,
+    dir: Option<PathBuf>,
+    stdin: Option<Vec<u8>>,
+}
+
+/// What a finished command printed.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Quote one word for display in a POSIX shell.
+pub fn shell_quote(word: &str) -> String {
+    if !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:@,+%".contains(c))
+    {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+impl Cmd {
+    pub fn new(program: impl Into<OsString>) -> Cmd {
+        Cmd {
+            program: program.into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            dir: None,
+            stdin: None,
+        }
+    }
+
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Cmd {
+        self.args.push(arg.into());
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Cmd
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn env(mut self, name: &str, value: impl Into<OsString>) -> Cmd {
+        self.env.push((name.to_owned(), value.into()));
+        self
+    }
+
+    pub fn dir(mut self, dir: impl Into<PathBuf>) -> Cmd {
+        self.dir = Some(dir.into());
+        self
+    }
+
+    pub fn stdin_bytes(mut self, input: Vec<u8>) -> Cmd {
+        self.stdin = Some(input);
+        self
+    }
+
+    /// Prefix the command with another (`runuser -u postgres --`, `ssh host`, ...).
+    pub fn wrapped(self, prefix: &[&str]) -> Cmd {
+        let Some((first, rest)) = prefix.split_first() else {
+            return self;
+        };
+        let mut args: Vec<OsString> = rest.iter().map(OsString::from).collect();
+        args.push(self.program);
+        args.extend(self.args);
+        Cmd {
+            program: first.into(),
+            args,
+            ..self
+        }
+    }
+
+    pub fn program(&self) -> &OsString {
+        &self.program
+    }
+
+    pub fn argv(&self) -> Vec<String> {
+        std::iter::once(&self.program)
+            .chain(&self.args)
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// The command line as a shell would take it; environment by name only.
+    pub fn display(&self) -> String {
+        let env = self
+            .env
+            .iter()
+            .map(|(k, _)| format!("{k}=…"))
+            .collect::<Vec<_>>();
+        let argv = self
+            .argv()
+            .iter()
+            .map(|a| shell_quote(a))
+            .collect::<Vec<_>>();
+        env.into_iter().chain(argv).collect::<Vec<_>>().join(" ")
+    }
+
+    fn expression(&self) -> duct::Expression {
+        let mut e = duct::cmd(&self.program, &self.args);
+        for (k, v) in &self.env {
+            e = e.env(k, v);
+        }
+        if let Some(d) = &self.dir {
+            e = e.dir(d);
+        }
+        if let Some(input) = &self.stdin {
+            e = e.stdin_bytes(input.clone());
+        }
+        e
+    }
+
+    /// Run to the end, capturing both streams; non-zero exit is an error.
+    pub fn run(&self) -> Result<Output> {
+        let out = self
+            .expression()
+            .stdout_capture()
+            .stderr_capture()
+            .unchecked()
+            .run()
+            .with_context(|| format!("cannot start `{}`", self.display()))?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !out.status.success() {
+            anyhow::bail!(
+                "`{}` failed ({}){}",
+                self.display(),
+                describe_status(out.status),
+                tail(&stderr)
+            );
+        }
+        Ok(Output { stdout, stderr })
+    }
+
+    /// Run to the end with stdout/stderr going to ours (long activations, pg_restore).
+    pub fn run_inherit(&self) -> Result<()> {
+        let out = self
+            .expression()
+            .unchecked()
+            .run()
+            .with_context(|| format!("cannot start `{}`", self.display()))?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "`{}` failed ({})",
+                self.display(),
+                describe_status(out.status)
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether the command can be found (on PATH or as a path).
+    pub fn exists(program: &str) -> bool {
+        which(program).is_some()
+    }
+}
+
+pub fn which(program: &str) -> Option<PathBuf> {
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        return p.is_file().then_some(p);
+    }
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|d| d.join(program))
+            .find(|p| p.is_file())
+    })
+}
+
+fn describe_status(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        _ => "unknown status".into(),
+    }
+}
+
+/// The last lines of stderr, for error messages.
+fn tail(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    let start = lines.len().saturating_sub(15);
+    format!("; stderr:\n{}", lines[start..].join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_names_command_status_and_stderr() {
+        let err = Cmd::new("sh")
+            .args(["-c", "echo boom >&2; exit 3"])
+            .run()
+            .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.contains("`sh -c 'echo boom >&2; exit 3'`"), "{text}");
+        assert!(text.contains("exit status 3"), "{text}");
+        assert!(text.contains("boom"), "{text}");
+    }
+
+    #[test]
+    fn env_values_are_not_displayed() {
+        let c = Cmd::new("pg_dump").env("PGPASSWORD", "hunter2").arg("-Fc");
+        assert_eq!(c.display(), "PGPASSWORD=… pg_dump -Fc");
+    }
+
+    #[test]
+    fn wrapping_prefixes_the_command() {
+        let c = Cmd::new("initdb")
+            .arg("-D")
+            .arg("/x")
+            .wrapped(&["runuser", "-u", "postgres", "--"]);
+        assert_eq!(
+            c.argv(),
+            ["runuser", "-u", "postgres", "--", "initdb", "-D", "/x"]
+        );
+    }
+}

@@ -1,0 +1,121 @@
+//! Exit codes: one per failure class, documented in README.md ("Exit codes").
+//!
+//! Code that knows *why* something failed wraps it in a [`Failure`]; `main` walks the
+//! error chain and exits with the first failure's code (1 when there is none).
+
+use std::fmt;
+use std::process::ExitCode;
+
+/// Every way hydra-upgrade can end. The numbers are part of the interface: scripts,
+/// systemd units and the NixOS VM test rely on them. Never renumber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Done, or nothing to do.
+    Ok = 0,
+    /// An unexpected error (a bug, or a database error of no known class).
+    Internal = 1,
+    /// Bad command-line usage (clap uses this code too).
+    Usage = 2,
+    /// The configuration is unusable: malformed DSN or config file, missing option.
+    Config = 3,
+    /// The database server could not be reached or refused us (auth, missing database).
+    Connect = 4,
+    /// The database is not a Hydra database.
+    NotHydra = 5,
+    /// The catalog contradicts `SchemaVersion` (for example version 61 without the columns).
+    SchemaMismatch = 6,
+    /// `verify` found NULL, orphan or wrong `jobset_id` rows: the final phase is refused.
+    RowsLeft = 7,
+    /// Another hydra-upgrade holds the database's upgrade lock.
+    Locked = 8,
+    /// The command does not apply at this stage of the upgrade.
+    WrongPhase = 9,
+    /// A host step failed and the previous system was restored.
+    RolledBack = 10,
+    /// A host step failed and could not be rolled back (or a rollback failed).
+    HostFailed = 11,
+    /// The local environment lacks something (PostgreSQL binaries for `rehearse`, ...).
+    Environment = 12,
+    /// The operator declined at the confirmation prompt.
+    Declined = 13,
+    /// Lock contention: a batch or DDL step still failed after every retry.
+    RetriesExhausted = 14,
+    /// Stopped by SIGINT/SIGTERM after finishing or rolling back the open batch.
+    Interrupted = 130,
+}
+
+impl Exit {
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// One line per code, for `--help` and the README table.
+    pub const ALL: [(Exit, &'static str); 16] = [
+        (Exit::Ok, "done, or nothing to do"),
+        (Exit::Internal, "unexpected error"),
+        (Exit::Usage, "bad command-line usage"),
+        (Exit::Config, "unusable configuration (DSN, config file)"),
+        (Exit::Connect, "database unreachable or refused the login"),
+        (Exit::NotHydra, "not a Hydra database"),
+        (Exit::SchemaMismatch, "catalog contradicts SchemaVersion"),
+        (Exit::RowsLeft, "NULL/orphan/wrong jobset_id rows remain"),
+        (Exit::Locked, "another hydra-upgrade is running"),
+        (Exit::WrongPhase, "command does not apply at this stage"),
+        (
+            Exit::RolledBack,
+            "host step failed, previous system restored",
+        ),
+        (Exit::HostFailed, "host step failed, not rolled back"),
+        (Exit::Environment, "local environment lacks something"),
+        (Exit::Declined, "declined at the confirmation prompt"),
+        (
+            Exit::RetriesExhausted,
+            "lock contention outlasted every retry",
+        ),
+        (Exit::Interrupted, "interrupted; re-run to resume"),
+    ];
+}
+
+impl From<Exit> for ExitCode {
+    fn from(e: Exit) -> ExitCode {
+        ExitCode::from(e.code())
+    }
+}
+
+/// An error that knows its exit code. The message says what failed, why, and what the
+/// admin can do next.
+#[derive(Debug)]
+pub struct Failure {
+    pub exit: Exit,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(exit: Exit, message: impl Into<String>) -> Self {
+        Failure {
+            exit,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// Shorthand: `return Err(fail(Exit::Config, "..."))`.
+pub fn fail(exit: Exit, message: impl Into<String>) -> anyhow::Error {
+    Failure::new(exit, message).into()
+}
+
+/// The exit code an error maps to: the outermost [`Failure`] in its chain wins.
+pub fn exit_of(err: &anyhow::Error) -> Exit {
+    err.chain()
+        .find_map(|e| e.downcast_ref::<Failure>())
+        .map(|f| f.exit)
+        .unwrap_or(Exit::Internal)
+}

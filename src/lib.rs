@@ -1,0 +1,208 @@
+//! hydra-upgrade: carry a self-hosted Hydra through its two-phase `jobset_id` schema
+//! upgrade, online and resumable. `main.rs` only parses the command line; everything else
+//! is here so that tests and benchmarks call the same code.
+
+pub mod backfill;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod dsn;
+pub mod exec;
+pub mod exit;
+pub mod finalize;
+pub mod host;
+pub mod hydra_schema;
+pub mod interrupt;
+pub mod pg_cluster;
+pub mod progress;
+pub mod rehearse;
+pub mod status;
+pub mod synth;
+pub mod upgrade;
+pub mod verify;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use cli::{Cli, Command};
+use config::Config;
+use db::Db;
+use exit::{Exit, fail};
+use interrupt::Interrupt;
+use progress::Out;
+
+fn print_json(value: &impl Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn flow_options(b: &cli::BackfillArgs, config: &Config, stock_final: bool) -> upgrade::Options {
+    upgrade::Options {
+        backfill: backfill::Options::from_args(b, config),
+        finalize: finalize::Options {
+            lock_timeout: std::time::Duration::from_millis(1_000),
+            max_retries: 30,
+        },
+        stock_final,
+        max_rounds: 3,
+    }
+}
+
+pub fn run(cli: Cli) -> Result<Exit> {
+    let out = Out::new(cli.global.json);
+    let config = Config::load(&cli.global.config)?;
+    let json = cli.global.json;
+    let connect = || -> Result<Db> { Db::connect(&config.dsn(cli.global.db.as_deref())?) };
+    match &cli.command {
+        Command::Status { exact } => {
+            let mut db = connect()?;
+            let s = status::detect(&mut db, *exact)?;
+            if json {
+                print_json(&s)?
+            } else {
+                print!("{}", status::render(&s))
+            }
+            Ok(Exit::Ok)
+        }
+        Command::Plan => {
+            let mut db = connect()?;
+            let s = status::detect(&mut db, false)?;
+            let steps = upgrade::plan(&s, false, "the host");
+            if json {
+                print_json(&serde_json::json!({"status": s, "plan": steps}))?;
+            } else {
+                println!(
+                    "schema {} ({:?}); `hydra-upgrade upgrade` would:",
+                    s.schema_version, s.stage
+                );
+                for (i, st) in steps.iter().enumerate() {
+                    println!("{:>2}. {:<17} {}", i + 1, st.step, st.description);
+                }
+            }
+            Ok(Exit::Ok)
+        }
+        Command::Backfill(args) => {
+            let interrupt = Interrupt::install()?;
+            let mut db = connect()?;
+            let s = status::detect(&mut db, false)?;
+            if s.stage == status::Stage::Final
+                || (!s.jobs_jobset_id.nullable
+                    && !s.builds_jobset_id.nullable
+                    && s.stage != status::Stage::BeforeMigration)
+            {
+                out.say("nothing to backfill: both jobset_id columns are NOT NULL already");
+                return Ok(Exit::Ok);
+            }
+            backfill::require_columns(&s)?;
+            let opts = backfill::Options::from_args(args, &config);
+            let report = backfill::run(&mut db, &opts, &out, &interrupt)?;
+            if json {
+                print_json(&report)?;
+            } else {
+                for t in &report.tables {
+                    println!(
+                        "{}: {} rows updated in {:.1}s ({}), {} orphans skipped",
+                        t.table.name(),
+                        t.rows_updated,
+                        t.seconds,
+                        t.strategy,
+                        t.rows_skipped
+                    );
+                }
+                println!("next: `hydra-upgrade verify`");
+            }
+            Ok(Exit::Ok)
+        }
+        Command::Verify => {
+            let mut db = connect()?;
+            let s = status::detect(&mut db, false)?;
+            backfill::require_columns(&s)?;
+            let v = verify::run(&mut db)?;
+            if json {
+                print_json(&v)?
+            } else {
+                print!("{}", v.render())
+            }
+            Ok(if v.clean { Exit::Ok } else { Exit::RowsLeft })
+        }
+        Command::Finalize(args) => {
+            let mut db = connect()?;
+            let s = status::detect(&mut db, false)?;
+            match s.stage {
+                status::Stage::Final => {
+                    out.say("nothing to do: the schema is at 65 or later");
+                    return Ok(Exit::Ok);
+                }
+                status::Stage::BeforeMigration => {
+                    return Err(fail(
+                        Exit::WrongPhase,
+                        "finalize needs the migration package's schema (61) and a complete backfill",
+                    ));
+                }
+                status::Stage::Migration => {}
+            }
+            let v = verify::run(&mut db)?;
+            if !v.clean {
+                return Err(fail(
+                    Exit::RowsLeft,
+                    format!("finalize is refused while rows are left: {}", v.summary()),
+                ));
+            }
+            let opts = finalize::Options {
+                lock_timeout: std::time::Duration::from_millis(args.lock_timeout_ms),
+                max_retries: args.max_retries,
+            };
+            let r = finalize::run(&mut db, &opts, &out)?;
+            if json {
+                print_json(&r)?
+            } else {
+                println!(
+                    "finalize: done in {:.1}s; longest write-blocking lock {:.3}s; schema is 65. next: switch to the final package",
+                    r.seconds,
+                    r.longest_block()
+                );
+            }
+            Ok(Exit::Ok)
+        }
+        Command::Rehearse(args) => {
+            let interrupt = Interrupt::install()?;
+            let opts = flow_options(&args.backfill, &config, args.stock_final);
+            let r = rehearse::run(args, &opts, &out, &interrupt)?;
+            if json {
+                print_json(&r)?
+            } else {
+                print!("{}", r.render())
+            }
+            Ok(Exit::Ok)
+        }
+        Command::Upgrade(args) => {
+            let interrupt = Interrupt::install()?;
+            let dsn = config.dsn(cli.global.db.as_deref())?;
+            let mut db = Db::connect(&dsn)?;
+            if !args.simulate_host {
+                return Err(fail(
+                    Exit::Config,
+                    "driving a real NixOS host is not built yet (see issue 4); use --simulate-host to apply the schema steps directly, as `rehearse` does",
+                ));
+            }
+            let mut host = host::simulated::SimulatedHost::new(dsn);
+            let opts = flow_options(&args.backfill, &config, args.stock_final);
+            let r = upgrade::run(&mut db, &mut host, &opts, &out, &interrupt)?;
+            if json {
+                print_json(&r)?
+            } else {
+                for (step, secs) in &r.steps {
+                    println!("{step:<40} {secs:>8.1}s");
+                }
+                println!(
+                    "upgrade complete: schema {}",
+                    r.final_status
+                        .as_ref()
+                        .map(|s| s.schema_version)
+                        .unwrap_or(0)
+                );
+            }
+            Ok(Exit::Ok)
+        }
+    }
+}

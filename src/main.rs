@@ -1,0 +1,19 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use hydra_upgrade::{cli::Cli, exit};
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("hydra-upgrade: error: {err:#}");
+            exit::exit_of(&err).into()
+        }
+    }
+}
+
+fn run() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    hydra_upgrade::run(cli).map(ExitCode::from)
+}

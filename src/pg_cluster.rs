@@ -1,0 +1,236 @@
+//! A throwaway PostgreSQL cluster: `initdb` in a temporary directory, listening on a Unix
+//! socket only, stopped and removed on drop. Used by `rehearse`, the tests and the
+//! benchmark. As root it runs the server as an unprivileged user (`postgres`, else
+//! `nobody`), since `initdb` refuses to run as root.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use tempfile::TempDir;
+
+use crate::db::Db;
+use crate::dsn::Dsn;
+use crate::exec::{Cmd, which};
+use crate::exit::{Exit, fail};
+
+const INSTALL_HINT: &str = "PostgreSQL server binaries (initdb, pg_ctl, postgres) were not found on PATH, \
+    through `pg_config --bindir`, or under /usr/lib/postgresql/*/bin. Install them: \
+    `apt-get install postgresql` (Debian/Ubuntu), `nix shell nixpkgs#postgresql`, or use \
+    this flake's dev shell (`nix develop`).";
+
+/// Where the server binaries are: PATH, then `pg_config --bindir`, then the newest
+/// `/usr/lib/postgresql/*/bin`.
+pub fn find_bindir() -> Result<PathBuf> {
+    if let Some(initdb) = which("initdb") {
+        return Ok(initdb.parent().expect("a file has a parent").to_owned());
+    }
+    if which("pg_config").is_some()
+        && let Ok(out) = Cmd::new("pg_config").arg("--bindir").run()
+    {
+        let dir = PathBuf::from(out.stdout.trim());
+        if dir.join("initdb").is_file() {
+            return Ok(dir);
+        }
+    }
+    let mut candidates: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let version = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").is_file().then_some((version, bin))
+        })
+        .collect();
+    candidates.sort();
+    candidates
+        .pop()
+        .map(|(_, bin)| bin)
+        .ok_or_else(|| fail(Exit::Environment, INSTALL_HINT))
+}
+
+/// The unprivileged account to run the server as, when we are root.
+fn server_account() -> Result<Option<(String, u32, u32)>> {
+    let euid = std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(u32::MAX);
+    if euid != 0 {
+        return Ok(None);
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").context("reading /etc/passwd")?;
+    for wanted in ["postgres", "nobody"] {
+        for line in passwd.lines() {
+            let f: Vec<&str> = line.split(':').collect();
+            if f.len() > 3 && f[0] == wanted {
+                return Ok(Some((wanted.to_owned(), f[2].parse()?, f[3].parse()?)));
+            }
+        }
+    }
+    Err(fail(
+        Exit::Environment,
+        "running as root, and neither a `postgres` nor a `nobody` account exists to run \
+         initdb as (initdb refuses root). Create one (`useradd -r postgres`) or run as a \
+         normal user.",
+    ))
+}
+
+pub struct PgCluster {
+    dir: TempDir,
+    bin: PathBuf,
+    run_as: Option<String>,
+    stopped: bool,
+}
+
+pub const SUPERUSER: &str = "postgres";
+
+impl PgCluster {
+    /// initdb and start a cluster. `settings` are extra `name=value` server settings.
+    pub fn start(settings: &[&str]) -> Result<PgCluster> {
+        let bin = find_bindir()?;
+        let account = server_account()?;
+        let dir = tempfile::Builder::new()
+            .prefix("hydra-upgrade-pg.")
+            .tempdir()
+            .context("creating a temporary directory for PostgreSQL")?;
+        if let Some((_, uid, gid)) = &account {
+            std::os::unix::fs::chown(dir.path(), Some(*uid), Some(*gid))
+                .context("handing the temporary directory to the server account")?;
+        }
+        let mut cluster = PgCluster {
+            dir,
+            bin,
+            run_as: account.map(|a| a.0),
+            stopped: true,
+        };
+        cluster
+            .tool("initdb")
+            .args(["-D"])
+            .arg(cluster.data())
+            .args([
+                "-U",
+                SUPERUSER,
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
+            .run()
+            .context("initdb of the throwaway cluster")?;
+        let mut opts = format!(
+            "-c listen_addresses= -c unix_socket_directories={} -c max_connections=60",
+            cluster.socket_dir().display()
+        );
+        for s in settings {
+            opts.push_str(&format!(" -c {s}"));
+        }
+        let log = cluster.dir.path().join("server.log");
+        let started = cluster
+            .tool("pg_ctl")
+            .arg("-D")
+            .arg(cluster.data())
+            .arg("-l")
+            .arg(&log)
+            .args(["-w", "-t", "60", "-o", &opts, "start"])
+            .run();
+        if let Err(e) = started {
+            let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+            return Err(e.context(format!(
+                "starting the throwaway PostgreSQL; server log:\n{log_text}"
+            )));
+        }
+        cluster.stopped = false;
+        Ok(cluster)
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn socket_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn bindir(&self) -> &Path {
+        &self.bin
+    }
+
+    /// A server tool, run as the server account when we are root.
+    pub fn tool(&self, name: &str) -> Cmd {
+        let cmd = Cmd::new(self.bin.join(name));
+        match &self.run_as {
+            Some(user) => cmd.wrapped(&["runuser", "-u", user, "--"]),
+            None => cmd,
+        }
+    }
+
+    /// A client tool (psql, pg_dump, pg_restore), run as ourselves.
+    pub fn client_tool(&self, name: &str) -> Cmd {
+        Cmd::new(self.bin.join(name))
+    }
+
+    /// Keyword DSN for a database of this cluster.
+    pub fn dsn_string(&self, dbname: &str, user: &str) -> String {
+        format!(
+            "host={} port=5432 user={user} dbname={dbname}",
+            self.socket_dir().display()
+        )
+    }
+
+    pub fn dsn(&self, dbname: &str) -> Dsn {
+        Dsn::parse(&self.dsn_string(dbname, SUPERUSER)).expect("a valid keyword DSN")
+    }
+
+    pub fn connect(&self, dbname: &str) -> Result<Db> {
+        Db::connect(&self.dsn(dbname))
+    }
+
+    /// `CREATE DATABASE name [TEMPLATE t]`.
+    pub fn create_database(&self, name: &str, template: Option<&str>) -> Result<()> {
+        let mut admin = self.connect("postgres")?;
+        let sql = match template {
+            Some(t) => format!("CREATE DATABASE {name} TEMPLATE {t}"),
+            None => format!("CREATE DATABASE {name}"),
+        };
+        admin
+            .client()
+            .batch_execute(&sql)
+            .with_context(|| format!("creating database {name}"))
+    }
+
+    /// Put lines in front of pg_hba.conf (e.g. password auth for one role) and reload.
+    pub fn prepend_hba(&self, lines: &str) -> Result<()> {
+        let path = self.data().join("pg_hba.conf");
+        let old = std::fs::read_to_string(&path)?;
+        std::fs::write(&path, format!("{lines}\n{old}"))?;
+        self.tool("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .arg("reload")
+            .run()?;
+        Ok(())
+    }
+
+    pub fn stop(&mut self) -> Result<()> {
+        if self.stopped {
+            return Ok(());
+        }
+        self.stopped = true;
+        self.tool("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-m", "fast", "-w", "stop"])
+            .run()
+            .map(|_| ())
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            eprintln!("warning: stopping the throwaway PostgreSQL failed: {e:#}");
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! Where the upgrade stands, read from the database alone: schema version, the catalog
+//! state of the jobset_id columns and final indexes, NULL rows left, and the next step.
+//! Refuses databases that are not Hydra, and catalogs that contradict `SchemaVersion`.
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::backfill::state;
+use crate::db::Db;
+use crate::exit::{Exit, fail};
+use crate::hydra_schema::{FINAL_VERSION, MIGRATION_VERSION};
+
+/// The two indexes upgrade-64 and upgrade-65 create, by their (lower-cased) names.
+pub const FINAL_INDEXES: [&str; 2] = [
+    "indexfinishedsuccessfulbuilds",
+    "indexbuildsonjobsetidfinishedid",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// Schema below 61: the migration package has not run (or not finished) hydra-init.
+    BeforeMigration,
+    /// Schema 61..64: jobset_id columns exist; backfill, verify and finalize go here.
+    Migration,
+    /// Schema 65 or later: nothing to do.
+    Final,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Column {
+    pub exists: bool,
+    pub nullable: bool,
+    /// NULL rows left; `None` when the column does not exist.
+    pub null_rows: Option<i64>,
+    /// Whether `null_rows` is an exact count or an estimate.
+    pub exact: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub database: String,
+    pub schema_version: i32,
+    pub stage: Stage,
+    pub jobsets_id: bool,
+    pub jobs_jobset_id: Column,
+    pub builds_jobset_id: Column,
+    pub final_indexes: Vec<(String, bool)>,
+    pub backfill_progress: Vec<state::TableProgress>,
+    pub next_step: String,
+}
+
+impl Status {
+    pub fn null_rows(&self) -> i64 {
+        self.jobs_jobset_id.null_rows.unwrap_or(0) + self.builds_jobset_id.null_rows.unwrap_or(0)
+    }
+}
+
+/// Exact counts below this many rows; above it, a 1 % page sample.
+const EXACT_BELOW: f32 = 200_000.0;
+
+/// Read the catalog: is this Hydra, what version, do the pieces agree?
+pub fn detect(db: &mut Db, exact: bool) -> Result<Status> {
+    let client = db.client();
+    let has = |c: &mut postgres::Client, name: &str| -> Result<bool> {
+        Ok(c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])?
+            .get(0))
+    };
+    if !has(client, "schemaversion")? || !has(client, "jobsets")? || !has(client, "builds")? {
+        return Err(fail(
+            Exit::NotHydra,
+            "this database is not a Hydra database (no SchemaVersion, Jobsets or Builds table). \
+             Check --db / HYDRA_DBI: it must name the database Hydra itself uses.",
+        ));
+    }
+    let versions: Vec<i32> = client
+        .query("SELECT version FROM SchemaVersion", &[])
+        .context("reading SchemaVersion")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let [version] = versions[..] else {
+        return Err(fail(
+            Exit::SchemaMismatch,
+            format!(
+                "SchemaVersion holds {} rows instead of one; hydra-init would not know the \
+                 schema either. Repair it by hand before upgrading.",
+                versions.len()
+            ),
+        ));
+    };
+    let jobs_exists = has(client, "jobs")?;
+    let jobsets_id = column(client, "jobsets", "id")?.is_some();
+    let jobs_col = if jobs_exists {
+        column(client, "jobs", "jobset_id")?
+    } else {
+        None
+    };
+    let builds_col = column(client, "builds", "jobset_id")?;
+    let mut final_indexes = Vec::new();
+    for name in FINAL_INDEXES {
+        let valid: bool = client
+            .query_one(
+                "SELECT coalesce((SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass($1)), false)",
+                &[&name],
+            )?
+            .get(0);
+        final_indexes.push((name.to_owned(), valid));
+    }
+
+    let contradiction = |what: &str| {
+        fail(
+            Exit::SchemaMismatch,
+            format!(
+                "the catalog contradicts SchemaVersion {version}: {what}. Something changed the \
+                 schema outside hydra-init; compare it with Hydra's upgrade-N.sql files and \
+                 repair it by hand, then run `hydra-upgrade status` again."
+            ),
+        )
+    };
+    if version <= FINAL_VERSION {
+        let expect = |present: bool, since: i32, what: &str| -> Result<()> {
+            match (present, version >= since) {
+                (false, true) => Err(contradiction(&format!(
+                    "{what} is missing (added by upgrade-{since})"
+                ))),
+                (true, false) => Err(contradiction(&format!(
+                    "{what} exists (only upgrade-{since} adds it)"
+                ))),
+                _ => Ok(()),
+            }
+        };
+        expect(jobsets_id, 59, "Jobsets.id")?;
+        expect(jobs_col.is_some(), 60, "Jobs.jobset_id")?;
+        expect(builds_col.is_some(), 61, "Builds.jobset_id")?;
+        // From 61 on, `finalize` may run ahead of SchemaVersion (NOT NULL set, indexes
+        // built online), so only what lags behind the version is a contradiction.
+        if version >= 62 && jobs_col == Some(true) {
+            return Err(contradiction(
+                "Jobs.jobset_id is still nullable (upgrade-62 sets NOT NULL)",
+            ));
+        }
+        if version >= 63 && builds_col == Some(true) {
+            return Err(contradiction(
+                "Builds.jobset_id is still nullable (upgrade-63 sets NOT NULL)",
+            ));
+        }
+        for (i, (name, ok)) in final_indexes.iter().enumerate() {
+            if version >= 64 + i as i32 && !ok {
+                return Err(contradiction(&format!(
+                    "index {name} is missing or invalid"
+                )));
+            }
+        }
+    }
+
+    let stage = if version < MIGRATION_VERSION {
+        Stage::BeforeMigration
+    } else if version < FINAL_VERSION {
+        Stage::Migration
+    } else {
+        Stage::Final
+    };
+    let count = |c: &mut postgres::Client, table: &str, col: Option<bool>| -> Result<Column> {
+        Ok(match col {
+            None => Column {
+                exists: false,
+                nullable: false,
+                null_rows: None,
+                exact: true,
+            },
+            Some(false) => Column {
+                exists: true,
+                nullable: false,
+                null_rows: Some(0),
+                exact: true,
+            },
+            Some(true) => {
+                let (n, is_exact) = count_nulls(c, table, exact)?;
+                Column {
+                    exists: true,
+                    nullable: true,
+                    null_rows: Some(n),
+                    exact: is_exact,
+                }
+            }
+        })
+    };
+    let jobs_jobset_id = count(client, "jobs", jobs_col)?;
+    let builds_jobset_id = count(client, "builds", builds_col)?;
+    let backfill_progress = state::read_all(db)?;
+    let mut status = Status {
+        database: db.describe().to_owned(),
+        schema_version: version,
+        stage,
+        jobsets_id,
+        jobs_jobset_id,
+        builds_jobset_id,
+        final_indexes,
+        backfill_progress,
+        next_step: String::new(),
+    };
+    status.next_step = next_step(&status);
+    Ok(status)
+}
+
+/// `Some(nullable)` if the column exists.
+fn column(c: &mut postgres::Client, table: &str, col: &str) -> Result<Option<bool>> {
+    let row = c.query_opt(
+        "SELECT NOT a.attnotnull FROM pg_attribute a
+          WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
+        &[&table, &col],
+    )?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// NULL jobset_id rows: exact for small tables or on request, else from a 1 % page sample.
+fn count_nulls(c: &mut postgres::Client, table: &str, exact: bool) -> Result<(i64, bool)> {
+    let reltuples: f32 = c
+        .query_one(
+            "SELECT reltuples FROM pg_class WHERE oid = to_regclass($1)",
+            &[&table],
+        )?
+        .get(0);
+    if exact || reltuples < EXACT_BELOW {
+        let sql = format!("SELECT count(*) FROM {table} WHERE jobset_id IS NULL");
+        let n: i64 = c
+            .query_one(&sql, &[])
+            .with_context(|| format!("counting NULL rows in {table}"))?
+            .get(0);
+        return Ok((n, true));
+    }
+    let sql = format!(
+        "SELECT count(*) FILTER (WHERE jobset_id IS NULL), count(*) FROM {table} TABLESAMPLE SYSTEM (1)"
+    );
+    let row = c.query_one(&sql, &[])?;
+    let (nulls, seen): (i64, i64) = (row.get(0), row.get(1));
+    let estimate = if seen == 0 {
+        0
+    } else {
+        (nulls as f64 / seen as f64 * reltuples as f64).round() as i64
+    };
+    Ok((estimate, false))
+}
+
+fn next_step(s: &Status) -> String {
+    match s.stage {
+        Stage::BeforeMigration => format!(
+            "next: switch to the migration package (pkgs.hydra-migration); its hydra-init adds \
+             the jobset_id columns (schema {} -> 61, seconds). `hydra-upgrade upgrade` does it.",
+            s.schema_version
+        ),
+        Stage::Migration if s.null_rows() > 0 => format!(
+            "next: backfill jobset_id ({}{} NULL rows left) with `hydra-upgrade backfill` \
+             while Hydra keeps serving, then verify and finalize.",
+            if s.jobs_jobset_id.exact && s.builds_jobset_id.exact {
+                ""
+            } else {
+                "about "
+            },
+            s.null_rows()
+        ),
+        Stage::Migration => "next: `hydra-upgrade verify`, then `hydra-upgrade finalize` (online \
+             NOT NULL and indexes), then switch to the final package (pkgs.hydra-unstable). \
+             `hydra-upgrade upgrade` does all three."
+            .into(),
+        Stage::Final => "nothing to do: the jobset_id upgrade is complete.".into(),
+    }
+}
+
+/// Human-readable status.
+pub fn render(s: &Status) -> String {
+    let col = |c: &Column| match (c.exists, c.nullable, c.null_rows) {
+        (false, _, _) => "absent".to_owned(),
+        (true, false, _) => "NOT NULL".to_owned(),
+        (true, true, n) => format!(
+            "nullable, {}{} NULL rows",
+            if c.exact { "" } else { "~" },
+            n.unwrap_or(0)
+        ),
+    };
+    let mut out = format!(
+        "database:          {}\nschema version:    {}\nstage:             {:?}\nJobsets.id:        {}\nJobs.jobset_id:    {}\nBuilds.jobset_id:  {}\n",
+        s.database,
+        s.schema_version,
+        s.stage,
+        if s.jobsets_id { "present" } else { "absent" },
+        col(&s.jobs_jobset_id),
+        col(&s.builds_jobset_id),
+    );
+    for (name, ok) in &s.final_indexes {
+        out.push_str(&format!(
+            "index {name}: {}\n",
+            if *ok { "present" } else { "absent" }
+        ));
+    }
+    for p in &s.backfill_progress {
+        out.push_str(&format!(
+            "backfill {}: {} at {} of {}, {} rows updated{}\n",
+            p.table,
+            p.strategy,
+            p.position,
+            p.total,
+            p.rows_updated,
+            if p.finished { ", finished" } else { "" }
+        ));
+    }
+    out.push_str(&s.next_step);
+    out.push('\n');
+    out
+}

@@ -1,0 +1,246 @@
+//! The whole upgrade, in order, from wherever the database stands: switch to the
+//! migration package, backfill, verify, finalize online, switch to the final package.
+//! The database decides where to start, so a re-run after any interruption continues.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::backfill;
+use crate::db::Db;
+use crate::exit::{Exit, fail};
+use crate::finalize;
+use crate::host::{Host, Phase, SwitchReport};
+use crate::interrupt::Interrupt;
+use crate::progress::Out;
+use crate::status::{self, Stage, Status};
+use crate::verify::{self, Verification};
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub backfill: backfill::Options,
+    pub finalize: finalize::Options,
+    /// Let the final package's hydra-init apply 62..65 (long locks) instead of finalize.
+    pub stock_final: bool,
+    /// Backfill/verify rounds before giving up on NULL rows that keep coming back.
+    pub max_rounds: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedStep {
+    pub step: &'static str,
+    pub description: String,
+}
+
+/// What `upgrade` would do next, from this status. Changes nothing.
+pub fn plan(s: &Status, stock_final: bool, host: &str) -> Vec<PlannedStep> {
+    let mut steps = Vec::new();
+    let mut add = |step, description: String| steps.push(PlannedStep { step, description });
+    if s.stage == Stage::Final {
+        add(
+            "switch-final",
+            format!(
+                "make sure {host} runs the final package (hydra-unstable); the schema is already at {}",
+                s.schema_version
+            ),
+        );
+        return steps;
+    }
+    if s.stage == Stage::BeforeMigration {
+        add(
+            "switch-migration",
+            format!(
+                "activate the hydra-migration system on {host}; its hydra-init applies upgrade-{}..61 (adds Jobsets.id and the nullable jobset_id columns, seconds)",
+                s.schema_version + 1
+            ),
+        );
+    }
+    let rows = if s.stage == Stage::Migration {
+        format!("{} NULL rows now", s.null_rows())
+    } else {
+        "every existing row".into()
+    };
+    add(
+        "backfill",
+        format!("fill Jobs.jobset_id and Builds.jobset_id online ({rows}); Hydra keeps serving"),
+    );
+    add(
+        "verify",
+        "count NULL, orphan and wrong jobset_id rows; stop here unless all are zero".into(),
+    );
+    if stock_final {
+        add(
+            "switch-final",
+            format!(
+                "activate the hydra-unstable system on {host}; its hydra-init applies upgrade-62..65 under long write-blocking locks"
+            ),
+        );
+    } else {
+        add("finalize", "apply the effect of upgrade-62..65 online: NOT NULL via a validated CHECK, both indexes CONCURRENTLY, SchemaVersion 65; only sub-second locks".into());
+        add(
+            "switch-final",
+            format!(
+                "activate the hydra-unstable system on {host}; its hydra-init finds nothing left to do"
+            ),
+        );
+    }
+    steps
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Report {
+    pub steps: Vec<(String, f64)>,
+    pub switches: Vec<SwitchReport>,
+    pub backfills: Vec<backfill::Report>,
+    pub verification: Option<Verification>,
+    pub finalize: Option<finalize::Report>,
+    /// The longest time one step of the final phase held a lock blocking Hydra's writes.
+    pub longest_final_block_seconds: f64,
+    pub final_status: Option<Status>,
+}
+
+fn timed<T>(
+    report: &mut Report,
+    out: &Out,
+    step: &str,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    out.event("step_start", &format!("==> {step}"), json!({"step": step}));
+    let start = Instant::now();
+    let value = f()?;
+    let secs = start.elapsed().as_secs_f64();
+    out.event(
+        "step_done",
+        &format!("<== {step}: done in {secs:.1}s"),
+        json!({"step": step, "seconds": secs}),
+    );
+    report.steps.push((step.to_owned(), secs));
+    Ok(value)
+}
+
+/// Backfill and verify until clean; orphans or wrong values stop at once, NULL rows that
+/// keep coming back stop after `max_rounds`.
+fn backfill_until_clean(
+    db: &mut Db,
+    opts: &Options,
+    out: &Out,
+    interrupt: &Interrupt,
+    report: &mut Report,
+) -> Result<()> {
+    for round in 1..=opts.max_rounds {
+        let b = timed(report, out, "backfill", || {
+            backfill::run(db, &opts.backfill, out, interrupt)
+        })?;
+        report.backfills.push(b);
+        let v = timed(report, out, "verify", || verify::run(db))?;
+        let clean = v.clean;
+        let stuck = v.tables.iter().any(|t| t.orphans > 0 || t.wrong > 0);
+        if !clean {
+            out.say(&v.render());
+        }
+        let summary = v.summary();
+        report.verification = Some(v);
+        if clean {
+            return Ok(());
+        }
+        if stuck || round == opts.max_rounds {
+            let why = if stuck {
+                "orphan or wrong rows need an admin's decision".to_owned()
+            } else {
+                format!(
+                    "NULL rows came back {round} times: an older Hydra evaluator is probably still writing rows without jobset_id; stop it"
+                )
+            };
+            return Err(fail(
+                Exit::RowsLeft,
+                format!(
+                    "the final phase is refused: {summary}. {why}. `hydra-upgrade verify` lists them; re-run `hydra-upgrade upgrade` afterwards."
+                ),
+            ));
+        }
+        out.warn(&format!(
+            "verify found NULL rows again ({summary}); backfilling once more"
+        ));
+    }
+    Ok(())
+}
+
+pub fn run(
+    db: &mut Db,
+    host: &mut dyn Host,
+    opts: &Options,
+    out: &Out,
+    interrupt: &Interrupt,
+) -> Result<Report> {
+    let mut report = Report::default();
+    db.take_upgrade_lock()?;
+    for _ in 0..8 {
+        interrupt.check("Run `hydra-upgrade upgrade` again to continue.")?;
+        let s = status::detect(db, false)?;
+        match s.stage {
+            Stage::BeforeMigration => {
+                let sw = timed(&mut report, out, "switch to the migration package", || {
+                    host.switch(Phase::Migration, out)
+                })?;
+                report.switches.push(sw);
+                timed(&mut report, out, "health check", || host.check_health(out))?;
+            }
+            Stage::Migration => {
+                if s.builds_jobset_id.nullable || s.jobs_jobset_id.nullable {
+                    backfill_until_clean(db, opts, out, interrupt, &mut report)?;
+                }
+                if opts.stock_final {
+                    let v = timed(&mut report, out, "verify before the final switch", || {
+                        verify::run(db)
+                    })?;
+                    if !v.clean {
+                        return Err(fail(
+                            Exit::RowsLeft,
+                            format!("the final switch is refused: {}", v.summary()),
+                        ));
+                    }
+                    let sw = timed(&mut report, out, "switch to the final package", || {
+                        host.switch(Phase::Final, out)
+                    })?;
+                    report.longest_final_block_seconds = sw
+                        .schema_steps
+                        .iter()
+                        .map(|s| s.duration.as_secs_f64())
+                        .fold(0.0, f64::max);
+                    report.switches.push(sw);
+                    timed(&mut report, out, "health check", || host.check_health(out))?;
+                } else {
+                    let f = timed(&mut report, out, "finalize online", || {
+                        finalize::run(db, &opts.finalize, out)
+                    })?;
+                    report.longest_final_block_seconds = f.longest_block();
+                    report.finalize = Some(f);
+                }
+            }
+            Stage::Final => {
+                if !host.is_on(Phase::Final)? {
+                    let sw = timed(&mut report, out, "switch to the final package", || {
+                        host.switch(Phase::Final, out)
+                    })?;
+                    let block = sw
+                        .schema_steps
+                        .iter()
+                        .map(|s| s.duration.as_secs_f64())
+                        .fold(0.0, f64::max);
+                    report.longest_final_block_seconds =
+                        report.longest_final_block_seconds.max(block);
+                    report.switches.push(sw);
+                    timed(&mut report, out, "health check", || host.check_health(out))?;
+                }
+                report.final_status = Some(status::detect(db, false)?);
+                return Ok(report);
+            }
+        }
+    }
+    Err(fail(
+        Exit::Internal,
+        "the upgrade did not converge after 8 steps; `hydra-upgrade status` shows where it stands",
+    ))
+}
