@@ -170,6 +170,18 @@ impl Cmd {
         Ok(())
     }
 
+    /// Start in the background with no streams attached, and do not wait for it.
+    pub fn spawn_detached(&self) -> Result<()> {
+        self.expression()
+            .stdin_null()
+            .stdout_null()
+            .stderr_null()
+            .unchecked()
+            .start()
+            .with_context(|| format!("cannot start `{}`", self.display()))?;
+        Ok(())
+    }
+
     /// Whether the command can be found (on PATH or as a path).
     pub fn exists(program: &str) -> bool {
         which(program).is_some()

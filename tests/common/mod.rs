@@ -1,0 +1,163 @@
+//! Test harness: one throwaway PostgreSQL per test binary (stopped when the binary
+//! exits), a synthetic Hydra template database, and helpers that drive the real binary.
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use hydra_upgrade::db::Db;
+use hydra_upgrade::hydra_schema;
+use hydra_upgrade::pg_cluster::{PgCluster, SUPERUSER};
+use hydra_upgrade::synth;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_hydra-upgrade");
+
+/// The template's shape: several projects, shared jobset names, large and small jobsets.
+pub const SPEC: synth::Spec = synth::Spec { projects: 12, jobsets: 48, jobs: 1_500, builds: 12_000, seed: 7 };
+
+pub fn cluster() -> &'static PgCluster {
+    static CLUSTER: OnceLock<&'static PgCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        let c = PgCluster::start(&["fsync=off", "full_page_writes=off", "max_connections=100"])
+            .expect("starting the test PostgreSQL (see README: PostgreSQL server binaries are needed)");
+        let c = c.share_until_exit(std::process::id()).expect("watching the test process");
+        c.create_database("template_hydra57", None).expect("template database");
+        let mut db = c.connect("template_hydra57").expect("connect to template");
+        synth::generate(&mut db, &SPEC).expect("synthetic data");
+        c.create_database("template_empty", None).expect("empty template");
+        c
+    })
+}
+
+/// A test database, connected through its DSN.
+pub struct TestDb {
+    pub name: String,
+    pub dsn: String,
+}
+
+impl TestDb {
+    pub fn connect(&self) -> Db {
+        cluster().connect(&self.name).expect("connect to the test database")
+    }
+
+    pub fn query_i64(&self, sql: &str) -> i64 {
+        self.connect().client().query_one(sql, &[]).expect(sql).get(0)
+    }
+
+    pub fn query_string(&self, sql: &str) -> String {
+        self.connect().client().query_one(sql, &[]).expect(sql).get(0)
+    }
+
+    pub fn exec(&self, sql: &str) {
+        self.connect().client().batch_execute(sql).expect(sql);
+    }
+
+    pub fn version(&self) -> i64 {
+        self.query_i64("SELECT version::bigint FROM SchemaVersion")
+    }
+
+    /// Bring the schema to `version` as hydra-init would.
+    pub fn upgrade_to(&self, version: i32) {
+        hydra_schema::apply_steps(&mut self.connect(), version).expect("applying schema steps");
+    }
+
+    /// A digest of every Jobs and Builds row without jobset_id: proves no other column
+    /// changed.
+    pub fn digest_without_jobset_id(&self) -> String {
+        self.query_string(
+            "SELECT md5((SELECT string_agg((to_jsonb(b) - 'jobset_id')::text, '|' ORDER BY id) FROM builds b)
+                     || (SELECT string_agg((to_jsonb(j) - 'jobset_id')::text, '|' ORDER BY project, jobset, name) FROM jobs j))",
+        )
+    }
+
+    /// Rows whose jobset_id is not their own jobset's id (independent of the tool's SQL).
+    pub fn wrong_or_null(&self) -> i64 {
+        self.query_i64(
+            "SELECT (SELECT count(*) FROM builds b WHERE b.jobset_id IS DISTINCT FROM
+                        (SELECT id FROM jobsets WHERE project = b.project AND name = b.jobset))
+                  + (SELECT count(*) FROM jobs j WHERE j.jobset_id IS DISTINCT FROM
+                        (SELECT id FROM jobsets WHERE project = j.project AND name = j.jobset))",
+        )
+    }
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn new_db(template: &str) -> TestDb {
+    let c = cluster();
+    let name = format!("t{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
+    c.create_database(&name, Some(template)).expect("create test database");
+    TestDb { dsn: c.dsn_string(&name, SUPERUSER), name }
+}
+
+/// A synthetic Hydra at `version` (57..=65), jobset_id NULL everywhere it exists.
+pub fn hydra_at(version: i32) -> TestDb {
+    let db = new_db("template_hydra57");
+    db.upgrade_to(version);
+    db
+}
+
+pub fn empty_db() -> TestDb {
+    new_db("template_empty")
+}
+
+/// What one run of the binary did.
+#[derive(Debug)]
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", self.stdout))
+    }
+
+    #[track_caller]
+    pub fn expect_code(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.code,
+            Some(code),
+            "expected exit code {code}, got {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code,
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+}
+
+fn command(args: &[&str]) -> duct::Expression {
+    duct::cmd(BIN, args)
+        .env_remove("HYDRA_DBI")
+        .env_remove("PGPASSWORD")
+        .env_remove("HYDRA_UPGRADE_CONFIG")
+        .stdout_capture()
+        .stderr_capture()
+        .unchecked()
+}
+
+/// Run the binary to the end.
+pub fn run(args: &[&str]) -> Run {
+    let out = command(args).run().expect("running hydra-upgrade");
+    Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Run the binary against a test database.
+pub fn run_on(db: &TestDb, args: &[&str]) -> Run {
+    let mut full = vec!["--db", db.dsn.as_str()];
+    full.extend_from_slice(args);
+    run(&full)
+}
+
+/// Start the binary in the background (for interrupt tests).
+pub fn spawn_on(db: &TestDb, args: &[&str]) -> duct::Handle {
+    let mut full = vec!["--db".to_owned(), db.dsn.clone()];
+    full.extend(args.iter().map(|s| s.to_string()));
+    command(&full.iter().map(String::as_str).collect::<Vec<_>>()).start().expect("starting hydra-upgrade")
+}

@@ -1,0 +1,180 @@
+//! status, plan and the refusals of phase detection, through the real binary.
+
+mod common;
+use common::*;
+
+#[test]
+fn status_before_migration_names_the_next_step() {
+    let db = hydra_at(57);
+    let r = run_on(&db, &["status"]);
+    r.expect_code(0);
+    assert!(r.stdout.contains("schema version:    57"), "{}", r.stdout);
+    assert!(r.stdout.contains("next: switch to the migration package"), "{}", r.stdout);
+
+    let j = run_on(&db, &["status", "--json"]).json();
+    assert_eq!(j["schema_version"], 57);
+    assert_eq!(j["stage"], "before_migration");
+    assert_eq!(j["jobs_jobset_id"]["exists"], false);
+}
+
+#[test]
+fn status_at_61_counts_null_rows_and_json_agrees() {
+    let db = hydra_at(61);
+    let j = run_on(&db, &["status", "--json", "--exact"]).expect_code(0).json();
+    assert_eq!(j["stage"], "migration");
+    assert_eq!(j["builds_jobset_id"]["nullable"], true);
+    assert_eq!(j["builds_jobset_id"]["null_rows"], SPEC.builds);
+    assert_eq!(j["jobs_jobset_id"]["null_rows"], db.query_i64("SELECT count(*) FROM jobs"));
+    assert!(j["next_step"].as_str().unwrap().contains("backfill"));
+}
+
+#[test]
+fn plan_prints_the_steps_and_changes_nothing() {
+    let db = hydra_at(57);
+    let before = db.digest_without_jobset_id();
+    let r = run_on(&db, &["plan"]);
+    r.expect_code(0);
+    for step in ["switch-migration", "backfill", "verify", "finalize", "switch-final"] {
+        assert!(r.stdout.contains(step), "{step} missing:\n{}", r.stdout);
+    }
+    assert_eq!(db.version(), 57);
+    assert_eq!(db.digest_without_jobset_id(), before);
+}
+
+#[test]
+fn a_database_that_is_not_hydra_is_refused() {
+    let db = empty_db();
+    let r = run_on(&db, &["status"]);
+    r.expect_code(5);
+    assert!(r.stderr.contains("not a Hydra database"), "{}", r.stderr);
+}
+
+#[test]
+fn version_61_without_the_columns_is_a_contradiction() {
+    let db = hydra_at(58);
+    db.exec("UPDATE SchemaVersion SET version = 61");
+    let r = run_on(&db, &["status"]);
+    r.expect_code(6);
+    assert!(r.stderr.contains("contradicts SchemaVersion 61"), "{}", r.stderr);
+    assert!(r.stderr.contains("Jobsets.id is missing"), "{}", r.stderr);
+    // backfill refuses the same way and changes nothing
+    run_on(&db, &["backfill"]).expect_code(6);
+    assert_eq!(db.version(), 61);
+}
+
+#[test]
+fn a_column_ahead_of_the_version_is_a_contradiction() {
+    let db = hydra_at(57);
+    db.exec("ALTER TABLE builds ADD COLUMN jobset_id integer");
+    run_on(&db, &["status"]).expect_code(6);
+}
+
+#[test]
+fn final_and_later_schemas_have_nothing_to_do() {
+    let db = hydra_at(61);
+    run_on(&db, &["backfill"]).expect_code(0);
+    db.upgrade_to(65);
+    let r = run_on(&db, &["status"]);
+    r.expect_code(0);
+    assert!(r.stdout.contains("nothing to do"), "{}", r.stdout);
+    let r = run_on(&db, &["backfill"]);
+    r.expect_code(0);
+    db.exec("UPDATE SchemaVersion SET version = 80");
+    let r = run_on(&db, &["upgrade", "--simulate-host", "--yes"]);
+    r.expect_code(0);
+    assert_eq!(db.version(), 80);
+}
+
+#[test]
+fn backfill_before_migration_is_the_wrong_phase() {
+    let db = hydra_at(57);
+    let r = run_on(&db, &["backfill"]);
+    r.expect_code(9);
+    assert!(r.stderr.contains("switch to the migration package first"), "{}", r.stderr);
+    run_on(&db, &["verify"]).expect_code(9);
+}
+
+#[test]
+fn malformed_dbi_string_is_a_config_error() {
+    let r = run(&["--db", "dbi:Pg:dbname=hydra;user", "status"]);
+    r.expect_code(3);
+    assert!(r.stderr.contains("malformed DBI string"), "{}", r.stderr);
+    let r = run(&["--db", "dbi:SQLite:dbname=x", "status"]);
+    r.expect_code(3);
+}
+
+#[test]
+fn no_database_given_is_a_config_error() {
+    let r = run(&["status"]);
+    r.expect_code(3);
+    assert!(r.stderr.contains("HYDRA_DBI"), "{}", r.stderr);
+}
+
+#[test]
+fn hydra_dbi_from_the_environment_is_used() {
+    let db = hydra_at(57);
+    let dbi = format!("dbi:Pg:dbname={};user=postgres;host={};port=5432", db.name, cluster().socket_dir().display());
+    let out = duct::cmd(BIN, ["status", "--json"])
+        .env("HYDRA_DBI", dbi)
+        .stdout_capture()
+        .unchecked()
+        .run()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["schema_version"], 57);
+}
+
+#[test]
+fn unreachable_server_is_a_connect_error() {
+    let r = run(&["--db", "host=/nonexistent-socket-dir port=5999 dbname=hydra user=hydra", "status"]);
+    r.expect_code(4);
+    assert!(r.stderr.contains("cannot connect"), "{}", r.stderr);
+}
+
+#[test]
+fn wrong_password_is_refused_and_never_echoed() {
+    let c = cluster();
+    let db = hydra_at(57);
+    {
+        let mut admin = c.connect("postgres").unwrap();
+        admin
+            .client()
+            .batch_execute("DO $$ BEGIN CREATE ROLE pwuser LOGIN PASSWORD 'right-password'; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+            .unwrap();
+    }
+    db.exec("GRANT SELECT ON ALL TABLES IN SCHEMA public TO pwuser");
+    c.prepend_hba("local all pwuser scram-sha-256").unwrap();
+    let secret = "Wr0ng-S3cret-Value";
+    let dsn = format!("dbi:Pg:dbname={};user=pwuser;host={};password={secret}", db.name, c.socket_dir().display());
+    let r = run(&["--db", &dsn, "status"]);
+    r.expect_code(4);
+    assert!(r.stderr.contains("password authentication failed"), "{}", r.stderr);
+    assert!(!r.stderr.contains(secret) && !r.stdout.contains(secret), "password echoed:\n{}", r.stderr);
+
+    // the same password through PGPASSWORD: refused, never echoed
+    let dsn = format!("host={} dbname={} user=pwuser", c.socket_dir().display(), db.name);
+    let out = duct::cmd(BIN, ["--db", &dsn, "status"])
+        .env("PGPASSWORD", secret)
+        .stderr_capture()
+        .stdout_capture()
+        .unchecked()
+        .run()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains(secret));
+
+    // and the right one through a pgpass file works
+    let dir = tempfile::tempdir().unwrap();
+    let pgpass = dir.path().join("pgpass");
+    std::fs::write(&pgpass, format!("localhost:5432:{}:pwuser:right-password\n", db.name)).unwrap();
+    let out = duct::cmd(BIN, ["--db", &dsn, "status"])
+        .env("PGPASSFILE", &pgpass)
+        .env_remove("PGPASSWORD")
+        .stderr_capture()
+        .stdout_capture()
+        .unchecked()
+        .run()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
