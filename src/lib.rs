@@ -20,6 +20,7 @@ pub mod status;
 pub mod synth;
 pub mod upgrade;
 pub mod verify;
+pub mod workload;
 
 use anyhow::Result;
 use serde::Serialize;

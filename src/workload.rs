@@ -1,0 +1,152 @@
+//! A Hydra-shaped writer for tests and the benchmark: the evaluator inserting new builds
+//! (with jobset_id, as the migration package does, or without it, as an older Hydra
+//! would) and the queue runner finishing random old builds. It records every operation's
+//! latency, every error, and the last value it wrote to each build it touched, so a
+//! caller can prove no update was lost.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::db::Db;
+use crate::dsn::Dsn;
+
+#[derive(Debug, Clone)]
+pub struct WriterSpec {
+    /// Write jobset_id on inserted builds (the migration package) or leave it NULL
+    /// (an older evaluator still running).
+    pub with_jobset_id: bool,
+    /// Pause between operations.
+    pub pause: Duration,
+    pub seed: u64,
+    /// Stop after this many operations (0: until told to stop).
+    pub max_ops: u64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct WriterStats {
+    pub inserts: u64,
+    pub updates: u64,
+    pub errors: u64,
+    pub error_samples: Vec<String>,
+    /// Microseconds per operation.
+    #[serde(skip)]
+    pub latencies_us: Vec<u64>,
+    /// Build id -> the `size` the queue runner last wrote to it.
+    #[serde(skip)]
+    pub marks: HashMap<i32, i64>,
+    /// Ids of builds it inserted.
+    #[serde(skip)]
+    pub inserted: Vec<i32>,
+}
+
+impl WriterStats {
+    /// The p-th percentile latency (0..=100), in milliseconds.
+    pub fn percentile_ms(&self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return 0.0;
+        }
+        let mut v = self.latencies_us.clone();
+        v.sort_unstable();
+        let idx = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+        v[idx] as f64 / 1000.0
+    }
+}
+
+const INSERT_WITH_ID: &str = "
+INSERT INTO builds (finished, timestamp, project, jobset, job, nixName, drvPath, system,
+                    priority, globalPriority, jobset_id)
+VALUES (0, extract(epoch FROM now())::int, $1, $2, $3, 'new', $4, 'x86_64-linux', 100, 0, $5)
+RETURNING id";
+const INSERT_WITHOUT_ID: &str = "
+INSERT INTO builds (finished, timestamp, project, jobset, job, nixName, drvPath, system,
+                    priority, globalPriority)
+VALUES (0, extract(epoch FROM now())::int, $1, $2, $3, 'new', $4, 'x86_64-linux', 100, 0)
+RETURNING id";
+const FINISH: &str = "
+UPDATE builds SET finished = 1, buildStatus = 0, startTime = coalesce(nullif(startTime, 0), $2),
+                  stopTime = $2, size = $3
+ WHERE id = $1";
+
+/// Run until `stop` is set (or `max_ops`). Errors are counted, never fatal.
+pub fn run(dsn: &Dsn, spec: &WriterSpec, stop: Arc<AtomicBool>) -> Result<WriterStats> {
+    let mut db = Db::connect(dsn)?;
+    let c = db.client();
+    let has_id: bool = c
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'builds'::regclass AND attname = 'jobset_id')",
+            &[],
+        )?
+        .get(0);
+    let jobs_sql = if has_id {
+        "SELECT j.project, j.jobset, j.name, s.id FROM jobs j JOIN jobsets s ON s.project = j.project AND s.name = j.jobset"
+    } else {
+        "SELECT project, jobset, name, NULL::int FROM jobs"
+    };
+    let jobs: Vec<(String, String, String, Option<i32>)> = c
+        .query(jobs_sql, &[])
+        .context("loading jobs for the writer")?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let max_id: i32 = c.query_one("SELECT coalesce(max(id), 1) FROM builds", &[])?.get(0);
+    let mut rng = fastrand::Rng::with_seed(spec.seed);
+    let mut stats = WriterStats::default();
+    let mut counter: i64 = 1_000_000_000 + (spec.seed as i64 % 1000) * 1_000_000;
+    while !stop.load(Ordering::SeqCst) && (spec.max_ops == 0 || stats.inserts + stats.updates < spec.max_ops) {
+        let t0 = Instant::now();
+        let result = if rng.bool() && !jobs.is_empty() {
+            let (p, j, n, id) = &jobs[rng.usize(..jobs.len())];
+            let drv = format!("/nix/store/{:032x}-{n}.drv", rng.u128(..));
+            let row = if spec.with_jobset_id && has_id {
+                c.query_one(INSERT_WITH_ID, &[p, j, n, &drv, id])
+            } else {
+                c.query_one(INSERT_WITHOUT_ID, &[p, j, n, &drv])
+            };
+            row.map(|r| {
+                stats.inserts += 1;
+                stats.inserted.push(r.get(0));
+            })
+        } else {
+            let id = rng.i32(1..=max_id);
+            counter += 1;
+            let now = 1_700_000_000i32 + rng.i32(0..1_000_000);
+            c.execute(FINISH, &[&id, &now, &counter]).map(|n| {
+                stats.updates += 1;
+                if n == 1 {
+                    stats.marks.insert(id, counter);
+                }
+            })
+        };
+        stats.latencies_us.push(t0.elapsed().as_micros() as u64);
+        if let Err(e) = result {
+            stats.errors += 1;
+            if stats.error_samples.len() < 10 {
+                stats.error_samples.push(crate::db::error_text(&e));
+            }
+        }
+        if !spec.pause.is_zero() {
+            std::thread::sleep(spec.pause);
+        }
+    }
+    Ok(stats)
+}
+
+/// Check that every build the writer finished still holds the value it wrote.
+pub fn lost_updates(db: &mut Db, stats: &WriterStats) -> Result<Vec<i32>> {
+    let ids: Vec<i32> = stats.marks.keys().copied().collect();
+    let rows = db.client().query("SELECT id, size FROM builds WHERE id = ANY($1)", &[&ids])?;
+    let mut lost: Vec<i32> = rows
+        .iter()
+        .filter_map(|r| {
+            let (id, size): (i32, Option<i64>) = (r.get(0), r.get(1));
+            (size != stats.marks.get(&id).copied()).then_some(id)
+        })
+        .collect();
+    lost.sort_unstable();
+    Ok(lost)
+}
