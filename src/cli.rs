@@ -105,6 +105,10 @@ pub struct BackfillArgs {
     /// How often one batch is retried on lock timeout, deadlock or serialization failure.
     #[arg(long, value_name = "N", default_value_t = 12)]
     pub max_retries: u32,
+    /// A transaction or snapshot open longer than this anywhere in the cluster keeps
+    /// dead rows from being pruned; `auto` then uses keyset and the run warns about it.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub horizon_age_secs: u64,
 }
 
 #[derive(Debug, Clone, Args)]

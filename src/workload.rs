@@ -25,6 +25,9 @@ pub struct WriterSpec {
     pub seed: u64,
     /// Stop after this many operations (0: until told to stop).
     pub max_ops: u64,
+    /// Only finish builds whose id % .0 == .1, so several writers never race on a row
+    /// (each can then prove its own last write survived).
+    pub slice: (i32, i32),
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -112,7 +115,11 @@ pub fn run(dsn: &Dsn, spec: &WriterSpec, stop: Arc<AtomicBool>) -> Result<Writer
                 stats.inserted.push(r.get(0));
             })
         } else {
-            let id = rng.i32(1..=max_id);
+            let (n, k) = (spec.slice.0.max(1), spec.slice.1);
+            let mut id = rng.i32(1..=max_id) / n * n + k;
+            if id < 1 {
+                id += n;
+            }
             counter += 1;
             let now = 1_700_000_000i32 + rng.i32(0..1_000_000);
             c.execute(FINISH, &[&id, &now, &counter]).map(|n| {

@@ -70,7 +70,7 @@ impl Options {
             lock_timeout: Duration::from_millis(a.lock_timeout_ms),
             statement_timeout: Duration::from_millis(a.statement_timeout_ms),
             max_retries: a.max_retries,
-            horizon_age: Duration::from_secs(60),
+            horizon_age: Duration::from_secs(a.horizon_age_secs),
         }
     }
 }
@@ -299,6 +299,7 @@ fn choose(db: &mut Db, table: Table, opts: &Options, out: &Out) -> Result<(&'sta
         out.warn(&format!("{}: HOT updates are defeated: {b}", table.name()));
     }
     Ok(match opts.strategy {
+        _ if table == Table::Jobs => ("keyset", "Jobs has one index, so the keyset walk serves it".into()),
         StrategyChoice::Keyset => ("keyset", "chosen with --strategy keyset".into()),
         StrategyChoice::PerPage => ("per-page", "chosen with --strategy per-page".into()),
         _ if table == Table::Jobs => (

@@ -1,0 +1,187 @@
+//! The backfill and verify through the real binary: correctness, idempotence, orphans,
+//! NULL rows from an older writer, the one-backfill-at-a-time lock, concurrent writers.
+
+mod common;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::*;
+use hydra_upgrade::dsn::Dsn;
+use hydra_upgrade::workload::{self, WriterSpec};
+
+fn backfill_is_correct_and_idempotent(strategy: &str) {
+    let db = hydra_at(61);
+    let digest = db.digest_without_jobset_id();
+    assert!(db.wrong_or_null() > 0);
+    let r = run_on(&db, &["--json", "backfill", "--strategy", strategy]);
+    r.expect_code(0);
+    assert_eq!(db.wrong_or_null(), 0, "every row has its own jobset's id");
+    assert_eq!(db.digest_without_jobset_id(), digest, "no other column changed");
+    let v = run_on(&db, &["verify", "--json"]);
+    v.expect_code(0);
+    assert_eq!(v.json()["clean"], true);
+
+    // a second run is a no-op
+    let again = run_on(&db, &["backfill", "--strategy", strategy, "--json"]);
+    again.expect_code(0);
+    let report = last_json_document(&again.stdout);
+    for t in report["tables"].as_array().unwrap() {
+        assert_eq!(t["rows_updated"], 0, "{t}");
+    }
+    assert_eq!(db.digest_without_jobset_id(), digest);
+}
+
+/// `--json` output of backfill is JSON-lines events followed by one pretty document.
+fn last_json_document(stdout: &str) -> serde_json::Value {
+    let start = stdout.rfind("\n{\n").map(|i| i + 1).unwrap_or(0);
+    serde_json::from_str(&stdout[start..]).unwrap_or_else(|e| panic!("no final JSON document ({e}):\n{stdout}"))
+}
+
+#[test]
+fn per_page_backfill_is_correct_and_idempotent() {
+    backfill_is_correct_and_idempotent("per-page");
+}
+
+#[test]
+fn keyset_backfill_is_correct_and_idempotent() {
+    backfill_is_correct_and_idempotent("keyset");
+}
+
+#[test]
+fn per_page_updates_are_mostly_hot_and_the_table_barely_grows() {
+    let db = hydra_at(61);
+    let r = run_on(&db, &["--json", "backfill", "--strategy", "per-page"]);
+    r.expect_code(0);
+    let report = last_json_document(&r.stdout);
+    let builds = &report["tables"][1];
+    assert_eq!(builds["table"], "builds");
+    assert_eq!(builds["strategy"], "per-page");
+    let hot = builds["hot_share"].as_f64().unwrap();
+    assert!(hot > 0.8, "HOT share {hot}");
+    let growth = builds["bytes_after"].as_f64().unwrap() / builds["bytes_before"].as_f64().unwrap();
+    assert!(growth < 1.15, "Builds grew by {growth}");
+}
+
+#[test]
+fn auto_picks_keyset_when_an_index_contains_jobset_id() {
+    let db = hydra_at(61);
+    db.exec("CREATE INDEX test_idx ON builds (jobset_id)");
+    let r = run_on(&db, &["backfill"]);
+    r.expect_code(0);
+    assert!(r.stderr.contains("builds: strategy keyset (auto: index test_idx contains jobset_id"), "{}", r.stderr);
+    assert_eq!(db.wrong_or_null(), 0);
+}
+
+#[test]
+fn auto_warns_about_an_old_snapshot_and_names_its_pid() {
+    let db = hydra_at(61);
+    let mut holder = db.connect();
+    let c = holder.client();
+    let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM projects;").unwrap();
+    std::thread::sleep(Duration::from_millis(1_500));
+    let r = run_on(&db, &["backfill", "--horizon-age-secs", "1"]);
+    c.batch_execute("ROLLBACK").unwrap();
+    r.expect_code(0);
+    assert!(r.stderr.contains(&format!("pid {pid}")), "{}", r.stderr);
+    assert!(r.stderr.contains("strategy keyset (auto:"), "{}", r.stderr);
+    assert_eq!(db.wrong_or_null(), 0);
+}
+
+#[test]
+fn orphans_are_skipped_reported_and_fail_verify() {
+    let db = hydra_at(61);
+    db.exec(
+        "SET session_replication_role = replica;
+         INSERT INTO jobsets (name, project, nixexprinput, nixexprpath, emailoverride) VALUES ('gone', 'project-1', 'src', 'x.nix', '');
+         INSERT INTO jobs (project, jobset, name) VALUES ('project-1', 'gone', 'orphan-job');
+         INSERT INTO builds (finished, timestamp, project, jobset, job, drvpath, system)
+              SELECT 0, 1, 'project-1', 'gone', 'orphan-job', '/nix/store/orphan-' || g, 'x86_64-linux' FROM generate_series(1, 3) g;
+         DELETE FROM jobsets WHERE name = 'gone';",
+    );
+    let r = run_on(&db, &["backfill"]);
+    r.expect_code(0);
+    assert!(r.stderr.contains("3 NULL rows match no jobset (orphans)"), "{}", r.stderr);
+    let v = run_on(&db, &["verify"]);
+    v.expect_code(7);
+    assert!(v.stdout.contains("builds: 0 NULL rows to fill, 3 orphan rows"), "{}", v.stdout);
+    assert!(v.stdout.contains("project-1:gone:orphan-job"), "{}", v.stdout);
+    assert!(v.stdout.contains("(project-1:gone)"), "{}", v.stdout);
+    let j = run_on(&db, &["verify", "--json"]);
+    j.expect_code(7);
+    assert_eq!(j.json()["tables"][1]["orphans"], 3);
+    // finalize is refused while they exist, and changes nothing
+    run_on(&db, &["finalize"]).expect_code(7);
+    assert_eq!(db.version(), 61);
+}
+
+#[test]
+fn null_rows_from_an_older_writer_are_caught_by_verify() {
+    let db = hydra_at(61);
+    run_on(&db, &["backfill"]).expect_code(0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let dsn = Dsn::parse(&db.dsn).unwrap();
+    let spec = WriterSpec { with_jobset_id: false, pause: Duration::ZERO, seed: 3, max_ops: 40, slice: (1, 0) };
+    let stats = workload::run(&dsn, &spec, stop).unwrap();
+    assert!(stats.inserts > 0);
+    let v = run_on(&db, &["verify"]);
+    v.expect_code(7);
+    assert!(v.stdout.contains(&format!("builds: {} NULL rows to fill", stats.inserts)), "{}", v.stdout);
+    // a new backfill run picks them up
+    run_on(&db, &["backfill"]).expect_code(0);
+    run_on(&db, &["verify"]).expect_code(0);
+}
+
+#[test]
+fn a_second_backfill_is_refused_while_one_runs() {
+    let db = hydra_at(61);
+    let mut holder = db.connect();
+    holder.take_upgrade_lock().unwrap();
+    let r = run_on(&db, &["backfill"]);
+    r.expect_code(8);
+    assert!(r.stderr.contains("another hydra-upgrade is already working on this database: pid"), "{}", r.stderr);
+    assert_eq!(db.query_i64("SELECT count(*) FROM builds WHERE jobset_id IS NOT NULL"), 0, "nothing changed");
+}
+
+#[test]
+fn concurrent_writers_see_no_error_and_lose_no_update() {
+    let db = hydra_at(61);
+    let digest_jobs_before = db.query_string("SELECT md5(string_agg(name, ',' ORDER BY project, jobset, name)) FROM jobs");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..2)
+        .map(|i| {
+            let dsn = Dsn::parse(&db.dsn).unwrap();
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let spec = WriterSpec {
+                    with_jobset_id: true,
+                    pause: Duration::from_millis(1),
+                    seed: 10 + i,
+                    max_ops: 0,
+                    slice: (2, i as i32),
+                };
+                workload::run(&dsn, &spec, stop).unwrap()
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    // small batches and a pause keep the backfill running alongside the writers
+    let r = run_on(&db, &["backfill", "--strategy", "per-page", "--batch-size", "8", "--max-batch-size", "16", "--pause-ms", "2"]);
+    stop.store(true, Ordering::SeqCst);
+    let stats: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    r.expect_code(0);
+    let mut check = db.connect();
+    for s in &stats {
+        assert_eq!(s.errors, 0, "writer errors: {:?}", s.error_samples);
+        assert!(s.updates > 10 && s.inserts > 10, "writers did work: {} updates, {} inserts", s.updates, s.inserts);
+        let lost = workload::lost_updates(&mut check, s).unwrap();
+        assert!(lost.is_empty(), "lost updates on builds {lost:?}");
+    }
+    assert_eq!(db.wrong_or_null(), 0);
+    run_on(&db, &["verify"]).expect_code(0);
+    assert_eq!(
+        db.query_string("SELECT md5(string_agg(name, ',' ORDER BY project, jobset, name)) FROM jobs"),
+        digest_jobs_before
+    );
+}
