@@ -1,0 +1,104 @@
+//! Interrupting the backfill (SIGINT, SIGTERM, SIGKILL) at several points, then
+//! re-running: committed work is never redone and the end state equals an
+//! uninterrupted run's.
+
+mod common;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Slow enough settings that the run is still going when the signal arrives.
+fn slow(strategy: &str) -> Vec<&str> {
+    match strategy {
+        "per-page" => vec!["backfill", "--strategy", "per-page", "--batch-size", "4", "--max-batch-size", "4", "--pause-ms", "4"],
+        _ => vec!["backfill", "--strategy", "keyset", "--batch-size", "40", "--max-batch-size", "40", "--pause-ms", "4"],
+    }
+}
+
+fn filled(db: &TestDb) -> i64 {
+    db.query_i64("SELECT (SELECT count(*) FROM builds WHERE jobset_id IS NOT NULL) + (SELECT count(*) FROM jobs WHERE jobset_id IS NOT NULL)")
+}
+
+fn wait_until_started(db: &TestDb) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while filled(db) == 0 {
+        assert!(Instant::now() < deadline, "the backfill never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(handle: &duct::Handle, sig: &str) {
+    let pid = handle.pids()[0].to_string();
+    duct::cmd("kill", [sig, &pid]).run().expect("kill");
+}
+
+/// Interrupt after `delay`, check the exit, re-run, compare with the expected end state.
+fn interrupt_and_resume(strategy: &str, sig: &str, delay: Duration) {
+    let db = hydra_at(61);
+    let digest = db.digest_without_jobset_id();
+    let total = db.query_i64("SELECT (SELECT count(*) FROM builds) + (SELECT count(*) FROM jobs)");
+    let handle = spawn_on(&db, &slow(strategy));
+    wait_until_started(&db);
+    std::thread::sleep(delay);
+    if sig == "-KILL" {
+        handle.kill().unwrap();
+    } else {
+        signal(&handle, sig);
+        let out = handle.wait().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(130), "{sig}: {stderr}");
+        assert!(stderr.contains("interrupted; all committed work is kept"), "{stderr}");
+        assert!(stderr.contains("Run the same command again"), "{stderr}");
+    }
+    let done_before = filled(&db);
+    assert!(done_before > 0 && done_before < total, "{sig} at {delay:?}: {done_before} of {total} filled");
+
+    let r = run_on(&db, &["--json", "backfill", "--strategy", strategy]);
+    r.expect_code(0);
+    assert!(r.stdout.contains("\"event\":\"resume\""), "the re-run resumed:\n{}", r.stdout);
+    let start = r.stdout.rfind("\n{\n").unwrap() + 1;
+    let report: serde_json::Value = serde_json::from_str(&r.stdout[start..]).unwrap();
+    let redone: i64 = report["tables"].as_array().unwrap().iter().map(|t| t["rows_updated"].as_i64().unwrap()).sum();
+    assert_eq!(done_before + redone, total, "committed rows were not redone");
+    assert_eq!(db.wrong_or_null(), 0);
+    assert_eq!(db.digest_without_jobset_id(), digest);
+    run_on(&db, &["verify"]).expect_code(0);
+}
+
+#[test]
+fn sigint_during_the_per_page_walk_then_resume() {
+    interrupt_and_resume("per-page", "-INT", Duration::from_millis(300));
+}
+
+#[test]
+fn sigterm_late_in_the_per_page_walk_then_resume() {
+    interrupt_and_resume("per-page", "-TERM", Duration::from_millis(1_500));
+}
+
+#[test]
+fn sigkill_during_the_per_page_walk_then_resume() {
+    interrupt_and_resume("per-page", "-KILL", Duration::from_millis(700));
+}
+
+#[test]
+fn sigint_during_the_keyset_walk_then_resume() {
+    interrupt_and_resume("keyset", "-INT", Duration::from_millis(400));
+}
+
+#[test]
+fn sigkill_during_the_keyset_walk_then_resume() {
+    interrupt_and_resume("keyset", "-KILL", Duration::from_millis(200));
+}
+
+#[test]
+fn sigkill_twice_then_resume() {
+    let db = hydra_at(61);
+    for delay in [100, 300] {
+        let h = spawn_on(&db, &slow("per-page"));
+        wait_until_started(&db);
+        std::thread::sleep(Duration::from_millis(delay));
+        h.kill().unwrap();
+    }
+    run_on(&db, &["backfill"]).expect_code(0);
+    assert_eq!(db.wrong_or_null(), 0);
+}
