@@ -23,7 +23,10 @@ const INSTALL_HINT: &str = "PostgreSQL server binaries (initdb, pg_ctl, postgres
 /// `/usr/lib/postgresql/*/bin`.
 pub fn find_bindir() -> Result<PathBuf> {
     if let Some(initdb) = which("initdb") {
-        return Ok(initdb.parent().expect("a file has a parent").to_owned());
+        // Follow symlinks (/usr/local/bin/initdb -> /usr/lib/postgresql/15/bin/initdb) to
+        // the directory that also holds pg_ctl, pg_dump and psql.
+        let real = std::fs::canonicalize(&initdb).unwrap_or(initdb);
+        return Ok(real.parent().expect("a file has a parent").to_owned());
     }
     if which("pg_config").is_some()
         && let Ok(out) = Cmd::new("pg_config").arg("--bindir").run()

@@ -1,0 +1,167 @@
+//! The online final phase (catalog identical to Hydra's own upgrade-62..65), rehearse
+//! end to end, and the whole flow on the simulated host.
+
+mod common;
+use std::time::Duration;
+
+use common::*;
+use hydra_upgrade::pg_cluster::SUPERUSER;
+
+fn schema_dump(db: &TestDb) -> String {
+    let c = cluster();
+    let out = c
+        .client_tool("pg_dump")
+        .args(["--schema-only", "--no-owner", "--no-privileges", "-n", "public", "-d"])
+        .arg(c.dsn_string(&db.name, SUPERUSER))
+        .run()
+        .expect("pg_dump");
+    // pg_dump's \restrict lines carry a random key per run.
+    out.stdout.lines().filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict")).collect::<Vec<_>>().join("\n")
+}
+
+#[test]
+fn finalize_produces_the_catalog_of_hydras_own_upgrade_files() {
+    let stock = hydra_at(61);
+    run_on(&stock, &["backfill"]).expect_code(0);
+    stock.upgrade_to(65);
+
+    let ours = hydra_at(61);
+    run_on(&ours, &["backfill"]).expect_code(0);
+    let r = run_on(&ours, &["finalize"]);
+    r.expect_code(0);
+    assert!(r.stdout.contains("schema is 65"), "{}", r.stdout);
+    assert_eq!(ours.version(), 65);
+
+    let (a, b) = (schema_dump(&stock), schema_dump(&ours));
+    assert!(a.contains("indexfinishedsuccessfulbuilds") && a.contains("jobset_id integer NOT NULL"));
+    assert_eq!(a.lines().count(), b.lines().count(), "catalog dumps differ in length:\n{a}\n----\n{b}");
+    if a != b {
+        let diff: Vec<String> = a
+            .lines()
+            .zip(b.lines())
+            .filter(|(x, y)| x != y)
+            .take(10)
+            .map(|(x, y)| format!("stock: {x}\nours:  {y}"))
+            .collect();
+        panic!("catalogs differ:\n{}", diff.join("\n"));
+    }
+    assert_eq!(ours.query_i64("SELECT count(*) FROM pg_namespace WHERE nspname = 'hydra_upgrade'"), 0, "no helper left");
+    assert_eq!(
+        ours.query_i64("SELECT count(*) FROM pg_constraint WHERE conname LIKE 'hydra_upgrade%'"),
+        0,
+        "helper constraints dropped"
+    );
+    // the final package's hydra-init then has nothing left to do
+    assert!(hydra_upgrade::hydra_schema::apply_steps(&mut ours.connect(), 65).unwrap().is_empty());
+    run_on(&ours, &["status"]).expect_code(0);
+}
+
+#[test]
+fn finalize_is_refused_while_null_rows_remain() {
+    let db = hydra_at(61);
+    let r = run_on(&db, &["finalize"]);
+    r.expect_code(7);
+    assert!(r.stderr.contains("finalize is refused while rows are left: jobs:"), "{}", r.stderr);
+    assert_eq!(db.version(), 61);
+    assert_eq!(db.query_i64("SELECT count(*) FROM pg_constraint WHERE conname LIKE 'hydra_upgrade%'"), 0);
+}
+
+#[test]
+fn finalize_waits_out_a_conflicting_lock_with_short_retries() {
+    let db = hydra_at(61);
+    run_on(&db, &["backfill"]).expect_code(0);
+    let mut holder = db.connect();
+    let c = holder.client();
+    // Hydra's queue runner in the middle of a transaction on Builds.
+    c.batch_execute("BEGIN; UPDATE builds SET priority = priority WHERE id = 1;").unwrap();
+    let handle = spawn_on(&db, &["finalize", "--lock-timeout-ms", "100"]);
+    std::thread::sleep(Duration::from_millis(1_500));
+    c.batch_execute("COMMIT").unwrap();
+    let out = handle.wait().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("Hydra holds a conflicting lock, retry"), "{stderr}");
+    assert_eq!(db.version(), 65);
+}
+
+#[test]
+fn finalize_resumes_after_an_invalid_leftover_index() {
+    let db = hydra_at(61);
+    run_on(&db, &["backfill"]).expect_code(0);
+    // An interrupted CREATE INDEX CONCURRENTLY leaves an invalid index behind.
+    db.exec(
+        "CREATE INDEX hydra_upgrade_tmp_64 ON builds (id);
+         UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'hydra_upgrade_tmp_64'::regclass;",
+    );
+    let r = run_on(&db, &["finalize"]);
+    r.expect_code(0);
+    assert!(r.stderr.contains("dropping the invalid leftover index hydra_upgrade_tmp_64"), "{}", r.stderr);
+    let def = db.query_string("SELECT pg_get_indexdef('indexfinishedsuccessfulbuilds'::regclass)");
+    assert!(def.contains("(id DESC, buildstatus, finished, job, jobset_id)"), "{def}");
+}
+
+#[test]
+fn rehearse_runs_the_whole_upgrade_on_synthetic_data() {
+    let r = run(&["rehearse", "--builds", "3000", "--jobs", "300", "--jobsets", "20", "--projects", "5"]);
+    r.expect_code(0);
+    for needle in [
+        "rehearsal on synthetic data: 3000 builds, 300 jobs",
+        "switch to the migration package",
+        "backfill builds",
+        "HOT updates",
+        "longest lock blocking Hydra's writes in the final phase",
+        "final schema version: 65",
+    ] {
+        assert!(r.stdout.contains(needle), "{needle:?} missing:\n{}", r.stdout);
+    }
+    let j = run(&["--json", "rehearse", "--builds", "2000", "--jobs", "200", "--jobsets", "10", "--projects", "5"]);
+    j.expect_code(0);
+    let start = j.stdout.rfind("\n{\n").unwrap() + 1;
+    let doc: serde_json::Value = serde_json::from_str(&j.stdout[start..]).unwrap();
+    assert_eq!(doc["builds"], 2000);
+    assert_eq!(doc["upgrade"]["final_status"]["schema_version"], 65);
+}
+
+#[test]
+fn rehearse_on_a_copy_of_a_database_and_of_a_dump() {
+    let db = hydra_at(60);
+    let before = db.digest_without_jobset_id();
+    let r = run(&["rehearse", "--from-db", &db.dsn]);
+    r.expect_code(0);
+    assert!(r.stdout.contains(&format!("rehearsal on copy of dbname={}", db.name)), "{}", r.stdout);
+    assert!(r.stdout.contains("final schema version: 65"), "{}", r.stdout);
+    assert_eq!(db.version(), 60, "the source is only read");
+    assert_eq!(db.digest_without_jobset_id(), before);
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("hydra.dump");
+    cluster()
+        .client_tool("pg_dump")
+        .args(["-Fc", "-f"])
+        .arg(&file)
+        .arg(cluster().dsn_string(&db.name, SUPERUSER))
+        .run()
+        .unwrap();
+    let r = run(&["rehearse", "--from-dump", file.to_str().unwrap()]);
+    r.expect_code(0);
+    assert!(r.stdout.contains("final schema version: 65"), "{}", r.stdout);
+}
+
+#[test]
+fn simulated_upgrade_from_58_to_65() {
+    let db = hydra_at(58);
+    let digest = db.digest_without_jobset_id();
+    let r = run_on(&db, &["upgrade", "--simulate-host", "--yes"]);
+    r.expect_code(0);
+    assert_eq!(db.version(), 65);
+    assert_eq!(db.wrong_or_null(), 0);
+    assert_eq!(db.digest_without_jobset_id(), digest);
+    assert_eq!(
+        db.query_i64("SELECT count(*) FROM pg_attribute WHERE attname = 'jobset_id' AND attnotnull AND attrelid IN ('jobs'::regclass, 'builds'::regclass)"),
+        2
+    );
+    let j = run_on(&db, &["status", "--json"]).json();
+    assert_eq!(j["stage"], "final");
+    assert_eq!(j["final_indexes"][0][1], true);
+    assert_eq!(j["final_indexes"][1][1], true);
+}
