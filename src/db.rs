@@ -74,6 +74,26 @@ impl Db {
             .context("setting synchronous_commit")
     }
 
+    /// Who holds the upgrade lock, if anyone: pid, application, client, connection age.
+    pub fn upgrade_lock_holder(&mut self) -> Result<Option<String>> {
+        let holder = self
+            .client
+            .query_opt(
+                "SELECT a.pid, coalesce(a.application_name, ''), coalesce(a.client_addr::text, 'local'),
+                        coalesce(extract(epoch FROM now() - a.backend_start)::bigint, 0)
+                   FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                  WHERE l.locktype = 'advisory' AND l.granted AND l.pid <> pg_backend_pid()
+                    AND l.classid = ($1::bigint >> 32)::oid AND l.objid = ($1::bigint & 4294967295)::oid
+                  LIMIT 1",
+                &[&UPGRADE_LOCK_KEY],
+            )
+            .context("looking up the upgrade lock holder")?;
+        Ok(holder.map(|r| {
+            let (pid, app, addr, age): (i32, String, String, i64) = (r.get(0), r.get(1), r.get(2), r.get(3));
+            format!("pid {pid} ({app}, from {addr}, connected {age}s ago)")
+        }))
+    }
+
     /// Take the database-wide upgrade lock (session advisory lock) or fail with
     /// [`Exit::Locked`], naming the holder.
     pub fn take_upgrade_lock(&mut self) -> Result<()> {
@@ -85,25 +105,7 @@ impl Db {
         if got {
             return Ok(());
         }
-        let holder = self
-            .client
-            .query_opt(
-                "SELECT a.pid, coalesce(a.application_name, ''), coalesce(a.client_addr::text, 'local'),
-                        coalesce(extract(epoch FROM now() - a.backend_start)::bigint, 0)
-                   FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-                  WHERE l.locktype = 'advisory' AND l.granted
-                    AND l.classid = ($1::bigint >> 32)::oid AND l.objid = ($1::bigint & 4294967295)::oid
-                  LIMIT 1",
-                &[&UPGRADE_LOCK_KEY],
-            )
-            .context("looking up the upgrade lock holder")?;
-        let who = holder
-            .map(|r| {
-                let (pid, app, addr, age): (i32, String, String, i64) =
-                    (r.get(0), r.get(1), r.get(2), r.get(3));
-                format!("pid {pid} ({app}, from {addr}, connected {age}s ago)")
-            })
-            .unwrap_or_else(|| "another session".into());
+        let who = self.upgrade_lock_holder()?.unwrap_or_else(|| "another session".into());
         Err(fail(
             Exit::Locked,
             format!(

@@ -47,6 +47,8 @@ pub struct Status {
     pub builds_jobset_id: Column,
     pub final_indexes: Vec<(String, bool)>,
     pub backfill_progress: Vec<state::TableProgress>,
+    /// The hydra-upgrade session working on this database right now, if any.
+    pub running: Option<String>,
     pub next_step: String,
 }
 
@@ -189,6 +191,7 @@ pub fn detect(db: &mut Db, exact: bool) -> Result<Status> {
     let jobs_jobset_id = count(client, "jobs", jobs_col)?;
     let builds_jobset_id = count(client, "builds", builds_col)?;
     let backfill_progress = state::read_all(db)?;
+    let running = db.upgrade_lock_holder()?;
     let mut status = Status {
         database: db.describe().to_owned(),
         schema_version: version,
@@ -198,6 +201,7 @@ pub fn detect(db: &mut Db, exact: bool) -> Result<Status> {
         builds_jobset_id,
         final_indexes,
         backfill_progress,
+        running,
         next_step: String::new(),
     };
     status.next_step = next_step(&status);
@@ -304,6 +308,9 @@ pub fn render(s: &Status) -> String {
             p.rows_updated,
             if p.finished { ", finished" } else { "" }
         ));
+    }
+    if let Some(who) = &s.running {
+        out.push_str(&format!("running now:       hydra-upgrade {who}\n"));
     }
     out.push_str(&s.next_step);
     out.push('\n');

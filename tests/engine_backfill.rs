@@ -142,6 +142,9 @@ fn a_second_backfill_is_refused_while_one_runs() {
     r.expect_code(8);
     assert!(r.stderr.contains("another hydra-upgrade is already working on this database: pid"), "{}", r.stderr);
     assert_eq!(db.query_i64("SELECT count(*) FROM builds WHERE jobset_id IS NOT NULL"), 0, "nothing changed");
+    let s = run_on(&db, &["status"]);
+    s.expect_code(0);
+    assert!(s.stdout.contains("running now:       hydra-upgrade pid"), "{}", s.stdout);
 }
 
 #[test]

@@ -114,6 +114,11 @@ fn rehearse_runs_the_whole_upgrade_on_synthetic_data() {
     ] {
         assert!(r.stdout.contains(needle), "{needle:?} missing:\n{}", r.stdout);
     }
+    let stock = run(&["rehearse", "--stock-final", "--builds", "2000", "--jobs", "200", "--jobsets", "10", "--projects", "5"]);
+    stock.expect_code(0);
+    assert!(!stock.stdout.contains("final phase, online step"), "{}", stock.stdout);
+    assert!(stock.stdout.contains("longest lock blocking Hydra's writes in the final phase"), "{}", stock.stdout);
+    assert!(stock.stdout.contains("final schema version: 65"), "{}", stock.stdout);
     let j = run(&["--json", "rehearse", "--builds", "2000", "--jobs", "200", "--jobsets", "10", "--projects", "5"]);
     j.expect_code(0);
     let start = j.stdout.rfind("\n{\n").unwrap() + 1;
