@@ -383,24 +383,44 @@ fn run_table(
     let mut retries = 0u64;
 
     if progress.phase == PHASE_PAGES {
-        // At most 8192 pages (about 360,000 listed ids, ~1.5 MB) per window keeps memory small.
+        // At most 4096 pages (about 180,000 listed ids, under 1 MB) per window keeps
+        // memory small.
         let mut adaptive = Adaptive::new(
             opts.initial_batch.unwrap_or(64),
             4,
-            opts.max_batch.min(8192),
+            opts.max_batch.min(4096),
             opts.target_batch,
         );
         let mut bar = out.progress(name, progress.total as u64, "pages");
+        let mut last_check = Instant::now();
+        let mut note = String::new();
         while progress.position < progress.total {
             interrupt.check(resume_hint)?;
-            let window = adaptive.size as i64;
-            let pages = with_retries(
+            // Something that defeats HOT can start at any time (a forgotten psql session,
+            // a long report): look again every 30 s and say so.
+            if last_check.elapsed() >= Duration::from_secs(30) {
+                last_check = Instant::now();
+                let blockers = hot_blockers(db, table, opts.horizon_age)?;
+                for b in &blockers {
+                    out.warn(&format!("{name}: HOT updates are defeated right now: {b}"));
+                }
+                note = if blockers.is_empty() {
+                    String::new()
+                } else {
+                    " (HOT blocked, see warnings)".into()
+                };
+            }
+            let (pages, window) = with_retries(
                 opts,
                 out,
                 &format!("{name} window listing"),
                 &mut adaptive,
                 &mut retries,
-                |_| per_page::list_window(db.client(), table, progress.position, window),
+                |size| {
+                    let window = size as i64;
+                    per_page::list_window(db.client(), table, progress.position, window)
+                        .map(|pages| (pages, window))
+                },
             )?;
             let mut round = 0;
             while let Some(ids) = per_page::round_ids(&pages, round) {
@@ -435,7 +455,7 @@ fn run_table(
             bar.update(
                 progress.position as u64,
                 (progress.rows_updated - rows_before) as u64,
-                "",
+                &note,
             );
         }
         bar.finish(" (page walk done, sweeping for rows moved meanwhile)");

@@ -17,6 +17,7 @@
 
 use anyhow::{Context, Result};
 use postgres::GenericClient;
+use postgres::fallible_iterator::FallibleIterator;
 
 use super::Table;
 
@@ -45,16 +46,13 @@ pub fn list_window(
     );
     let from = format!("({first},0)");
     let to = format!("({},0)", first + count);
-    let rows = c.query(&sql, &[&from, &to]).with_context(|| {
-        format!(
-            "listing NULL rows of {} pages {first}..{}",
-            table.name(),
-            first + count
-        )
+    // Stream the rows: only the ids are kept, never the whole result set.
+    let mut rows = c.query_raw(&sql, [&from, &to]).with_context(|| {
+        format!("listing NULL rows of {} pages {first}..{}", table.name(), first + count)
     })?;
     let mut pages: Vec<Vec<i32>> = Vec::new();
     let mut last_page = None;
-    for r in rows {
+    while let Some(r) = rows.next()? {
         let (page, id): (i64, i32) = (r.get(0), r.get(1));
         if Some(page) != last_page {
             pages.push(Vec::new());
