@@ -112,10 +112,15 @@ pub fn fail(exit: Exit, message: impl Into<String>) -> anyhow::Error {
     Failure::new(exit, message).into()
 }
 
-/// The exit code an error maps to: the outermost [`Failure`] in its chain wins.
+/// The exit code an error maps to: the outermost [`Failure`] in its chain wins; a lost
+/// database connection is [`Exit::Connect`] (committed work is kept; a re-run resumes).
 pub fn exit_of(err: &anyhow::Error) -> Exit {
-    err.chain()
-        .find_map(|e| e.downcast_ref::<Failure>())
-        .map(|f| f.exit)
-        .unwrap_or(Exit::Internal)
+    if let Some(f) = err.chain().find_map(|e| e.downcast_ref::<Failure>()) {
+        return f.exit;
+    }
+    let lost = err
+        .chain()
+        .filter_map(|e| e.downcast_ref::<postgres::Error>())
+        .any(|e| e.is_closed() || e.as_db_error().is_some_and(|d| d.code().code().starts_with("57P")));
+    if lost { Exit::Connect } else { Exit::Internal }
 }

@@ -102,3 +102,20 @@ fn sigkill_twice_then_resume() {
     run_on(&db, &["backfill"]).expect_code(0);
     assert_eq!(db.wrong_or_null(), 0);
 }
+
+#[test]
+fn a_lost_connection_exits_with_the_connect_code_and_a_rerun_finishes() {
+    let db = hydra_at(61);
+    let handle = spawn_on(&db, &slow("keyset"));
+    wait_until_started(&db);
+    let killed = db.query_i64(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE application_name = 'hydra-upgrade' AND pid <> pg_backend_pid()) t",
+    );
+    assert!(killed >= 1);
+    let out = handle.wait().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    run_on(&db, &["backfill"]).expect_code(0);
+    assert_eq!(db.wrong_or_null(), 0);
+}

@@ -10,12 +10,12 @@ use serde::{Deserialize, Serialize};
 
 use super::Table;
 
-/// Builds: a span of ids `(cursor, min(cursor + span, upper)]`. Only NULL rows are read
+/// Builds: the ids `($1, $2]`, a span computed by the caller. Only NULL rows are read
 /// into the batch; the span bounds the scan, so a mostly-filled range stays cheap.
 const BUILDS_BATCH: &str = "
 WITH batch AS (
     SELECT id FROM builds
-     WHERE id > $1 AND id <= least($1 + $3, $2) AND jobset_id IS NULL
+     WHERE id > $1 AND id <= $2 AND jobset_id IS NULL
 ), upd AS (
     UPDATE builds AS t SET jobset_id = js.id
       FROM batch, jobsets js
@@ -96,13 +96,12 @@ pub fn batch(c: &mut impl GenericClient, cursor: &mut Cursor, size: u64) -> Resu
                     ..Batch::default()
                 });
             }
-            let (lo, hi) = (i32::try_from(*after)?, i32::try_from(*upper)?);
-            let span = i32::try_from(size.min(i32::MAX as i64))?;
+            let next = after.saturating_add(size).min(*upper);
+            let (lo, hi) = (i32::try_from(*after)?, i32::try_from(next)?);
             let row = c
-                .query_one(BUILDS_BATCH, &[&lo, &hi, &span])
+                .query_one(BUILDS_BATCH, &[&lo, &hi])
                 .context("running a keyset batch on Builds")?;
             let (pending, updated): (i64, i64) = (row.get(0), row.get(1));
-            let next = (*after + size).min(*upper);
             let walked = (next - *after) as u64;
             *after = next;
             Ok(Batch {
