@@ -3,6 +3,7 @@
 //! is here so that tests and benchmarks call the same code.
 
 pub mod backfill;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod db;

@@ -1,0 +1,1253 @@
+//! The benchmark behind BENCHMARKS.md: one throwaway cluster, one synthetic Hydra at
+//! schema 61 as a template, and per contender a fresh copy (`CREATE DATABASE ... TEMPLATE`)
+//! so that every contender starts from the same bytes. Measured side by side in one run:
+//!
+//! 1. the backfill: one offline `UPDATE`, the stock `hydra-backfill-ids` algorithm
+//!    ([`stock`]), ours per strategy through [`backfill::run`]: time, ratio to the offline
+//!    UPDATE, HOT share of Builds updates, Builds table + index size before and after;
+//! 2. the final phase (62..65): `hydra-init` applying the steps, and [`finalize::run`]:
+//!    each step's lock time, and the worst latency a concurrent Hydra-shaped writer saw;
+//! 3. the writer ([`workload`]) alone and during our backfill: p50/p99/max, errors, lost
+//!    updates;
+//! 4. the peak memory of the real `hydra-upgrade backfill` binary.
+//!
+//! Runs are repeated `--runs` times with the contender order reversed every other run;
+//! every figure printed is the median over the runs (each column on its own).
+
+pub mod stock;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::backfill;
+use crate::cli::StrategyChoice;
+use crate::db::Db;
+use crate::exec::Cmd;
+use crate::finalize;
+use crate::hydra_schema;
+use crate::interrupt::Interrupt;
+use crate::pg_cluster::{PgCluster, SUPERUSER};
+use crate::progress::{Mode, Out};
+use crate::synth;
+use crate::workload::{self, WriterSpec, WriterStats};
+
+/// Server settings of the benchmark cluster: durable like production (fsync on,
+/// synchronous_commit on), a realistic buffer pool, and max_wal_size large enough that
+/// no checkpoint is forced by WAL volume in the middle of a contender.
+pub const SETTINGS: &[&str] = &[
+    "fsync=on",
+    "synchronous_commit=on",
+    "full_page_writes=on",
+    "shared_buffers=256MB",
+    "max_wal_size=20GB",
+    "checkpoint_timeout=30min",
+    "autovacuum=on",
+];
+
+const TEMPLATE: &str = "bench_t61";
+const TEMPLATE_FILLED: &str = "bench_t61_filled";
+
+pub const ALL_CONTENDERS: &[&str] = &[
+    "offline",
+    "stock",
+    "per-page",
+    "keyset",
+    "final-stock",
+    "final-ours",
+    "writer",
+    "memory",
+];
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "bench",
+    about = "Side-by-side benchmark of the jobset_id backfill and final phase (see BENCHMARKS.md)"
+)]
+pub struct BenchArgs {
+    /// Builds rows of the synthetic Hydra.
+    #[arg(long, default_value_t = 100_000)]
+    pub builds: u64,
+    #[arg(long, default_value_t = 150)]
+    pub projects: u64,
+    #[arg(long, default_value_t = 600)]
+    pub jobsets: u64,
+    #[arg(long, default_value_t = 18_000)]
+    pub jobs: u64,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Repeat everything this often; figures are medians, contender order alternates.
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Leave out the writer workload (alone, during the backfill, during the final phase).
+    #[arg(long)]
+    pub skip_writer: bool,
+    /// Which contenders to run (comma-separated): offline, stock, per-page, keyset,
+    /// final-stock, final-ours, writer, memory.
+    #[arg(long, value_delimiter = ',', default_values_t = ALL_CONTENDERS.iter().map(|s| s.to_string()))]
+    pub contenders: Vec<String>,
+    /// How long the writer runs alone for its idle baseline.
+    #[arg(long, default_value_t = 10)]
+    pub writer_secs: u64,
+    /// The writer's pause between operations (Hydra writes tens of rows a second, not
+    /// thousands).
+    #[arg(long, default_value_t = 10)]
+    pub writer_pause_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub memory_gib: f64,
+    pub postgres: String,
+    pub settings: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BackfillRun {
+    pub contender: String,
+    pub seconds: f64,
+    pub builds_updates: i64,
+    pub builds_hot_updates: i64,
+    pub hot_share: f64,
+    pub bytes_before: i64,
+    pub bytes_after: i64,
+    pub rows_left: i64,
+    pub note: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FinalRun {
+    pub contender: String,
+    pub seconds: f64,
+    /// (step, seconds it held a write-blocking lock)
+    pub blocking_steps: Vec<(String, f64)>,
+    pub online_steps: Vec<(String, f64)>,
+    pub longest_block: f64,
+    pub longest_block_step: String,
+    pub writer: Option<WriterSummary>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WriterSummary {
+    pub seconds: f64,
+    pub ops: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub errors: u64,
+    pub error_samples: Vec<String>,
+    pub lost_updates: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WriterRun {
+    pub idle: WriterSummary,
+    pub during: WriterSummary,
+    /// Our per-page backfill while the writer ran.
+    pub backfill: BackfillRun,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryRun {
+    pub command: String,
+    pub max_rss_mb: f64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Template {
+    pub builds: i64,
+    pub jobs: i64,
+    pub builds_heap_pages: i64,
+    pub builds_bytes: i64,
+    pub load_seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    pub order: Vec<String>,
+    pub backfill: Vec<BackfillRun>,
+    pub final_phase: Vec<FinalRun>,
+    pub writer: Option<WriterRun>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Bench {
+    pub spec: synth::Spec,
+    pub runs_requested: usize,
+    pub writer_pause_ms: u64,
+    pub writer_secs: u64,
+    pub machine: Machine,
+    pub template: Template,
+    pub runs: Vec<Run>,
+    pub memory: Option<MemoryRun>,
+    pub medians: Medians,
+    pub table: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Medians {
+    pub backfill: Vec<BackfillRun>,
+    pub final_phase: Vec<FinalRun>,
+    pub writer: Option<WriterRun>,
+}
+
+fn say(msg: &str) {
+    eprintln!("[bench {}] {msg}", chrono_now());
+}
+
+fn chrono_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!(
+        "{:02}:{:02}:{:02}",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60
+    )
+}
+
+fn engine_out() -> Out {
+    Out {
+        mode: Mode::Lines,
+        line_interval: Duration::from_secs(30),
+    }
+}
+
+/// Our backfill options: the command line's defaults, with the strategy forced.
+pub fn ours_options(strategy: StrategyChoice) -> backfill::Options {
+    backfill::Options {
+        strategy,
+        target_batch: Duration::from_millis(200),
+        pause: Duration::ZERO,
+        initial_batch: None,
+        max_batch: 50_000,
+        lock_timeout: Duration::from_millis(2_000),
+        statement_timeout: Duration::from_millis(120_000),
+        max_retries: 12,
+        horizon_age: Duration::from_secs(60),
+    }
+}
+
+fn machine(db: &mut Db) -> Result<Machine> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu_model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("unknown")
+        .trim()
+        .to_owned();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kb: f64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let c = db.client();
+    let postgres: String = c.query_one("SELECT version()", &[])?.get(0);
+    let mut settings = Vec::new();
+    for name in [
+        "fsync",
+        "synchronous_commit",
+        "full_page_writes",
+        "shared_buffers",
+        "max_wal_size",
+        "checkpoint_timeout",
+        "wal_level",
+        "maintenance_work_mem",
+        "work_mem",
+        "autovacuum",
+    ] {
+        let v: String = c.query_one("SELECT current_setting($1)", &[&name])?.get(0);
+        settings.push((name.to_owned(), v));
+    }
+    Ok(Machine {
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        cpu_model,
+        memory_gib: mem_kb / 1_048_576.0,
+        postgres,
+        settings,
+    })
+}
+
+/// A fresh copy of `template` named `name` (dropped first if left over), then a
+/// checkpoint so that no contender pays for writing out the copy.
+fn clone_db(cluster: &PgCluster, template: &str, name: &str) -> Result<Db> {
+    drop_db(cluster, name)?;
+    cluster.create_database(name, Some(template))?;
+    cluster
+        .connect("postgres")?
+        .client()
+        .batch_execute("CHECKPOINT")?;
+    cluster.connect(name)
+}
+
+fn drop_db(cluster: &PgCluster, name: &str) -> Result<()> {
+    cluster
+        .connect("postgres")?
+        .client()
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .with_context(|| format!("dropping {name}"))
+}
+
+/// Builds' (updates, HOT updates, table + index bytes), with this session's counters
+/// flushed first so they include its own latest statements.
+fn builds_stats(db: &mut Db) -> Result<(i64, i64, i64)> {
+    db.client()
+        .batch_execute("SELECT pg_stat_force_next_flush()")?;
+    let r = db.client().query_one(
+        "SELECT coalesce(n_tup_upd, 0), coalesce(n_tup_hot_upd, 0), pg_total_relation_size(relid)
+           FROM pg_stat_user_tables WHERE relid = 'builds'::regclass",
+        &[],
+    )?;
+    Ok((r.get(0), r.get(1), r.get(2)))
+}
+
+fn rows_left(db: &mut Db) -> Result<i64> {
+    Ok(db
+        .client()
+        .query_one(
+            "SELECT (SELECT count(*) FROM builds WHERE jobset_id IS NULL)
+                  + (SELECT count(*) FROM jobs WHERE jobset_id IS NULL)",
+            &[],
+        )?
+        .get(0))
+}
+
+fn measure_backfill(
+    db: &mut Db,
+    contender: &str,
+    work: impl FnOnce(&mut Db) -> Result<String>,
+) -> Result<BackfillRun> {
+    let before = builds_stats(db)?;
+    let t0 = Instant::now();
+    let note = work(db)?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let after = builds_stats(db)?;
+    let (upd, hot) = (after.0 - before.0, after.1 - before.1);
+    Ok(BackfillRun {
+        contender: contender.to_owned(),
+        seconds,
+        builds_updates: upd,
+        builds_hot_updates: hot,
+        hot_share: if upd > 0 {
+            hot as f64 / upd as f64
+        } else {
+            0.0
+        },
+        bytes_before: before.2,
+        bytes_after: after.2,
+        rows_left: rows_left(db)?,
+        note,
+    })
+}
+
+fn ours(db: &mut Db, strategy: StrategyChoice) -> Result<String> {
+    let report = backfill::run(
+        db,
+        &ours_options(strategy),
+        &engine_out(),
+        &Interrupt::default(),
+    )?;
+    Ok(report
+        .tables
+        .iter()
+        .map(|t| {
+            format!(
+                "{}: {} rows, {}, {} transactions, {} retries",
+                t.table.name(),
+                t.rows_updated,
+                t.strategy,
+                t.transactions,
+                t.retries
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; "))
+}
+
+fn run_backfill_contender(cluster: &PgCluster, contender: &str, run: usize) -> Result<BackfillRun> {
+    let name = format!("bench_{}_{run}", contender.replace('-', "_"));
+    let mut db = clone_db(cluster, TEMPLATE, &name)?;
+    say(&format!("run {}: backfill contender {contender}", run + 1));
+    let r = measure_backfill(&mut db, contender, |db| match contender {
+        "offline" => stock::offline(db).map(|_| String::new()),
+        "stock" => stock::stock(db)
+            .map(|c| format!("{} batches, {} database-wide VACUUMs", c.batches, c.vacuums)),
+        "per-page" => ours(db, StrategyChoice::PerPage),
+        "keyset" => ours(db, StrategyChoice::Keyset),
+        other => bail!("unknown backfill contender {other}"),
+    })?;
+    drop(db);
+    drop_db(cluster, &name)?;
+    say(&format!(
+        "  {contender}: {:.2}s, HOT {:.1} %, Builds {:.1} -> {:.1} MB, rows left {}",
+        r.seconds,
+        100.0 * r.hot_share,
+        mb(r.bytes_before),
+        mb(r.bytes_after),
+        r.rows_left
+    ));
+    Ok(r)
+}
+
+/// A running writer thread.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Result<WriterStats>>,
+    start: Instant,
+}
+
+fn start_writer(cluster: &PgCluster, dbname: &str, pause_ms: u64, seed: u64) -> Writer {
+    let dsn = cluster.dsn(dbname);
+    let stop = Arc::new(AtomicBool::new(false));
+    let spec = WriterSpec {
+        with_jobset_id: true,
+        pause: Duration::from_millis(pause_ms),
+        seed,
+        max_ops: 0,
+        slice: (1, 0),
+    };
+    let flag = Arc::clone(&stop);
+    let handle = std::thread::spawn(move || workload::run(&dsn, &spec, flag));
+    Writer {
+        stop,
+        handle,
+        start: Instant::now(),
+    }
+}
+
+fn stop_writer(w: Writer, db: &mut Db) -> Result<WriterSummary> {
+    w.stop.store(true, Ordering::SeqCst);
+    let seconds = w.start.elapsed().as_secs_f64();
+    let stats = w
+        .handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("the writer thread panicked"))??;
+    let lost = workload::lost_updates(db, &stats)?;
+    Ok(WriterSummary {
+        seconds,
+        ops: stats.inserts + stats.updates,
+        p50_ms: stats.percentile_ms(50.0),
+        p99_ms: stats.percentile_ms(99.0),
+        max_ms: stats.percentile_ms(100.0),
+        errors: stats.errors,
+        error_samples: stats.error_samples.clone(),
+        lost_updates: lost.len(),
+    })
+}
+
+/// Give the writer time to connect, load its jobs and reach its steady rate before the
+/// final phase starts (its maximum latency is what is reported, so idle operations
+/// before and after do not dilute it).
+fn settle_writer() {
+    std::thread::sleep(Duration::from_millis(1_500));
+}
+
+fn run_final_contender(
+    cluster: &PgCluster,
+    contender: &str,
+    run: usize,
+    args: &BenchArgs,
+) -> Result<FinalRun> {
+    let name = format!("bench_{}_{run}", contender.replace('-', "_"));
+    let mut db = clone_db(cluster, TEMPLATE_FILLED, &name)?;
+    say(&format!(
+        "run {}: final phase contender {contender}",
+        run + 1
+    ));
+    let writer = (!args.skip_writer)
+        .then(|| start_writer(cluster, &name, args.writer_pause_ms, 1_000 + run as u64));
+    if writer.is_some() {
+        settle_writer();
+    }
+    let t0 = Instant::now();
+    let mut r = FinalRun {
+        contender: contender.to_owned(),
+        ..FinalRun::default()
+    };
+    match contender {
+        "final-stock" => {
+            // hydra-init: one transaction per upgrade file; each holds its lock (ACCESS
+            // EXCLUSIVE for SET NOT NULL, SHARE for CREATE INDEX: both block writes to
+            // the table) until it commits.
+            for step in hydra_schema::apply_steps(&mut db, hydra_schema::FINAL_VERSION)? {
+                r.blocking_steps.push((
+                    format!("upgrade-{}", step.version),
+                    step.duration.as_secs_f64(),
+                ));
+            }
+        }
+        "final-ours" => {
+            let report = finalize::run(
+                &mut db,
+                &finalize::Options {
+                    lock_timeout: Duration::from_millis(1_000),
+                    max_retries: 30,
+                },
+                &engine_out(),
+            )?;
+            r.blocking_steps = report
+                .blocking_steps
+                .iter()
+                .map(|s| (s.step.clone(), s.seconds))
+                .collect();
+            r.online_steps = report
+                .online_steps
+                .iter()
+                .map(|s| (s.step.clone(), s.seconds))
+                .collect();
+        }
+        other => bail!("unknown final-phase contender {other}"),
+    }
+    r.seconds = t0.elapsed().as_secs_f64();
+    if let Some(w) = writer {
+        // Let the writer's last blocked operation finish and record it.
+        std::thread::sleep(Duration::from_millis(500));
+        r.writer = Some(stop_writer(w, &mut db)?);
+    }
+    let version: i32 = db
+        .client()
+        .query_one("SELECT version FROM SchemaVersion", &[])?
+        .get(0);
+    if version != hydra_schema::FINAL_VERSION {
+        bail!("{contender} ended at schema {version}, not 65");
+    }
+    if let Some((step, secs)) = r.blocking_steps.iter().max_by(|a, b| a.1.total_cmp(&b.1)) {
+        r.longest_block = *secs;
+        r.longest_block_step = step.clone();
+    }
+    drop(db);
+    drop_db(cluster, &name)?;
+    say(&format!(
+        "  {contender}: {:.2}s, longest write-blocking step {:.3}s ({}), writer max {}",
+        r.seconds,
+        r.longest_block,
+        r.longest_block_step,
+        r.writer
+            .as_ref()
+            .map(|w| format!("{:.1} ms", w.max_ms))
+            .unwrap_or_else(|| "-".into())
+    ));
+    Ok(r)
+}
+
+fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<WriterRun> {
+    let name = format!("bench_writer_{run}");
+    let mut db = clone_db(cluster, TEMPLATE, &name)?;
+    say(&format!(
+        "run {}: writer alone for {} s",
+        run + 1,
+        args.writer_secs
+    ));
+    let w = start_writer(cluster, &name, args.writer_pause_ms, 2_000 + run as u64);
+    std::thread::sleep(Duration::from_secs(args.writer_secs));
+    let idle = stop_writer(w, &mut db)?;
+    say(&format!(
+        "  idle: {} ops, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        idle.ops, idle.p50_ms, idle.p99_ms, idle.max_ms
+    ));
+    say(&format!(
+        "run {}: writer during our per-page backfill",
+        run + 1
+    ));
+    // No settling time here: every operation the writer records must overlap the
+    // backfill (the writer stops the moment the backfill ends).
+    let w = start_writer(cluster, &name, args.writer_pause_ms, 3_000 + run as u64);
+    let backfill = measure_backfill(&mut db, "per-page + writer", |db| {
+        ours(db, StrategyChoice::PerPage)
+    })?;
+    let during = stop_writer(w, &mut db)?;
+    say(&format!(
+        "  during: {} ops, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, {} errors, {} lost updates; backfill {:.2}s HOT {:.1} %",
+        during.ops,
+        during.p50_ms,
+        during.p99_ms,
+        during.max_ms,
+        during.errors,
+        during.lost_updates,
+        backfill.seconds,
+        100.0 * backfill.hot_share
+    ));
+    drop(db);
+    drop_db(cluster, &name)?;
+    Ok(WriterRun {
+        idle,
+        during,
+        backfill,
+    })
+}
+
+/// The real binary next to this one. Under `cargo run` it is (re)built first, so that
+/// what is measured is the current source.
+fn hydra_upgrade_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the bench binary")?;
+    let dir = exe.parent().context("the bench binary has a directory")?;
+    let bin = dir.join("hydra-upgrade");
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let mut cmd = Cmd::new(cargo).args(["build", "--bin", "hydra-upgrade"]);
+        if dir.ends_with("release") {
+            cmd = cmd.arg("--release");
+        }
+        if let Err(e) = cmd.run() {
+            say(&format!(
+                "warning: building hydra-upgrade failed, measuring the binary already there: {e:#}"
+            ));
+        }
+    }
+    if !bin.is_file() {
+        bail!(
+            "{} is missing: build it with `cargo build --release --bin hydra-upgrade`",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+fn time_binary() -> Option<&'static Path> {
+    let p = Path::new("/usr/bin/time");
+    p.is_file().then_some(p)
+}
+
+/// Run `hydra-upgrade backfill` on a fresh copy under `/usr/bin/time -v`: its max RSS.
+fn run_memory(cluster: &PgCluster) -> Result<Option<MemoryRun>> {
+    let Some(time) = time_binary() else {
+        say(
+            "warning: /usr/bin/time is not installed (apt-get install time); peak memory not measured",
+        );
+        return Ok(None);
+    };
+    let bin = hydra_upgrade_binary()?;
+    let name = "bench_memory";
+    drop(clone_db(cluster, TEMPLATE, name)?);
+    let dsn = cluster.dsn_string(name, SUPERUSER);
+    let cmd = Cmd::new(time).arg("-v").arg(&bin).args([
+        "--db",
+        &dsn,
+        "backfill",
+        "--strategy",
+        "per-page",
+    ]);
+    say(&format!("peak memory: {}", cmd.display()));
+    let t0 = Instant::now();
+    let out = cmd.run()?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let kb: f64 = out
+        .stderr
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("Maximum resident set size (kbytes):")
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .context("no `Maximum resident set size` in the output of /usr/bin/time -v")?;
+    let mut db = cluster.connect(name)?;
+    let left = rows_left(&mut db)?;
+    drop(db);
+    drop_db(cluster, name)?;
+    if left != 0 {
+        bail!("hydra-upgrade backfill left {left} NULL rows");
+    }
+    let command =
+        format!("/usr/bin/time -v hydra-upgrade --db '<{name}>' backfill --strategy per-page");
+    say(&format!("  max RSS {:.1} MB in {seconds:.1}s", kb / 1024.0));
+    Ok(Some(MemoryRun {
+        command,
+        max_rss_mb: kb / 1024.0,
+        seconds,
+    }))
+}
+
+fn build_templates(cluster: &PgCluster, args: &BenchArgs, filled: bool) -> Result<Template> {
+    let spec = spec(args);
+    say(&format!(
+        "building the template: synthetic Hydra at schema 57 ({} projects, {} jobsets, {} jobs, {} builds), then upgrade-58..61",
+        spec.projects, spec.jobsets, spec.jobs, spec.builds
+    ));
+    let t0 = Instant::now();
+    cluster.create_database(TEMPLATE, None)?;
+    let mut db = cluster.connect(TEMPLATE)?;
+    synth::generate(&mut db, &spec)?;
+    hydra_schema::apply_steps(&mut db, hydra_schema::MIGRATION_VERSION)?;
+    // As a long-running Hydra's tables are: vacuumed, analyzed, visibility map set.
+    db.client().batch_execute("VACUUM ANALYZE")?;
+    let load_seconds = t0.elapsed().as_secs_f64();
+    let r = db.client().query_one(
+        "SELECT (SELECT count(*) FROM builds), (SELECT count(*) FROM jobs),
+                pg_relation_size('builds') / current_setting('block_size')::bigint,
+                pg_total_relation_size('builds')",
+        &[],
+    )?;
+    let template = Template {
+        builds: r.get(0),
+        jobs: r.get(1),
+        builds_heap_pages: r.get(2),
+        builds_bytes: r.get(3),
+        load_seconds,
+    };
+    drop(db);
+    say(&format!(
+        "  template: {} builds, {} jobs, {} heap pages, {:.1} MB, in {:.1}s",
+        template.builds,
+        template.jobs,
+        template.builds_heap_pages,
+        mb(template.builds_bytes),
+        load_seconds
+    ));
+    if filled {
+        // The final-phase contenders start from a completed backfill (ours, as an admin
+        // using this tool would have), vacuumed; the tool's progress table removed.
+        say("building the filled template for the final phase (our per-page backfill, VACUUM)");
+        cluster.create_database(TEMPLATE_FILLED, Some(TEMPLATE))?;
+        let mut db = cluster.connect(TEMPLATE_FILLED)?;
+        ours(&mut db, StrategyChoice::PerPage)?;
+        drop(db);
+        let mut db = cluster.connect(TEMPLATE_FILLED)?;
+        backfill::state::drop_all(&mut db)?;
+        db.client().batch_execute("VACUUM ANALYZE")?;
+        if rows_left(&mut db)? != 0 {
+            bail!("the filled template still has NULL jobset_id rows");
+        }
+    }
+    Ok(template)
+}
+
+pub fn spec(args: &BenchArgs) -> synth::Spec {
+    synth::Spec {
+        projects: args.projects,
+        jobsets: args.jobsets,
+        jobs: args.jobs,
+        builds: args.builds,
+        seed: args.seed,
+    }
+}
+
+pub fn run(args: &BenchArgs) -> Result<Bench> {
+    for c in &args.contenders {
+        if !ALL_CONTENDERS.contains(&c.as_str()) {
+            bail!(
+                "unknown contender {c:?}; known: {}",
+                ALL_CONTENDERS.join(", ")
+            );
+        }
+    }
+    let wants = |c: &str| args.contenders.iter().any(|x| x == c);
+    let backfill_list: Vec<&str> = ["offline", "stock", "per-page", "keyset"]
+        .into_iter()
+        .filter(|c| wants(c))
+        .collect();
+    let final_list: Vec<&str> = ["final-stock", "final-ours"]
+        .into_iter()
+        .filter(|c| wants(c))
+        .collect();
+
+    say("starting a throwaway PostgreSQL");
+    let cluster = PgCluster::start(SETTINGS)?.share_until_exit(std::process::id())?;
+    let machine = machine(&mut cluster.connect("postgres")?)?;
+    say(&format!(
+        "{} CPUs, {:.1} GiB; {}",
+        machine.cpus, machine.memory_gib, machine.postgres
+    ));
+    let template = build_templates(cluster, args, !final_list.is_empty())?;
+
+    let runs_n = args.runs.max(1);
+    let mut runs = Vec::new();
+    for run in 0..runs_n {
+        let mut order_b = backfill_list.clone();
+        let mut order_f = final_list.clone();
+        if !run.is_multiple_of(2) {
+            order_b.reverse();
+            order_f.reverse();
+        }
+        let mut backfill_runs = Vec::new();
+        for c in &order_b {
+            backfill_runs.push(run_backfill_contender(cluster, c, run)?);
+        }
+        let mut final_runs = Vec::new();
+        for c in &order_f {
+            final_runs.push(run_final_contender(cluster, c, run, args)?);
+        }
+        let writer = if wants("writer") && !args.skip_writer {
+            Some(run_writer(cluster, run, args)?)
+        } else {
+            None
+        };
+        runs.push(Run {
+            order: order_b
+                .iter()
+                .chain(&order_f)
+                .map(|s| s.to_string())
+                .collect(),
+            backfill: backfill_runs,
+            final_phase: final_runs,
+            writer,
+        });
+    }
+    let memory = if wants("memory") {
+        run_memory(cluster)?
+    } else {
+        None
+    };
+    let medians = medians(&runs, &backfill_list, &final_list);
+    let mut bench = Bench {
+        spec: spec(args),
+        runs_requested: runs_n,
+        writer_pause_ms: args.writer_pause_ms,
+        writer_secs: args.writer_secs,
+        machine,
+        template,
+        runs,
+        memory,
+        medians,
+        table: String::new(),
+    };
+    bench.table = render(&bench);
+    Ok(bench)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn median_i(v: Vec<i64>) -> i64 {
+    median(v.into_iter().map(|x| x as f64).collect()).round() as i64
+}
+
+fn median_backfill(name: &str, rs: &[&BackfillRun]) -> BackfillRun {
+    BackfillRun {
+        contender: name.to_owned(),
+        seconds: median(rs.iter().map(|r| r.seconds).collect()),
+        builds_updates: median_i(rs.iter().map(|r| r.builds_updates).collect()),
+        builds_hot_updates: median_i(rs.iter().map(|r| r.builds_hot_updates).collect()),
+        hot_share: median(rs.iter().map(|r| r.hot_share).collect()),
+        bytes_before: median_i(rs.iter().map(|r| r.bytes_before).collect()),
+        bytes_after: median_i(rs.iter().map(|r| r.bytes_after).collect()),
+        rows_left: rs.iter().map(|r| r.rows_left).max().unwrap_or(0),
+        note: rs.first().map(|r| r.note.clone()).unwrap_or_default(),
+    }
+}
+
+fn median_writer(rs: &[&WriterSummary]) -> WriterSummary {
+    WriterSummary {
+        seconds: median(rs.iter().map(|r| r.seconds).collect()),
+        ops: median(rs.iter().map(|r| r.ops as f64).collect()) as u64,
+        p50_ms: median(rs.iter().map(|r| r.p50_ms).collect()),
+        p99_ms: median(rs.iter().map(|r| r.p99_ms).collect()),
+        max_ms: median(rs.iter().map(|r| r.max_ms).collect()),
+        // Errors and lost updates: the worst run, not the median.
+        errors: rs.iter().map(|r| r.errors).max().unwrap_or(0),
+        error_samples: rs
+            .iter()
+            .flat_map(|r| r.error_samples.clone())
+            .take(5)
+            .collect(),
+        lost_updates: rs.iter().map(|r| r.lost_updates).max().unwrap_or(0),
+    }
+}
+
+fn medians(runs: &[Run], backfill_list: &[&str], final_list: &[&str]) -> Medians {
+    let backfill = backfill_list
+        .iter()
+        .map(|c| {
+            let rs: Vec<&BackfillRun> = runs
+                .iter()
+                .flat_map(|r| r.backfill.iter().filter(|b| b.contender == *c))
+                .collect();
+            median_backfill(c, &rs)
+        })
+        .collect();
+    let final_phase = final_list
+        .iter()
+        .map(|c| {
+            let rs: Vec<&FinalRun> = runs
+                .iter()
+                .flat_map(|r| r.final_phase.iter().filter(|f| f.contender == *c))
+                .collect();
+            // Per-step medians, in the first run's step order.
+            let steps = |online: bool| -> Vec<(String, f64)> {
+                let first = rs.first().map(|f| {
+                    if online {
+                        &f.online_steps
+                    } else {
+                        &f.blocking_steps
+                    }
+                });
+                first
+                    .map(|s0| {
+                        s0.iter()
+                            .map(|(name, _)| {
+                                let v = rs
+                                    .iter()
+                                    .filter_map(|f| {
+                                        let list = if online {
+                                            &f.online_steps
+                                        } else {
+                                            &f.blocking_steps
+                                        };
+                                        list.iter().find(|(n, _)| n == name).map(|(_, s)| *s)
+                                    })
+                                    .collect();
+                                (name.clone(), median(v))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            let blocking_steps = steps(false);
+            let (longest_block_step, _) = blocking_steps
+                .iter()
+                .max_by(|a, b| a.1.total_cmp(&b.1))
+                .cloned()
+                .unwrap_or_default();
+            let writers: Vec<&WriterSummary> =
+                rs.iter().filter_map(|f| f.writer.as_ref()).collect();
+            FinalRun {
+                contender: c.to_string(),
+                seconds: median(rs.iter().map(|f| f.seconds).collect()),
+                online_steps: steps(true),
+                blocking_steps,
+                longest_block: median(rs.iter().map(|f| f.longest_block).collect()),
+                longest_block_step,
+                writer: (!writers.is_empty()).then(|| median_writer(&writers)),
+            }
+        })
+        .collect();
+    let writer_runs: Vec<&WriterRun> = runs.iter().filter_map(|r| r.writer.as_ref()).collect();
+    let writer = (!writer_runs.is_empty()).then(|| WriterRun {
+        idle: median_writer(&writer_runs.iter().map(|w| &w.idle).collect::<Vec<_>>()),
+        during: median_writer(&writer_runs.iter().map(|w| &w.during).collect::<Vec<_>>()),
+        backfill: median_backfill(
+            "per-page + writer",
+            &writer_runs.iter().map(|w| &w.backfill).collect::<Vec<_>>(),
+        ),
+    });
+    Medians {
+        backfill,
+        final_phase,
+        writer,
+    }
+}
+
+fn mb(bytes: i64) -> f64 {
+    bytes as f64 / 1_048_576.0
+}
+
+fn label(contender: &str) -> &'static str {
+    match contender {
+        "offline" => "offline UPDATE ... FROM jobsets",
+        "stock" => "stock hydra-backfill-ids",
+        "per-page" => "ours, per-page",
+        "keyset" => "ours, keyset",
+        "per-page + writer" => "ours, per-page, writer running",
+        "final-stock" => "stock: hydra-init 62..65",
+        "final-ours" => "ours: hydra-upgrade finalize",
+        _ => "?",
+    }
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "MISSED" }
+}
+
+/// The one table, as printed and as stored in the JSON.
+pub fn render(b: &Bench) -> String {
+    let m = &b.medians;
+    let mut s = String::new();
+    let push = |s: &mut String, line: String| {
+        s.push_str(&line);
+        s.push('\n');
+    };
+    push(
+        &mut s,
+        format!(
+            "hydra-upgrade bench: {} builds, {} jobs, {} jobsets, {} projects (seed {}); {} run(s), medians, contender order reversed every other run",
+            b.template.builds,
+            b.template.jobs,
+            b.spec.jobsets,
+            b.spec.projects,
+            b.spec.seed,
+            b.runs.len()
+        ),
+    );
+    push(
+        &mut s,
+        format!(
+            "machine: {} CPUs ({}), {:.1} GiB RAM; {}",
+            b.machine.cpus, b.machine.cpu_model, b.machine.memory_gib, b.machine.postgres
+        ),
+    );
+    push(
+        &mut s,
+        format!(
+            "server: {}",
+            b.machine
+                .settings
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+    );
+    push(
+        &mut s,
+        format!(
+            "template (schema 61, VACUUM ANALYZEd): Builds {} heap pages, {:.1} MB with indexes; built in {:.1}s",
+            b.template.builds_heap_pages,
+            mb(b.template.builds_bytes),
+            b.template.load_seconds
+        ),
+    );
+    s.push('\n');
+    let offline = m
+        .backfill
+        .iter()
+        .find(|r| r.contender == "offline")
+        .map(|r| r.seconds);
+    let mut brows: Vec<&BackfillRun> = m.backfill.iter().collect();
+    if let Some(w) = &m.writer {
+        brows.push(&w.backfill);
+    }
+    if !brows.is_empty() {
+        push(
+            &mut s,
+            format!(
+                "{:<34} {:>9} {:>10} {:>8} {:>22} {:>8} {:>5}",
+                "backfill (Jobs + Builds)",
+                "time s",
+                "x offline",
+                "HOT",
+                "Builds MB before->after",
+                "growth",
+                "left"
+            ),
+        );
+        for r in &brows {
+            push(
+                &mut s,
+                format!(
+                    "{:<34} {:>9.2} {:>10} {:>7.1}% {:>10.1} -> {:>8.1} {:>+7.1}% {:>5}",
+                    label(&r.contender),
+                    r.seconds,
+                    offline
+                        .map(|o| format!("{:.2}", r.seconds / o))
+                        .unwrap_or_else(|| "-".into()),
+                    100.0 * r.hot_share,
+                    mb(r.bytes_before),
+                    mb(r.bytes_after),
+                    100.0 * (r.bytes_after as f64 / r.bytes_before.max(1) as f64 - 1.0),
+                    r.rows_left
+                ),
+            );
+        }
+        s.push('\n');
+    }
+    if !m.final_phase.is_empty() {
+        push(
+            &mut s,
+            format!(
+                "{:<34} {:>9} {:>13} {:>18} {:>7} {:>7}  {}",
+                "final phase (62..65)",
+                "time s",
+                "longest lock s",
+                "writer max lat. ms",
+                "ops",
+                "errors",
+                "longest write-blocking step"
+            ),
+        );
+        for f in &m.final_phase {
+            let (wmax, wops, werr) = match &f.writer {
+                Some(w) => (
+                    format!("{:.1}", w.max_ms),
+                    w.ops.to_string(),
+                    w.errors.to_string(),
+                ),
+                None => ("-".into(), "-".into(), "-".into()),
+            };
+            push(
+                &mut s,
+                format!(
+                    "{:<34} {:>9.2} {:>13.3} {:>18} {:>7} {:>7}  {}",
+                    label(&f.contender),
+                    f.seconds,
+                    f.longest_block,
+                    wmax,
+                    wops,
+                    werr,
+                    f.longest_block_step
+                ),
+            );
+            let steps: Vec<String> = f
+                .blocking_steps
+                .iter()
+                .map(|(n, t)| format!("{n} {t:.3}"))
+                .collect();
+            push(
+                &mut s,
+                format!("    write-blocking steps: {}", steps.join(", ")),
+            );
+            if !f.online_steps.is_empty() {
+                let steps: Vec<String> = f
+                    .online_steps
+                    .iter()
+                    .map(|(n, t)| format!("{n} {t:.3}"))
+                    .collect();
+                push(&mut s, format!("    online steps: {}", steps.join(", ")));
+            }
+        }
+        s.push('\n');
+    }
+    if let Some(w) = &m.writer {
+        push(
+            &mut s,
+            format!(
+                "{:<34} {:>6} {:>7} {:>9} {:>9} {:>9} {:>7} {:>6}",
+                format!("writer ({} ms pause between ops)", b.writer_pause_ms),
+                "ops",
+                "secs",
+                "p50 ms",
+                "p99 ms",
+                "max ms",
+                "errors",
+                "lost"
+            ),
+        );
+        for (name, x) in [
+            (format!("alone, {} s", b.writer_secs), &w.idle),
+            ("during ours, per-page".to_owned(), &w.during),
+        ] {
+            push(
+                &mut s,
+                format!(
+                    "{:<34} {:>6} {:>7.1} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>6}",
+                    name, x.ops, x.seconds, x.p50_ms, x.p99_ms, x.max_ms, x.errors, x.lost_updates
+                ),
+            );
+        }
+        push(
+            &mut s,
+            format!(
+                "p99 during / alone: {:.2}",
+                w.during.p99_ms / w.idle.p99_ms.max(1e-9)
+            ),
+        );
+        s.push('\n');
+    }
+    if let Some(mem) = &b.memory {
+        push(
+            &mut s,
+            format!(
+                "peak memory (max RSS) of `hydra-upgrade backfill --strategy per-page`: {:.1} MB ({:.1}s, one run)",
+                mem.max_rss_mb, mem.seconds
+            ),
+        );
+        s.push('\n');
+    }
+    // The targets of issue 3.
+    push(&mut s, "targets (issue 3)".into());
+    let pp = m.backfill.iter().find(|r| r.contender == "per-page");
+    if let (Some(pp), Some(o)) = (pp, offline) {
+        let x = pp.seconds / o;
+        push(
+            &mut s,
+            format!(
+                "  backfill time <= 0.4 x offline UPDATE:   {:.2} x   {}",
+                x,
+                verdict(x <= 0.4)
+            ),
+        );
+    }
+    if let Some(pp) = pp {
+        push(
+            &mut s,
+            format!(
+                "  HOT share of Builds updates >= 90 %:     {:.1} %   {}",
+                100.0 * pp.hot_share,
+                verdict(pp.hot_share >= 0.9)
+            ),
+        );
+        let g = pp.bytes_after as f64 / pp.bytes_before.max(1) as f64 - 1.0;
+        push(
+            &mut s,
+            format!(
+                "  Builds growth <= +10 %:                  {:+.1} %   {}",
+                100.0 * g,
+                verdict(g <= 0.10)
+            ),
+        );
+    }
+    if let Some(w) = &m.writer {
+        let r = w.during.p99_ms / w.idle.p99_ms.max(1e-9);
+        let ok = r <= 2.0 && w.during.errors == 0 && w.during.lost_updates == 0;
+        push(
+            &mut s,
+            format!(
+                "  writer p99 during <= 2 x alone, 0 errors: {:.2} x, {} errors, {} lost   {}",
+                r,
+                w.during.errors,
+                w.during.lost_updates,
+                verdict(ok)
+            ),
+        );
+    }
+    if let Some(f) = m.final_phase.iter().find(|f| f.contender == "final-ours") {
+        let worst_writer = f.writer.as_ref().map(|w| w.max_ms / 1000.0).unwrap_or(0.0);
+        let ok = f.longest_block < 1.0 && worst_writer < 1.0;
+        push(
+            &mut s,
+            format!(
+                "  final phase blocks writes < 1 s:        {:.3} s longest lock, writer max {:.3} s   {}",
+                f.longest_block,
+                worst_writer,
+                verdict(ok)
+            ),
+        );
+    }
+    if let Some(mem) = &b.memory {
+        push(
+            &mut s,
+            format!(
+                "  peak memory <= 30 MB:                    {:.1} MB   {}",
+                mem.max_rss_mb,
+                verdict(mem.max_rss_mb <= 30.0)
+            ),
+        );
+    }
+    s
+}
+
+/// Run, print the table on stdout, write the JSON if asked.
+pub fn main(args: &BenchArgs) -> Result<()> {
+    let bench = run(args)?;
+    println!("{}", bench.table);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&bench)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        say(&format!("wrote {}", path.display()));
+    }
+    Ok(())
+}
