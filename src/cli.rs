@@ -173,7 +173,8 @@ pub struct UpgradeArgs {
     /// Toplevel of the NixOS system running the final (hydra-unstable) package.
     #[arg(long, value_name = "PATH", requires = "migration_system")]
     pub final_system: Option<PathBuf>,
-    /// Build both phase systems from this flake's NixOS configuration (e.g. `.#hydra`).
+    /// Build both phase systems from this flake's NixOS configuration (e.g. `.#hydra`):
+    /// `nixosConfigurations.<name>.config.system.build.hydraUpgrade.{migration,final}`.
     #[arg(long, value_name = "REF", conflicts_with = "migration_system")]
     pub flake: Option<String>,
     /// How each phase system is activated.
@@ -185,8 +186,9 @@ pub struct UpgradeArgs {
     /// Where the upgrade keeps its small state file.
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
-    /// Command that switches the host to the migration system (instead of
-    /// switch-to-configuration); run with `sh -c`.
+    /// Command that switches the host to the migration system (instead of the profile and
+    /// switch-to-configuration), for colmena, deploy-rs, ...; run here with `sh -c`, with
+    /// HYDRA_UPGRADE_PHASE and HYDRA_UPGRADE_SYSTEM set.
     #[arg(long, value_name = "CMD")]
     pub migration_switch_command: Option<String>,
     /// Command that switches the host to the final system; run with `sh -c`.
@@ -199,6 +201,20 @@ pub struct UpgradeArgs {
     /// instead of finishing them online with `finalize` first.
     #[arg(long)]
     pub stock_final: bool,
+    /// How long to wait for hydra-init.service after a switch (the stock final phase can
+    /// take hours on a large Builds table).
+    #[arg(long, value_name = "SECONDS", default_value_t = 14_400)]
+    pub hydra_init_timeout_secs: u64,
+    /// How long Hydra may take to become healthy after a switch before rolling back.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+    pub health_timeout_secs: u64,
+    /// Run the backfill in this process instead of the transient unit
+    /// hydra-upgrade-backfill (which survives a dropped SSH session).
+    #[arg(long)]
+    pub foreground_backfill: bool,
+    /// How often host state is polled (tests use a short interval).
+    #[arg(long, hide = true, value_name = "MS", default_value_t = 1_000)]
+    pub poll_ms: u64,
     /// Use the simulated host: phase switches apply the schema steps as hydra-init would,
     /// directly to the database (what `rehearse` does). For rehearsals and tests only.
     #[arg(long, hide = true)]

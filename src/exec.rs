@@ -170,6 +170,17 @@ impl Cmd {
         Ok(())
     }
 
+    /// Run to the end with stdout/stderr going to ours and return the exit code (`None`
+    /// when a signal ended it); a non-zero code is not an error here.
+    pub fn run_inherit_code(&self) -> Result<Option<i32>> {
+        let out = self
+            .expression()
+            .unchecked()
+            .run()
+            .with_context(|| format!("cannot start `{}`", self.display()))?;
+        Ok(out.status.code())
+    }
+
     /// Start in the background with no streams attached, and do not wait for it.
     pub fn spawn_detached(&self) -> Result<()> {
         self.expression()

@@ -20,6 +20,7 @@ pub mod rehearse;
 pub mod status;
 pub mod synth;
 pub mod upgrade;
+pub mod upgrade_cmd;
 pub mod verify;
 pub mod workload;
 
@@ -178,33 +179,8 @@ pub fn run(cli: Cli) -> Result<Exit> {
             Ok(Exit::Ok)
         }
         Command::Upgrade(args) => {
-            let interrupt = Interrupt::install()?;
-            let dsn = config.dsn(cli.global.db.as_deref())?;
-            let mut db = Db::connect(&dsn)?;
-            if !args.simulate_host {
-                return Err(fail(
-                    Exit::Config,
-                    "driving a real NixOS host is not built yet (see issue 4); use --simulate-host to apply the schema steps directly, as `rehearse` does",
-                ));
-            }
-            let mut host = host::simulated::SimulatedHost::new(dsn);
             let opts = flow_options(&args.backfill, &config, args.stock_final);
-            let r = upgrade::run(&mut db, &mut host, &opts, &out, &interrupt)?;
-            if json {
-                print_json(&r)?
-            } else {
-                for (step, secs) in &r.steps {
-                    println!("{step:<40} {secs:>8.1}s");
-                }
-                println!(
-                    "upgrade complete: schema {}",
-                    r.final_status
-                        .as_ref()
-                        .map(|s| s.schema_version)
-                        .unwrap_or(0)
-                );
-            }
-            Ok(Exit::Ok)
+            upgrade_cmd::run(args, &cli.global, &config, &opts, &out)
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::json;
 
@@ -13,6 +13,7 @@ use crate::db::Db;
 use crate::exit::{Exit, fail};
 use crate::finalize;
 use crate::host::{Host, Phase, SwitchReport};
+use crate::hydra_schema::MIGRATION_VERSION;
 use crate::interrupt::Interrupt;
 use crate::progress::Out;
 use crate::status::{self, Stage, Status};
@@ -120,21 +121,54 @@ fn timed<T>(
     Ok(value)
 }
 
+/// Record the duration of the step `timed` just finished in the host's state.
+fn note(host: &mut dyn Host, report: &Report) -> Result<()> {
+    match report.steps.last() {
+        Some((step, secs)) => host.record_step(step, Some(*secs)),
+        None => Ok(()),
+    }
+}
+
+/// One backfill pass: in a detached unit when the host offers one (the upgrade lock is
+/// handed over to it meanwhile), else in this process.
+fn backfill_once(
+    db: &mut Db,
+    host: &mut dyn Host,
+    opts: &Options,
+    out: &Out,
+    interrupt: &Interrupt,
+) -> Result<Option<backfill::Report>> {
+    db.client()
+        .batch_execute("SELECT pg_advisory_unlock_all()")
+        .context("handing the upgrade lock to the backfill")?;
+    let detached = host.detached_backfill(out);
+    db.take_upgrade_lock()?;
+    match detached? {
+        Some(_) => Ok(None),
+        None => backfill::run(db, &opts.backfill, out, interrupt).map(Some),
+    }
+}
+
 /// Backfill and verify until clean; orphans or wrong values stop at once, NULL rows that
 /// keep coming back stop after `max_rounds`.
 fn backfill_until_clean(
     db: &mut Db,
+    host: &mut dyn Host,
     opts: &Options,
     out: &Out,
     interrupt: &Interrupt,
     report: &mut Report,
 ) -> Result<()> {
     for round in 1..=opts.max_rounds {
+        host.record_step("backfill", None)?;
         let b = timed(report, out, "backfill", || {
-            backfill::run(db, &opts.backfill, out, interrupt)
+            backfill_once(db, host, opts, out, interrupt)
         })?;
-        report.backfills.push(b);
+        note(host, report)?;
+        report.backfills.extend(b);
+        host.record_step("verify", None)?;
         let v = timed(report, out, "verify", || verify::run(db))?;
+        note(host, report)?;
         let clean = v.clean;
         let stuck = v.tables.iter().any(|t| t.orphans > 0 || t.wrong > 0);
         if !clean {
@@ -167,6 +201,116 @@ fn backfill_until_clean(
     Ok(())
 }
 
+/// After a switch, the schema must be where that package's hydra-init leaves it.
+fn confirm_schema(db: &mut Db, phase: Phase) -> Result<()> {
+    let s = status::detect(db, false)?;
+    match phase {
+        Phase::Migration => {
+            if s.schema_version < MIGRATION_VERSION
+                || !s.jobs_jobset_id.exists
+                || !s.builds_jobset_id.exists
+            {
+                anyhow::bail!(
+                    "after the switch the schema is at {}, not {MIGRATION_VERSION} with both \
+                     jobset_id columns: the new system's hydra-init did not apply \
+                     upgrade-59..61. Does the migration system really run pkgs.hydra-migration?",
+                    s.schema_version
+                );
+            }
+            Ok(())
+        }
+        Phase::Final => {
+            let indexes = s.final_indexes.iter().all(|(_, ok)| *ok);
+            if s.stage != Stage::Final
+                || s.jobs_jobset_id.nullable
+                || s.builds_jobset_id.nullable
+                || !indexes
+            {
+                anyhow::bail!(
+                    "after the switch the schema is at {} (Jobs.jobset_id {}, Builds.jobset_id \
+                     {}, final indexes {}): the final system's hydra-init did not complete \
+                     upgrade-62..65. Does the final system really run pkgs.hydra-unstable?",
+                    s.schema_version,
+                    if s.jobs_jobset_id.nullable {
+                        "nullable"
+                    } else {
+                        "NOT NULL"
+                    },
+                    if s.builds_jobset_id.nullable {
+                        "nullable"
+                    } else {
+                        "NOT NULL"
+                    },
+                    if indexes { "present" } else { "missing" },
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Switch the host to `phase`: remember what runs now, (for the final phase) verify at
+/// this very moment, activate, wait for hydra-init, confirm the schema and Hydra's
+/// health; roll back when any of that fails.
+fn switch_phase(
+    db: &mut Db,
+    host: &mut dyn Host,
+    phase: Phase,
+    out: &Out,
+    report: &mut Report,
+) -> Result<()> {
+    let step = match phase {
+        Phase::Migration => "switch-migration",
+        Phase::Final => "switch-final",
+    };
+    host.record_step(step, None)?;
+    if host.pending_switch() != Some(phase) {
+        host.prepare_switch(phase, out)?;
+    }
+    if phase == Phase::Final {
+        let v = timed(report, out, "verify before the final switch", || {
+            verify::run(db)
+        })?;
+        if !v.clean {
+            host.abort_switch()?;
+            out.say(&v.render());
+            return Err(fail(
+                Exit::RowsLeft,
+                format!(
+                    "the final switch is refused: verify is not clean right before it: {}. The \
+                     host stays on the migration system. Stop whatever writes these rows (an \
+                     older Hydra evaluator), then run `hydra-upgrade upgrade` again.",
+                    v.summary()
+                ),
+            ));
+        }
+    }
+    let label = match phase {
+        Phase::Migration => "switch to the migration package",
+        Phase::Final => "switch to the final package",
+    };
+    let sw = timed(report, out, label, || host.switch(phase, out))?;
+    note(host, report)?;
+    let block = sw
+        .schema_steps
+        .iter()
+        .map(|s| s.duration.as_secs_f64())
+        .fold(0.0, f64::max);
+    if phase == Phase::Final {
+        report.longest_final_block_seconds = report.longest_final_block_seconds.max(block);
+    }
+    report.switches.push(sw);
+    let checked = confirm_schema(db, phase)
+        .and_then(|()| timed(report, out, "health check", || host.check_health(out)));
+    if let Err(e) = checked {
+        if crate::exit::exit_of(&e) == Exit::Interrupted {
+            return Err(e);
+        }
+        return Err(host.roll_back(phase, out, e));
+    }
+    host.switch_confirmed(phase)
+}
+
 pub fn run(
     db: &mut Db,
     host: &mut dyn Host,
@@ -175,65 +319,43 @@ pub fn run(
     interrupt: &Interrupt,
 ) -> Result<Report> {
     let mut report = Report::default();
+    host.follow_running_backfill(out)?;
     db.take_upgrade_lock()?;
+    if let Some(phase) = host.pending_switch() {
+        out.say(&format!(
+            "an earlier run was stopped while switching to the {} system; finishing that switch first",
+            phase.package()
+        ));
+        switch_phase(db, host, phase, out, &mut report)?;
+    }
     for _ in 0..8 {
         interrupt.check("Run `hydra-upgrade upgrade` again to continue.")?;
         let s = status::detect(db, false)?;
         match s.stage {
             Stage::BeforeMigration => {
-                let sw = timed(&mut report, out, "switch to the migration package", || {
-                    host.switch(Phase::Migration, out)
-                })?;
-                report.switches.push(sw);
-                timed(&mut report, out, "health check", || host.check_health(out))?;
+                switch_phase(db, host, Phase::Migration, out, &mut report)?;
             }
             Stage::Migration => {
                 if s.builds_jobset_id.nullable || s.jobs_jobset_id.nullable {
-                    backfill_until_clean(db, opts, out, interrupt, &mut report)?;
+                    backfill_until_clean(db, host, opts, out, interrupt, &mut report)?;
                 }
                 if opts.stock_final {
-                    let v = timed(&mut report, out, "verify before the final switch", || {
-                        verify::run(db)
-                    })?;
-                    if !v.clean {
-                        return Err(fail(
-                            Exit::RowsLeft,
-                            format!("the final switch is refused: {}", v.summary()),
-                        ));
-                    }
-                    let sw = timed(&mut report, out, "switch to the final package", || {
-                        host.switch(Phase::Final, out)
-                    })?;
-                    report.longest_final_block_seconds = sw
-                        .schema_steps
-                        .iter()
-                        .map(|s| s.duration.as_secs_f64())
-                        .fold(0.0, f64::max);
-                    report.switches.push(sw);
-                    timed(&mut report, out, "health check", || host.check_health(out))?;
+                    switch_phase(db, host, Phase::Final, out, &mut report)?;
                 } else {
+                    host.record_step("finalize", None)?;
                     let f = timed(&mut report, out, "finalize online", || {
                         finalize::run(db, &opts.finalize, out)
                     })?;
+                    note(host, &report)?;
                     report.longest_final_block_seconds = f.longest_block();
                     report.finalize = Some(f);
                 }
             }
             Stage::Final => {
                 if !host.is_on(Phase::Final)? {
-                    let sw = timed(&mut report, out, "switch to the final package", || {
-                        host.switch(Phase::Final, out)
-                    })?;
-                    let block = sw
-                        .schema_steps
-                        .iter()
-                        .map(|s| s.duration.as_secs_f64())
-                        .fold(0.0, f64::max);
-                    report.longest_final_block_seconds =
-                        report.longest_final_block_seconds.max(block);
-                    report.switches.push(sw);
-                    timed(&mut report, out, "health check", || host.check_health(out))?;
+                    switch_phase(db, host, Phase::Final, out, &mut report)?;
                 }
+                host.record_step("done", None)?;
                 report.final_status = Some(status::detect(db, false)?);
                 return Ok(report);
             }

@@ -1,8 +1,13 @@
 //! The machine Hydra runs on, behind one small interface: the upgrade flow asks it to
 //! activate a phase's system (which runs that package's hydra-init) and to confirm Hydra
-//! is healthy. `simulated` applies the schema steps itself (rehearsals, tests).
+//! is healthy. `simulated` applies the schema steps itself (rehearsals, tests); `nixos`
+//! drives a real NixOS machine (locally or over SSH).
 
+pub mod commands;
+pub mod http;
+pub mod nixos;
 pub mod simulated;
+pub mod state;
 
 use anyhow::Result;
 use serde::Serialize;
@@ -38,10 +43,60 @@ pub struct SwitchReport {
 
 pub trait Host {
     fn describe(&self) -> String;
+    /// Check, before anything changes, that the host can carry the upgrade.
+    fn preflight(&mut self, _out: &Out) -> Result<()> {
+        Ok(())
+    }
     /// Whether the host already runs the system of `phase`.
     fn is_on(&mut self, phase: Phase) -> Result<bool>;
-    /// Activate the system of `phase` and wait until its hydra-init has finished.
+    /// A switch an earlier run started and did not confirm (it was interrupted).
+    fn pending_switch(&self) -> Option<Phase> {
+        None
+    }
+    /// Remember what runs now (to roll back to) before switching to `phase`.
+    fn prepare_switch(&mut self, _phase: Phase, _out: &Out) -> Result<()> {
+        Ok(())
+    }
+    /// The switch prepared by `prepare_switch` will not happen (verify refused it).
+    fn abort_switch(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// Activate the system of `phase` and wait until its hydra-init has finished. If that
+    /// fails, the host rolls back itself and the error says so (exit code 10 or 11).
     fn switch(&mut self, phase: Phase, out: &Out) -> Result<SwitchReport>;
     /// Hydra answers and its units run.
     fn check_health(&mut self, out: &Out) -> Result<()>;
+    /// The switch to `phase` passed every check: forget the system to roll back to.
+    fn switch_confirmed(&mut self, _phase: Phase) -> Result<()> {
+        Ok(())
+    }
+    /// A check after a switch to `phase` failed: switch back to the system that ran
+    /// before, and return the error to end with (never success).
+    fn roll_back(&mut self, phase: Phase, _out: &Out, why: anyhow::Error) -> anyhow::Error {
+        crate::exit::fail(
+            crate::exit::Exit::HostFailed,
+            format!(
+                "the switch to the {} package failed its checks: {why:#}; {} cannot roll back",
+                phase.package(),
+                self.describe()
+            ),
+        )
+    }
+    /// Remember the step reached (`seconds: None`) or its duration.
+    fn record_step(&mut self, _step: &str, _seconds: Option<f64>) -> Result<()> {
+        Ok(())
+    }
+    /// Wait for a backfill that an earlier run left running in the background.
+    fn follow_running_backfill(&mut self, _out: &Out) -> Result<()> {
+        Ok(())
+    }
+    /// Run the backfill outside this process (so a dropped session cannot stop it) and
+    /// return its duration, or `None` to have it run in this process.
+    fn detached_backfill(&mut self, _out: &Out) -> Result<Option<f64>> {
+        Ok(None)
+    }
+    /// The commands a step would run on this host, for `--dry-run`.
+    fn dry_run_commands(&self, step: &str) -> Vec<String> {
+        vec![format!("({step} on {})", self.describe())]
+    }
 }

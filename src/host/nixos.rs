@@ -1,0 +1,733 @@
+//! The real NixOS host: activates a phase's system like `nixos-rebuild` (profile, then
+//! `switch-to-configuration` under `systemd-run`), waits for `hydra-init.service`, checks
+//! Hydra's health, and rolls back to the system that ran before when anything fails.
+//! Every command goes through [`crate::exec::Cmd`], optionally over SSH (`--target-host`).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use super::commands::{self as c, Target};
+use super::http;
+use super::state::StateFile;
+use super::{Host, Phase, SwitchReport};
+use crate::cli::SwitchMode;
+use crate::exec::Cmd;
+use crate::exit::{Exit, exit_of, fail};
+use crate::interrupt::Interrupt;
+use crate::progress::Out;
+
+/// How to run the backfill in its own transient unit.
+#[derive(Debug, Clone)]
+pub struct DetachedBackfill {
+    /// The hydra-upgrade invocation (`/path/to/hydra-upgrade --config ... backfill ...`).
+    pub argv: Vec<String>,
+    /// `NAME=value` pairs for the unit's EnvironmentFile (the DSN, PGPASSWORD, ...).
+    pub env: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub target: Target,
+    pub mode: SwitchMode,
+    /// Toplevels of the migration and final systems (index by [`idx`]).
+    pub systems: [Option<PathBuf>; 2],
+    /// Per-phase switch hooks, run locally with `sh -c` instead of profile + activation.
+    pub hooks: [Option<String>; 2],
+    pub hydra_url: String,
+    pub init_timeout: Duration,
+    pub health_timeout: Duration,
+    pub poll: Duration,
+    /// Run the backfill as the unit `hydra-upgrade-backfill` (None: in this process).
+    pub detached_backfill: Option<DetachedBackfill>,
+}
+
+pub fn idx(phase: Phase) -> usize {
+    match phase {
+        Phase::Migration => 0,
+        Phase::Final => 1,
+    }
+}
+
+pub fn label(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Migration => "migration",
+        Phase::Final => "final",
+    }
+}
+
+pub struct NixosHost {
+    pub settings: Settings,
+    pub state: StateFile,
+    interrupt: Interrupt,
+}
+
+/// An exit code of a child hydra-upgrade, back to our [`Exit`].
+fn exit_from_code(code: i32) -> Exit {
+    Exit::ALL
+        .iter()
+        .map(|(e, _)| *e)
+        .find(|e| i32::from(e.code()) == code)
+        .unwrap_or(Exit::Internal)
+}
+
+impl NixosHost {
+    pub fn new(settings: Settings, state: StateFile, interrupt: Interrupt) -> NixosHost {
+        NixosHost {
+            settings,
+            state,
+            interrupt,
+        }
+    }
+
+    fn on(&self, cmd: Cmd) -> Cmd {
+        self.settings.target.on(cmd)
+    }
+
+    fn system(&self, phase: Phase) -> Option<&Path> {
+        self.settings.systems[idx(phase)].as_deref()
+    }
+
+    /// The store path of the running system.
+    pub fn current(&self) -> Result<PathBuf> {
+        let out = self.on(c::current_system()).run().map_err(|e| {
+            fail(
+                Exit::HostFailed,
+                format!(
+                    "cannot read {} on {}: {e:#}. Is it a NixOS machine (and reachable)?",
+                    c::CURRENT_SYSTEM,
+                    self.settings.target.describe()
+                ),
+            )
+        })?;
+        Ok(PathBuf::from(out.stdout.trim()))
+    }
+
+    fn show(&self, unit: &str, props: &[&str]) -> Result<Vec<(String, String)>> {
+        let out = self.on(c::unit_show(unit, props)).run()?;
+        Ok(c::parse_show(&out.stdout))
+    }
+
+    fn prop<'a>(kv: &'a [(String, String)], key: &str) -> &'a str {
+        kv.iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("")
+    }
+
+    /// The last journal lines of a unit, for error messages (best effort).
+    fn journal(&self, unit: &str) -> String {
+        match self.on(c::journal(unit, 20)).run() {
+            Ok(o) if !o.stdout.trim().is_empty() => {
+                format!("\nlast journal lines of {unit}:\n{}", o.stdout.trim_end())
+            }
+            Ok(_) => format!("\n(the journal of {unit} is empty)"),
+            Err(e) => format!("\n(cannot read the journal of {unit}: {e:#})"),
+        }
+    }
+
+    fn sleep(&self) -> Result<()> {
+        self.interrupt.check(
+            "The host keeps its current system; run `hydra-upgrade upgrade` again to continue.",
+        )?;
+        std::thread::sleep(self.settings.poll);
+        Ok(())
+    }
+
+    /// Wait while a transient unit of ours (an activation or the backfill) still runs.
+    fn wait_unit_gone(&self, unit: &str, out: &Out) -> Result<bool> {
+        let mut said = false;
+        loop {
+            let kv = self.show(&format!("{unit}.service"), &["ActiveState"])?;
+            let state = Self::prop(&kv, "ActiveState");
+            if !matches!(
+                state,
+                "active" | "activating" | "deactivating" | "reloading"
+            ) {
+                return Ok(said);
+            }
+            if !said {
+                out.say(&format!(
+                    "{unit}.service, started by an earlier run, is still running; waiting for it \
+                     (`journalctl -fu {unit}` shows its progress)"
+                ));
+                said = true;
+            }
+            self.sleep()?;
+        }
+    }
+
+    /// Poll hydra-init.service until the oneshot has finished: `active` with
+    /// `Result=success` is done; `failed` (or active with another result) is a failure.
+    pub fn wait_hydra_init(&self, out: &Out) -> Result<()> {
+        let start = Instant::now();
+        let mut last = String::new();
+        loop {
+            let kv = self.show(c::HYDRA_INIT, &["ActiveState", "Result", "ExecMainStatus"])?;
+            let (state, result, status) = (
+                Self::prop(&kv, "ActiveState"),
+                Self::prop(&kv, "Result"),
+                Self::prop(&kv, "ExecMainStatus"),
+            );
+            let now = format!("{state}/{result}");
+            if now != last {
+                out.say(&format!(
+                    "hydra-init.service: {state} (result {result}, exit status {status})"
+                ));
+                last = now;
+            }
+            match state {
+                "active" if result == "success" || result.is_empty() => return Ok(()),
+                "active" | "failed" => {
+                    anyhow::bail!(
+                        "hydra-init.service failed (result {result}, exit status {status}): the \
+                         schema upgrade of the new package did not complete"
+                    )
+                }
+                _ => {}
+            }
+            if start.elapsed() > self.settings.init_timeout {
+                anyhow::bail!(
+                    "hydra-init.service did not finish within {}s (still {state}); raise \
+                     --hydra-init-timeout-secs if its schema upgrade legitimately takes longer",
+                    self.settings.init_timeout.as_secs()
+                );
+            }
+            self.sleep()?;
+        }
+    }
+
+    /// One round of health checks: the list of problems (empty = healthy).
+    fn health_problems(&self) -> Result<Vec<(String, Option<String>)>> {
+        let mut problems = Vec::new();
+        for unit in c::HYDRA_UNITS {
+            let kv = self.show(unit, &["LoadState", "ActiveState"])?;
+            let (load, active) = (Self::prop(&kv, "LoadState"), Self::prop(&kv, "ActiveState"));
+            if load != "loaded" {
+                if unit == "hydra-server.service" {
+                    problems.push((format!("{unit} is not known ({load})"), None));
+                }
+                continue;
+            }
+            if active != "active" {
+                problems.push((format!("{unit} is {active}"), Some(unit.to_owned())));
+            }
+        }
+        match http::get_status(&self.settings.hydra_url, Duration::from_secs(5)) {
+            Ok(code) if code < 500 => {}
+            Ok(code) => problems.push((
+                format!(
+                    "hydra-server answered HTTP {code} on {}",
+                    self.settings.hydra_url
+                ),
+                Some("hydra-server.service".into()),
+            )),
+            Err(e) => problems.push((
+                format!(
+                    "hydra-server does not answer on {}: {e:#}",
+                    self.settings.hydra_url
+                ),
+                Some("hydra-server.service".into()),
+            )),
+        }
+        Ok(problems)
+    }
+
+    fn activate(&mut self, phase: Phase, out: &Out) -> Result<()> {
+        let sys = self.system(phase).map(Path::to_owned);
+        if let Some(hook) = self.settings.hooks[idx(phase)].clone() {
+            let cmd = c::hook(&hook, label(phase), sys.as_deref());
+            out.say(&format!(
+                "running the {} switch hook: {}",
+                label(phase),
+                cmd.display()
+            ));
+            return cmd
+                .run_inherit()
+                .with_context(|| format!("the {} switch hook failed", label(phase)));
+        }
+        let sys =
+            sys.ok_or_else(|| fail(Exit::Config, format!("no {} system is known", label(phase))))?;
+        if self.settings.mode == SwitchMode::Switch {
+            let cmd = self.on(c::set_profile(&sys));
+            out.say(&format!("$ {}", cmd.display()));
+            cmd.run().context("setting the system profile")?;
+        }
+        self.wait_unit_gone(&c::switch_unit(label(phase)), out)?;
+        let cmd = self.on(c::activate(&sys, self.settings.mode, label(phase)));
+        out.say(&format!("$ {}", cmd.display()));
+        cmd.run_inherit().context("switch-to-configuration failed")
+    }
+
+    fn record(&mut self, f: impl FnOnce(&mut super::state::State)) -> Result<()> {
+        f(&mut self.state.state);
+        self.state.save()
+    }
+}
+
+impl Host for NixosHost {
+    fn describe(&self) -> String {
+        format!("the NixOS host {}", self.settings.target.describe())
+    }
+
+    fn preflight(&mut self, out: &Out) -> Result<()> {
+        let current = self.current()?;
+        out.say(&format!(
+            "host {}: running {}",
+            self.settings.target.describe(),
+            current.display()
+        ));
+        for phase in [Phase::Migration, Phase::Final] {
+            match self.system(phase).map(Path::to_owned) {
+                Some(sys) => {
+                    self.on(c::is_nixos_system(&sys)).run().map_err(|_| {
+                        fail(
+                            Exit::Config,
+                            format!(
+                                "the {} system {} is not a NixOS system on {} (no \
+                                 bin/switch-to-configuration): build it first, or check the path",
+                                label(phase),
+                                sys.display(),
+                                self.settings.target.describe()
+                            ),
+                        )
+                    })?;
+                    out.say(&format!("{} system: {}", label(phase), sys.display()));
+                }
+                None if self.settings.hooks[idx(phase)].is_some() => {
+                    out.say(&format!("{} system: switched by its hook", label(phase)))
+                }
+                None => {
+                    return Err(fail(
+                        Exit::Config,
+                        format!(
+                            "no {} system: pass --migration-system and --final-system, or \
+                             --flake REF, or enable the NixOS module (it writes both to \
+                             /etc/hydra-upgrade/config.json), or give --{}-switch-command",
+                            label(phase),
+                            label(phase)
+                        ),
+                    ));
+                }
+            }
+        }
+        for unit in [c::HYDRA_INIT, "hydra-server.service"] {
+            let kv = self.show(unit, &["LoadState"]).map_err(|e| {
+                fail(
+                    Exit::HostFailed,
+                    format!("cannot ask systemd about {unit}: {e:#}"),
+                )
+            })?;
+            if Self::prop(&kv, "LoadState") != "loaded" {
+                return Err(fail(
+                    Exit::Environment,
+                    format!(
+                        "{unit} is not known to systemd on {}: is services.hydra enabled in the \
+                         running system?",
+                        self.settings.target.describe()
+                    ),
+                ));
+            }
+        }
+        let systems = self.settings.systems.clone();
+        self.record(|s| {
+            s.migration_system = systems[0].clone();
+            s.final_system = systems[1].clone();
+        })
+    }
+
+    fn is_on(&mut self, phase: Phase) -> Result<bool> {
+        let current = self.current()?;
+        Ok(match self.system(phase) {
+            Some(sys) => current == sys,
+            None => {
+                let s = &self.state.state;
+                let switched = match phase {
+                    Phase::Migration => &s.switched_migration,
+                    Phase::Final => &s.switched_final,
+                };
+                switched.as_deref() == Some(current.as_path())
+            }
+        })
+    }
+
+    fn pending_switch(&self) -> Option<Phase> {
+        match self.state.state.switching_to.as_deref() {
+            Some("migration") => Some(Phase::Migration),
+            Some("final") => Some(Phase::Final),
+            _ => None,
+        }
+    }
+
+    fn prepare_switch(&mut self, phase: Phase, out: &Out) -> Result<()> {
+        let current = self.current()?;
+        let pending = self.pending_switch() == Some(phase);
+        let previous = match (&self.state.state.previous_system, pending) {
+            (Some(p), true) => p.clone(),
+            _ => current.clone(),
+        };
+        if let Some(sys) = self.system(phase) {
+            self.on(c::is_nixos_system(sys)).run().map_err(|_| {
+                fail(
+                    Exit::Config,
+                    format!(
+                        "the {} system {} is gone from {} (garbage-collected?): build it again",
+                        label(phase),
+                        sys.display(),
+                        self.settings.target.describe()
+                    ),
+                )
+            })?;
+        }
+        out.say(&format!(
+            "remembering the running system {} to roll back to",
+            previous.display()
+        ));
+        self.record(|s| {
+            s.previous_system = Some(previous);
+            s.switching_to = Some(label(phase).to_owned());
+        })
+    }
+
+    fn abort_switch(&mut self) -> Result<()> {
+        self.record(|s| {
+            s.switching_to = None;
+            s.previous_system = None;
+        })
+    }
+
+    fn switch(&mut self, phase: Phase, out: &Out) -> Result<SwitchReport> {
+        let start = Instant::now();
+        if self.pending_switch() != Some(phase) {
+            self.prepare_switch(phase, out)?;
+        }
+        // An activation an earlier run started may still be running in its unit.
+        self.wait_unit_gone(&c::switch_unit(label(phase)), out)?;
+        let already = match self.system(phase) {
+            Some(sys) => self.current()? == sys,
+            None => false,
+        };
+        let result = if already {
+            out.say(&format!(
+                "the host already runs the {} system; waiting for its hydra-init",
+                label(phase)
+            ));
+            self.wait_hydra_init(out)
+        } else {
+            self.activate(phase, out)
+                .and_then(|()| self.wait_hydra_init(out))
+        };
+        if let Err(e) = result {
+            if exit_of(&e) == Exit::Interrupted {
+                return Err(e);
+            }
+            return Err(self.roll_back(phase, out, e));
+        }
+        Ok(SwitchReport {
+            phase,
+            seconds: start.elapsed().as_secs_f64(),
+            schema_steps: Vec::new(),
+        })
+    }
+
+    fn check_health(&mut self, out: &Out) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let problems = self.health_problems()?;
+            if problems.is_empty() {
+                out.say(&format!(
+                    "Hydra is healthy: its units are active and {} answers",
+                    self.settings.hydra_url
+                ));
+                return Ok(());
+            }
+            if start.elapsed() > self.settings.health_timeout {
+                let mut msg = format!(
+                    "Hydra is not healthy after {}s: {}",
+                    self.settings.health_timeout.as_secs(),
+                    problems
+                        .iter()
+                        .map(|(p, _)| p.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                );
+                if let Some(unit) = problems.iter().find_map(|(_, u)| u.clone()) {
+                    msg.push_str(&self.journal(&unit));
+                }
+                anyhow::bail!(msg);
+            }
+            self.sleep()?;
+        }
+    }
+
+    fn switch_confirmed(&mut self, phase: Phase) -> Result<()> {
+        let current = self.current()?;
+        self.record(|s| {
+            s.switching_to = None;
+            match phase {
+                Phase::Migration => s.switched_migration = Some(current),
+                Phase::Final => s.switched_final = Some(current),
+            }
+        })
+    }
+
+    fn roll_back(&mut self, phase: Phase, out: &Out, why: anyhow::Error) -> anyhow::Error {
+        let journal = self.journal("hydra-init");
+        let Some(previous) = self.state.state.previous_system.clone() else {
+            return fail(
+                Exit::HostFailed,
+                format!(
+                    "switching to the {} system failed: {why:#}{journal}\nNo previous system is \
+                     known, so nothing was rolled back.",
+                    label(phase)
+                ),
+            );
+        };
+        out.warn(&format!(
+            "switching to the {} system failed; rolling back to {}",
+            label(phase),
+            previous.display()
+        ));
+        let mut steps = Vec::new();
+        if self.settings.mode == SwitchMode::Switch {
+            steps.push(self.on(c::set_profile(&previous)));
+        }
+        steps.push(self.on(c::activate(&previous, self.settings.mode, "rollback")));
+        for cmd in steps {
+            out.say(&format!("$ {}", cmd.display()));
+            if let Err(e) = cmd.run_inherit() {
+                return fail(
+                    Exit::HostFailed,
+                    format!(
+                        "switching to the {} system failed: {why:#}{journal}\nRolling back to {} \
+                         failed too: {e:#}\nBy hand: `nix-env -p {} --set {prev} && {prev}/bin/switch-to-configuration switch`, \
+                         then `systemctl status 'hydra-*'`.",
+                        label(phase),
+                        previous.display(),
+                        c::SYSTEM_PROFILE,
+                        prev = previous.display()
+                    ),
+                );
+            }
+        }
+        if let Err(e) = self.record(|s| s.switching_to = None) {
+            out.warn(&format!("{e:#}"));
+        }
+        fail(
+            Exit::RolledBack,
+            format!(
+                "switching to the {} system failed: {why:#}{journal}\nRolled back: the host runs \
+                 {} again. The database keeps what hydra-init committed (`hydra-upgrade status` \
+                 shows it). Fix the cause, then run `hydra-upgrade upgrade` again.",
+                label(phase),
+                previous.display()
+            ),
+        )
+    }
+
+    fn record_step(&mut self, step: &str, seconds: Option<f64>) -> Result<()> {
+        match seconds {
+            None => self.state.step(step),
+            Some(s) => self.state.timing(step, s),
+        }
+    }
+
+    fn follow_running_backfill(&mut self, out: &Out) -> Result<()> {
+        if self.settings.detached_backfill.is_none() {
+            return Ok(());
+        }
+        if self.wait_unit_gone(c::BACKFILL_UNIT, out)? {
+            out.say("the earlier backfill has ended; continuing");
+        }
+        Ok(())
+    }
+
+    fn detached_backfill(&mut self, out: &Out) -> Result<Option<f64>> {
+        let Some(d) = self.settings.detached_backfill.clone() else {
+            return Ok(None);
+        };
+        let start = Instant::now();
+        let dir = self
+            .state
+            .dir()
+            .map(Path::to_owned)
+            .context("no state directory for the backfill's environment file")?;
+        let env_file = dir.join("backfill.env");
+        write_env_file(&env_file, &d.env)?;
+        let cmd = c::backfill_unit(&env_file, &d.argv);
+        out.say(&format!(
+            "running the backfill as {}.service so that a dropped session cannot stop it \
+             (`journalctl -fu {}` shows its progress)\n$ {}",
+            c::BACKFILL_UNIT,
+            c::BACKFILL_UNIT,
+            cmd.display()
+        ));
+        let code = cmd.run_inherit_code();
+        let _ = std::fs::remove_file(&env_file);
+        match code? {
+            Some(0) => Ok(Some(start.elapsed().as_secs_f64())),
+            Some(code) => {
+                let exit = exit_from_code(code);
+                Err(fail(
+                    exit,
+                    format!(
+                        "the backfill in {}.service ended with exit code {code}; its log: \
+                         `journalctl -u {}`. Committed batches are kept: run `hydra-upgrade \
+                         upgrade` again to continue.",
+                        c::BACKFILL_UNIT,
+                        c::BACKFILL_UNIT
+                    ),
+                ))
+            }
+            None => {
+                if self.interrupt.requested() {
+                    let _ = Cmd::new("systemctl")
+                        .args(["stop", &format!("{}.service", c::BACKFILL_UNIT)])
+                        .run();
+                }
+                Err(fail(
+                    Exit::Interrupted,
+                    "the backfill unit's client was stopped by a signal; committed batches are \
+                     kept. Run `hydra-upgrade upgrade` again to continue.",
+                ))
+            }
+        }
+    }
+
+    fn dry_run_commands(&self, step: &str) -> Vec<String> {
+        let on = |cmd: Cmd| self.on(cmd).display();
+        let sys = |phase: Phase| {
+            self.system(phase)
+                .map(Path::to_owned)
+                .unwrap_or_else(|| PathBuf::from(format!("<{} system>", label(phase))))
+        };
+        let mut v = Vec::new();
+        match step {
+            "preflight" => {
+                v.push(on(c::current_system()));
+                for phase in [Phase::Migration, Phase::Final] {
+                    if self.system(phase).is_some() || self.settings.hooks[idx(phase)].is_none() {
+                        v.push(on(c::is_nixos_system(&sys(phase))));
+                    }
+                }
+                v.push(on(c::unit_show(c::HYDRA_INIT, &["LoadState"])));
+                v.push(on(c::unit_show("hydra-server.service", &["LoadState"])));
+            }
+            "switch-migration" | "switch-final" => {
+                let phase = if step == "switch-final" {
+                    Phase::Final
+                } else {
+                    Phase::Migration
+                };
+                v.push(on(c::current_system()));
+                if self.system(phase).is_some() {
+                    v.push(on(c::is_nixos_system(&sys(phase))));
+                }
+                if let Some(h) = &self.settings.hooks[idx(phase)] {
+                    v.push(c::hook(h, label(phase), self.system(phase)).display());
+                } else {
+                    if self.settings.mode == SwitchMode::Switch {
+                        v.push(on(c::set_profile(&sys(phase))));
+                    }
+                    v.push(on(c::activate(
+                        &sys(phase),
+                        self.settings.mode,
+                        label(phase),
+                    )));
+                }
+                v.push(format!(
+                    "{}   (every {} ms until it has finished, at most {}s)",
+                    on(c::unit_show(
+                        c::HYDRA_INIT,
+                        &["ActiveState", "Result", "ExecMainStatus"]
+                    )),
+                    self.settings.poll.as_millis(),
+                    self.settings.init_timeout.as_secs()
+                ));
+                for unit in c::HYDRA_UNITS {
+                    v.push(on(c::unit_show(unit, &["LoadState", "ActiveState"])));
+                }
+                v.push(format!("GET {}", self.settings.hydra_url));
+                v.push(format!("(on failure) {}", on(c::journal("hydra-init", 20))));
+                let prev = PathBuf::from("<the system running before>");
+                if self.settings.mode == SwitchMode::Switch {
+                    v.push(format!("(on failure) {}", on(c::set_profile(&prev))));
+                }
+                v.push(format!(
+                    "(on failure) {}",
+                    on(c::activate(&prev, self.settings.mode, "rollback"))
+                ));
+            }
+            "backfill" => match &self.settings.detached_backfill {
+                Some(d) => v.push(
+                    c::backfill_unit(
+                        &self
+                            .state
+                            .dir()
+                            .map(|d| d.join("backfill.env"))
+                            .unwrap_or_else(|| PathBuf::from("<state dir>/backfill.env")),
+                        &d.argv,
+                    )
+                    .display(),
+                ),
+                None => v.push("(in this process) backfill Jobs and Builds".into()),
+            },
+            _ => {}
+        }
+        v
+    }
+}
+
+/// Write `NAME="value"` lines readable by systemd and `sh`, mode 0600.
+fn write_env_file(path: &Path, env: &[(String, String)]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    for (k, v) in env {
+        writeln!(f, "{k}={}", c::env_file_value(v))?;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn child_exit_codes_map_back() {
+        assert_eq!(exit_from_code(130), Exit::Interrupted);
+        assert_eq!(exit_from_code(8), Exit::Locked);
+        assert_eq!(exit_from_code(99), Exit::Internal);
+    }
+
+    #[test]
+    fn env_file_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("e.env");
+        write_env_file(
+            &p,
+            &[(
+                "HYDRA_DBI".into(),
+                "dbi:Pg:dbname=hydra;password=a$b".into(),
+            )],
+        )
+        .unwrap();
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            "HYDRA_DBI=\"dbi:Pg:dbname=hydra;password=a\\$b\"\n"
+        );
+    }
+}

@@ -1,0 +1,385 @@
+//! `hydra-upgrade upgrade`: resolve the phase systems, preflight, show the plan, ask,
+//! then run the flow of [`crate::upgrade`] on the NixOS host (or the simulated one).
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::cli::{Global, UpgradeArgs};
+use crate::config::Config;
+use crate::db::Db;
+use crate::exec::which;
+use crate::exit::{Exit, fail};
+use crate::host::commands::{self as c, Target};
+use crate::host::nixos::{DetachedBackfill, NixosHost, Settings};
+use crate::host::simulated::SimulatedHost;
+use crate::host::state::{self, StateFile};
+use crate::host::{Host, Phase};
+use crate::interrupt::Interrupt;
+use crate::progress::Out;
+use crate::status::{self, Stage};
+use crate::upgrade::{self, Options};
+
+/// Where the two phase systems come from, in order of precedence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SystemsSource {
+    Flags,
+    Flake(String),
+    ConfigFile,
+    None,
+}
+
+pub fn systems_source(args: &UpgradeArgs, config: &Config) -> SystemsSource {
+    if args.migration_system.is_some() || args.final_system.is_some() {
+        SystemsSource::Flags
+    } else if let Some(f) = &args.flake {
+        SystemsSource::Flake(f.clone())
+    } else if config.migration_system.is_some() || config.final_system.is_some() {
+        SystemsSource::ConfigFile
+    } else {
+        SystemsSource::None
+    }
+}
+
+/// Build both systems of a flake (and copy them to the target host).
+fn build_flake(flake: &str, target: &Target, out: &Out) -> Result<[PathBuf; 2]> {
+    let attrs = c::flake_attrs(flake).ok_or_else(|| {
+        fail(
+            Exit::Config,
+            format!(
+                "--flake {flake}: name the NixOS configuration, as in `--flake .#hydra` \
+                 (nixosConfigurations.hydra)"
+            ),
+        )
+    })?;
+    let cmd = c::nix_build(&attrs);
+    out.say(&format!("building both phase systems\n$ {}", cmd.display()));
+    let built = cmd.run().map_err(|e| {
+        fail(
+            Exit::Config,
+            format!(
+                "building the phase systems of {flake} failed: {e:#}\nThe flake's NixOS \
+                 configuration must expose config.system.build.hydraUpgrade.migration and \
+                 .final (this flake's NixOS module does; see docs/upgrade.md)."
+            ),
+        )
+    })?;
+    let paths: Vec<PathBuf> = built
+        .stdout
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(PathBuf::from)
+        .collect();
+    let [m, f] = <[PathBuf; 2]>::try_from(paths).map_err(|p| {
+        fail(
+            Exit::Config,
+            format!("`nix build` printed {} paths instead of 2", p.len()),
+        )
+    })?;
+    if let Target::Ssh(dest) = target {
+        let cmd = c::nix_copy(dest, &[&m, &f]);
+        out.say(&format!("$ {}", cmd.display()));
+        cmd.run().map_err(|e| {
+            fail(
+                Exit::HostFailed,
+                format!("copying the phase systems to {dest} failed: {e:#}"),
+            )
+        })?;
+    }
+    Ok([m, f])
+}
+
+fn resolve_systems(
+    args: &UpgradeArgs,
+    config: &Config,
+    target: &Target,
+    out: &Out,
+) -> Result<[Option<PathBuf>; 2]> {
+    Ok(match systems_source(args, config) {
+        SystemsSource::Flags => [args.migration_system.clone(), args.final_system.clone()],
+        SystemsSource::Flake(f) if args.dry_run => {
+            out.say(&format!(
+                "would build: {}",
+                c::nix_build(&c::flake_attrs(&f).unwrap_or_default()).display()
+            ));
+            [None, None]
+        }
+        SystemsSource::Flake(f) => build_flake(&f, target, out)?.map(Some),
+        SystemsSource::ConfigFile => [config.migration_system.clone(), config.final_system.clone()],
+        SystemsSource::None => [None, None],
+    })
+}
+
+/// The `hydra-upgrade backfill` invocation the detached unit runs: the same knobs, the
+/// DSN through the environment file only.
+fn backfill_argv(args: &UpgradeArgs, global: &Global) -> Result<Vec<String>> {
+    let exe = std::env::current_exe().map_err(|e| {
+        fail(
+            Exit::Environment,
+            format!("cannot find our own binary: {e}"),
+        )
+    })?;
+    let b = &args.backfill;
+    let mut v = vec![
+        exe.display().to_string(),
+        "--config".into(),
+        global.config.display().to_string(),
+        "backfill".into(),
+    ];
+    let mut opt = |name: &str, value: Option<String>| {
+        if let Some(value) = value {
+            v.push(format!("--{name}"));
+            v.push(value);
+        }
+    };
+    opt(
+        "strategy",
+        b.strategy.map(|s| {
+            serde_json::to_value(s)
+                .ok()
+                .and_then(|j| j.as_str().map(str::to_owned))
+                .unwrap_or_default()
+        }),
+    );
+    opt("target-batch-ms", b.target_batch_ms.map(|x| x.to_string()));
+    opt("pause-ms", b.pause_ms.map(|x| x.to_string()));
+    opt("batch-size", b.batch_size.map(|x| x.to_string()));
+    opt("max-batch-size", Some(b.max_batch_size.to_string()));
+    opt("lock-timeout-ms", Some(b.lock_timeout_ms.to_string()));
+    opt(
+        "statement-timeout-ms",
+        Some(b.statement_timeout_ms.to_string()),
+    );
+    opt("max-retries", Some(b.max_retries.to_string()));
+    opt("horizon-age-secs", Some(b.horizon_age_secs.to_string()));
+    Ok(v)
+}
+
+/// The DSN text exactly as given (flag, HYDRA_DBI, config file), for the backfill unit.
+fn dsn_text(global: &Global, config: &Config) -> Option<String> {
+    global
+        .db
+        .clone()
+        .or_else(|| std::env::var("HYDRA_DBI").ok().filter(|v| !v.is_empty()))
+        .or_else(|| config.db.clone())
+}
+
+fn build_nixos_host(
+    args: &UpgradeArgs,
+    global: &Global,
+    config: &Config,
+    out: &Out,
+    interrupt: &Interrupt,
+) -> Result<NixosHost> {
+    let target = Target::new(args.target_host.as_deref());
+    let systems = resolve_systems(args, config, &target, out)?;
+    let state_dir = args
+        .state_dir
+        .clone()
+        .or_else(|| config.state_dir.clone())
+        .unwrap_or_else(|| PathBuf::from(state::DEFAULT_DIR));
+    let state = if args.dry_run {
+        StateFile::in_memory()
+    } else {
+        StateFile::open(&state_dir)?
+    };
+    let hydra_url = args
+        .hydra_url
+        .clone()
+        .or_else(|| config.hydra_url.clone())
+        .unwrap_or_else(|| format!("http://{}:3000", target.hostname().unwrap_or("localhost")));
+    let detach = target == Target::Local
+        && !args.foreground_backfill
+        && std::env::var_os("INVOCATION_ID").is_none()
+        && which("systemd-run").is_some();
+    let detached_backfill = if detach {
+        let mut env = Vec::new();
+        if let Some(dsn) = dsn_text(global, config) {
+            env.push(("HYDRA_DBI".to_owned(), dsn));
+        }
+        for name in [
+            "PGPASSWORD",
+            "PGPASSFILE",
+            "PGHOST",
+            "PGPORT",
+            "PGUSER",
+            "PGDATABASE",
+        ] {
+            if let Ok(v) = std::env::var(name) {
+                env.push((name.to_owned(), v));
+            }
+        }
+        Some(DetachedBackfill {
+            argv: backfill_argv(args, global)?,
+            env,
+        })
+    } else {
+        None
+    };
+    let settings = Settings {
+        target,
+        mode: args.mode,
+        systems,
+        hooks: [
+            args.migration_switch_command.clone(),
+            args.final_switch_command.clone(),
+        ],
+        hydra_url,
+        init_timeout: Duration::from_secs(args.hydra_init_timeout_secs),
+        health_timeout: Duration::from_secs(args.health_timeout_secs),
+        poll: Duration::from_millis(args.poll_ms.max(10)),
+        detached_backfill,
+    };
+    Ok(NixosHost::new(settings, state, interrupt.clone()))
+}
+
+/// Ask on the terminal; without one, only `--yes` goes on.
+fn confirm(yes: bool) -> Result<()> {
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(fail(
+            Exit::Declined,
+            "no terminal to ask for confirmation on: read the plan above (or \
+             `hydra-upgrade upgrade --dry-run`), then run again with --yes",
+        ));
+    }
+    eprint!("Proceed with this upgrade? [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    if matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes") {
+        Ok(())
+    } else {
+        Err(fail(
+            Exit::Declined,
+            "declined; nothing was changed. Run again when ready.",
+        ))
+    }
+}
+
+fn print_report(r: &upgrade::Report, out: &Out, json: bool, host: &str) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+        return Ok(());
+    }
+    for (step, secs) in &r.steps {
+        println!("{step:<40} {secs:>8.1}s");
+    }
+    let version = r
+        .final_status
+        .as_ref()
+        .map(|s| s.schema_version)
+        .unwrap_or(0);
+    println!("upgrade complete: schema {version}, Hydra is healthy on {host}");
+    if r.longest_final_block_seconds > 0.0 {
+        println!(
+            "longest write-blocking lock of the final phase: {:.3}s",
+            r.longest_final_block_seconds
+        );
+    }
+    out.say(
+        "next: pin the final Hydra in your configuration (services.hydra.package = \
+         pkgs.hydra-unstable, or keep hydraUpgrade's final phase selected) so that the next \
+         nixos-rebuild does not go back to hydra-migration or an older Hydra: an older \
+         evaluator cannot write the NOT NULL jobset_id columns.",
+    );
+    Ok(())
+}
+
+fn dry_run(host: &dyn Host, s: &status::Status, stock_final: bool, json: bool) -> Result<Exit> {
+    let plan = upgrade::plan(s, stock_final, &host.describe());
+    let mut steps = vec![("preflight".to_owned(), host.dry_run_commands("preflight"))];
+    for p in &plan {
+        let mut cmds = host.dry_run_commands(p.step);
+        if p.step == "switch-final" {
+            cmds.insert(
+                0,
+                "(database) verify: refuse the switch unless no row is left".into(),
+            );
+        }
+        if matches!(p.step, "verify" | "finalize") {
+            cmds.push(format!("(database) {}", p.description));
+        }
+        steps.push((p.step.to_owned(), cmds));
+    }
+    if json {
+        let doc: Vec<_> = steps
+            .iter()
+            .map(|(s, c)| serde_json::json!({"step": s, "commands": c}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"dry_run": true, "status": s, "steps": doc})
+            )?
+        );
+    } else {
+        println!(
+            "dry run: schema {} ({:?}); `hydra-upgrade upgrade` would run, in order:",
+            s.schema_version, s.stage
+        );
+        for (step, cmds) in &steps {
+            println!("== {step}");
+            for cmd in cmds {
+                println!("   {cmd}");
+            }
+        }
+        println!("nothing was changed.");
+    }
+    Ok(Exit::Ok)
+}
+
+pub fn run(
+    args: &UpgradeArgs,
+    global: &Global,
+    config: &Config,
+    opts: &Options,
+    out: &Out,
+) -> Result<Exit> {
+    let interrupt = Interrupt::install()?;
+    let dsn = config.dsn(global.db.as_deref())?;
+    let mut db = Db::connect(&dsn)?;
+    let mut host: Box<dyn Host> = if args.simulate_host {
+        Box::new(SimulatedHost::new(dsn.clone()))
+    } else {
+        Box::new(build_nixos_host(args, global, config, out, &interrupt)?)
+    };
+    let s = status::detect(&mut db, false)?;
+    if args.dry_run {
+        return dry_run(host.as_ref(), &s, opts.stock_final, global.json);
+    }
+    out.event(
+        "step_start",
+        "==> preflight",
+        serde_json::json!({"step": "preflight"}),
+    );
+    host.record_step("preflight", None)?;
+    host.preflight(out)?;
+    let nothing_to_do =
+        s.stage == Stage::Final && host.pending_switch().is_none() && host.is_on(Phase::Final)?;
+    if !nothing_to_do {
+        if !global.json {
+            eprintln!(
+                "database {}: schema {} ({:?}). The upgrade will:",
+                s.database, s.schema_version, s.stage
+            );
+            for (i, st) in upgrade::plan(&s, opts.stock_final, &host.describe())
+                .iter()
+                .enumerate()
+            {
+                eprintln!("{:>2}. {:<17} {}", i + 1, st.step, st.description);
+            }
+        }
+        confirm(args.yes)?;
+    }
+    let r = upgrade::run(&mut db, host.as_mut(), opts, out, &interrupt)?;
+    print_report(&r, out, global.json, &host.describe())?;
+    Ok(Exit::Ok)
+}

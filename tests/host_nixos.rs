@@ -1,0 +1,771 @@
+//! `hydra-upgrade upgrade` on a NixOS host, through the real binary and a real
+//! PostgreSQL, with the fake host tools of tests/fake-host (see its README).
+
+mod common;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::*;
+use hydra_upgrade::hydra_schema;
+use hydra_upgrade::pg_cluster::find_bindir;
+
+const FAKE_BIN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fake-host");
+
+/// A fake hydra-server: answers every request with 200.
+fn hydra_url() -> String {
+    static PORT: OnceLock<u16> = OnceLock::new();
+    let port = *PORT.get_or_init(|| {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for mut c in l.incoming().flatten() {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 2048];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+            }
+        });
+        port
+    });
+    format!("http://127.0.0.1:{port}/")
+}
+
+struct Fake {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    db: TestDb,
+}
+
+impl Fake {
+    /// A host running the original Hydra, its database at `version`.
+    fn new(version: i32) -> Fake {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_owned();
+        let db = hydra_at(version);
+        for d in [
+            "state",
+            "state/units",
+            "state/journal",
+            "systems",
+            "upgrade-state",
+        ] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        for (name, target) in [
+            ("original", None),
+            ("migration", Some(61)),
+            ("final", Some(65)),
+        ] {
+            let sys = root.join("systems").join(name);
+            std::fs::create_dir_all(sys.join("bin")).unwrap();
+            std::fs::create_dir_all(sys.join("sql")).unwrap();
+            std::os::unix::fs::symlink(
+                Path::new(FAKE_BIN).join("switch-to-configuration"),
+                sys.join("bin/switch-to-configuration"),
+            )
+            .unwrap();
+            if let Some(t) = target {
+                std::fs::write(sys.join("target-version"), t.to_string()).unwrap();
+                for n in 58..=t {
+                    std::fs::write(
+                        sys.join(format!("sql/upgrade-{n}.sql")),
+                        hydra_schema::step_sql(n).unwrap(),
+                    )
+                    .unwrap();
+                }
+            }
+        }
+        let f = Fake {
+            _dir: dir,
+            root,
+            db,
+        };
+        let orig = f.system("original");
+        std::os::unix::fs::symlink(&orig, f.state("current-system")).unwrap();
+        std::os::unix::fs::symlink(&orig, f.state("profile")).unwrap();
+        for u in [
+            "hydra-init",
+            "hydra-server",
+            "hydra-queue-runner",
+            "hydra-evaluator",
+        ] {
+            std::fs::write(
+                f.state(&format!("units/{u}.service")),
+                "LoadState=loaded\nActiveState=active\nResult=success\nExecMainStatus=0\n",
+            )
+            .unwrap();
+        }
+        f
+    }
+
+    fn system(&self, name: &str) -> PathBuf {
+        self.root.join("systems").join(name)
+    }
+
+    fn state(&self, rel: &str) -> PathBuf {
+        self.root.join("state").join(rel)
+    }
+
+    fn upgrade_state(&self) -> serde_json::Value {
+        let text = std::fs::read_to_string(self.root.join("upgrade-state/state.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// Inject a failure into a fake system (`fail-switch`, `fail-init`, `unhealthy`).
+    fn inject(&self, system: &str, flag: &str) {
+        std::fs::write(self.system(system).join(flag), "").unwrap();
+    }
+
+    fn current(&self) -> String {
+        link_name(&self.state("current-system"))
+    }
+
+    fn profile(&self) -> String {
+        link_name(&self.state("profile"))
+    }
+
+    fn calls(&self) -> String {
+        std::fs::read_to_string(self.state("calls.log")).unwrap_or_default()
+    }
+
+    fn systems_args(&self) -> Vec<String> {
+        vec![
+            "--migration-system".into(),
+            self.system("migration").display().to_string(),
+            "--final-system".into(),
+            self.system("final").display().to_string(),
+        ]
+    }
+
+    /// `hydra-upgrade --db ... upgrade <args>` with the fake tools first on PATH.
+    fn expr(&self, args: &[String], env: &[(&str, String)]) -> duct::Expression {
+        let mut full: Vec<String> = vec!["--db".into(), self.db.dsn.clone(), "upgrade".into()];
+        full.extend(args.iter().cloned());
+        let path = format!("{FAKE_BIN}:{}", std::env::var("PATH").unwrap_or_default());
+        let psql = find_bindir().unwrap().join("psql");
+        let mut e = duct::cmd(BIN, full)
+            .env("PATH", path)
+            .env("FAKE_STATE", self.root.join("state"))
+            .env("FAKE_PSQL", psql)
+            .env("FAKE_DSN", &self.db.dsn)
+            .env("FAKE_FLAKE_MIGRATION", self.system("migration"))
+            .env("FAKE_FLAKE_FINAL", self.system("final"))
+            .env_remove("INVOCATION_ID")
+            .env_remove("HYDRA_DBI")
+            .env_remove("PGPASSWORD")
+            .env_remove("HYDRA_UPGRADE_CONFIG")
+            .stdin_null()
+            .stdout_capture()
+            .stderr_capture()
+            .unchecked();
+        for (k, v) in env {
+            e = e.env(k, v);
+        }
+        e
+    }
+
+    /// The common flags: state dir, fake hydra-server, fast polling, short health timeout.
+    fn args(&self, extra: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> = [
+            "--state-dir",
+            &self.root.join("upgrade-state").display().to_string(),
+            "--hydra-url",
+            &hydra_url(),
+            "--poll-ms",
+            "20",
+            "--health-timeout-secs",
+            "1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    }
+
+    fn run_raw(&self, args: &[String], env: &[(&str, String)]) -> Run {
+        let out = self.expr(args, env).run().unwrap();
+        Run {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Upgrade with the systems named by flags and `--yes`, plus `extra`.
+    fn run(&self, extra: &[&str]) -> Run {
+        let mut a = self.args(extra);
+        a.extend(self.systems_args());
+        a.push("--yes".into());
+        self.run_raw(&a, &[])
+    }
+
+    fn spawn(&self, extra: &[&str]) -> duct::Handle {
+        let mut a = self.args(extra);
+        a.extend(self.systems_args());
+        a.push("--yes".into());
+        self.expr(&a, &[]).start().unwrap()
+    }
+
+    fn assert_final(&self) {
+        assert_eq!(self.db.version(), 65);
+        assert_eq!(self.db.wrong_or_null(), 0);
+        assert_eq!(self.current(), "final");
+        assert_eq!(
+            self.db.query_string(
+                "SELECT string_agg(is_nullable, ',' ORDER BY table_name) FROM information_schema.columns WHERE column_name = 'jobset_id'"
+            ),
+            "NO,NO"
+        );
+    }
+}
+
+fn link_name(p: &Path) -> String {
+    std::fs::read_link(p)
+        .unwrap()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn kill(pid: &str, signal: &str) {
+    let _ = std::process::Command::new("kill")
+        .args([signal, pid.trim()])
+        .status();
+}
+
+/// The index in the call log of the first line containing `needle` (after `from`).
+fn pos(calls: &str, needle: &str) -> usize {
+    calls
+        .find(needle)
+        .unwrap_or_else(|| panic!("`{needle}` not called:\n{calls}"))
+}
+
+#[test]
+fn full_upgrade_from_58_to_65_with_explicit_systems() {
+    let f = Fake::new(58);
+    let digest = f.db.digest_without_jobset_id();
+    let r = f.run(&[]);
+    r.expect_code(0);
+    f.assert_final();
+    assert_eq!(f.profile(), "final", "switch mode sets the system profile");
+    assert_eq!(f.db.digest_without_jobset_id(), digest);
+    assert!(
+        r.stdout.contains("upgrade complete: schema 65"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stderr.contains("pin the final Hydra"), "{}", r.stderr);
+    // nixos-rebuild's order: profile, then activation under systemd-run; backfill in its unit
+    let c = f.calls();
+    let m = f.system("migration").display().to_string();
+    let a = pos(
+        &c,
+        &format!("nix-env -p /nix/var/nix/profiles/system --set {m}"),
+    );
+    let b = pos(
+        &c,
+        "systemd-run --wait --pipe --collect --service-type=exec --quiet --unit=hydra-upgrade-switch-migration",
+    );
+    let d = pos(&c, "--unit=hydra-upgrade-backfill");
+    let e = pos(&c, "switch-to-configuration switch final");
+    assert!(a < b && b < d && d < e, "{c}");
+    assert!(
+        c.contains("systemctl show -p ActiveState,Result,ExecMainStatus hydra-init.service"),
+        "{c}"
+    );
+    assert!(
+        !c.contains(&f.db.dsn),
+        "the DSN must not appear on any command line:\n{c}"
+    );
+    let s = f.upgrade_state();
+    assert_eq!(s["step"], "done");
+    assert_eq!(s["migration_system"], m);
+    assert!(s["switching_to"].is_null());
+    assert!(
+        s["timings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["step"] == "backfill")
+    );
+    assert!(!f.root.join("upgrade-state/backfill.env").exists());
+    // a second run has nothing to do
+    let r = f.run(&[]);
+    r.expect_code(0);
+    assert!(!r.stderr.contains("==> switch"), "{}", r.stderr);
+}
+
+#[test]
+fn systems_from_the_config_file_and_test_mode() {
+    let f = Fake::new(58);
+    let config = f.root.join("config.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({
+            "db": f.db.dsn,
+            "migration_system": f.system("migration"),
+            "final_system": f.system("final"),
+            "state_dir": f.root.join("upgrade-state"),
+            "hydra_url": hydra_url(),
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let args: Vec<String> = [
+        "--config",
+        config.to_str().unwrap(),
+        "--yes",
+        "--mode",
+        "test",
+        "--poll-ms",
+        "20",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    f.run_raw(&args, &[]).expect_code(0);
+    f.assert_final();
+    assert_eq!(
+        f.profile(),
+        "original",
+        "test mode leaves the profile alone"
+    );
+    assert!(!f.calls().contains("nix-env"));
+    assert!(f.calls().contains("switch-to-configuration test final"));
+    assert_eq!(
+        f.upgrade_state()["final_system"],
+        f.system("final").display().to_string()
+    );
+}
+
+#[test]
+fn systems_from_a_flake_are_built_with_nix() {
+    let f = Fake::new(58);
+    let args = f.args(&["--flake", "/etc/nixos#hydra", "--yes"]);
+    f.run_raw(&args, &[]).expect_code(0);
+    f.assert_final();
+    let c = f.calls();
+    assert!(
+        c.contains("nix --extra-experimental-features nix-command flakes build --no-link --print-out-paths /etc/nixos#nixosConfigurations.\"hydra\".config.system.build.hydraUpgrade.migration /etc/nixos#nixosConfigurations.\"hydra\".config.system.build.hydraUpgrade.final"),
+        "{c}"
+    );
+    assert!(pos(&c, "build --no-link") < pos(&c, "nix-env"));
+}
+
+#[test]
+fn a_flake_without_the_attributes_is_a_config_error() {
+    let f = Fake::new(58);
+    let args = f.args(&["--flake", "/etc/nixos", "--yes"]);
+    let r = f.run_raw(&args, &[]);
+    r.expect_code(3);
+    assert!(r.stderr.contains("--flake .#hydra"), "{}", r.stderr);
+    assert_eq!(f.db.version(), 58);
+}
+
+#[test]
+fn switch_hooks_replace_the_activation() {
+    let f = Fake::new(58);
+    let hook = "\"$HYDRA_UPGRADE_SYSTEM/bin/switch-to-configuration\" switch && echo \"hook $HYDRA_UPGRADE_PHASE\" >>\"$FAKE_STATE/calls.log\"";
+    let r = f.run(&[
+        "--migration-switch-command",
+        hook,
+        "--final-switch-command",
+        hook,
+    ]);
+    r.expect_code(0);
+    f.assert_final();
+    let c = f.calls();
+    assert!(pos(&c, "hook migration") < pos(&c, "hook final"), "{c}");
+    assert!(
+        !c.contains("nix-env"),
+        "hooks replace the profile and activation:\n{c}"
+    );
+}
+
+#[test]
+fn a_failed_switch_rolls_back_and_exits_10() {
+    let f = Fake::new(58);
+    f.inject("migration", "fail-switch");
+    let r = f.run(&[]);
+    r.expect_code(10);
+    assert!(
+        r.stderr.contains("Rolled back: the host runs"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("switch-to-configuration failed"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(f.current(), "original");
+    assert_eq!(f.profile(), "original");
+    assert_eq!(f.db.version(), 58);
+    assert!(f.upgrade_state()["switching_to"].is_null());
+    // fixed, a re-run finishes
+    std::fs::remove_file(f.system("migration").join("fail-switch")).unwrap();
+    f.run(&[]).expect_code(0);
+    f.assert_final();
+}
+
+#[test]
+fn a_failed_hydra_init_rolls_back_with_its_journal() {
+    let f = Fake::new(58);
+    f.inject("migration", "fail-init");
+    let r = f.run(&[]);
+    r.expect_code(10);
+    assert!(
+        r.stderr.contains("last journal lines of hydra-init"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr
+            .contains("schema upgrade failed: injected failure in migration"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(f.current(), "original");
+    assert!(
+        f.calls()
+            .contains("journalctl -u hydra-init -n 20 --no-pager")
+    );
+}
+
+#[test]
+fn an_unhealthy_hydra_after_the_final_switch_rolls_back_to_the_migration_system() {
+    let f = Fake::new(58);
+    f.inject("final", "unhealthy");
+    let r = f.run(&[]);
+    r.expect_code(10);
+    assert!(
+        r.stderr.contains("hydra-server.service is failed"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("injected crash in final"), "{}", r.stderr);
+    assert_eq!(f.current(), "migration");
+    assert_eq!(f.profile(), "migration");
+    assert_eq!(f.db.version(), 65, "the database keeps what was committed");
+    std::fs::remove_file(f.system("final").join("unhealthy")).unwrap();
+    f.run(&[]).expect_code(0);
+    f.assert_final();
+}
+
+#[test]
+fn a_failed_rollback_exits_11() {
+    let f = Fake::new(58);
+    f.inject("migration", "fail-init");
+    f.inject("original", "fail-switch");
+    let r = f.run(&[]);
+    r.expect_code(11);
+    assert!(r.stderr.contains("Rolling back to"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("By hand: `nix-env -p /nix/var/nix/profiles/system --set"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn null_rows_right_before_the_final_switch_refuse_it() {
+    let f = Fake::new(58);
+    let psql = find_bindir().unwrap().join("psql");
+    // An old evaluator writes a row without jobset_id at the moment the tool remembers the
+    // running system before the final switch (the first read after the backfill ran).
+    let hook = format!(
+        "{} '{}' -Xq -c \"INSERT INTO builds (finished, timestamp, project, jobset, job, drvpath, system) SELECT 0, 0, project, jobset, job, '/nix/store/late.drv', 'x86_64-linux' FROM builds LIMIT 1\"",
+        psql.display(),
+        f.db.dsn
+    );
+    let mut a = f.args(&["--stock-final", "--yes"]);
+    a.extend(f.systems_args());
+    let r = f.run_raw(
+        &a,
+        &[
+            (
+                "FAKE_READLINK_HOOK_WHEN",
+                f.state("units/hydra-upgrade-backfill.service.log")
+                    .display()
+                    .to_string(),
+            ),
+            ("FAKE_READLINK_HOOK", hook),
+        ],
+    );
+    r.expect_code(7);
+    assert!(
+        r.stderr.contains("the final switch is refused"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("builds: 1 NULL"), "{}", r.stderr);
+    assert_eq!(f.current(), "migration");
+    assert_eq!(f.db.version(), 61);
+    assert!(!f.calls().contains("switch-to-configuration switch final"));
+    assert!(f.upgrade_state()["switching_to"].is_null());
+    // the writer is gone: a re-run backfills the row and finishes with the stock final phase
+    let r = f.run(&["--stock-final"]);
+    r.expect_code(0);
+    f.assert_final();
+}
+
+#[test]
+fn dry_run_prints_every_command_and_changes_nothing() {
+    let f = Fake::new(58);
+    let before = f.db.digest_without_jobset_id();
+    let mut a = f.args(&["--dry-run"]);
+    a.extend(f.systems_args());
+    let r = f.run_raw(&a, &[]);
+    r.expect_code(0);
+    let m = f.system("migration").display().to_string();
+    let fin = f.system("final").display().to_string();
+    let o = &r.stdout;
+    let order = [
+        "readlink -f /run/current-system".to_owned(),
+        format!("test -x {m}/bin/switch-to-configuration"),
+        format!("nix-env -p /nix/var/nix/profiles/system --set {m}"),
+        format!("--unit=hydra-upgrade-switch-migration -- {m}/bin/switch-to-configuration switch"),
+        "systemctl show -p ActiveState,Result,ExecMainStatus hydra-init.service".into(),
+        "--unit=hydra-upgrade-backfill".into(),
+        "(database) verify".into(),
+        format!("nix-env -p /nix/var/nix/profiles/system --set {fin}"),
+    ];
+    let mut at = 0;
+    for needle in &order {
+        let i = o[at..]
+            .find(needle.as_str())
+            .unwrap_or_else(|| panic!("`{needle}` missing after {at}:\n{o}"));
+        at += i;
+    }
+    assert!(o.contains("nothing was changed"), "{o}");
+    assert_eq!(f.calls(), "", "a dry run runs no host command");
+    assert_eq!(f.db.version(), 58);
+    assert_eq!(f.db.digest_without_jobset_id(), before);
+    assert!(!f.root.join("upgrade-state/state.json").exists());
+}
+
+#[test]
+fn without_a_terminal_and_without_yes_it_refuses() {
+    let f = Fake::new(58);
+    let mut a = f.args(&[]);
+    a.extend(f.systems_args());
+    let r = f.run_raw(&a, &[]);
+    r.expect_code(13);
+    assert!(r.stderr.contains("run again with --yes"), "{}", r.stderr);
+    assert_eq!(f.db.version(), 58);
+    assert_eq!(f.current(), "original");
+}
+
+#[test]
+fn preflight_refuses_a_path_that_is_not_a_nixos_system() {
+    let f = Fake::new(58);
+    let a = f.args(&[
+        "--migration-system",
+        "/nonexistent/system",
+        "--final-system",
+        "/tmp",
+        "--yes",
+    ]);
+    let r = f.run_raw(&a, &[]);
+    r.expect_code(3);
+    assert!(r.stderr.contains("is not a NixOS system"), "{}", r.stderr);
+    assert_eq!(f.db.version(), 58);
+    // no systems at all
+    let r = f.run_raw(&f.args(&["--yes"]), &[]);
+    r.expect_code(3);
+    assert!(r.stderr.contains("--flake REF"), "{}", r.stderr);
+}
+
+#[test]
+fn target_host_runs_every_host_command_over_ssh() {
+    let f = Fake::new(61);
+    let r = f.run(&["--target-host", "root@hydra.example.org"]);
+    r.expect_code(0);
+    f.assert_final();
+    let c = f.calls();
+    for line in c.lines() {
+        let local_ok = line.starts_with("ssh ")
+            || line.starts_with("switch-to-configuration")
+            || line.starts_with("readlink")
+            || line.starts_with("systemd-run")
+            || line.starts_with("systemctl")
+            || line.starts_with("nix-env")
+            || line.starts_with("journalctl");
+        assert!(local_ok, "{line}");
+    }
+    assert!(
+        c.contains("ssh root@hydra.example.org readlink -f /run/current-system"),
+        "{c}"
+    );
+    assert!(c.contains("ssh root@hydra.example.org systemctl show -p ActiveState,Result,ExecMainStatus hydra-init.service"), "{c}");
+    assert!(
+        !c.contains("hydra-upgrade-backfill"),
+        "over SSH the backfill runs here, in the foreground:\n{c}"
+    );
+    // every host command went through ssh: one ssh call per fake tool call (`test -x` is
+    // not a fake, so it only shows as an ssh call)
+    let ssh = c
+        .lines()
+        .filter(|l| l.starts_with("ssh ") && !l.contains(" test -x "))
+        .count();
+    let direct = c
+        .lines()
+        .filter(|l| {
+            [
+                "systemctl ",
+                "nix-env ",
+                "readlink ",
+                "systemd-run ",
+                "journalctl ",
+            ]
+            .iter()
+            .any(|p| l.starts_with(p))
+        })
+        .count();
+    assert_eq!(ssh, direct, "{c}");
+}
+
+#[test]
+fn killed_during_the_migration_switch_then_resumed() {
+    let f = Fake::new(58);
+    std::fs::write(f.state("pause-stc-migration"), "").unwrap();
+    let h = f.spawn(&[]);
+    wait_for("the migration activation", || {
+        f.state("paused-stc-migration").exists()
+    });
+    h.kill().unwrap();
+    assert_eq!(f.upgrade_state()["switching_to"], "migration");
+    // the activation runs on in its unit, as under systemd-run
+    std::fs::remove_file(f.state("pause-stc-migration")).unwrap();
+    let _ = h.wait();
+    let r = f.run(&[]);
+    r.expect_code(0);
+    assert!(
+        r.stderr.contains("finishing that switch first"),
+        "{}",
+        r.stderr
+    );
+    f.assert_final();
+}
+
+#[test]
+fn killed_during_the_final_switch_then_resumed_while_activation_still_runs() {
+    let f = Fake::new(61);
+    std::fs::write(f.state("pause-stc-final"), "").unwrap();
+    let h = f.spawn(&[]);
+    wait_for("the final activation", || {
+        f.state("paused-stc-final").exists()
+    });
+    h.kill().unwrap();
+    // re-run while the activation is still paused: it waits for the running unit
+    let rerun = f.spawn(&[]);
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::remove_file(f.state("pause-stc-final")).unwrap();
+    let out = rerun.wait().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("still running; waiting for it"), "{stderr}");
+    let _ = h.wait();
+    f.assert_final();
+    assert_eq!(
+        f.calls()
+            .matches("switch-to-configuration switch final")
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn sigint_after_the_migration_switch_stops_then_resumes() {
+    let f = Fake::new(58);
+    std::fs::write(f.state("pause-stc-migration"), "").unwrap();
+    let h = f.spawn(&[]);
+    wait_for("the migration activation", || {
+        f.state("paused-stc-migration").exists()
+    });
+    for pid in h.pids() {
+        kill(&pid.to_string(), "-INT");
+    }
+    std::fs::remove_file(f.state("pause-stc-migration")).unwrap();
+    let out = h.wait().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert_eq!(f.db.version(), 61);
+    assert_eq!(f.current(), "migration");
+    f.run(&[]).expect_code(0);
+    f.assert_final();
+}
+
+#[test]
+fn an_ssh_drop_during_the_backfill_leaves_it_running_and_a_rerun_follows_it() {
+    let f = Fake::new(61);
+    let slow = [
+        "--strategy",
+        "keyset",
+        "--batch-size",
+        "300",
+        "--max-batch-size",
+        "300",
+        "--pause-ms",
+        "40",
+    ];
+    let h = f.spawn(&slow);
+    let pid_file = f.state("units/hydra-upgrade-backfill.service.pid");
+    wait_for("the backfill unit", || pid_file.exists());
+    std::thread::sleep(Duration::from_millis(300));
+    // the session goes away: our process and the systemd-run client die
+    let client =
+        std::fs::read_to_string(f.state("units/hydra-upgrade-backfill.service.client-pid"))
+            .unwrap();
+    h.kill().unwrap();
+    kill(&client, "-KILL");
+    let unit_pid = std::fs::read_to_string(&pid_file).unwrap();
+    let alive = std::process::Command::new("kill")
+        .args(["-0", unit_pid.trim()])
+        .status()
+        .unwrap();
+    assert!(
+        alive.success(),
+        "the backfill unit must survive the dropped session"
+    );
+    let r = f.run(&slow);
+    r.expect_code(0);
+    assert!(
+        r.stderr.contains(
+            "hydra-upgrade-backfill.service, started by an earlier run, is still running"
+        ),
+        "{}",
+        r.stderr
+    );
+    f.assert_final();
+    let _ = h.wait();
+}
+
+#[test]
+fn foreground_backfill_runs_in_the_process() {
+    let f = Fake::new(61);
+    f.run(&["--foreground-backfill"]).expect_code(0);
+    f.assert_final();
+    assert!(!f.calls().contains("hydra-upgrade-backfill"));
+}
