@@ -1,0 +1,375 @@
+# NixOS module: services.hydra-upgrade
+#
+# Era constraint: this module must evaluate on nixos-20.09 (the last release that carries
+# pkgs.hydra-migration and pkgs.hydra-unstable) and on current nixpkgs. It therefore uses
+# only lib functions that existed in 2020: mkOption, mkEnableOption, mkIf, mkMerge,
+# mkOverride, mkAfter, types.{bool,str,package,nullOr,enum,ints.unsigned,path}, ...
+# Not used on purpose: mkPackageOption (2022), literalExpression (2021; we pick
+# `lib.literalExpression or lib.literalExample`), mdDoc, lib.getExe, lib.fileset.
+# nix/tests/eval-module.nix evaluates it against both a 2020 and a current nixpkgs lib.
+#
+# What it does when enabled:
+# - builds two phase systems from this very configuration, identical except for
+#   services.hydra.package (migration package, final package), and makes them part of the
+#   running system (closure, GC roots, config.system.build.hydraUpgrade.{migration,final});
+# - writes /etc/hydra-upgrade/config.json (store paths of both phase systems, the DBI
+#   string, the state directory, Hydra's URL, the backfill knobs) so that
+#   `hydra-upgrade upgrade` on the host needs no flags;
+# - installs the tool, declares hydra-upgrade.service (the whole upgrade, detached from
+#   any SSH session, progress in the journal);
+# - guards hydra-init against an older Hydra package starting on a newer schema;
+# - assertions and warnings that name the next step.
+{ config, lib, pkgs, options, modulesPath, ... }:
+
+let
+  inherit (lib)
+    mkOption mkEnableOption mkIf mkMerge mkOverride mkAfter types
+    optional optionalAttrs optionalString concatStringsSep replaceStrings
+    removePrefix escapeShellArg;
+
+  cfg = config.services.hydra-upgrade;
+  hydraCfg = config.services.hydra;
+
+  # literalExpression appeared in 21.11 and literalExample was removed later: take
+  # whichever this nixpkgs has.
+  literal = lib.literalExpression or lib.literalExample;
+
+  # A package nixpkgs may or may not carry. Newer nixpkgs may define removed packages
+  # as throwing aliases, which tryEval turns into "absent".
+  fromPkgs = name:
+    let r = builtins.tryEval (pkgs.${name} or null);
+    in if r.success then r.value else null;
+
+  pkgName = p: if p == null then "(none)" else p.name or "(unnamed package)";
+  samePackage = a: b: a != null && b != null && "${a}" == "${b}";
+
+  phase = cfg.internal.phase;
+  isParent = phase == "none";
+
+  # ---------------------------------------------------------------------------------
+  # The phase systems.
+  #
+  # Each is this same configuration plus one module that overrides
+  # services.hydra.package and marks the evaluation as a phase system. How the
+  # configuration is re-evaluated depends on the era:
+  #
+  # - lib.evalModules of 21.11 and later puts `extendModules` into _module.args: extend
+  #   the current evaluation with one more module. This is what nixpkgs' own
+  #   `specialisation` uses today and keeps everything the caller passed (specialArgs,
+  #   nixosSystem's extra modules, the test framework's modules).
+  # - nixos-20.09 has no extendModules. Its own `specialisation` (and the older
+  #   `nesting.clone`) re-runs nixos/lib/eval-config.nix with the `baseModules` and
+  #   `modules` module arguments; we do the same. Known limitation of that era (shared
+  #   with 20.09's specialisations): specialArgs given to nixosSystem are not carried
+  #   over, so phase systems on 20.09 should not depend on them (use _module.args).
+  #
+  # Why not `specialisation` itself: a specialisation's toplevel is only reachable as
+  # <parent toplevel>/specialisation/<name>, so the parent cannot name it in a file
+  # (that would be a dependency cycle), while the tool needs store paths it can switch
+  # to, resume with, and compare with /run/current-system. Building the systems here
+  # gives plain store paths in both eras with one code path for the result.
+  #
+  # Recursion guard: the phase module sets services.hydra-upgrade.internal.phase, and
+  # only the parent (phase "none") builds phase systems, writes the config file, emits
+  # upgrade warnings or installs GC roots. Phase systems also drop the parent's own
+  # specialisations (which would otherwise be rebuilt inside each phase system) and
+  # their warnings (copies of the parent's, plus Hydra's "run hydra-backfill-ids"
+  # warning for the migration package, which the tool replaces).
+  # ---------------------------------------------------------------------------------
+  phaseModule = name: package: keep: {
+    services.hydra.package = mkOverride 10 package;
+    services.hydra-upgrade.internal = { phase = name; inherit keep; };
+    warnings = mkOverride 10 [ ];
+  } // optionalAttrs (options ? specialisation) {
+    specialisation = mkOverride 0 { };
+  };
+
+  extendModules = config._module.args.extendModules or null;
+
+  evalPhase = module:
+    if extendModules != null then
+      extendModules { modules = [ module ]; }
+    else
+      import "${modulesPath}/../lib/eval-config.nix" {
+        inherit lib pkgs;
+        system = config.nixpkgs.initialSystem;
+        baseModules = config._module.args.baseModules;
+        modules = config._module.args.modules ++ [ module ];
+      };
+
+  canBuildPhases = cfg.migrationPackage != null && cfg.finalPackage != null;
+
+  # The final system is built from the parent, not from inside the migration system; the
+  # migration system only keeps a reference to it (forward only: parent -> migration ->
+  # final), so that it stays in the closure of whatever the host runs mid-upgrade.
+  finalSystem = (evalPhase (phaseModule "final" cfg.finalPackage [ ])).config.system.build.toplevel;
+  migrationSystem = (evalPhase (phaseModule "migration" cfg.migrationPackage [ finalSystem ])).config.system.build.toplevel;
+
+  hydraUrl =
+    let
+      host =
+        if hydraCfg.listenHost == "*" || hydraCfg.listenHost == "0.0.0.0" || hydraCfg.listenHost == "::" then "localhost"
+        else if lib.hasInfix ":" hydraCfg.listenHost then "[${hydraCfg.listenHost}]"
+        else hydraCfg.listenHost;
+    in "http://${host}:${toString hydraCfg.port}";
+
+  # Keys and spelling exactly as the tool reads them (src/config.rs, unknown keys refused).
+  settings = {
+    db = hydraCfg.dbi;
+    state_dir = cfg.stateDir;
+    hydra_url = hydraUrl;
+    backfill = {
+      strategy = cfg.backfill.strategy;
+      target_batch_ms = cfg.backfill.targetBatchMs;
+      pause_ms = cfg.backfill.pauseMs;
+    };
+  } // optionalAttrs canBuildPhases {
+    migration_system = "${migrationSystem}";
+    final_system = "${finalSystem}";
+  };
+
+  configFile = pkgs.writeText "hydra-upgrade-config.json" (builtins.toJSON settings);
+  configPath = "/etc/hydra-upgrade/config.json";
+  gcRootDir = "/nix/var/nix/gcroots/hydra-upgrade";
+
+  # Hydra's Perl DBI string -> libpq keyword string (DBD::Pg hands the part after
+  # "dbi:Pg:" to libpq with ';' as separator and accepts db=/database= for dbname=).
+  conninfo =
+    let
+      body = removePrefix "dbi:Pg:" hydraCfg.dbi;
+      words = lib.filter (w: w != "") (lib.splitString ";" body);
+      fix = w:
+        if lib.hasPrefix "db=" w then "dbname=" + removePrefix "db=" w
+        else if lib.hasPrefix "database=" w then "dbname=" + removePrefix "database=" w
+        else w;
+    in concatStringsSep " " (map fix words ++ [ "application_name=hydra-upgrade-guard" ]);
+
+  utilLinux = pkgs.util-linux or pkgs.utillinux;
+
+  guardCommand = concatStringsSep " " (map escapeShellArg [
+    "${pkgs.bash}/bin/bash"
+    "${./schema-guard.sh}"
+    "${hydraCfg.package}"
+    "${config.services.postgresql.package}/bin/psql"
+    conninfo
+    "${utilLinux}/bin/runuser"
+    "${pkgName cfg.migrationPackage} (services.hydra-upgrade.migrationPackage) or a newer Hydra"
+    "${pkgName cfg.finalPackage} (services.hydra-upgrade.finalPackage)"
+  ]);
+
+  upgradeCommand = "hydra-upgrade upgrade";
+in
+{
+  options.services.hydra-upgrade = {
+    enable = mkEnableOption "hydra-upgrade, the tool that carries Hydra through its two-phase jobset_id schema upgrade (schema 57 to 65)";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.hydra-upgrade or (throw ''
+        services.hydra-upgrade.package: pkgs.hydra-upgrade does not exist. Import this
+        module through the flake's nixosModules.default (which supplies the package), apply
+        its overlays.default, or set services.hydra-upgrade.package yourself.'');
+      defaultText = literal "pkgs.hydra-upgrade (the flake's nixosModules.default supplies the flake's package)";
+      example = literal "hydra-upgrade.packages.x86_64-linux.default";
+      description = "The hydra-upgrade package (the tool, binary bin/hydra-upgrade).";
+    };
+
+    migrationPackage = mkOption {
+      type = types.nullOr types.package;
+      default = fromPkgs "hydra-migration";
+      defaultText = literal "pkgs.hydra-migration if this nixpkgs has it (nixos-20.03, nixos-20.09), else null";
+      example = literal "pkgs.hydra-migration";
+      description = ''
+        The intermediate Hydra of the first phase (Hydra at add4f610, schema 61): its
+        hydra-init adds Jobsets.id and the nullable jobset_id columns and its evaluator
+        writes jobset_id on every new row. Must be set where nixpkgs has no
+        pkgs.hydra-migration (it was removed after nixos-20.09).
+      '';
+    };
+
+    finalPackage = mkOption {
+      type = types.nullOr types.package;
+      default = fromPkgs "hydra-unstable";
+      defaultText = literal "pkgs.hydra-unstable if this nixpkgs has it, else null";
+      example = literal "pkgs.hydra-unstable";
+      description = ''
+        The Hydra of the second phase (schema 65 or later), whose hydra-init makes
+        jobset_id NOT NULL and adds the two indexes (hydra-upgrade does that online
+        beforehand, so this hydra-init finds nothing left to do).
+      '';
+    };
+
+    stateDir = mkOption {
+      type = types.path;
+      default = "/var/lib/hydra-upgrade";
+      example = "/srv/hydra-upgrade";
+      description = ''
+        Where the tool keeps its small state file (the step reached, the system to roll
+        back to, timings) and the backfill unit's environment file.
+      '';
+    };
+
+    schemaGuard = mkOption {
+      type = types.bool;
+      default = true;
+      example = false;
+      description = ''
+        Whether hydra-init refuses to start a Hydra package that knows fewer schema
+        versions than the database already has (the highest upgrade-N.sql in the
+        package against SchemaVersion), with a message naming the package to deploy.
+        A package that knows schema 61 is allowed on schema 62 to 65.
+      '';
+    };
+
+    backfill = {
+      strategy = mkOption {
+        type = types.enum [ "auto" "per-page" "keyset" ];
+        default = "auto";
+        example = "keyset";
+        description = ''
+          How the backfill walks Builds: per-page (HOT updates, little bloat), keyset
+          (primary-key ranges) or auto (per-page unless something defeats HOT updates).
+        '';
+      };
+
+      targetBatchMs = mkOption {
+        type = types.ints.unsigned;
+        default = 200;
+        example = 50;
+        description = "Time each backfill transaction aims at, in milliseconds; batch sizes adapt to it.";
+      };
+
+      pauseMs = mkOption {
+        type = types.ints.unsigned;
+        default = 0;
+        example = 20;
+        description = "Pause between backfill transactions, in milliseconds (throttle for a busy server).";
+      };
+    };
+
+    internal = {
+      phase = mkOption {
+        type = types.enum [ "none" "migration" "final" ];
+        default = "none";
+        internal = true;
+        visible = false;
+        description = "Set by the module itself inside the phase systems it builds; never set it by hand.";
+      };
+      keep = mkOption {
+        type = types.listOf types.package;
+        default = [ ];
+        internal = true;
+        visible = false;
+        description = "Systems a phase system keeps in its closure (the migration system keeps the final one).";
+      };
+    };
+  };
+
+  config = mkIf cfg.enable (mkMerge [
+    {
+      assertions = [
+        {
+          assertion = hydraCfg.enable;
+          message = "services.hydra-upgrade.enable needs services.hydra.enable = true: it upgrades the database of this machine's Hydra.";
+        }
+        {
+          assertion = cfg.migrationPackage != null;
+          message = ''
+            services.hydra-upgrade.migrationPackage is null: this nixpkgs has no
+            pkgs.hydra-migration (only nixos-20.03 and nixos-20.09 carry it). Set it, e.g.
+            to nixos-20.09's pkgs.hydra-migration.'';
+        }
+        {
+          assertion = cfg.finalPackage != null;
+          message = ''
+            services.hydra-upgrade.finalPackage is null: this nixpkgs has no
+            pkgs.hydra-unstable. Set it to a Hydra that knows schema 65 or later.'';
+        }
+      ];
+
+      environment.systemPackages = [ cfg.package ];
+
+      systemd.tmpfiles.rules = [ "d ${cfg.stateDir} 0700 root root -" ];
+
+      # The whole upgrade as a unit: `systemctl start --no-block hydra-upgrade` runs it
+      # detached from any SSH session, `journalctl -fu hydra-upgrade` follows it. Never
+      # restarted by a switch (the upgrade itself switches systems while it runs).
+      systemd.services.hydra-upgrade = {
+        description = "Carry Hydra through the jobset_id schema upgrade (hydra-upgrade upgrade)";
+        after = [ "network.target" "postgresql.service" ];
+        restartIfChanged = false;
+        stopIfChanged = false;
+        environment = {
+          HYDRA_UPGRADE_CONFIG = configPath;
+          PGPASSFILE = "/var/lib/hydra/pgpass";
+        };
+        path = [ cfg.package config.systemd.package config.nix.package pkgs.coreutils ];
+        serviceConfig = {
+          Type = "oneshot";
+          ExecStart = "${cfg.package}/bin/hydra-upgrade upgrade --yes";
+          # SIGTERM lets the tool finish the open batch and exit 130; re-running resumes.
+          KillMode = "mixed";
+          TimeoutStopSec = "10min";
+        };
+      };
+
+      systemd.services.hydra-init.preStart = mkIf cfg.schemaGuard (mkAfter ''
+        ${guardCommand}
+      '');
+    }
+
+    (mkIf isParent {
+      # The tool reads this file after it has switched the host into a phase system,
+      # too. A store file under environment.etc would be replaced by the phase system's
+      # own /etc, which cannot name itself; so the parent writes it on activation and
+      # the phase systems leave it alone.
+      system.activationScripts.hydra-upgrade = {
+        deps = [ "etc" ];
+        text = ''
+          mkdir -p /etc/hydra-upgrade ${gcRootDir}
+          install -m 0644 ${configFile} ${configPath}.tmp
+          mv -f ${configPath}.tmp ${configPath}
+          ${if canBuildPhases then ''
+            ln -sfn ${migrationSystem} ${gcRootDir}/migration-system
+            ln -sfn ${finalSystem} ${gcRootDir}/final-system
+          '' else ''
+            rm -f ${gcRootDir}/migration-system ${gcRootDir}/final-system
+          ''}
+        '';
+      };
+
+      warnings = optional (canBuildPhases && !samePackage hydraCfg.package cfg.finalPackage) (
+        if samePackage hydraCfg.package cfg.migrationPackage then ''
+          services.hydra-upgrade: this configuration runs the intermediate Hydra
+          (${pkgName hydraCfg.package}). Finish the jobset_id upgrade with `${upgradeCommand}`
+          on this host (backfill, verify, final switch), then set
+          services.hydra.package = ${pkgName cfg.finalPackage} (services.hydra-upgrade.finalPackage)
+          in this configuration.''
+        else ''
+          services.hydra-upgrade: this configuration runs ${pkgName hydraCfg.package}, not the
+          final Hydra (${pkgName cfg.finalPackage}). If Hydra's database is not at schema 65
+          yet, run `${upgradeCommand}` on this host (`hydra-upgrade status` shows where it
+          stands); afterwards set services.hydra.package = ${pkgName cfg.finalPackage}
+          (services.hydra-upgrade.finalPackage) here, or the next rebuild goes back to an
+          older Hydra, which the schema guard then refuses to start.''
+      );
+    })
+
+    (mkIf (!isParent) {
+      system.extraDependencies = cfg.internal.keep;
+    })
+
+    (mkIf (isParent && canBuildPhases) {
+      system.extraDependencies = [ migrationSystem finalSystem ];
+      # `hydra-upgrade upgrade --flake .#host` builds exactly these two attributes.
+      system.build.hydraUpgrade = {
+        migration = migrationSystem;
+        final = finalSystem;
+      };
+    })
+
+    (mkIf isParent {
+      system.build.hydraUpgradeConfig = configFile;
+    })
+  ]);
+}

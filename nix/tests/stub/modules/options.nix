@@ -1,0 +1,79 @@
+# Stand-in declarations of the NixOS options nix/module.nix reads or defines, typed as
+# NixOS types them (in 2020 and now), plus a fake system.build.toplevel that fails on
+# failed assertions like the real one and carries its configuration for inspection.
+{ config, lib, ... }:
+
+let
+  inherit (lib) mkOption types;
+  fake = import ../fake-drv.nix;
+
+  unit = types.submodule {
+    options = {
+      description = mkOption { type = types.str; default = ""; };
+      wantedBy = mkOption { type = types.listOf types.str; default = [ ]; };
+      after = mkOption { type = types.listOf types.str; default = [ ]; };
+      requires = mkOption { type = types.listOf types.str; default = [ ]; };
+      environment = mkOption { type = types.attrsOf types.str; default = { }; };
+      path = mkOption { type = types.listOf types.package; default = [ ]; };
+      preStart = mkOption { type = types.lines; default = ""; };
+      script = mkOption { type = types.lines; default = ""; };
+      restartIfChanged = mkOption { type = types.bool; default = true; };
+      stopIfChanged = mkOption { type = types.bool; default = true; };
+      serviceConfig = mkOption { type = types.attrsOf types.unspecified; default = { }; };
+    };
+  };
+
+  activationScript = types.submodule {
+    options = {
+      deps = mkOption { type = types.listOf types.str; default = [ ]; };
+      text = mkOption { type = types.lines; };
+    };
+  };
+
+  failed = lib.filter (a: !a.assertion) config.assertions;
+  fingerprint = builtins.toJSON {
+    hydra = "${config.services.hydra.package}";
+    activation = lib.mapAttrs (_: a: a.text) config.system.activationScripts;
+    extra = map toString config.system.extraDependencies;
+    units = lib.mapAttrs (_: u: [ u.preStart (u.serviceConfig.ExecStart or "") ]) config.systemd.services;
+    packages = map toString config.environment.systemPackages;
+    specialisations = lib.attrNames config.specialisation;
+  };
+in
+{
+  options = {
+    services.hydra = {
+      enable = mkOption { type = types.bool; default = false; };
+      package = mkOption { type = types.package; };
+      dbi = mkOption { type = types.str; default = "dbi:Pg:dbname=hydra;user=hydra;"; };
+      listenHost = mkOption { type = types.str; default = "*"; };
+      port = mkOption { type = types.int; default = 3000; };
+    };
+    services.postgresql.package = mkOption { type = types.package; };
+    systemd.package = mkOption { type = types.package; };
+    nix.package = mkOption { type = types.package; };
+    systemd.services = mkOption { type = types.attrsOf unit; default = { }; };
+    systemd.tmpfiles.rules = mkOption { type = types.listOf types.str; default = [ ]; };
+    environment.systemPackages = mkOption { type = types.listOf types.package; default = [ ]; };
+    assertions = mkOption { type = types.listOf types.unspecified; default = [ ]; };
+    warnings = mkOption { type = types.listOf types.str; default = [ ]; };
+    system.extraDependencies = mkOption { type = types.listOf types.package; default = [ ]; };
+    system.activationScripts = mkOption { type = types.attrsOf activationScript; default = { }; };
+    system.build = mkOption { type = types.attrsOf types.unspecified; default = { }; };
+    nixpkgs.initialSystem = mkOption { type = types.str; };
+    specialisation = mkOption { type = types.attrsOf types.unspecified; default = { }; };
+  };
+
+  config = {
+    services.postgresql.package = config._module.args.pkgs.postgresql;
+    systemd.package = config._module.args.pkgs.systemd;
+    nix.package = config._module.args.pkgs.nix;
+    # The hydra module's own hydra-init (only the part that matters here).
+    systemd.services = lib.mkIf config.services.hydra.enable {
+      hydra-init.preStart = "mkdir -p /var/lib/hydra";
+    };
+    system.build.toplevel =
+      if failed != [ ] then throw ("Failed assertions:\n- " + lib.concatMapStringsSep "\n- " (a: a.message) failed)
+      else fake "nixos-system-stub" fingerprint // { inherit config; };
+  };
+}
