@@ -141,11 +141,28 @@ fn backfill_once(
     db.client()
         .batch_execute("SELECT pg_advisory_unlock_all()")
         .context("handing the upgrade lock to the backfill")?;
-    let detached = host.detached_backfill(out);
-    db.take_upgrade_lock()?;
-    match detached? {
+    let detached = host.detached_backfill(out)?;
+    retake_lock(db)?;
+    match detached {
         Some(_) => Ok(None),
         None => backfill::run(db, &opts.backfill, out, interrupt).map(Some),
+    }
+}
+
+/// Take the upgrade lock back from a backfill that just ended: its session may need a
+/// moment to close on the server.
+fn retake_lock(db: &mut Db) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        match db.take_upgrade_lock() {
+            Err(e)
+                if crate::exit::exit_of(&e) == Exit::Locked
+                    && start.elapsed() < std::time::Duration::from_secs(10) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(100))
+            }
+            other => return other,
+        }
     }
 }
 

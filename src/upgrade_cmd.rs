@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::cli::{Global, UpgradeArgs};
 use crate::config::Config;
 use crate::db::Db;
+use crate::dsn::Dsn;
 use crate::exec::which;
 use crate::exit::{Exit, fail};
 use crate::host::commands::{self as c, Target};
@@ -173,21 +174,43 @@ fn build_nixos_host(
     args: &UpgradeArgs,
     global: &Global,
     config: &Config,
+    dsn: &Dsn,
     out: &Out,
     interrupt: &Interrupt,
 ) -> Result<NixosHost> {
     let target = Target::new(args.target_host.as_deref());
-    let systems = resolve_systems(args, config, &target, out)?;
+    let mut systems = resolve_systems(args, config, &target, out)?;
     let state_dir = args
         .state_dir
         .clone()
         .or_else(|| config.state_dir.clone())
         .unwrap_or_else(|| PathBuf::from(state::DEFAULT_DIR));
-    let state = if args.dry_run {
+    let mut state = if args.dry_run {
         StateFile::in_memory()
     } else {
         StateFile::open(&state_dir)?
     };
+    let database = dsn.describe();
+    if !state.state.database.is_empty() && state.state.database != database {
+        out.warn(&format!(
+            "the state file in {} belongs to another database ({}); starting a fresh one",
+            state_dir.display(),
+            state.state.database
+        ));
+        state.state = state::State {
+            started_at: state::now(),
+            ..state::State::default()
+        };
+    }
+    state.state.database = database;
+    // A re-run without flags uses the systems an earlier run resolved.
+    if systems == [None, None] && systems_source(args, config) == SystemsSource::None {
+        let s = &state.state;
+        if s.migration_system.is_some() && s.final_system.is_some() {
+            out.say("using the phase systems remembered in the state file");
+            systems = [s.migration_system.clone(), s.final_system.clone()];
+        }
+    }
     let hydra_url = args
         .hydra_url
         .clone()
@@ -349,7 +372,9 @@ pub fn run(
     let mut host: Box<dyn Host> = if args.simulate_host {
         Box::new(SimulatedHost::new(dsn.clone()))
     } else {
-        Box::new(build_nixos_host(args, global, config, out, &interrupt)?)
+        Box::new(build_nixos_host(
+            args, global, config, &dsn, out, &interrupt,
+        )?)
     };
     let s = status::detect(&mut db, false)?;
     if args.dry_run {
@@ -362,6 +387,11 @@ pub fn run(
     );
     host.record_step("preflight", None)?;
     host.preflight(out)?;
+    out.event(
+        "step_done",
+        "<== preflight: done",
+        serde_json::json!({"step": "preflight"}),
+    );
     let nothing_to_do =
         s.stage == Stage::Final && host.pending_switch().is_none() && host.is_on(Phase::Final)?;
     if !nothing_to_do {

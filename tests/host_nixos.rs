@@ -247,6 +247,17 @@ fn wait_for(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
+/// Whether a process runs (a zombie does not count).
+fn alive(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+        .map(|s| {
+            s.rsplit_once(") ")
+                .map(|(_, rest)| !rest.starts_with('Z'))
+                .unwrap_or(false)
+        })
+        .unwrap_or(false)
+}
+
 fn kill(pid: &str, signal: &str) {
     let _ = std::process::Command::new("kill")
         .args([signal, pid.trim()])
@@ -422,9 +433,16 @@ fn a_failed_switch_rolls_back_and_exits_10() {
     assert_eq!(f.profile(), "original");
     assert_eq!(f.db.version(), 58);
     assert!(f.upgrade_state()["switching_to"].is_null());
-    // fixed, a re-run finishes
+    // fixed, a re-run without naming the systems again uses those the state file keeps
     std::fs::remove_file(f.system("migration").join("fail-switch")).unwrap();
-    f.run(&[]).expect_code(0);
+    let r = f.run_raw(&f.args(&["--yes"]), &[]);
+    r.expect_code(0);
+    assert!(
+        r.stderr
+            .contains("using the phase systems remembered in the state file"),
+        "{}",
+        r.stderr
+    );
     f.assert_final();
 }
 
@@ -741,12 +759,8 @@ fn an_ssh_drop_during_the_backfill_leaves_it_running_and_a_rerun_follows_it() {
     h.kill().unwrap();
     kill(&client, "-KILL");
     let unit_pid = std::fs::read_to_string(&pid_file).unwrap();
-    let alive = std::process::Command::new("kill")
-        .args(["-0", unit_pid.trim()])
-        .status()
-        .unwrap();
     assert!(
-        alive.success(),
+        alive(&unit_pid),
         "the backfill unit must survive the dropped session"
     );
     let r = f.run(&slow);
@@ -768,4 +782,110 @@ fn foreground_backfill_runs_in_the_process() {
     f.run(&["--foreground-backfill"]).expect_code(0);
     f.assert_final();
     assert!(!f.calls().contains("hydra-upgrade-backfill"));
+}
+
+#[test]
+fn ctrl_c_during_the_backfill_stops_its_unit_then_resumes() {
+    let f = Fake::new(61);
+    let slow = [
+        "--strategy",
+        "keyset",
+        "--batch-size",
+        "300",
+        "--max-batch-size",
+        "300",
+        "--pause-ms",
+        "40",
+    ];
+    let h = f.spawn(&slow);
+    let pid_file = f.state("units/hydra-upgrade-backfill.service.pid");
+    wait_for("the backfill unit", || pid_file.exists());
+    std::thread::sleep(Duration::from_millis(300));
+    // Ctrl-C on a terminal reaches the whole foreground group: us and the systemd-run client
+    let client =
+        std::fs::read_to_string(f.state("units/hydra-upgrade-backfill.service.client-pid"))
+            .unwrap();
+    for pid in h.pids() {
+        kill(&pid.to_string(), "-INT");
+    }
+    kill(&client, "-INT");
+    let out = h.wait().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("systemctl stop hydra-upgrade-backfill.service"),
+        "{stderr}"
+    );
+    let unit_pid = std::fs::read_to_string(&pid_file).unwrap();
+    assert!(!alive(&unit_pid), "the backfill unit must be stopped");
+    assert!(f.db.wrong_or_null() > 0, "stopped before the end");
+    assert_eq!(f.db.version(), 61);
+    f.run(&slow).expect_code(0);
+    f.assert_final();
+}
+
+#[test]
+fn ctrl_c_during_an_activation_does_not_roll_back_and_a_rerun_finishes_the_switch() {
+    let f = Fake::new(58);
+    std::fs::write(f.state("pause-stc-migration"), "").unwrap();
+    let h = f.spawn(&[]);
+    wait_for("the migration activation", || {
+        f.state("paused-stc-migration").exists()
+    });
+    let client =
+        std::fs::read_to_string(f.state("units/hydra-upgrade-switch-migration.service.client-pid"))
+            .unwrap();
+    for pid in h.pids() {
+        kill(&pid.to_string(), "-INT");
+    }
+    kill(&client, "-INT");
+    let out = h.wait().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("the activation continues in its systemd unit"),
+        "{stderr}"
+    );
+    assert!(
+        !f.calls().contains("hydra-upgrade-switch-rollback"),
+        "{}",
+        f.calls()
+    );
+    assert_eq!(f.upgrade_state()["switching_to"], "migration");
+    // the activation ends on its own, as under systemd
+    std::fs::remove_file(f.state("pause-stc-migration")).unwrap();
+    wait_for("the activation to end", || {
+        f.state("units/hydra-upgrade-switch-migration.service.rc")
+            .exists()
+    });
+    assert_eq!(f.current(), "migration");
+    let r = f.run(&[]);
+    r.expect_code(0);
+    assert!(
+        r.stderr.contains("already runs the migration system"),
+        "{}",
+        r.stderr
+    );
+    f.assert_final();
+    assert_eq!(
+        f.calls()
+            .matches("switch-to-configuration switch migration")
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn a_system_that_never_starts_hydra_init_is_rolled_back() {
+    let f = Fake::new(58);
+    f.inject("migration", "no-init");
+    let r = f.run(&[]);
+    r.expect_code(10);
+    assert!(
+        r.stderr.contains("hydra-init.service stayed inactive"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(f.current(), "original");
+    assert_eq!(f.db.version(), 58);
 }

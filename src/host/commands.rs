@@ -54,6 +54,7 @@ impl Target {
                     .arg(dest)
                     .arg("--")
                     .arg(remote)
+                    .stdin_bytes(Vec::new())
             }
         }
     }
@@ -118,6 +119,7 @@ pub fn activate(system: &Path, mode: SwitchMode, label: &str) -> Cmd {
         .arg("--")
         .arg(system.join("bin/switch-to-configuration"))
         .arg(action)
+        .stdin_bytes(Vec::new())
 }
 
 /// A per-phase switch hook (colmena, deploy-rs, ...), run locally with `sh -c`.
@@ -138,6 +140,13 @@ pub fn unit_show(unit: &str, properties: &[&str]) -> Cmd {
         .arg("-p")
         .arg(properties.join(","))
         .arg(unit)
+}
+
+/// `systemctl stop <unit>.service` (SIGTERM; waits until it has stopped).
+pub fn unit_stop(unit: &str) -> Cmd {
+    Cmd::new("systemctl")
+        .arg("stop")
+        .arg(format!("{unit}.service"))
 }
 
 /// The last `lines` journal lines of a unit.
@@ -209,6 +218,7 @@ pub fn backfill_unit(env_file: &Path, argv: &[String]) -> Cmd {
         .arg(format!("EnvironmentFile={}", env_file.display()))
         .arg("--")
         .args(argv)
+        .stdin_bytes(Vec::new())
 }
 
 /// Parse `systemctl show` output into (key, value) pairs.

@@ -57,6 +57,10 @@ pub fn label(phase: Phase) -> &'static str {
     }
 }
 
+/// Polls of an `inactive` hydra-init after a switch before giving up (it should be
+/// activating or done).
+const INACTIVE_POLLS: u32 = 30;
+
 pub struct NixosHost {
     pub settings: Settings,
     pub state: StateFile,
@@ -163,6 +167,7 @@ impl NixosHost {
     pub fn wait_hydra_init(&self, out: &Out) -> Result<()> {
         let start = Instant::now();
         let mut last = String::new();
+        let mut inactive_polls = 0;
         loop {
             let kv = self.show(c::HYDRA_INIT, &["ActiveState", "Result", "ExecMainStatus"])?;
             let (state, result, status) = (
@@ -185,7 +190,16 @@ impl NixosHost {
                          schema upgrade of the new package did not complete"
                     )
                 }
-                _ => {}
+                "inactive" => {
+                    inactive_polls += 1;
+                    if inactive_polls > INACTIVE_POLLS {
+                        anyhow::bail!(
+                            "hydra-init.service stayed inactive after the switch: the new system \
+                             did not start it (is services.hydra enabled in it?)"
+                        );
+                    }
+                }
+                _ => inactive_polls = 0,
             }
             if start.elapsed() > self.settings.init_timeout {
                 anyhow::bail!(
@@ -419,8 +433,17 @@ impl Host for NixosHost {
                 .and_then(|()| self.wait_hydra_init(out))
         };
         if let Err(e) = result {
-            if exit_of(&e) == Exit::Interrupted {
-                return Err(e);
+            if exit_of(&e) == Exit::Interrupted || self.interrupt.requested() {
+                // The activation goes on in its unit; the state file remembers the switch,
+                // and the next run finishes (or rolls back) it.
+                return Err(fail(
+                    Exit::Interrupted,
+                    format!(
+                        "interrupted during the switch ({e:#}); the activation continues in its \
+                         systemd unit. Run `hydra-upgrade upgrade` again to finish the switch (it \
+                         checks hydra-init and health, and rolls back if needed)."
+                    ),
+                ));
             }
             return Err(self.roll_back(phase, out, e));
         }
@@ -565,6 +588,20 @@ impl Host for NixosHost {
         ));
         let code = cmd.run_inherit_code();
         let _ = std::fs::remove_file(&env_file);
+        if self.interrupt.requested() {
+            // Ctrl-C means stop the backfill, not only our wait for it: SIGTERM makes it
+            // finish or roll back its open batch.
+            let stop = self.on(c::unit_stop(c::BACKFILL_UNIT));
+            out.say(&format!("$ {}", stop.display()));
+            if let Err(e) = stop.run() {
+                out.warn(&format!("{e:#}"));
+            }
+            return Err(fail(
+                Exit::Interrupted,
+                "interrupted; the backfill stopped after its open batch and every committed \
+                 batch is kept. Run `hydra-upgrade upgrade` again to continue.",
+            ));
+        }
         match code? {
             Some(0) => Ok(Some(start.elapsed().as_secs_f64())),
             Some(code) => {
@@ -580,18 +617,12 @@ impl Host for NixosHost {
                     ),
                 ))
             }
-            None => {
-                if self.interrupt.requested() {
-                    let _ = Cmd::new("systemctl")
-                        .args(["stop", &format!("{}.service", c::BACKFILL_UNIT)])
-                        .run();
-                }
-                Err(fail(
-                    Exit::Interrupted,
-                    "the backfill unit's client was stopped by a signal; committed batches are \
-                     kept. Run `hydra-upgrade upgrade` again to continue.",
-                ))
-            }
+            None => Err(fail(
+                Exit::Interrupted,
+                "the backfill unit's client was stopped by a signal; the backfill may still \
+                 run in its unit. Run `hydra-upgrade upgrade` again: it waits for it, then \
+                 continues.",
+            )),
         }
     }
 
@@ -700,6 +731,64 @@ fn write_env_file(path: &Path, env: &[(String, String)]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn host(target: Target, mode: SwitchMode) -> NixosHost {
+        NixosHost::new(
+            Settings {
+                target,
+                mode,
+                systems: [
+                    Some("/nix/store/m-system".into()),
+                    Some("/nix/store/f-system".into()),
+                ],
+                hooks: [None, None],
+                hydra_url: "http://hydra:3000".into(),
+                init_timeout: Duration::from_secs(60),
+                health_timeout: Duration::from_secs(5),
+                poll: Duration::from_millis(100),
+                detached_backfill: None,
+            },
+            StateFile::in_memory(),
+            Interrupt::default(),
+        )
+    }
+
+    #[test]
+    fn a_switch_over_ssh_runs_every_host_command_through_ssh_in_order() {
+        let h = host(Target::new(Some("root@hydra")), SwitchMode::Switch);
+        let cmds = h.dry_run_commands("switch-final");
+        let host_cmds: Vec<&String> = cmds.iter().filter(|c| !c.starts_with("GET ")).collect();
+        for c in &host_cmds {
+            assert!(
+                c.trim_start_matches("(on failure) ")
+                    .starts_with("ssh -o BatchMode=yes -o ServerAliveInterval=15 root@hydra -- "),
+                "{c}"
+            );
+        }
+        let joined = cmds.join("\n");
+        let order = [
+            "'readlink -f /run/current-system'",
+            "'test -x /nix/store/f-system/bin/switch-to-configuration'",
+            "'nix-env -p /nix/var/nix/profiles/system --set /nix/store/f-system'",
+            "'systemd-run --wait --pipe --collect --service-type=exec --quiet --unit=hydra-upgrade-switch-final -- /nix/store/f-system/bin/switch-to-configuration switch'",
+            "'systemctl show -p ActiveState,Result,ExecMainStatus hydra-init.service'",
+            "GET http://hydra:3000",
+            "'journalctl -u hydra-init -n 20 --no-pager'",
+        ];
+        let mut at = 0;
+        for needle in order {
+            at += joined[at..]
+                .find(needle)
+                .unwrap_or_else(|| panic!("{needle} missing after {at}:\n{joined}"));
+        }
+        // test mode: no profile change, `switch-to-configuration test`
+        let t = host(Target::Local, SwitchMode::Test).dry_run_commands("switch-migration");
+        assert!(!t.iter().any(|c| c.contains("nix-env")), "{t:?}");
+        assert!(
+            t.iter()
+                .any(|c| c.ends_with("/nix/store/m-system/bin/switch-to-configuration test"))
+        );
+    }
 
     #[test]
     fn child_exit_codes_map_back() {
