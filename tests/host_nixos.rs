@@ -500,7 +500,7 @@ fn a_failed_rollback_exits_11() {
     assert!(r.stderr.contains("Rolling back to"), "{}", r.stderr);
     assert!(
         r.stderr
-            .contains("By hand: `nix-env -p /nix/var/nix/profiles/system --set"),
+            .contains("roll back by hand: `nix-env -p /nix/var/nix/profiles/system --set"),
         "{}",
         r.stderr
     );

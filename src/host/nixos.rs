@@ -524,8 +524,12 @@ impl Host for NixosHost {
                     Exit::HostFailed,
                     format!(
                         "switching to the {} system failed: {why:#}{journal}\nRolling back to {} \
-                         failed too: {e:#}\nBy hand: `nix-env -p {} --set {prev} && {prev}/bin/switch-to-configuration switch`, \
-                         then `systemctl status 'hydra-*'`.",
+                         failed too: {e:#}\nIf the older system's hydra-init refuses the newer \
+                         schema (the module's schema guard does so on purpose), go forward \
+                         instead: fix the cause and run `hydra-upgrade upgrade` again. To roll \
+                         back by hand: `nix-env -p {} --set {prev} && \
+                         {prev}/bin/switch-to-configuration switch`, then `systemctl status \
+                         'hydra-*'`.",
                         label(phase),
                         previous.display(),
                         c::SYSTEM_PROFILE,
