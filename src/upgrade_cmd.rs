@@ -413,3 +413,83 @@ pub fn run(
     print_report(&r, out, global.json, &host.describe())?;
     Ok(Exit::Ok)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn args(argv: &[&str]) -> UpgradeArgs {
+        let mut full = vec!["hydra-upgrade", "upgrade"];
+        full.extend_from_slice(argv);
+        match Cli::try_parse_from(full).unwrap().command {
+            Command::Upgrade(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn flags_then_flake_then_config_file_name_the_systems() {
+        let config = Config {
+            migration_system: Some("/nix/store/c-m".into()),
+            final_system: Some("/nix/store/c-f".into()),
+            ..Config::default()
+        };
+        let flags = args(&["--migration-system", "/m", "--final-system", "/f"]);
+        assert_eq!(systems_source(&flags, &config), SystemsSource::Flags);
+        let flake = args(&["--flake", ".#hydra"]);
+        assert_eq!(
+            systems_source(&flake, &config),
+            SystemsSource::Flake(".#hydra".into())
+        );
+        assert_eq!(
+            systems_source(&args(&[]), &config),
+            SystemsSource::ConfigFile
+        );
+        assert_eq!(
+            systems_source(&args(&[]), &Config::default()),
+            SystemsSource::None
+        );
+        // one without the other, or both ways at once, is a usage error
+        let bad = |argv: &[&str]| {
+            let mut full = vec!["hydra-upgrade", "upgrade"];
+            full.extend_from_slice(argv);
+            Cli::try_parse_from(full).is_err()
+        };
+        assert!(bad(&["--migration-system", "/m"]));
+        assert!(bad(&[
+            "--flake",
+            ".#h",
+            "--migration-system",
+            "/m",
+            "--final-system",
+            "/f"
+        ]));
+    }
+
+    #[test]
+    fn the_backfill_unit_gets_the_knobs_but_never_the_dsn() {
+        let a = args(&[
+            "--strategy",
+            "per-page",
+            "--pause-ms",
+            "5",
+            "--db",
+            "postgresql://u:secret@h/db",
+        ]);
+        let global = Global {
+            db: Some("postgresql://u:secret@h/db".into()),
+            json: false,
+            config: "/etc/hydra-upgrade/config.json".into(),
+        };
+        let argv = backfill_argv(&a, &global).unwrap().join(" ");
+        assert!(
+            argv.contains(" --config /etc/hydra-upgrade/config.json backfill "),
+            "{argv}"
+        );
+        assert!(argv.contains("--strategy per-page"), "{argv}");
+        assert!(argv.contains("--pause-ms 5"), "{argv}");
+        assert!(!argv.contains("secret"), "{argv}");
+    }
+}

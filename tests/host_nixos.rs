@@ -889,3 +889,28 @@ fn a_system_that_never_starts_hydra_init_is_rolled_back() {
     assert_eq!(f.current(), "original");
     assert_eq!(f.db.version(), 58);
 }
+
+#[test]
+fn sigkill_at_arbitrary_moments_then_a_rerun_finishes() {
+    let f = Fake::new(58);
+    let slow = [
+        "--strategy",
+        "keyset",
+        "--batch-size",
+        "1000",
+        "--max-batch-size",
+        "1000",
+        "--pause-ms",
+        "30",
+    ];
+    for delay in [100, 350, 700, 1100, 1600, 2200] {
+        let h = f.spawn(&slow);
+        std::thread::sleep(Duration::from_millis(delay));
+        h.kill().unwrap();
+        let _ = h.wait();
+    }
+    let r = f.run(&slow);
+    r.expect_code(0);
+    f.assert_final();
+    assert!(f.upgrade_state()["switching_to"].is_null());
+}
