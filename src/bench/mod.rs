@@ -100,6 +100,13 @@ pub struct BenchArgs {
     /// thousands).
     #[arg(long, default_value_t = 10)]
     pub writer_pause_ms: u64,
+    /// Our backfill's target time per transaction (`hydra-upgrade backfill
+    /// --target-batch-ms`), for every run of ours.
+    #[arg(long, default_value_t = 200)]
+    pub target_batch_ms: u64,
+    /// Our backfill's pause between transactions (`--pause-ms`).
+    #[arg(long, default_value_t = 0)]
+    pub pause_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -122,6 +129,12 @@ pub struct BackfillRun {
     pub bytes_after: i64,
     pub rows_left: i64,
     pub note: String,
+    /// Autovacuum and autoanalyze runs on Builds that ended during the contender.
+    pub autovacuums: i64,
+    pub autoanalyzes: i64,
+    /// Other sessions seen holding back the xmin horizon (which stops pruning, so HOT
+    /// updates) while the contender ran: (what, samples taken every 50 ms).
+    pub horizon_holders: Vec<(String, u64)>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -146,6 +159,9 @@ pub struct WriterSummary {
     pub errors: u64,
     pub error_samples: Vec<String>,
     pub lost_updates: usize,
+    /// Operations slower than 10 ms and 100 ms (the shape of the tail).
+    pub over_10ms: u64,
+    pub over_100ms: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -186,6 +202,8 @@ pub struct Bench {
     pub runs_requested: usize,
     pub writer_pause_ms: u64,
     pub writer_secs: u64,
+    pub ours_target_batch_ms: u64,
+    pub ours_pause_ms: u64,
     pub machine: Machine,
     pub template: Template,
     pub runs: Vec<Run>,
@@ -225,12 +243,13 @@ fn engine_out() -> Out {
     }
 }
 
-/// Our backfill options: the command line's defaults, with the strategy forced.
-pub fn ours_options(strategy: StrategyChoice) -> backfill::Options {
+/// Our backfill options: the command line's defaults, with the strategy forced and the
+/// bench's `--target-batch-ms` / `--pause-ms`.
+pub fn ours_options(strategy: StrategyChoice, args: &BenchArgs) -> backfill::Options {
     backfill::Options {
         strategy,
-        target_batch: Duration::from_millis(200),
-        pause: Duration::ZERO,
+        target_batch: Duration::from_millis(args.target_batch_ms),
+        pause: Duration::from_millis(args.pause_ms),
         initial_batch: None,
         max_batch: 50_000,
         lock_timeout: Duration::from_millis(2_000),
@@ -307,15 +326,60 @@ fn drop_db(cluster: &PgCluster, name: &str) -> Result<()> {
 
 /// Builds' (updates, HOT updates, table + index bytes), with this session's counters
 /// flushed first so they include its own latest statements.
-fn builds_stats(db: &mut Db) -> Result<(i64, i64, i64)> {
+fn builds_stats(db: &mut Db) -> Result<(i64, i64, i64, i64, i64)> {
     db.client()
         .batch_execute("SELECT pg_stat_force_next_flush()")?;
     let r = db.client().query_one(
-        "SELECT coalesce(n_tup_upd, 0), coalesce(n_tup_hot_upd, 0), pg_total_relation_size(relid)
+        "SELECT coalesce(n_tup_upd, 0), coalesce(n_tup_hot_upd, 0), pg_total_relation_size(relid),
+                autovacuum_count, autoanalyze_count
            FROM pg_stat_user_tables WHERE relid = 'builds'::regclass",
         &[],
     )?;
-    Ok((r.get(0), r.get(1), r.get(2)))
+    Ok((r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+}
+
+/// Samples, every 50 ms, which other sessions of the cluster hold an xmin (a snapshot or
+/// transaction that keeps dead row versions from being pruned).
+struct HorizonSampler {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Result<Vec<(String, u64)>>>,
+}
+
+fn start_sampler(cluster: &PgCluster, exclude_pid: i32) -> Result<HorizonSampler> {
+    let mut db = cluster.connect("postgres")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    let handle = std::thread::spawn(move || {
+        let mut seen: std::collections::BTreeMap<String, u64> = Default::default();
+        while !flag.load(Ordering::SeqCst) {
+            let rows = db.client().query(
+                "SELECT coalesce(backend_type, ''), coalesce(application_name, ''),
+                        left(coalesce(query, ''), 60)
+                   FROM pg_stat_activity
+                  WHERE backend_xmin IS NOT NULL AND pid <> pg_backend_pid() AND pid <> $1",
+                &[&exclude_pid],
+            )?;
+            for r in rows {
+                let (kind, app, query): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+                let what = if kind == "client backend" {
+                    format!("client backend ({app})")
+                } else {
+                    format!("{kind}: {query}")
+                };
+                *seen.entry(what).or_default() += 1;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(seen.into_iter().collect())
+    });
+    Ok(HorizonSampler { stop, handle })
+}
+
+fn stop_sampler(s: HorizonSampler) -> Result<Vec<(String, u64)>> {
+    s.stop.store(true, Ordering::SeqCst);
+    s.handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("the horizon sampler panicked"))?
 }
 
 fn rows_left(db: &mut Db) -> Result<i64> {
@@ -330,14 +394,22 @@ fn rows_left(db: &mut Db) -> Result<i64> {
 }
 
 fn measure_backfill(
+    cluster: &PgCluster,
     db: &mut Db,
     contender: &str,
     work: impl FnOnce(&mut Db) -> Result<String>,
 ) -> Result<BackfillRun> {
     let before = builds_stats(db)?;
+    let pid: i32 = db
+        .client()
+        .query_one("SELECT pg_backend_pid()", &[])?
+        .get(0);
+    let sampler = start_sampler(cluster, pid)?;
     let t0 = Instant::now();
-    let note = work(db)?;
+    let note = work(db);
     let seconds = t0.elapsed().as_secs_f64();
+    let horizon_holders = stop_sampler(sampler)?;
+    let note = note?;
     let after = builds_stats(db)?;
     let (upd, hot) = (after.0 - before.0, after.1 - before.1);
     Ok(BackfillRun {
@@ -354,13 +426,16 @@ fn measure_backfill(
         bytes_after: after.2,
         rows_left: rows_left(db)?,
         note,
+        autovacuums: after.3 - before.3,
+        autoanalyzes: after.4 - before.4,
+        horizon_holders,
     })
 }
 
-fn ours(db: &mut Db, strategy: StrategyChoice) -> Result<String> {
+fn ours(db: &mut Db, strategy: StrategyChoice, args: &BenchArgs) -> Result<String> {
     let report = backfill::run(
         db,
-        &ours_options(strategy),
+        &ours_options(strategy, args),
         &engine_out(),
         &Interrupt::default(),
     )?;
@@ -381,16 +456,21 @@ fn ours(db: &mut Db, strategy: StrategyChoice) -> Result<String> {
         .join("; "))
 }
 
-fn run_backfill_contender(cluster: &PgCluster, contender: &str, run: usize) -> Result<BackfillRun> {
+fn run_backfill_contender(
+    cluster: &PgCluster,
+    contender: &str,
+    run: usize,
+    args: &BenchArgs,
+) -> Result<BackfillRun> {
     let name = format!("bench_{}_{run}", contender.replace('-', "_"));
     let mut db = clone_db(cluster, TEMPLATE, &name)?;
     say(&format!("run {}: backfill contender {contender}", run + 1));
-    let r = measure_backfill(&mut db, contender, |db| match contender {
+    let r = measure_backfill(cluster, &mut db, contender, |db| match contender {
         "offline" => stock::offline(db).map(|_| String::new()),
         "stock" => stock::stock(db)
             .map(|c| format!("{} batches, {} database-wide VACUUMs", c.batches, c.vacuums)),
-        "per-page" => ours(db, StrategyChoice::PerPage),
-        "keyset" => ours(db, StrategyChoice::Keyset),
+        "per-page" => ours(db, StrategyChoice::PerPage, args),
+        "keyset" => ours(db, StrategyChoice::Keyset, args),
         other => bail!("unknown backfill contender {other}"),
     })?;
     drop(db);
@@ -449,6 +529,8 @@ fn stop_writer(w: Writer, db: &mut Db) -> Result<WriterSummary> {
         errors: stats.errors,
         error_samples: stats.error_samples.clone(),
         lost_updates: lost.len(),
+        over_10ms: stats.latencies_us.iter().filter(|&&u| u > 10_000).count() as u64,
+        over_100ms: stats.latencies_us.iter().filter(|&&u| u > 100_000).count() as u64,
     })
 }
 
@@ -569,8 +651,8 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
     // No settling time here: every operation the writer records must overlap the
     // backfill (the writer stops the moment the backfill ends).
     let w = start_writer(cluster, &name, args.writer_pause_ms, 3_000 + run as u64);
-    let backfill = measure_backfill(&mut db, "per-page + writer", |db| {
-        ours(db, StrategyChoice::PerPage)
+    let backfill = measure_backfill(cluster, &mut db, "per-page + writer", |db| {
+        ours(db, StrategyChoice::PerPage, args)
     })?;
     let during = stop_writer(w, &mut db)?;
     say(&format!(
@@ -625,7 +707,7 @@ fn time_binary() -> Option<&'static Path> {
 }
 
 /// Run `hydra-upgrade backfill` on a fresh copy under `/usr/bin/time -v`: its max RSS.
-fn run_memory(cluster: &PgCluster) -> Result<Option<MemoryRun>> {
+fn run_memory(cluster: &PgCluster, args: &BenchArgs) -> Result<Option<MemoryRun>> {
     let Some(time) = time_binary() else {
         say(
             "warning: /usr/bin/time is not installed (apt-get install time); peak memory not measured",
@@ -636,13 +718,19 @@ fn run_memory(cluster: &PgCluster) -> Result<Option<MemoryRun>> {
     let name = "bench_memory";
     drop(clone_db(cluster, TEMPLATE, name)?);
     let dsn = cluster.dsn_string(name, SUPERUSER);
-    let cmd = Cmd::new(time).arg("-v").arg(&bin).args([
-        "--db",
-        &dsn,
-        "backfill",
-        "--strategy",
-        "per-page",
-    ]);
+    let knobs = [
+        "--strategy".to_owned(),
+        "per-page".to_owned(),
+        "--target-batch-ms".to_owned(),
+        args.target_batch_ms.to_string(),
+        "--pause-ms".to_owned(),
+        args.pause_ms.to_string(),
+    ];
+    let cmd = Cmd::new(time)
+        .arg("-v")
+        .arg(&bin)
+        .args(["--db", &dsn, "backfill"])
+        .args(&knobs);
     say(&format!("peak memory: {}", cmd.display()));
     let t0 = Instant::now();
     let out = cmd.run()?;
@@ -663,8 +751,10 @@ fn run_memory(cluster: &PgCluster) -> Result<Option<MemoryRun>> {
     if left != 0 {
         bail!("hydra-upgrade backfill left {left} NULL rows");
     }
-    let command =
-        format!("/usr/bin/time -v hydra-upgrade --db '<{name}>' backfill --strategy per-page");
+    let command = format!(
+        "/usr/bin/time -v hydra-upgrade --db '<{name}>' backfill {}",
+        knobs.join(" ")
+    );
     say(&format!("  max RSS {:.1} MB in {seconds:.1}s", kb / 1024.0));
     Ok(Some(MemoryRun {
         command,
@@ -715,7 +805,7 @@ fn build_templates(cluster: &PgCluster, args: &BenchArgs, filled: bool) -> Resul
         say("building the filled template for the final phase (our per-page backfill, VACUUM)");
         cluster.create_database(TEMPLATE_FILLED, Some(TEMPLATE))?;
         let mut db = cluster.connect(TEMPLATE_FILLED)?;
-        ours(&mut db, StrategyChoice::PerPage)?;
+        ours(&mut db, StrategyChoice::PerPage, args)?;
         drop(db);
         let mut db = cluster.connect(TEMPLATE_FILLED)?;
         backfill::state::drop_all(&mut db)?;
@@ -776,7 +866,7 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
         }
         let mut backfill_runs = Vec::new();
         for c in &order_b {
-            backfill_runs.push(run_backfill_contender(cluster, c, run)?);
+            backfill_runs.push(run_backfill_contender(cluster, c, run, args)?);
         }
         let mut final_runs = Vec::new();
         for c in &order_f {
@@ -799,7 +889,7 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
         });
     }
     let memory = if wants("memory") {
-        run_memory(cluster)?
+        run_memory(cluster, args)?
     } else {
         None
     };
@@ -809,6 +899,8 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
         runs_requested: runs_n,
         writer_pause_ms: args.writer_pause_ms,
         writer_secs: args.writer_secs,
+        ours_target_batch_ms: args.target_batch_ms,
+        ours_pause_ms: args.pause_ms,
         machine,
         template,
         runs,
@@ -848,6 +940,18 @@ fn median_backfill(name: &str, rs: &[&BackfillRun]) -> BackfillRun {
         bytes_after: median_i(rs.iter().map(|r| r.bytes_after).collect()),
         rows_left: rs.iter().map(|r| r.rows_left).max().unwrap_or(0),
         note: rs.first().map(|r| r.note.clone()).unwrap_or_default(),
+        autovacuums: median_i(rs.iter().map(|r| r.autovacuums).collect()),
+        autoanalyzes: median_i(rs.iter().map(|r| r.autoanalyzes).collect()),
+        // Summed over the runs.
+        horizon_holders: {
+            let mut all: std::collections::BTreeMap<String, u64> = Default::default();
+            for r in rs {
+                for (k, n) in &r.horizon_holders {
+                    *all.entry(k.clone()).or_default() += n;
+                }
+            }
+            all.into_iter().collect()
+        },
     }
 }
 
@@ -866,6 +970,8 @@ fn median_writer(rs: &[&WriterSummary]) -> WriterSummary {
             .take(5)
             .collect(),
         lost_updates: rs.iter().map(|r| r.lost_updates).max().unwrap_or(0),
+        over_10ms: median(rs.iter().map(|r| r.over_10ms as f64).collect()) as u64,
+        over_100ms: median(rs.iter().map(|r| r.over_100ms as f64).collect()) as u64,
     }
 }
 
@@ -1015,10 +1121,18 @@ pub fn render(b: &Bench) -> String {
     push(
         &mut s,
         format!(
-            "template (schema 61, VACUUM ANALYZEd): Builds {} heap pages, {:.1} MB with indexes; built in {:.1}s",
+            "template (schema 61, VACUUM ANALYZEd): Builds {} heap pages ({:.1} rows a page), {:.1} MB with indexes; built in {:.1}s",
             b.template.builds_heap_pages,
+            b.template.builds as f64 / b.template.builds_heap_pages.max(1) as f64,
             mb(b.template.builds_bytes),
             b.template.load_seconds
+        ),
+    );
+    push(
+        &mut s,
+        format!(
+            "ours: CLI defaults (lock_timeout 2 s, statement_timeout 120 s), --target-batch-ms {} --pause-ms {}; Jobs always keyset",
+            b.ours_target_batch_ms, b.ours_pause_ms
         ),
     );
     s.push('\n');
@@ -1035,21 +1149,22 @@ pub fn render(b: &Bench) -> String {
         push(
             &mut s,
             format!(
-                "{:<34} {:>9} {:>10} {:>8} {:>22} {:>8} {:>5}",
+                "{:<34} {:>9} {:>10} {:>8} {:>22} {:>8} {:>5} {:>8}",
                 "backfill (Jobs + Builds)",
                 "time s",
                 "x offline",
                 "HOT",
                 "Builds MB before->after",
                 "growth",
-                "left"
+                "left",
+                "av/an"
             ),
         );
         for r in &brows {
             push(
                 &mut s,
                 format!(
-                    "{:<34} {:>9.2} {:>10} {:>7.1}% {:>10.1} -> {:>8.1} {:>+7.1}% {:>5}",
+                    "{:<34} {:>9.2} {:>10} {:>7.1}% {:>10.1} -> {:>8.1} {:>+7.1}% {:>5} {:>8}",
                     label(&r.contender),
                     r.seconds,
                     offline
@@ -1059,9 +1174,32 @@ pub fn render(b: &Bench) -> String {
                     mb(r.bytes_before),
                     mb(r.bytes_after),
                     100.0 * (r.bytes_after as f64 / r.bytes_before.max(1) as f64 - 1.0),
-                    r.rows_left
+                    r.rows_left,
+                    format!("{}/{}", r.autovacuums, r.autoanalyzes)
                 ),
             );
+        }
+        push(
+            &mut s,
+            "  (av/an: autovacuum/autoanalyze runs on Builds that ended during the contender)"
+                .into(),
+        );
+        for r in &brows {
+            if r.contender.starts_with("per-page") && !r.horizon_holders.is_empty() {
+                let list: Vec<String> = r
+                    .horizon_holders
+                    .iter()
+                    .map(|(k, n)| format!("{k} x{n}"))
+                    .collect();
+                push(
+                    &mut s,
+                    format!(
+                        "  {}: other sessions seen holding the xmin horizon (samples every 50 ms, all runs): {}",
+                        label(&r.contender),
+                        list.join("; ")
+                    ),
+                );
+            }
         }
         s.push('\n');
     }
@@ -1125,7 +1263,7 @@ pub fn render(b: &Bench) -> String {
         push(
             &mut s,
             format!(
-                "{:<34} {:>6} {:>7} {:>9} {:>9} {:>9} {:>7} {:>6}",
+                "{:<34} {:>6} {:>7} {:>9} {:>9} {:>9} {:>7} {:>6} {:>7} {:>7}",
                 format!("writer ({} ms pause between ops)", b.writer_pause_ms),
                 "ops",
                 "secs",
@@ -1133,7 +1271,9 @@ pub fn render(b: &Bench) -> String {
                 "p99 ms",
                 "max ms",
                 "errors",
-                "lost"
+                "lost",
+                ">10ms",
+                ">100ms"
             ),
         );
         for (name, x) in [
@@ -1143,8 +1283,17 @@ pub fn render(b: &Bench) -> String {
             push(
                 &mut s,
                 format!(
-                    "{:<34} {:>6} {:>7.1} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>6}",
-                    name, x.ops, x.seconds, x.p50_ms, x.p99_ms, x.max_ms, x.errors, x.lost_updates
+                    "{:<34} {:>6} {:>7.1} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>6} {:>7} {:>7}",
+                    name,
+                    x.ops,
+                    x.seconds,
+                    x.p50_ms,
+                    x.p99_ms,
+                    x.max_ms,
+                    x.errors,
+                    x.lost_updates,
+                    x.over_10ms,
+                    x.over_100ms
                 ),
             );
         }
@@ -1161,8 +1310,8 @@ pub fn render(b: &Bench) -> String {
         push(
             &mut s,
             format!(
-                "peak memory (max RSS) of `hydra-upgrade backfill --strategy per-page`: {:.1} MB ({:.1}s, one run)",
-                mem.max_rss_mb, mem.seconds
+                "peak memory (max RSS) of `{}`: {:.1} MB ({:.1}s, one run)",
+                mem.command, mem.max_rss_mb, mem.seconds
             ),
         );
         s.push('\n');
