@@ -103,13 +103,7 @@ fn resolve_systems(
 ) -> Result<[Option<PathBuf>; 2]> {
     Ok(match systems_source(args, config) {
         SystemsSource::Flags => [args.migration_system.clone(), args.final_system.clone()],
-        SystemsSource::Flake(f) if args.dry_run => {
-            out.say(&format!(
-                "would build: {}",
-                c::nix_build(&c::flake_attrs(&f).unwrap_or_default()).display()
-            ));
-            [None, None]
-        }
+        SystemsSource::Flake(_) if args.dry_run => [None, None],
         SystemsSource::Flake(f) => build_flake(&f, target, out)?.map(Some),
         SystemsSource::ConfigFile => [config.migration_system.clone(), config.final_system.clone()],
         SystemsSource::None => [None, None],
@@ -316,9 +310,38 @@ fn print_report(r: &upgrade::Report, out: &Out, json: bool, host: &str) -> Resul
     Ok(())
 }
 
-fn dry_run(host: &dyn Host, s: &status::Status, stock_final: bool, json: bool) -> Result<Exit> {
+/// What resolving the systems runs before anything else (`--flake`): build, and copy.
+fn build_commands(args: &UpgradeArgs, config: &Config) -> Vec<String> {
+    let SystemsSource::Flake(flake) = systems_source(args, config) else {
+        return Vec::new();
+    };
+    let Some(attrs) = c::flake_attrs(&flake) else {
+        return Vec::new();
+    };
+    let mut v = vec![c::nix_build(&attrs).display()];
+    if let Target::Ssh(dest) = Target::new(args.target_host.as_deref()) {
+        let placeholders = [
+            PathBuf::from("<migration system>"),
+            PathBuf::from("<final system>"),
+        ];
+        v.push(c::nix_copy(&dest, &[&placeholders[0], &placeholders[1]]).display());
+    }
+    v
+}
+
+fn dry_run(
+    host: &dyn Host,
+    s: &status::Status,
+    stock_final: bool,
+    build: Vec<String>,
+    json: bool,
+) -> Result<Exit> {
     let plan = upgrade::plan(s, stock_final, &host.describe());
-    let mut steps = vec![("preflight".to_owned(), host.dry_run_commands("preflight"))];
+    let mut steps = Vec::new();
+    if !build.is_empty() {
+        steps.push(("build".to_owned(), build));
+    }
+    steps.push(("preflight".to_owned(), host.dry_run_commands("preflight")));
     for p in &plan {
         let mut cmds = host.dry_run_commands(p.step);
         if p.step == "switch-final" {
@@ -378,7 +401,8 @@ pub fn run(
     };
     let s = status::detect(&mut db, false)?;
     if args.dry_run {
-        return dry_run(host.as_ref(), &s, opts.stock_final, global.json);
+        let build = build_commands(args, config);
+        return dry_run(host.as_ref(), &s, opts.stock_final, build, global.json);
     }
     out.event(
         "step_start",

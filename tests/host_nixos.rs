@@ -618,12 +618,25 @@ fn preflight_refuses_a_path_that_is_not_a_nixos_system() {
 #[test]
 fn target_host_runs_every_host_command_over_ssh() {
     let f = Fake::new(61);
-    let r = f.run(&["--target-host", "root@hydra.example.org"]);
-    r.expect_code(0);
+    let a = f.args(&[
+        "--target-host",
+        "root@hydra.example.org",
+        "--flake",
+        ".#hydra",
+        "--yes",
+    ]);
+    f.run_raw(&a, &[]).expect_code(0);
     f.assert_final();
     let c = f.calls();
+    // built here, then copied to the target (as nixos-rebuild --target-host does)
+    let m = f.system("migration").display().to_string();
+    assert!(
+        pos(&c, "build --no-link --print-out-paths")
+            < pos(&c, &format!("copy --to ssh://root@hydra.example.org {m} "))
+    );
     for line in c.lines() {
         let local_ok = line.starts_with("ssh ")
+            || line.starts_with("nix --extra-experimental-features")
             || line.starts_with("switch-to-configuration")
             || line.starts_with("readlink")
             || line.starts_with("systemd-run")
@@ -913,4 +926,31 @@ fn sigkill_at_arbitrary_moments_then_a_rerun_finishes() {
     r.expect_code(0);
     f.assert_final();
     assert!(f.upgrade_state()["switching_to"].is_null());
+}
+
+#[test]
+fn dry_run_with_a_flake_lists_the_build_first() {
+    let f = Fake::new(61);
+    let a = f.args(&["--dry-run", "--flake", ".#hydra", "--target-host", "root@h"]);
+    let r = f.run_raw(&a, &[]);
+    r.expect_code(0);
+    let o = &r.stdout;
+    let build = pos(
+        o,
+        "build --no-link --print-out-paths '.#nixosConfigurations.\"hydra\".config.system.build.hydraUpgrade.migration'",
+    );
+    let copy = pos(
+        o,
+        "copy --to ssh://root@h '<migration system>' '<final system>'",
+    );
+    let first_ssh = pos(
+        o,
+        "ssh -o BatchMode=yes -o ServerAliveInterval=15 root@h -- 'readlink -f /run/current-system'",
+    );
+    assert!(build < copy && copy < first_ssh, "{o}");
+    assert!(
+        !o.contains("hydra-upgrade-backfill"),
+        "over SSH the backfill runs here:\n{o}"
+    );
+    assert_eq!(f.calls(), "", "a dry run builds nothing");
 }

@@ -282,7 +282,10 @@ impl NixosHost {
 
 impl Host for NixosHost {
     fn describe(&self) -> String {
-        format!("the NixOS host {}", self.settings.target.describe())
+        match &self.settings.target {
+            Target::Local => "this NixOS machine".into(),
+            Target::Ssh(dest) => format!("the NixOS host {dest}"),
+        }
     }
 
     fn preflight(&mut self, out: &Out) -> Result<()> {
