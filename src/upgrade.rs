@@ -338,6 +338,12 @@ pub fn run(
     let mut report = Report::default();
     host.follow_running_backfill(out)?;
     db.take_upgrade_lock()?;
+    if host.pending_switch() == Some(Phase::Final)
+        && status::detect(db, false)?.stage == Stage::BeforeMigration
+    {
+        // Cannot be ours (the final switch comes after the migration schema): forget it.
+        host.abort_switch()?;
+    }
     if let Some(phase) = host.pending_switch() {
         out.say(&format!(
             "an earlier run was stopped while switching to the {} system; finishing that switch first",

@@ -954,3 +954,34 @@ fn dry_run_with_a_flake_lists_the_build_first() {
     );
     assert_eq!(f.calls(), "", "a dry run builds nothing");
 }
+
+#[test]
+fn a_host_already_on_a_failing_migration_system_is_not_rolled_back_to_itself() {
+    let f = Fake::new(58);
+    // The admin switched by hand; hydra-init failed there.
+    std::fs::remove_file(f.state("current-system")).unwrap();
+    std::os::unix::fs::symlink(f.system("migration"), f.state("current-system")).unwrap();
+    std::fs::write(
+        f.state("units/hydra-init.service"),
+        "LoadState=loaded\nActiveState=failed\nResult=exit-code\nExecMainStatus=1\n",
+    )
+    .unwrap();
+    std::fs::write(
+        f.state("journal/hydra-init.service"),
+        "hydra-init[1]: schema upgrade failed: by hand\n",
+    )
+    .unwrap();
+    let r = f.run(&[]);
+    r.expect_code(11);
+    assert!(r.stderr.contains("nothing to roll back to"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("schema upgrade failed: by hand"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        !f.calls().contains("switch-to-configuration"),
+        "{}",
+        f.calls()
+    );
+}

@@ -510,6 +510,21 @@ impl Host for NixosHost {
                 ),
             );
         };
+        if self.system(phase) == Some(previous.as_path()) {
+            if let Err(e) = self.record(|s| s.switching_to = None) {
+                out.warn(&format!("{e:#}"));
+            }
+            return fail(
+                Exit::HostFailed,
+                format!(
+                    "the {} system failed: {why:#}{journal}\nThe host already ran this system \
+                     before, so there is nothing to roll back to. Fix the cause (see the journal \
+                     lines above), `systemctl restart hydra-init.service`, then run \
+                     `hydra-upgrade upgrade` again.",
+                    label(phase)
+                ),
+            );
+        }
         out.warn(&format!(
             "switching to the {} system failed; rolling back to {}",
             label(phase),
