@@ -295,7 +295,7 @@ fn full_upgrade_from_58_to_65_with_explicit_systems() {
     );
     let b = pos(
         &c,
-        "systemd-run --wait --pipe --collect --service-type=exec --quiet --unit=hydra-upgrade-switch-migration",
+        "systemd-run --wait --pipe --collect --service-type=exec --quiet --no-ask-password --unit=hydra-upgrade-switch-migration",
     );
     let d = pos(&c, "--unit=hydra-upgrade-backfill");
     let e = pos(&c, "switch-to-configuration switch final");

@@ -114,6 +114,7 @@ pub fn activate(system: &Path, mode: SwitchMode, label: &str) -> Cmd {
             "--collect",
             "--service-type=exec",
             "--quiet",
+            "--no-ask-password",
         ])
         .arg(format!("--unit={}", switch_unit(label)))
         .arg("--")
@@ -212,6 +213,7 @@ pub fn backfill_unit(env_file: &Path, argv: &[String]) -> Cmd {
             "--collect",
             "--service-type=exec",
             "--quiet",
+            "--no-ask-password",
         ])
         .arg(format!("--unit={BACKFILL_UNIT}"))
         .arg("-p")
@@ -263,7 +265,7 @@ mod tests {
             t.on(activate(&sys(), SwitchMode::Switch, "migration"))
                 .display(),
             "systemd-run --wait --pipe --collect --service-type=exec --quiet \
-             --unit=hydra-upgrade-switch-migration -- \
+             --no-ask-password --unit=hydra-upgrade-switch-migration -- \
              /nix/store/abc-nixos-system-hydra/bin/switch-to-configuration switch"
         );
         assert_eq!(

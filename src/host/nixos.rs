@@ -792,7 +792,7 @@ mod tests {
             "'readlink -f /run/current-system'",
             "'test -x /nix/store/f-system/bin/switch-to-configuration'",
             "'nix-env -p /nix/var/nix/profiles/system --set /nix/store/f-system'",
-            "'systemd-run --wait --pipe --collect --service-type=exec --quiet --unit=hydra-upgrade-switch-final -- /nix/store/f-system/bin/switch-to-configuration switch'",
+            "'systemd-run --wait --pipe --collect --service-type=exec --quiet --no-ask-password --unit=hydra-upgrade-switch-final -- /nix/store/f-system/bin/switch-to-configuration switch'",
             "'systemctl show -p ActiveState,Result,ExecMainStatus hydra-init.service'",
             "GET http://hydra:3000",
             "'journalctl -u hydra-init -n 20 --no-pager'",
