@@ -201,7 +201,8 @@ pub fn nix_copy(dest: &str, paths: &[&Path]) -> Cmd {
         .args(paths.iter().map(|p| p.as_os_str()))
 }
 
-/// Run `argv` (a hydra-upgrade invocation) as the transient unit `hydra-upgrade-backfill`:
+/// Run `argv` (a hydra-upgrade invocation) as the transient unit `hydra-upgrade-backfill`
+/// (through `/bin/sh`, which every NixOS system has, to send its stdout to stderr):
 /// it keeps running when the terminal or SSH session goes away; its progress goes to the
 /// journal and, while we wait, to our stderr. The database DSN reaches it through an
 /// `EnvironmentFile` (mode 0600), never through a command line.
@@ -219,6 +220,8 @@ pub fn backfill_unit(env_file: &Path, argv: &[String]) -> Cmd {
         .arg("-p")
         .arg(format!("EnvironmentFile={}", env_file.display()))
         .arg("--")
+        // Its stdout goes to stderr, so that ours stays one JSON stream with --json.
+        .args(["/bin/sh", "-c", "exec \"$@\" >&2", BACKFILL_UNIT])
         .args(argv)
         .stdin_bytes(Vec::new())
 }
@@ -358,7 +361,12 @@ mod tests {
             d.contains("-p EnvironmentFile=/var/lib/hydra-upgrade/backfill.env"),
             "{d}"
         );
-        assert!(d.ends_with("-- /bin/hydra-upgrade backfill"), "{d}");
+        assert!(
+            d.ends_with(
+                "-- /bin/sh -c 'exec \"$@\" >&2' hydra-upgrade-backfill /bin/hydra-upgrade backfill"
+            ),
+            "{d}"
+        );
     }
 
     #[test]
