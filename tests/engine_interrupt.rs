@@ -110,7 +110,8 @@ fn a_lost_connection_exits_with_the_connect_code_and_a_rerun_finishes() {
     wait_until_started(&db);
     let killed = db.query_i64(
         "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-          WHERE application_name = 'hydra-upgrade' AND pid <> pg_backend_pid()) t",
+          WHERE application_name = 'hydra-upgrade' AND datname = current_database()
+            AND pid <> pg_backend_pid()) t",
     );
     assert!(killed >= 1);
     let out = handle.wait().unwrap();
