@@ -107,6 +107,10 @@ pub struct BenchArgs {
     /// Our backfill's pause between transactions (`--pause-ms`).
     #[arg(long, default_value_t = 0)]
     pub pause_ms: u64,
+    /// An extra server setting `name=value` (repeatable; overrides the defaults), for
+    /// experiments such as `autovacuum=off`.
+    #[arg(long, value_name = "NAME=VALUE")]
+    pub pg_setting: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -847,7 +851,9 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
         .collect();
 
     say("starting a throwaway PostgreSQL");
-    let cluster = PgCluster::start(SETTINGS)?.share_until_exit(std::process::id())?;
+    let mut settings: Vec<&str> = SETTINGS.to_vec();
+    settings.extend(args.pg_setting.iter().map(String::as_str));
+    let cluster = PgCluster::start(&settings)?.share_until_exit(std::process::id())?;
     let machine = machine(&mut cluster.connect("postgres")?)?;
     say(&format!(
         "{} CPUs, {:.1} GiB; {}",
