@@ -234,8 +234,8 @@ in
 
       targetBatchMs = mkOption {
         type = types.ints.unsigned;
-        default = 200;
-        example = 50;
+        default = 50;
+        example = 200;
         description = "Time each backfill transaction aims at, in milliseconds; batch sizes adapt to it.";
       };
 

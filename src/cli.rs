@@ -114,7 +114,7 @@ pub struct BackfillArgs {
 #[derive(Debug, Clone, Args)]
 pub struct FinalizeArgs {
     /// lock_timeout for each short ACCESS EXCLUSIVE step (retried with backoff).
-    #[arg(long, value_name = "MS", default_value_t = 1_000)]
+    #[arg(long, value_name = "MS", default_value_t = crate::finalize::DEFAULT_LOCK_TIMEOUT_MS)]
     pub lock_timeout_ms: u64,
     /// How often a DDL step is retried on lock timeout.
     #[arg(long, value_name = "N", default_value_t = 30)]

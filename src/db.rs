@@ -89,7 +89,8 @@ impl Db {
             )
             .context("looking up the upgrade lock holder")?;
         Ok(holder.map(|r| {
-            let (pid, app, addr, age): (i32, String, String, i64) = (r.get(0), r.get(1), r.get(2), r.get(3));
+            let (pid, app, addr, age): (i32, String, String, i64) =
+                (r.get(0), r.get(1), r.get(2), r.get(3));
             format!("pid {pid} ({app}, from {addr}, connected {age}s ago)")
         }))
     }
@@ -105,7 +106,9 @@ impl Db {
         if got {
             return Ok(());
         }
-        let who = self.upgrade_lock_holder()?.unwrap_or_else(|| "another session".into());
+        let who = self
+            .upgrade_lock_holder()?
+            .unwrap_or_else(|| "another session".into());
         Err(fail(
             Exit::Locked,
             format!(

@@ -121,6 +121,10 @@ pub fn exit_of(err: &anyhow::Error) -> Exit {
     let lost = err
         .chain()
         .filter_map(|e| e.downcast_ref::<postgres::Error>())
-        .any(|e| e.is_closed() || e.as_db_error().is_some_and(|d| d.code().code().starts_with("57P")));
+        .any(|e| {
+            e.is_closed()
+                || e.as_db_error()
+                    .is_some_and(|d| d.code().code().starts_with("57P"))
+        });
     if lost { Exit::Connect } else { Exit::Internal }
 }

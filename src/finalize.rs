@@ -29,6 +29,11 @@ use crate::exit::{Exit, Failure, fail};
 use crate::hydra_schema::step_sql;
 use crate::progress::Out;
 
+/// lock_timeout of each short write-blocking step: while we wait for the lock, Hydra's
+/// writes queue behind us, so this bounds how long they can be held up (plus the step
+/// itself, about a millisecond).
+pub const DEFAULT_LOCK_TIMEOUT_MS: u64 = 500;
+
 #[derive(Debug, Clone)]
 pub struct Options {
     pub lock_timeout: Duration,

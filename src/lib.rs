@@ -43,7 +43,7 @@ fn flow_options(b: &cli::BackfillArgs, config: &Config, stock_final: bool) -> up
     upgrade::Options {
         backfill: backfill::Options::from_args(b, config),
         finalize: finalize::Options {
-            lock_timeout: std::time::Duration::from_millis(1_000),
+            lock_timeout: std::time::Duration::from_millis(finalize::DEFAULT_LOCK_TIMEOUT_MS),
             max_retries: 30,
         },
         stock_final,

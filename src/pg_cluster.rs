@@ -220,10 +220,18 @@ impl PgCluster {
     /// directory) as soon as process `pid` has exited, even if that process is killed.
     /// For test binaries and benchmarks that share one cluster across many tests.
     pub fn share_until_exit(mut self, pid: u32) -> Result<&'static PgCluster> {
-        let stop = self.tool("pg_ctl").arg("-D").arg(self.data()).args(["-m", "immediate", "-w", "stop"]);
+        let stop =
+            self.tool("pg_ctl")
+                .arg("-D")
+                .arg(self.data())
+                .args(["-m", "immediate", "-w", "stop"]);
         let script = format!(
             "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {} >/dev/null 2>&1; rm -rf {}",
-            stop.argv().iter().map(|a| crate::exec::shell_quote(a)).collect::<Vec<_>>().join(" "),
+            stop.argv()
+                .iter()
+                .map(|a| crate::exec::shell_quote(a))
+                .collect::<Vec<_>>()
+                .join(" "),
             crate::exec::shell_quote(&self.dir.path().display().to_string())
         );
         Cmd::new("sh").args(["-c", &script]).spawn_detached()?;

@@ -96,11 +96,15 @@ pub fn run(dsn: &Dsn, spec: &WriterSpec, stop: Arc<AtomicBool>) -> Result<Writer
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
         .collect();
-    let max_id: i32 = c.query_one("SELECT coalesce(max(id), 1) FROM builds", &[])?.get(0);
+    let max_id: i32 = c
+        .query_one("SELECT coalesce(max(id), 1) FROM builds", &[])?
+        .get(0);
     let mut rng = fastrand::Rng::with_seed(spec.seed);
     let mut stats = WriterStats::default();
     let mut counter: i64 = 1_000_000_000 + (spec.seed as i64 % 1000) * 1_000_000;
-    while !stop.load(Ordering::SeqCst) && (spec.max_ops == 0 || stats.inserts + stats.updates < spec.max_ops) {
+    while !stop.load(Ordering::SeqCst)
+        && (spec.max_ops == 0 || stats.inserts + stats.updates < spec.max_ops)
+    {
         let t0 = Instant::now();
         let result = if rng.bool() && !jobs.is_empty() {
             let (p, j, n, id) = &jobs[rng.usize(..jobs.len())];
@@ -146,7 +150,9 @@ pub fn run(dsn: &Dsn, spec: &WriterSpec, stop: Arc<AtomicBool>) -> Result<Writer
 /// Check that every build the writer finished still holds the value it wrote.
 pub fn lost_updates(db: &mut Db, stats: &WriterStats) -> Result<Vec<i32>> {
     let ids: Vec<i32> = stats.marks.keys().copied().collect();
-    let rows = db.client().query("SELECT id, size FROM builds WHERE id = ANY($1)", &[&ids])?;
+    let rows = db
+        .client()
+        .query("SELECT id, size FROM builds WHERE id = ANY($1)", &[&ids])?;
     let mut lost: Vec<i32> = rows
         .iter()
         .filter_map(|r| {

@@ -17,7 +17,11 @@ fn backfill_is_correct_and_idempotent(strategy: &str) {
     let r = run_on(&db, &["--json", "backfill", "--strategy", strategy]);
     r.expect_code(0);
     assert_eq!(db.wrong_or_null(), 0, "every row has its own jobset's id");
-    assert_eq!(db.digest_without_jobset_id(), digest, "no other column changed");
+    assert_eq!(
+        db.digest_without_jobset_id(),
+        digest,
+        "no other column changed"
+    );
     let v = run_on(&db, &["verify", "--json"]);
     v.expect_code(0);
     assert_eq!(v.json()["clean"], true);
@@ -35,7 +39,8 @@ fn backfill_is_correct_and_idempotent(strategy: &str) {
 /// `--json` output of backfill is JSON-lines events followed by one pretty document.
 fn last_json_document(stdout: &str) -> serde_json::Value {
     let start = stdout.rfind("\n{\n").map(|i| i + 1).unwrap_or(0);
-    serde_json::from_str(&stdout[start..]).unwrap_or_else(|e| panic!("no final JSON document ({e}):\n{stdout}"))
+    serde_json::from_str(&stdout[start..])
+        .unwrap_or_else(|e| panic!("no final JSON document ({e}):\n{stdout}"))
 }
 
 #[test]
@@ -69,7 +74,12 @@ fn auto_picks_keyset_when_an_index_contains_jobset_id() {
     db.exec("CREATE INDEX test_idx ON builds (jobset_id)");
     let r = run_on(&db, &["backfill"]);
     r.expect_code(0);
-    assert!(r.stderr.contains("builds: strategy keyset (auto: index test_idx contains jobset_id"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("builds: strategy keyset (auto: index test_idx contains jobset_id"),
+        "{}",
+        r.stderr
+    );
     assert_eq!(db.wrong_or_null(), 0);
 }
 
@@ -79,7 +89,8 @@ fn auto_warns_about_an_old_snapshot_and_names_its_pid() {
     let mut holder = db.connect();
     let c = holder.client();
     let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
-    c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM projects;").unwrap();
+    c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM projects;")
+        .unwrap();
     std::thread::sleep(Duration::from_millis(1_500));
     let r = run_on(&db, &["backfill", "--horizon-age-secs", "1"]);
     c.batch_execute("ROLLBACK").unwrap();
@@ -102,11 +113,24 @@ fn orphans_are_skipped_reported_and_fail_verify() {
     );
     let r = run_on(&db, &["backfill"]);
     r.expect_code(0);
-    assert!(r.stderr.contains("3 NULL rows match no jobset (orphans)"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("3 NULL rows match no jobset (orphans)"),
+        "{}",
+        r.stderr
+    );
     let v = run_on(&db, &["verify"]);
     v.expect_code(7);
-    assert!(v.stdout.contains("builds: 0 NULL rows to fill, 3 orphan rows"), "{}", v.stdout);
-    assert!(v.stdout.contains("project-1:gone:orphan-job"), "{}", v.stdout);
+    assert!(
+        v.stdout
+            .contains("builds: 0 NULL rows to fill, 3 orphan rows"),
+        "{}",
+        v.stdout
+    );
+    assert!(
+        v.stdout.contains("project-1:gone:orphan-job"),
+        "{}",
+        v.stdout
+    );
     assert!(v.stdout.contains("(project-1:gone)"), "{}", v.stdout);
     let j = run_on(&db, &["verify", "--json"]);
     j.expect_code(7);
@@ -122,12 +146,23 @@ fn null_rows_from_an_older_writer_are_caught_by_verify() {
     run_on(&db, &["backfill"]).expect_code(0);
     let stop = Arc::new(AtomicBool::new(false));
     let dsn = Dsn::parse(&db.dsn).unwrap();
-    let spec = WriterSpec { with_jobset_id: false, pause: Duration::ZERO, seed: 3, max_ops: 40, slice: (1, 0) };
+    let spec = WriterSpec {
+        with_jobset_id: false,
+        pause: Duration::ZERO,
+        seed: 3,
+        max_ops: 40,
+        slice: (1, 0),
+    };
     let stats = workload::run(&dsn, &spec, stop).unwrap();
     assert!(stats.inserts > 0);
     let v = run_on(&db, &["verify"]);
     v.expect_code(7);
-    assert!(v.stdout.contains(&format!("builds: {} NULL rows to fill", stats.inserts)), "{}", v.stdout);
+    assert!(
+        v.stdout
+            .contains(&format!("builds: {} NULL rows to fill", stats.inserts)),
+        "{}",
+        v.stdout
+    );
     // a new backfill run picks them up
     run_on(&db, &["backfill"]).expect_code(0);
     run_on(&db, &["verify"]).expect_code(0);
@@ -140,17 +175,31 @@ fn a_second_backfill_is_refused_while_one_runs() {
     holder.take_upgrade_lock().unwrap();
     let r = run_on(&db, &["backfill"]);
     r.expect_code(8);
-    assert!(r.stderr.contains("another hydra-upgrade is already working on this database: pid"), "{}", r.stderr);
-    assert_eq!(db.query_i64("SELECT count(*) FROM builds WHERE jobset_id IS NOT NULL"), 0, "nothing changed");
+    assert!(
+        r.stderr
+            .contains("another hydra-upgrade is already working on this database: pid"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        db.query_i64("SELECT count(*) FROM builds WHERE jobset_id IS NOT NULL"),
+        0,
+        "nothing changed"
+    );
     let s = run_on(&db, &["status"]);
     s.expect_code(0);
-    assert!(s.stdout.contains("running now:       hydra-upgrade pid"), "{}", s.stdout);
+    assert!(
+        s.stdout.contains("running now:       hydra-upgrade pid"),
+        "{}",
+        s.stdout
+    );
 }
 
 #[test]
 fn concurrent_writers_see_no_error_and_lose_no_update() {
     let db = hydra_at(61);
-    let digest_jobs_before = db.query_string("SELECT md5(string_agg(name, ',' ORDER BY project, jobset, name)) FROM jobs");
+    let digest_jobs_before = db
+        .query_string("SELECT md5(string_agg(name, ',' ORDER BY project, jobset, name)) FROM jobs");
     let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..2)
         .map(|i| {
@@ -170,21 +219,41 @@ fn concurrent_writers_see_no_error_and_lose_no_update() {
         .collect();
     std::thread::sleep(Duration::from_millis(200));
     // small batches and a pause keep the backfill running alongside the writers
-    let r = run_on(&db, &["backfill", "--strategy", "per-page", "--batch-size", "8", "--max-batch-size", "16", "--pause-ms", "2"]);
+    let r = run_on(
+        &db,
+        &[
+            "backfill",
+            "--strategy",
+            "per-page",
+            "--batch-size",
+            "8",
+            "--max-batch-size",
+            "16",
+            "--pause-ms",
+            "2",
+        ],
+    );
     stop.store(true, Ordering::SeqCst);
     let stats: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();
     r.expect_code(0);
     let mut check = db.connect();
     for s in &stats {
         assert_eq!(s.errors, 0, "writer errors: {:?}", s.error_samples);
-        assert!(s.updates > 10 && s.inserts > 10, "writers did work: {} updates, {} inserts", s.updates, s.inserts);
+        assert!(
+            s.updates > 10 && s.inserts > 10,
+            "writers did work: {} updates, {} inserts",
+            s.updates,
+            s.inserts
+        );
         let lost = workload::lost_updates(&mut check, s).unwrap();
         assert!(lost.is_empty(), "lost updates on builds {lost:?}");
     }
     assert_eq!(db.wrong_or_null(), 0);
     run_on(&db, &["verify"]).expect_code(0);
     assert_eq!(
-        db.query_string("SELECT md5(string_agg(name, ',' ORDER BY project, jobset, name)) FROM jobs"),
+        db.query_string(
+            "SELECT md5(string_agg(name, ',' ORDER BY project, jobset, name)) FROM jobs"
+        ),
         digest_jobs_before
     );
 }

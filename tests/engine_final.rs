@@ -11,12 +11,23 @@ fn schema_dump(db: &TestDb) -> String {
     let c = cluster();
     let out = c
         .client_tool("pg_dump")
-        .args(["--schema-only", "--no-owner", "--no-privileges", "-n", "public", "-d"])
+        .args([
+            "--schema-only",
+            "--no-owner",
+            "--no-privileges",
+            "-n",
+            "public",
+            "-d",
+        ])
         .arg(c.dsn_string(&db.name, SUPERUSER))
         .run()
         .expect("pg_dump");
     // pg_dump's \restrict lines carry a random key per run.
-    out.stdout.lines().filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict")).collect::<Vec<_>>().join("\n")
+    out.stdout
+        .lines()
+        .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[test]
@@ -33,8 +44,14 @@ fn finalize_produces_the_catalog_of_hydras_own_upgrade_files() {
     assert_eq!(ours.version(), 65);
 
     let (a, b) = (schema_dump(&stock), schema_dump(&ours));
-    assert!(a.contains("indexfinishedsuccessfulbuilds") && a.contains("jobset_id integer NOT NULL"));
-    assert_eq!(a.lines().count(), b.lines().count(), "catalog dumps differ in length:\n{a}\n----\n{b}");
+    assert!(
+        a.contains("indexfinishedsuccessfulbuilds") && a.contains("jobset_id integer NOT NULL")
+    );
+    assert_eq!(
+        a.lines().count(),
+        b.lines().count(),
+        "catalog dumps differ in length:\n{a}\n----\n{b}"
+    );
     if a != b {
         let diff: Vec<String> = a
             .lines()
@@ -45,14 +62,22 @@ fn finalize_produces_the_catalog_of_hydras_own_upgrade_files() {
             .collect();
         panic!("catalogs differ:\n{}", diff.join("\n"));
     }
-    assert_eq!(ours.query_i64("SELECT count(*) FROM pg_namespace WHERE nspname = 'hydra_upgrade'"), 0, "no helper left");
+    assert_eq!(
+        ours.query_i64("SELECT count(*) FROM pg_namespace WHERE nspname = 'hydra_upgrade'"),
+        0,
+        "no helper left"
+    );
     assert_eq!(
         ours.query_i64("SELECT count(*) FROM pg_constraint WHERE conname LIKE 'hydra_upgrade%'"),
         0,
         "helper constraints dropped"
     );
     // the final package's hydra-init then has nothing left to do
-    assert!(hydra_upgrade::hydra_schema::apply_steps(&mut ours.connect(), 65).unwrap().is_empty());
+    assert!(
+        hydra_upgrade::hydra_schema::apply_steps(&mut ours.connect(), 65)
+            .unwrap()
+            .is_empty()
+    );
     run_on(&ours, &["status"]).expect_code(0);
 }
 
@@ -61,9 +86,17 @@ fn finalize_is_refused_while_null_rows_remain() {
     let db = hydra_at(61);
     let r = run_on(&db, &["finalize"]);
     r.expect_code(7);
-    assert!(r.stderr.contains("finalize is refused while rows are left: jobs:"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("finalize is refused while rows are left: jobs:"),
+        "{}",
+        r.stderr
+    );
     assert_eq!(db.version(), 61);
-    assert_eq!(db.query_i64("SELECT count(*) FROM pg_constraint WHERE conname LIKE 'hydra_upgrade%'"), 0);
+    assert_eq!(
+        db.query_i64("SELECT count(*) FROM pg_constraint WHERE conname LIKE 'hydra_upgrade%'"),
+        0
+    );
 }
 
 #[test]
@@ -73,14 +106,18 @@ fn finalize_waits_out_a_conflicting_lock_with_short_retries() {
     let mut holder = db.connect();
     let c = holder.client();
     // Hydra's queue runner in the middle of a transaction on Builds.
-    c.batch_execute("BEGIN; UPDATE builds SET priority = priority WHERE id = 1;").unwrap();
+    c.batch_execute("BEGIN; UPDATE builds SET priority = priority WHERE id = 1;")
+        .unwrap();
     let handle = spawn_on(&db, &["finalize", "--lock-timeout-ms", "100"]);
     std::thread::sleep(Duration::from_millis(1_500));
     c.batch_execute("COMMIT").unwrap();
     let out = handle.wait().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert!(stderr.contains("Hydra holds a conflicting lock, retry"), "{stderr}");
+    assert!(
+        stderr.contains("Hydra holds a conflicting lock, retry"),
+        "{stderr}"
+    );
     assert_eq!(db.version(), 65);
 }
 
@@ -95,14 +132,32 @@ fn finalize_resumes_after_an_invalid_leftover_index() {
     );
     let r = run_on(&db, &["finalize"]);
     r.expect_code(0);
-    assert!(r.stderr.contains("dropping the invalid leftover index hydra_upgrade_tmp_64"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("dropping the invalid leftover index hydra_upgrade_tmp_64"),
+        "{}",
+        r.stderr
+    );
     let def = db.query_string("SELECT pg_get_indexdef('indexfinishedsuccessfulbuilds'::regclass)");
-    assert!(def.contains("(id DESC, buildstatus, finished, job, jobset_id)"), "{def}");
+    assert!(
+        def.contains("(id DESC, buildstatus, finished, job, jobset_id)"),
+        "{def}"
+    );
 }
 
 #[test]
 fn rehearse_runs_the_whole_upgrade_on_synthetic_data() {
-    let r = run(&["rehearse", "--builds", "3000", "--jobs", "300", "--jobsets", "20", "--projects", "5"]);
+    let r = run(&[
+        "rehearse",
+        "--builds",
+        "3000",
+        "--jobs",
+        "300",
+        "--jobsets",
+        "20",
+        "--projects",
+        "5",
+    ]);
     r.expect_code(0);
     for needle in [
         "rehearsal on synthetic data: 3000 builds, 300 jobs",
@@ -112,14 +167,54 @@ fn rehearse_runs_the_whole_upgrade_on_synthetic_data() {
         "longest lock blocking Hydra's writes in the final phase",
         "final schema version: 65",
     ] {
-        assert!(r.stdout.contains(needle), "{needle:?} missing:\n{}", r.stdout);
+        assert!(
+            r.stdout.contains(needle),
+            "{needle:?} missing:\n{}",
+            r.stdout
+        );
     }
-    let stock = run(&["rehearse", "--stock-final", "--builds", "2000", "--jobs", "200", "--jobsets", "10", "--projects", "5"]);
+    let stock = run(&[
+        "rehearse",
+        "--stock-final",
+        "--builds",
+        "2000",
+        "--jobs",
+        "200",
+        "--jobsets",
+        "10",
+        "--projects",
+        "5",
+    ]);
     stock.expect_code(0);
-    assert!(!stock.stdout.contains("final phase, online step"), "{}", stock.stdout);
-    assert!(stock.stdout.contains("longest lock blocking Hydra's writes in the final phase"), "{}", stock.stdout);
-    assert!(stock.stdout.contains("final schema version: 65"), "{}", stock.stdout);
-    let j = run(&["--json", "rehearse", "--builds", "2000", "--jobs", "200", "--jobsets", "10", "--projects", "5"]);
+    assert!(
+        !stock.stdout.contains("final phase, online step"),
+        "{}",
+        stock.stdout
+    );
+    assert!(
+        stock
+            .stdout
+            .contains("longest lock blocking Hydra's writes in the final phase"),
+        "{}",
+        stock.stdout
+    );
+    assert!(
+        stock.stdout.contains("final schema version: 65"),
+        "{}",
+        stock.stdout
+    );
+    let j = run(&[
+        "--json",
+        "rehearse",
+        "--builds",
+        "2000",
+        "--jobs",
+        "200",
+        "--jobsets",
+        "10",
+        "--projects",
+        "5",
+    ]);
     j.expect_code(0);
     let start = j.stdout.rfind("\n{\n").unwrap() + 1;
     let doc: serde_json::Value = serde_json::from_str(&j.stdout[start..]).unwrap();
@@ -133,8 +228,17 @@ fn rehearse_on_a_copy_of_a_database_and_of_a_dump() {
     let before = db.digest_without_jobset_id();
     let r = run(&["rehearse", "--from-db", &db.dsn]);
     r.expect_code(0);
-    assert!(r.stdout.contains(&format!("rehearsal on copy of dbname={}", db.name)), "{}", r.stdout);
-    assert!(r.stdout.contains("final schema version: 65"), "{}", r.stdout);
+    assert!(
+        r.stdout
+            .contains(&format!("rehearsal on copy of dbname={}", db.name)),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("final schema version: 65"),
+        "{}",
+        r.stdout
+    );
     assert_eq!(db.version(), 60, "the source is only read");
     assert_eq!(db.digest_without_jobset_id(), before);
 
@@ -149,7 +253,11 @@ fn rehearse_on_a_copy_of_a_database_and_of_a_dump() {
         .unwrap();
     let r = run(&["rehearse", "--from-dump", file.to_str().unwrap()]);
     r.expect_code(0);
-    assert!(r.stdout.contains("final schema version: 65"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("final schema version: 65"),
+        "{}",
+        r.stdout
+    );
 }
 
 #[test]

@@ -10,8 +10,28 @@ use common::*;
 /// Slow enough settings that the run is still going when the signal arrives.
 fn slow(strategy: &str) -> Vec<&str> {
     match strategy {
-        "per-page" => vec!["backfill", "--strategy", "per-page", "--batch-size", "4", "--max-batch-size", "4", "--pause-ms", "4"],
-        _ => vec!["backfill", "--strategy", "keyset", "--batch-size", "40", "--max-batch-size", "40", "--pause-ms", "4"],
+        "per-page" => vec![
+            "backfill",
+            "--strategy",
+            "per-page",
+            "--batch-size",
+            "4",
+            "--max-batch-size",
+            "4",
+            "--pause-ms",
+            "4",
+        ],
+        _ => vec![
+            "backfill",
+            "--strategy",
+            "keyset",
+            "--batch-size",
+            "40",
+            "--max-batch-size",
+            "40",
+            "--pause-ms",
+            "4",
+        ],
     }
 }
 
@@ -47,19 +67,38 @@ fn interrupt_and_resume(strategy: &str, sig: &str, delay: Duration) {
         let out = handle.wait().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(130), "{sig}: {stderr}");
-        assert!(stderr.contains("interrupted; all committed work is kept"), "{stderr}");
+        assert!(
+            stderr.contains("interrupted; all committed work is kept"),
+            "{stderr}"
+        );
         assert!(stderr.contains("Run the same command again"), "{stderr}");
     }
     let done_before = filled(&db);
-    assert!(done_before > 0 && done_before < total, "{sig} at {delay:?}: {done_before} of {total} filled");
+    assert!(
+        done_before > 0 && done_before < total,
+        "{sig} at {delay:?}: {done_before} of {total} filled"
+    );
 
     let r = run_on(&db, &["--json", "backfill", "--strategy", strategy]);
     r.expect_code(0);
-    assert!(r.stdout.contains("\"event\":\"resume\""), "the re-run resumed:\n{}", r.stdout);
+    assert!(
+        r.stdout.contains("\"event\":\"resume\""),
+        "the re-run resumed:\n{}",
+        r.stdout
+    );
     let start = r.stdout.rfind("\n{\n").unwrap() + 1;
     let report: serde_json::Value = serde_json::from_str(&r.stdout[start..]).unwrap();
-    let redone: i64 = report["tables"].as_array().unwrap().iter().map(|t| t["rows_updated"].as_i64().unwrap()).sum();
-    assert_eq!(done_before + redone, total, "committed rows were not redone");
+    let redone: i64 = report["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["rows_updated"].as_i64().unwrap())
+        .sum();
+    assert_eq!(
+        done_before + redone,
+        total,
+        "committed rows were not redone"
+    );
     assert_eq!(db.wrong_or_null(), 0);
     assert_eq!(db.digest_without_jobset_id(), digest);
     run_on(&db, &["verify"]).expect_code(0);

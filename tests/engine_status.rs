@@ -9,7 +9,11 @@ fn status_before_migration_names_the_next_step() {
     let r = run_on(&db, &["status"]);
     r.expect_code(0);
     assert!(r.stdout.contains("schema version:    57"), "{}", r.stdout);
-    assert!(r.stdout.contains("next: switch to the migration package"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("next: switch to the migration package"),
+        "{}",
+        r.stdout
+    );
 
     let j = run_on(&db, &["status", "--json"]).json();
     assert_eq!(j["schema_version"], 57);
@@ -20,11 +24,16 @@ fn status_before_migration_names_the_next_step() {
 #[test]
 fn status_at_61_counts_null_rows_and_json_agrees() {
     let db = hydra_at(61);
-    let j = run_on(&db, &["status", "--json", "--exact"]).expect_code(0).json();
+    let j = run_on(&db, &["status", "--json", "--exact"])
+        .expect_code(0)
+        .json();
     assert_eq!(j["stage"], "migration");
     assert_eq!(j["builds_jobset_id"]["nullable"], true);
     assert_eq!(j["builds_jobset_id"]["null_rows"], SPEC.builds);
-    assert_eq!(j["jobs_jobset_id"]["null_rows"], db.query_i64("SELECT count(*) FROM jobs"));
+    assert_eq!(
+        j["jobs_jobset_id"]["null_rows"],
+        db.query_i64("SELECT count(*) FROM jobs")
+    );
     assert!(j["next_step"].as_str().unwrap().contains("backfill"));
 }
 
@@ -34,7 +43,13 @@ fn plan_prints_the_steps_and_changes_nothing() {
     let before = db.digest_without_jobset_id();
     let r = run_on(&db, &["plan"]);
     r.expect_code(0);
-    for step in ["switch-migration", "backfill", "verify", "finalize", "switch-final"] {
+    for step in [
+        "switch-migration",
+        "backfill",
+        "verify",
+        "finalize",
+        "switch-final",
+    ] {
         assert!(r.stdout.contains(step), "{step} missing:\n{}", r.stdout);
     }
     assert_eq!(db.version(), 57);
@@ -55,7 +70,11 @@ fn version_61_without_the_columns_is_a_contradiction() {
     db.exec("UPDATE SchemaVersion SET version = 61");
     let r = run_on(&db, &["status"]);
     r.expect_code(6);
-    assert!(r.stderr.contains("contradicts SchemaVersion 61"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("contradicts SchemaVersion 61"),
+        "{}",
+        r.stderr
+    );
     assert!(r.stderr.contains("Jobsets.id is missing"), "{}", r.stderr);
     // backfill refuses the same way and changes nothing
     run_on(&db, &["backfill"]).expect_code(6);
@@ -90,7 +109,11 @@ fn backfill_before_migration_is_the_wrong_phase() {
     let db = hydra_at(57);
     let r = run_on(&db, &["backfill"]);
     r.expect_code(9);
-    assert!(r.stderr.contains("switch to the migration package first"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("switch to the migration package first"),
+        "{}",
+        r.stderr
+    );
     run_on(&db, &["verify"]).expect_code(9);
 }
 
@@ -113,7 +136,11 @@ fn no_database_given_is_a_config_error() {
 #[test]
 fn hydra_dbi_from_the_environment_is_used() {
     let db = hydra_at(57);
-    let dbi = format!("dbi:Pg:dbname={};user=postgres;host={};port=5432", db.name, cluster().socket_dir().display());
+    let dbi = format!(
+        "dbi:Pg:dbname={};user=postgres;host={};port=5432",
+        db.name,
+        cluster().socket_dir().display()
+    );
     let out = duct::cmd(BIN, ["status", "--json"])
         .env("HYDRA_DBI", dbi)
         .stdout_capture()
@@ -127,7 +154,11 @@ fn hydra_dbi_from_the_environment_is_used() {
 
 #[test]
 fn unreachable_server_is_a_connect_error() {
-    let r = run(&["--db", "host=/nonexistent-socket-dir port=5999 dbname=hydra user=hydra", "status"]);
+    let r = run(&[
+        "--db",
+        "host=/nonexistent-socket-dir port=5999 dbname=hydra user=hydra",
+        "status",
+    ]);
     r.expect_code(4);
     assert!(r.stderr.contains("cannot connect"), "{}", r.stderr);
 }
@@ -146,14 +177,30 @@ fn wrong_password_is_refused_and_never_echoed() {
     db.exec("GRANT SELECT ON ALL TABLES IN SCHEMA public TO pwuser");
     c.prepend_hba("local all pwuser scram-sha-256").unwrap();
     let secret = "Wr0ng-S3cret-Value";
-    let dsn = format!("dbi:Pg:dbname={};user=pwuser;host={};password={secret}", db.name, c.socket_dir().display());
+    let dsn = format!(
+        "dbi:Pg:dbname={};user=pwuser;host={};password={secret}",
+        db.name,
+        c.socket_dir().display()
+    );
     let r = run(&["--db", &dsn, "status"]);
     r.expect_code(4);
-    assert!(r.stderr.contains("password authentication failed"), "{}", r.stderr);
-    assert!(!r.stderr.contains(secret) && !r.stdout.contains(secret), "password echoed:\n{}", r.stderr);
+    assert!(
+        r.stderr.contains("password authentication failed"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        !r.stderr.contains(secret) && !r.stdout.contains(secret),
+        "password echoed:\n{}",
+        r.stderr
+    );
 
     // the same password through PGPASSWORD: refused, never echoed
-    let dsn = format!("host={} dbname={} user=pwuser", c.socket_dir().display(), db.name);
+    let dsn = format!(
+        "host={} dbname={} user=pwuser",
+        c.socket_dir().display(),
+        db.name
+    );
     let out = duct::cmd(BIN, ["--db", &dsn, "status"])
         .env("PGPASSWORD", secret)
         .stderr_capture()
@@ -167,7 +214,11 @@ fn wrong_password_is_refused_and_never_echoed() {
     // and the right one through a pgpass file works
     let dir = tempfile::tempdir().unwrap();
     let pgpass = dir.path().join("pgpass");
-    std::fs::write(&pgpass, format!("localhost:5432:{}:pwuser:right-password\n", db.name)).unwrap();
+    std::fs::write(
+        &pgpass,
+        format!("localhost:5432:{}:pwuser:right-password\n", db.name),
+    )
+    .unwrap();
     let out = duct::cmd(BIN, ["--db", &dsn, "status"])
         .env("PGPASSFILE", &pgpass)
         .env_remove("PGPASSWORD")
@@ -176,5 +227,10 @@ fn wrong_password_is_refused_and_never_echoed() {
         .unchecked()
         .run()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

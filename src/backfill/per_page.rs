@@ -48,7 +48,11 @@ pub fn list_window(
     let to = format!("({},0)", first + count);
     // Stream the rows: only the ids are kept, never the whole result set.
     let mut rows = c.query_raw(&sql, [&from, &to]).with_context(|| {
-        format!("listing NULL rows of {} pages {first}..{}", table.name(), first + count)
+        format!(
+            "listing NULL rows of {} pages {first}..{}",
+            table.name(),
+            first + count
+        )
     })?;
     let mut pages: Vec<Vec<i32>> = Vec::new();
     let mut last_page = None;

@@ -102,7 +102,7 @@ pub struct BenchArgs {
     pub writer_pause_ms: u64,
     /// Our backfill's target time per transaction (`hydra-upgrade backfill
     /// --target-batch-ms`), for every run of ours.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = backfill::DEFAULT_TARGET_BATCH_MS)]
     pub target_batch_ms: u64,
     /// Our backfill's pause between transactions (`--pause-ms`).
     #[arg(long, default_value_t = 0)]
@@ -583,7 +583,7 @@ fn run_final_contender(
             let report = finalize::run(
                 &mut db,
                 &finalize::Options {
-                    lock_timeout: Duration::from_millis(1_000),
+                    lock_timeout: Duration::from_millis(finalize::DEFAULT_LOCK_TIMEOUT_MS),
                     max_retries: 30,
                 },
                 &engine_out(),

@@ -13,18 +13,30 @@ use hydra_upgrade::synth;
 pub const BIN: &str = env!("CARGO_BIN_EXE_hydra-upgrade");
 
 /// The template's shape: several projects, shared jobset names, large and small jobsets.
-pub const SPEC: synth::Spec = synth::Spec { projects: 12, jobsets: 48, jobs: 1_500, builds: 12_000, seed: 7 };
+pub const SPEC: synth::Spec = synth::Spec {
+    projects: 12,
+    jobsets: 48,
+    jobs: 1_500,
+    builds: 12_000,
+    seed: 7,
+};
 
 pub fn cluster() -> &'static PgCluster {
     static CLUSTER: OnceLock<&'static PgCluster> = OnceLock::new();
     CLUSTER.get_or_init(|| {
         let c = PgCluster::start(&["fsync=off", "full_page_writes=off", "max_connections=100"])
-            .expect("starting the test PostgreSQL (see README: PostgreSQL server binaries are needed)");
-        let c = c.share_until_exit(std::process::id()).expect("watching the test process");
-        c.create_database("template_hydra57", None).expect("template database");
+            .expect(
+                "starting the test PostgreSQL (see README: PostgreSQL server binaries are needed)",
+            );
+        let c = c
+            .share_until_exit(std::process::id())
+            .expect("watching the test process");
+        c.create_database("template_hydra57", None)
+            .expect("template database");
         let mut db = c.connect("template_hydra57").expect("connect to template");
         synth::generate(&mut db, &SPEC).expect("synthetic data");
-        c.create_database("template_empty", None).expect("empty template");
+        c.create_database("template_empty", None)
+            .expect("empty template");
         c
     })
 }
@@ -37,15 +49,25 @@ pub struct TestDb {
 
 impl TestDb {
     pub fn connect(&self) -> Db {
-        cluster().connect(&self.name).expect("connect to the test database")
+        cluster()
+            .connect(&self.name)
+            .expect("connect to the test database")
     }
 
     pub fn query_i64(&self, sql: &str) -> i64 {
-        self.connect().client().query_one(sql, &[]).expect(sql).get(0)
+        self.connect()
+            .client()
+            .query_one(sql, &[])
+            .expect(sql)
+            .get(0)
     }
 
     pub fn query_string(&self, sql: &str) -> String {
-        self.connect().client().query_one(sql, &[]).expect(sql).get(0)
+        self.connect()
+            .client()
+            .query_one(sql, &[])
+            .expect(sql)
+            .get(0)
     }
 
     pub fn exec(&self, sql: &str) {
@@ -85,9 +107,17 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 fn new_db(template: &str) -> TestDb {
     let c = cluster();
-    let name = format!("t{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
-    c.create_database(&name, Some(template)).expect("create test database");
-    TestDb { dsn: c.dsn_string(&name, SUPERUSER), name }
+    let name = format!(
+        "t{}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    );
+    c.create_database(&name, Some(template))
+        .expect("create test database");
+    TestDb {
+        dsn: c.dsn_string(&name, SUPERUSER),
+        name,
+    }
 }
 
 /// A synthetic Hydra at `version` (57..=65), jobset_id NULL everywhere it exists.
@@ -111,7 +141,8 @@ pub struct Run {
 
 impl Run {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", self.stdout))
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", self.stdout))
     }
 
     #[track_caller]
@@ -159,5 +190,7 @@ pub fn run_on(db: &TestDb, args: &[&str]) -> Run {
 pub fn spawn_on(db: &TestDb, args: &[&str]) -> duct::Handle {
     let mut full = vec!["--db".to_owned(), db.dsn.clone()];
     full.extend(args.iter().map(|s| s.to_string()));
-    command(&full.iter().map(String::as_str).collect::<Vec<_>>()).start().expect("starting hydra-upgrade")
+    command(&full.iter().map(String::as_str).collect::<Vec<_>>())
+        .start()
+        .expect("starting hydra-upgrade")
 }
