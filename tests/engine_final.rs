@@ -145,6 +145,18 @@ fn finalize_resumes_after_an_invalid_leftover_index() {
     );
 }
 
+/// A small synthetic Hydra for rehearse runs.
+const SMALL: &[&str] = &[
+    "--builds",
+    "2000",
+    "--jobs",
+    "200",
+    "--jobsets",
+    "10",
+    "--projects",
+    "5",
+];
+
 #[test]
 fn rehearse_runs_the_whole_upgrade_on_synthetic_data() {
     let r = run(&[
@@ -173,18 +185,7 @@ fn rehearse_runs_the_whole_upgrade_on_synthetic_data() {
             r.stdout
         );
     }
-    let stock = run(&[
-        "rehearse",
-        "--stock-final",
-        "--builds",
-        "2000",
-        "--jobs",
-        "200",
-        "--jobsets",
-        "10",
-        "--projects",
-        "5",
-    ]);
+    let stock = run(&[&["rehearse", "--stock-final"], SMALL].concat());
     stock.expect_code(0);
     assert!(
         !stock.stdout.contains("final phase, online step"),
@@ -203,18 +204,7 @@ fn rehearse_runs_the_whole_upgrade_on_synthetic_data() {
         "{}",
         stock.stdout
     );
-    let j = run(&[
-        "--json",
-        "rehearse",
-        "--builds",
-        "2000",
-        "--jobs",
-        "200",
-        "--jobsets",
-        "10",
-        "--projects",
-        "5",
-    ]);
+    let j = run(&[&["--json", "rehearse"], SMALL].concat());
     j.expect_code(0);
     let start = j.stdout.rfind("\n{\n").unwrap() + 1;
     let doc: serde_json::Value = serde_json::from_str(&j.stdout[start..]).unwrap();

@@ -271,6 +271,18 @@ fn pos(calls: &str, needle: &str) -> usize {
         .unwrap_or_else(|| panic!("`{needle}` not called:\n{calls}"))
 }
 
+/// Backfill knobs slow enough that the run is still going when a test interrupts it.
+const SLOW_BACKFILL: [&str; 8] = [
+    "--strategy",
+    "keyset",
+    "--batch-size",
+    "300",
+    "--max-batch-size",
+    "300",
+    "--pause-ms",
+    "40",
+];
+
 #[test]
 fn full_upgrade_from_58_to_65_with_explicit_systems() {
     let f = Fake::new(58);
@@ -751,17 +763,7 @@ fn sigint_after_the_migration_switch_stops_then_resumes() {
 #[test]
 fn an_ssh_drop_during_the_backfill_leaves_it_running_and_a_rerun_follows_it() {
     let f = Fake::new(61);
-    let slow = [
-        "--strategy",
-        "keyset",
-        "--batch-size",
-        "300",
-        "--max-batch-size",
-        "300",
-        "--pause-ms",
-        "40",
-    ];
-    let h = f.spawn(&slow);
+    let h = f.spawn(&SLOW_BACKFILL);
     let pid_file = f.state("units/hydra-upgrade-backfill.service.pid");
     wait_for("the backfill unit", || pid_file.exists());
     std::thread::sleep(Duration::from_millis(300));
@@ -776,7 +778,7 @@ fn an_ssh_drop_during_the_backfill_leaves_it_running_and_a_rerun_follows_it() {
         alive(&unit_pid),
         "the backfill unit must survive the dropped session"
     );
-    let r = f.run(&slow);
+    let r = f.run(&SLOW_BACKFILL);
     r.expect_code(0);
     assert!(
         r.stderr.contains(
@@ -800,17 +802,7 @@ fn foreground_backfill_runs_in_the_process() {
 #[test]
 fn ctrl_c_during_the_backfill_stops_its_unit_then_resumes() {
     let f = Fake::new(61);
-    let slow = [
-        "--strategy",
-        "keyset",
-        "--batch-size",
-        "300",
-        "--max-batch-size",
-        "300",
-        "--pause-ms",
-        "40",
-    ];
-    let h = f.spawn(&slow);
+    let h = f.spawn(&SLOW_BACKFILL);
     let pid_file = f.state("units/hydra-upgrade-backfill.service.pid");
     wait_for("the backfill unit", || pid_file.exists());
     std::thread::sleep(Duration::from_millis(300));
@@ -833,7 +825,7 @@ fn ctrl_c_during_the_backfill_stops_its_unit_then_resumes() {
     assert!(!alive(&unit_pid), "the backfill unit must be stopped");
     assert!(f.db.wrong_or_null() > 0, "stopped before the end");
     assert_eq!(f.db.version(), 61);
-    f.run(&slow).expect_code(0);
+    f.run(&SLOW_BACKFILL).expect_code(0);
     f.assert_final();
 }
 

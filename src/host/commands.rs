@@ -100,13 +100,9 @@ pub fn switch_unit(label: &str) -> String {
     format!("hydra-upgrade-switch-{label}")
 }
 
-/// `<system>/bin/switch-to-configuration switch|test` under `systemd-run`, so that the
-/// activation runs to its end even when our SSH session or process dies.
-pub fn activate(system: &Path, mode: SwitchMode, label: &str) -> Cmd {
-    let action = match mode {
-        SwitchMode::Switch => "switch",
-        SwitchMode::Test => "test",
-    };
+/// `systemd-run` starting a transient service `unit` that we wait for, with its output
+/// piped to ours, collected when done, never asking for a password (as nixos-rebuild).
+fn transient_unit(unit: &str) -> Cmd {
     Cmd::new("systemd-run")
         .args([
             "--wait",
@@ -116,7 +112,17 @@ pub fn activate(system: &Path, mode: SwitchMode, label: &str) -> Cmd {
             "--quiet",
             "--no-ask-password",
         ])
-        .arg(format!("--unit={}", switch_unit(label)))
+        .arg(format!("--unit={unit}"))
+}
+
+/// `<system>/bin/switch-to-configuration switch|test` under `systemd-run`, so that the
+/// activation runs to its end even when our SSH session or process dies.
+pub fn activate(system: &Path, mode: SwitchMode, label: &str) -> Cmd {
+    let action = match mode {
+        SwitchMode::Switch => "switch",
+        SwitchMode::Test => "test",
+    };
+    transient_unit(&switch_unit(label))
         .arg("--")
         .arg(system.join("bin/switch-to-configuration"))
         .arg(action)
@@ -207,16 +213,7 @@ pub fn nix_copy(dest: &str, paths: &[&Path]) -> Cmd {
 /// journal and, while we wait, to our stderr. The database DSN reaches it through an
 /// `EnvironmentFile` (mode 0600), never through a command line.
 pub fn backfill_unit(env_file: &Path, argv: &[String]) -> Cmd {
-    Cmd::new("systemd-run")
-        .args([
-            "--wait",
-            "--pipe",
-            "--collect",
-            "--service-type=exec",
-            "--quiet",
-            "--no-ask-password",
-        ])
-        .arg(format!("--unit={BACKFILL_UNIT}"))
+    transient_unit(BACKFILL_UNIT)
         .arg("-p")
         .arg(format!("EnvironmentFile={}", env_file.display()))
         .arg("--")
