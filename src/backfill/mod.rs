@@ -329,6 +329,7 @@ fn run_table(
     let name = table.name();
     let before = table_stats(db, table)?;
     let resume_hint = "Run the same command again to continue from the last committed batch.";
+    let mut why = String::from("resumed from saved progress");
     let mut progress = match state::load(db, name)? {
         Some(p) if !p.finished => {
             out.event(
@@ -363,7 +364,8 @@ fn run_table(
                     bytes_after: before.2,
                 });
             }
-            let (strategy, why) = choose(db, table, opts, out)?;
+            let (strategy, reason) = choose(db, table, opts, out)?;
+            why = reason;
             out.event(
                 "strategy",
                 &format!("{name}: strategy {strategy} ({why})"),
@@ -539,7 +541,7 @@ fn run_table(
         transactions,
         retries,
         seconds: start.elapsed().as_secs_f64(),
-        why: String::new(),
+        why,
     })
 }
 
