@@ -118,13 +118,38 @@ pub fn exit_of(err: &anyhow::Error) -> Exit {
     if let Some(f) = err.chain().find_map(|e| e.downcast_ref::<Failure>()) {
         return f.exit;
     }
-    let lost = err
-        .chain()
-        .filter_map(|e| e.downcast_ref::<postgres::Error>())
-        .any(|e| {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    let lost = err.chain().any(|e| {
+        // The server closed the session (57P01 admin shutdown, ...), or the socket broke
+        // under a statement (reset, broken pipe, EOF).
+        let closed = e.downcast_ref::<postgres::Error>().is_some_and(|e| {
             e.is_closed()
                 || e.as_db_error()
                     .is_some_and(|d| d.code().code().starts_with("57P"))
         });
+        let io = e.downcast_ref::<std::io::Error>().is_some_and(|e| {
+            matches!(
+                e.kind(),
+                ConnectionReset | BrokenPipe | ConnectionAborted | UnexpectedEof
+            )
+        });
+        closed || io
+    });
     if lost { Exit::Connect } else { Exit::Internal }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_socket_is_a_connection_failure() {
+        let io = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let err = anyhow::Error::new(io).context("running a keyset batch on Builds");
+        assert_eq!(exit_of(&err), Exit::Connect);
+        let other = anyhow::anyhow!("something else");
+        assert_eq!(exit_of(&other), Exit::Internal);
+        let failure = fail(Exit::RowsLeft, "rows left").context("outer");
+        assert_eq!(exit_of(&failure), Exit::RowsLeft);
+    }
 }
