@@ -234,7 +234,7 @@ in
 
       targetBatchMs = mkOption {
         type = types.ints.unsigned;
-        default = 50;
+        default = 20;
         example = 200;
         description = "Time each backfill transaction aims at, in milliseconds; batch sizes adapt to it.";
       };
