@@ -146,11 +146,21 @@ let
 
   utilLinux = pkgs.util-linux or pkgs.utillinux;
 
+  # services.postgresql.package has no default of its own: nixpkgs defines it only under
+  # `mkIf services.postgresql.enable` (20.09 and current), and the Hydra module enables
+  # PostgreSQL only for its default local DBI string. A Hydra whose database lives on
+  # another host therefore gets the client from pkgs.postgresql (psql speaks to older and
+  # newer servers alike).
+  psqlPackage =
+    if config.services.postgresql.enable
+    then config.services.postgresql.package
+    else pkgs.postgresql;
+
   guardCommand = concatStringsSep " " (map escapeShellArg [
     "${pkgs.bash}/bin/bash"
     "${./schema-guard.sh}"
     "${hydraCfg.package}"
-    "${config.services.postgresql.package}/bin/psql"
+    "${psqlPackage}/bin/psql"
     conninfo
     "${utilLinux}/bin/runuser"
     "${pkgName cfg.migrationPackage} (services.hydra-upgrade.migrationPackage) or a newer Hydra"

@@ -94,7 +94,7 @@ let
     "config: state dir, URL, backfill knobs" =
       settings.state_dir == "/var/lib/hydra-upgrade"
       && settings.hydra_url == "http://localhost:3000"
-      && settings.backfill == { strategy = "per-page"; target_batch_ms = 200; pause_ms = 5; };
+      && settings.backfill == { strategy = "per-page"; target_batch_ms = 20; pause_ms = 5; };
     "config has only keys the tool accepts" = lib.all (k: lib.elem k allowedKeys) (lib.attrNames settings);
     "activation installs the config file and GC roots" =
       let t = main.system.activationScripts.hydra-upgrade.text; in
@@ -117,6 +117,8 @@ let
     "guard converts a DBI string with db=, host, port" =
       hasInfix "'dbname=hydra host=db.example.org port=5433 user=ci application_name=hydra-upgrade-guard'"
         remoteDb.systemd.services.hydra-init.preStart;
+    "remote database (PostgreSQL not enabled here): the guard's psql comes from pkgs.postgresql" =
+      hasInfix "postgresql-11/bin/psql" remoteDb.systemd.services.hydra-init.preStart;
     "URL from listenHost and port" = (builtins.fromJSON remoteDb.system.build.hydraUpgradeConfig.text).hydra_url == "http://[::1]:3001";
     "schemaGuard = false leaves hydra-init alone" = !(hasInfix "schema-guard.sh" noGuard.systemd.services.hydra-init.preStart);
 

@@ -49,6 +49,8 @@ in
       listenHost = mkOption { type = types.str; default = "*"; };
       port = mkOption { type = types.int; default = 3000; };
     };
+    services.postgresql.enable = mkOption { type = types.bool; default = false; };
+    # No default, as in nixpkgs: defined only while PostgreSQL is enabled.
     services.postgresql.package = mkOption { type = types.package; };
     systemd.package = mkOption { type = types.package; };
     nix.package = mkOption { type = types.package; };
@@ -65,7 +67,11 @@ in
   };
 
   config = {
-    services.postgresql.package = config._module.args.pkgs.postgresql;
+    # As nixpkgs' postgresql module (defined under mkIf enable) and Hydra's module (enables
+    # PostgreSQL only for the default local DBI string) do.
+    services.postgresql.package = lib.mkIf config.services.postgresql.enable config._module.args.pkgs.postgresql;
+    services.postgresql.enable = lib.mkIf
+      (config.services.hydra.enable && config.services.hydra.dbi == "dbi:Pg:dbname=hydra;user=hydra;") true;
     systemd.package = config._module.args.pkgs.systemd;
     nix.package = config._module.args.pkgs.nix;
     # The hydra module's own hydra-init (only the part that matters here).
