@@ -109,6 +109,23 @@ pub struct BackfillArgs {
     /// dead rows from being pruned; `auto` then uses keyset and the run warns about it.
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     pub horizon_age_secs: u64,
+    /// Per-page: before each round, wait up to this long for sessions whose snapshot is
+    /// older than the previous round (an autovacuum ANALYZE) to end, so its rows can stay
+    /// on their pages (HOT). 0 never waits.
+    #[arg(long, value_name = "MS", default_value_t = 2_000)]
+    pub horizon_wait_ms: u64,
+}
+
+impl BackfillArgs {
+    /// The knobs as the command line gives them when none is set.
+    pub fn defaults() -> BackfillArgs {
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            backfill: BackfillArgs,
+        }
+        Only::parse_from(["hydra-upgrade"]).backfill
+    }
 }
 
 #[derive(Debug, Clone, Args)]

@@ -152,6 +152,7 @@ fn backfill_argv(args: &UpgradeArgs, global: &Global) -> Result<Vec<String>> {
     );
     opt("max-retries", Some(b.max_retries.to_string()));
     opt("horizon-age-secs", Some(b.horizon_age_secs.to_string()));
+    opt("horizon-wait-ms", Some(b.horizon_wait_ms.to_string()));
     Ok(v)
 }
 

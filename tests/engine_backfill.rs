@@ -257,3 +257,69 @@ fn concurrent_writers_see_no_error_and_lose_no_update() {
         digest_jobs_before
     );
 }
+
+#[test]
+fn per_page_waits_out_a_short_old_snapshot_and_keeps_hot() {
+    let db = hydra_at(61);
+    let mut holder = db.connect();
+    let c = holder.client();
+    // A report (or an autovacuum ANALYZE) holding a snapshot when the backfill starts.
+    c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM projects;")
+        .unwrap();
+    let handle = spawn_on(
+        &db,
+        &[
+            "--json",
+            "backfill",
+            "--strategy",
+            "per-page",
+            "--horizon-age-secs",
+            "3600",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    c.batch_execute("ROLLBACK").unwrap();
+    let out = handle.wait().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let builds = &last_json_document(&stdout)["tables"][1];
+    assert!(
+        builds["horizon_wait_seconds"].as_f64().unwrap() > 0.1,
+        "{builds}"
+    );
+    let hot = builds["hot_share"].as_f64().unwrap();
+    assert!(
+        hot > 0.8,
+        "HOT share {hot} although the snapshot was waited out"
+    );
+    assert_eq!(db.wrong_or_null(), 0);
+}
+
+#[test]
+fn a_snapshot_that_stays_does_not_stall_the_per_page_walk() {
+    let db = hydra_at(61);
+    let mut holder = db.connect();
+    let c = holder.client();
+    c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM projects;")
+        .unwrap();
+    let r = run_on(
+        &db,
+        &[
+            "backfill",
+            "--strategy",
+            "per-page",
+            "--horizon-age-secs",
+            "3600",
+            "--horizon-wait-ms",
+            "5",
+        ],
+    );
+    c.batch_execute("ROLLBACK").unwrap();
+    r.expect_code(0);
+    assert_eq!(db.wrong_or_null(), 0);
+}

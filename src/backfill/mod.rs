@@ -10,6 +10,7 @@ pub mod keyset;
 pub mod per_page;
 pub mod state;
 
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -60,6 +61,9 @@ pub struct Options {
     pub max_retries: u32,
     /// A transaction or snapshot older than this defeats HOT pruning.
     pub horizon_age: Duration,
+    /// Before a per-page round, wait up to this long for sessions whose snapshot predates
+    /// the previous round (an autovacuum ANALYZE, a short report) to end.
+    pub horizon_wait: Duration,
 }
 
 impl Options {
@@ -79,6 +83,7 @@ impl Options {
             statement_timeout: Duration::from_millis(a.statement_timeout_ms),
             max_retries: a.max_retries,
             horizon_age: Duration::from_secs(a.horizon_age_secs),
+            horizon_wait: Duration::from_millis(a.horizon_wait_ms),
         }
     }
 }
@@ -98,6 +103,8 @@ pub struct TableReport {
     /// Table + indexes, before and after the run.
     pub bytes_before: i64,
     pub bytes_after: i64,
+    /// Time spent waiting for older snapshots to end before per-page rounds.
+    pub horizon_wait_seconds: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -201,6 +208,65 @@ fn with_retries<T>(
         }
         attempt += 1;
         *retries += 1;
+    }
+}
+
+/// Waiting out short-lived snapshots before a per-page round. A round's HOT updates need
+/// the previous round's dead versions pruned, which no session with an older snapshot
+/// allows: an autovacuum ANALYZE of Builds (which the backfill itself triggers) holds one
+/// for seconds, and every round in that time moves its rows to other pages. So each
+/// round waits, at most `max` (polling every 10 ms), for such sessions to end. A session
+/// that stays in the way for more than 15 s (a long report, pg_dump) is named once and
+/// no longer waited for.
+struct HorizonWait {
+    max: Duration,
+    first_seen: HashMap<i32, Instant>,
+    ignored: HashSet<i32>,
+    waited: Duration,
+}
+
+impl HorizonWait {
+    const GIVE_UP: Duration = Duration::from_secs(15);
+
+    fn new(max: Duration) -> HorizonWait {
+        HorizonWait {
+            max,
+            first_seen: HashMap::new(),
+            ignored: HashSet::new(),
+            waited: Duration::ZERO,
+        }
+    }
+
+    fn wait(&mut self, db: &mut Db, xid: &str, out: &Out) -> Result<()> {
+        if self.max.is_zero() {
+            return Ok(());
+        }
+        let start = Instant::now();
+        loop {
+            let holders: Vec<(i32, String)> = per_page::horizon_holders(db.client(), xid)?
+                .into_iter()
+                .filter(|(pid, _)| !self.ignored.contains(pid))
+                .collect();
+            let now = Instant::now();
+            self.first_seen
+                .retain(|pid, _| holders.iter().any(|(p, _)| p == pid));
+            for (pid, what) in &holders {
+                let since = *self.first_seen.entry(*pid).or_insert(now);
+                if now - since > Self::GIVE_UP {
+                    self.ignored.insert(*pid);
+                    out.warn(&format!(
+                        "pid {pid} ({what}) has kept old row versions from being pruned for over \
+                         {}s; no longer waiting for it, so updates are not HOT while it runs",
+                        Self::GIVE_UP.as_secs()
+                    ));
+                }
+            }
+            if holders.is_empty() || start.elapsed() >= self.max {
+                self.waited += start.elapsed();
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 
@@ -364,6 +430,7 @@ fn run_table(
                     hot_share: None,
                     bytes_before: before.2,
                     bytes_after: before.2,
+                    horizon_wait_seconds: 0.0,
                 });
             }
             let (strategy, reason) = choose(db, table, opts, out)?;
@@ -388,6 +455,7 @@ fn run_table(
         }
     };
     let rows_before = progress.rows_updated;
+    let mut horizon = HorizonWait::new(opts.horizon_wait);
     let mut transactions = 0u64;
     let mut retries = 0u64;
 
@@ -403,6 +471,7 @@ fn run_table(
         let mut bar = out.progress(name, progress.total as u64, "pages");
         let mut last_check = Instant::now();
         let mut note = String::new();
+        let mut last_xid: Option<String> = None;
         while progress.position < progress.total {
             interrupt.check(resume_hint)?;
             // Something that defeats HOT can start at any time (a forgotten psql session,
@@ -433,8 +502,11 @@ fn run_table(
             )?;
             let mut round = 0;
             while let Some(ids) = per_page::round_ids(&pages, round) {
+                if let Some(xid) = &last_xid {
+                    horizon.wait(db, xid, out)?;
+                }
                 let t0 = Instant::now();
-                let updated = with_retries(
+                let (updated, xid) = with_retries(
                     opts,
                     out,
                     &format!("{name} round"),
@@ -443,6 +515,7 @@ fn run_table(
                     |_| per_page::update_round(db.client(), table, &ids),
                 )?;
                 adaptive.observe(ids.len() as u64, t0.elapsed());
+                last_xid = xid;
                 transactions += 1;
                 progress.rows_updated += updated as i64;
                 round += 1;
@@ -536,6 +609,7 @@ fn run_table(
         hot_share: (updates > 0).then(|| (after.1 - before.1) as f64 / updates as f64),
         bytes_before: before.2,
         bytes_after: after.2,
+        horizon_wait_seconds: horizon.waited.as_secs_f64(),
         table,
         strategy: progress.strategy.clone(),
         rows_updated: (progress.rows_updated - rows_before) as u64,

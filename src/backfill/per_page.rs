@@ -73,16 +73,42 @@ pub fn round_ids(pages: &[Vec<i32>], round: usize) -> Option<Vec<i32>> {
     (!picked.is_empty()).then_some(picked)
 }
 
-/// Fill these rows (one transaction). Returns rows updated.
-pub fn update_round(c: &mut impl GenericClient, table: Table, ids: &[i32]) -> Result<u64> {
+/// Fill these rows (one transaction). Returns rows updated and the transaction's id
+/// (`None` when it updated nothing).
+pub fn update_round(
+    c: &mut impl GenericClient,
+    table: Table,
+    ids: &[i32],
+) -> Result<(u64, Option<String>)> {
     let sql = format!(
-        "UPDATE {t} AS t SET jobset_id = js.id FROM jobsets js
-          WHERE t.id = ANY($1) AND t.jobset_id IS NULL
-            AND js.project = t.project AND js.name = t.jobset",
+        "WITH u AS (
+             UPDATE {t} AS t SET jobset_id = js.id FROM jobsets js
+              WHERE t.id = ANY($1) AND t.jobset_id IS NULL
+                AND js.project = t.project AND js.name = t.jobset
+             RETURNING 1)
+         SELECT count(*), pg_current_xact_id_if_assigned()::text FROM u",
         t = table.name()
     );
-    c.execute(&sql, &[&ids])
-        .with_context(|| format!("updating one row per page of {}", table.name()))
+    let row = c
+        .query_one(&sql, &[&ids])
+        .with_context(|| format!("updating one row per page of {}", table.name()))?;
+    let (n, xid): (i64, Option<String>) = (row.get(0), row.get(1));
+    Ok((n as u64, xid))
+}
+
+/// Other sessions whose snapshot is older than transaction `xid`: until they end, the
+/// row versions `xid` left dead cannot be pruned, so the next round's updates could not
+/// be HOT. (pid, what it is)
+pub fn horizon_holders(c: &mut impl GenericClient, xid: &str) -> Result<Vec<(i32, String)>> {
+    let rows = c.query(
+        "SELECT pid, coalesce(nullif(backend_type, 'client backend'), application_name, '')
+                     || ': ' || left(coalesce(query, ''), 60)
+           FROM pg_stat_activity
+          WHERE pid <> pg_backend_pid() AND backend_xmin IS NOT NULL
+            AND age(backend_xmin) >= age($1::text::xid8::xid)",
+        &[&xid],
+    )?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 #[cfg(test)]

@@ -250,16 +250,12 @@ fn engine_out() -> Out {
 /// Our backfill options: the command line's defaults, with the strategy forced and the
 /// bench's `--target-batch-ms` / `--pause-ms`.
 pub fn ours_options(strategy: StrategyChoice, args: &BenchArgs) -> backfill::Options {
+    let defaults = crate::cli::BackfillArgs::defaults();
     backfill::Options {
         strategy,
         target_batch: Duration::from_millis(args.target_batch_ms),
         pause: Duration::from_millis(args.pause_ms),
-        initial_batch: None,
-        max_batch: 50_000,
-        lock_timeout: Duration::from_millis(2_000),
-        statement_timeout: Duration::from_millis(120_000),
-        max_retries: 12,
-        horizon_age: Duration::from_secs(60),
+        ..backfill::Options::from_args(&defaults, &crate::config::Config::default())
     }
 }
 
