@@ -271,6 +271,17 @@ fn pos(calls: &str, needle: &str) -> usize {
         .unwrap_or_else(|| panic!("`{needle}` not called:\n{calls}"))
 }
 
+/// Ctrl-C on a terminal: it reaches the whole foreground group, us and the client of
+/// the systemd-run `unit` we wait for.
+fn ctrl_c(f: &Fake, h: &duct::Handle, unit: &str) {
+    let client =
+        std::fs::read_to_string(f.state(&format!("units/{unit}.service.client-pid"))).unwrap();
+    for pid in h.pids() {
+        kill(&pid.to_string(), "-INT");
+    }
+    kill(&client, "-INT");
+}
+
 /// Backfill knobs slow enough that the run is still going when a test interrupts it.
 const SLOW_BACKFILL: [&str; 8] = [
     "--strategy",
@@ -806,14 +817,7 @@ fn ctrl_c_during_the_backfill_stops_its_unit_then_resumes() {
     let pid_file = f.state("units/hydra-upgrade-backfill.service.pid");
     wait_for("the backfill unit", || pid_file.exists());
     std::thread::sleep(Duration::from_millis(300));
-    // Ctrl-C on a terminal reaches the whole foreground group: us and the systemd-run client
-    let client =
-        std::fs::read_to_string(f.state("units/hydra-upgrade-backfill.service.client-pid"))
-            .unwrap();
-    for pid in h.pids() {
-        kill(&pid.to_string(), "-INT");
-    }
-    kill(&client, "-INT");
+    ctrl_c(&f, &h, "hydra-upgrade-backfill");
     let out = h.wait().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
@@ -837,13 +841,7 @@ fn ctrl_c_during_an_activation_does_not_roll_back_and_a_rerun_finishes_the_switc
     wait_for("the migration activation", || {
         f.state("paused-stc-migration").exists()
     });
-    let client =
-        std::fs::read_to_string(f.state("units/hydra-upgrade-switch-migration.service.client-pid"))
-            .unwrap();
-    for pid in h.pids() {
-        kill(&pid.to_string(), "-INT");
-    }
-    kill(&client, "-INT");
+    ctrl_c(&f, &h, "hydra-upgrade-switch-migration");
     let out = h.wait().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
