@@ -153,19 +153,22 @@ impl Cmd {
         Ok(Output { stdout, stderr })
     }
 
-    /// Run to the end with stdout/stderr going to ours (long activations, pg_restore).
-    pub fn run_inherit(&self) -> Result<()> {
+    /// Run to the end with stdout/stderr going to ours.
+    fn run_inherit_status(&self) -> Result<std::process::ExitStatus> {
         let out = self
             .expression()
             .unchecked()
             .run()
             .with_context(|| format!("cannot start `{}`", self.display()))?;
-        if !out.status.success() {
-            anyhow::bail!(
-                "`{}` failed ({})",
-                self.display(),
-                describe_status(out.status)
-            );
+        Ok(out.status)
+    }
+
+    /// Run to the end with stdout/stderr going to ours (long activations); non-zero exit
+    /// is an error.
+    pub fn run_inherit(&self) -> Result<()> {
+        let status = self.run_inherit_status()?;
+        if !status.success() {
+            anyhow::bail!("`{}` failed ({})", self.display(), describe_status(status));
         }
         Ok(())
     }
@@ -173,12 +176,7 @@ impl Cmd {
     /// Run to the end with stdout/stderr going to ours and return the exit code (`None`
     /// when a signal ended it); a non-zero code is not an error here.
     pub fn run_inherit_code(&self) -> Result<Option<i32>> {
-        let out = self
-            .expression()
-            .unchecked()
-            .run()
-            .with_context(|| format!("cannot start `{}`", self.display()))?;
-        Ok(out.status.code())
+        Ok(self.run_inherit_status()?.code())
     }
 
     /// Start in the background with no streams attached, and do not wait for it.
@@ -191,11 +189,6 @@ impl Cmd {
             .start()
             .with_context(|| format!("cannot start `{}`", self.display()))?;
         Ok(())
-    }
-
-    /// Whether the command can be found (on PATH or as a path).
-    pub fn exists(program: &str) -> bool {
-        which(program).is_some()
     }
 }
 
