@@ -52,24 +52,28 @@ impl Dsn {
         Ok(Dsn { config })
     }
 
+    /// The host as libpq tools take it (`-h`): a name, an address or a socket directory.
+    pub fn host(&self) -> String {
+        match self.config.get_hosts().first() {
+            Some(Host::Tcp(h)) => h.clone(),
+            Some(Host::Unix(p)) => p.display().to_string(),
+            None => String::new(),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.config.get_ports().first().copied().unwrap_or(5432)
+    }
+
     /// A description safe to print: never the password.
     pub fn describe(&self) -> String {
         let c = &self.config;
-        let host = c
-            .get_hosts()
-            .first()
-            .map(|h| match h {
-                Host::Tcp(h) => h.clone(),
-                Host::Unix(p) => p.display().to_string(),
-            })
-            .unwrap_or_default();
-        let port = c.get_ports().first().copied().unwrap_or(5432);
         format!(
             "dbname={} user={} host={} port={}",
             c.get_dbname().unwrap_or(""),
             c.get_user().unwrap_or(""),
-            host,
-            port
+            self.host(),
+            self.port()
         )
     }
 }

@@ -71,12 +71,7 @@ fn restore(cluster: &PgCluster, file: &Path) -> Result<()> {
 /// Dump a live database (read-only for it) to a file; the password goes in PGPASSWORD.
 fn dump(cluster: &PgCluster, source: &Dsn, file: &Path) -> Result<()> {
     let c = &source.config;
-    let host = match c.get_hosts().first() {
-        Some(postgres::config::Host::Tcp(h)) => h.clone(),
-        Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
-        None => String::new(),
-    };
-    let port = c.get_ports().first().copied().unwrap_or(5432).to_string();
+    let (host, port) = (source.host(), source.port().to_string());
     let mut cmd = cluster
         .client_tool("pg_dump")
         .args([
