@@ -134,7 +134,7 @@ pub struct FinalizeArgs {
     #[arg(long, value_name = "MS", default_value_t = crate::finalize::DEFAULT_LOCK_TIMEOUT_MS)]
     pub lock_timeout_ms: u64,
     /// How often a DDL step is retried on lock timeout.
-    #[arg(long, value_name = "N", default_value_t = 30)]
+    #[arg(long, value_name = "N", default_value_t = crate::finalize::DEFAULT_MAX_RETRIES)]
     pub max_retries: u32,
 }
 

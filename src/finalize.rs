@@ -34,10 +34,23 @@ use crate::progress::Out;
 /// itself, about a millisecond).
 pub const DEFAULT_LOCK_TIMEOUT_MS: u64 = 500;
 
+/// How often a short step is retried on lock timeout before giving up.
+pub const DEFAULT_MAX_RETRIES: u32 = 30;
+
 #[derive(Debug, Clone)]
 pub struct Options {
     pub lock_timeout: Duration,
     pub max_retries: u32,
+}
+
+impl Options {
+    /// The options `hydra-upgrade finalize` runs with when no knob is set.
+    pub fn defaults() -> Options {
+        Options {
+            lock_timeout: Duration::from_millis(DEFAULT_LOCK_TIMEOUT_MS),
+            max_retries: DEFAULT_MAX_RETRIES,
+        }
+    }
 }
 
 /// One step that held a lock blocking Hydra's writes to the table.

@@ -42,10 +42,7 @@ fn print_json(value: &impl Serialize) -> Result<()> {
 fn flow_options(b: &cli::BackfillArgs, config: &Config, stock_final: bool) -> upgrade::Options {
     upgrade::Options {
         backfill: backfill::Options::from_args(b, config),
-        finalize: finalize::Options {
-            lock_timeout: std::time::Duration::from_millis(finalize::DEFAULT_LOCK_TIMEOUT_MS),
-            max_retries: 30,
-        },
+        finalize: finalize::Options::defaults(),
         stock_final,
         max_rounds: 3,
     }
@@ -88,15 +85,15 @@ pub fn run(cli: Cli) -> Result<Exit> {
             let interrupt = Interrupt::install()?;
             let mut db = connect()?;
             let s = status::detect(&mut db, false)?;
-            if s.stage == status::Stage::Final
-                || (!s.jobs_jobset_id.nullable
-                    && !s.builds_jobset_id.nullable
-                    && s.stage != status::Stage::BeforeMigration)
-            {
+            // At the final stage the columns may be gone (Jobs is dropped in schema 67).
+            let done = s.stage == status::Stage::Final || {
+                backfill::require_columns(&s)?;
+                !s.jobs_jobset_id.nullable && !s.builds_jobset_id.nullable
+            };
+            if done {
                 out.say("nothing to backfill: both jobset_id columns are NOT NULL already");
                 return Ok(Exit::Ok);
             }
-            backfill::require_columns(&s)?;
             let opts = backfill::Options::from_args(args, &config);
             let report = backfill::run(&mut db, &opts, &out, &interrupt)?;
             if json {

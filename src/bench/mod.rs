@@ -576,14 +576,7 @@ fn run_final_contender(
             }
         }
         "final-ours" => {
-            let report = finalize::run(
-                &mut db,
-                &finalize::Options {
-                    lock_timeout: Duration::from_millis(finalize::DEFAULT_LOCK_TIMEOUT_MS),
-                    max_retries: 30,
-                },
-                &engine_out(),
-            )?;
+            let report = finalize::run(&mut db, &finalize::Options::defaults(), &engine_out())?;
             r.blocking_steps = report
                 .blocking_steps
                 .iter()
