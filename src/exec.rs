@@ -91,10 +91,6 @@ impl Cmd {
         }
     }
 
-    pub fn program(&self) -> &OsString {
-        &self.program
-    }
-
     pub fn argv(&self) -> Vec<String> {
         std::iter::once(&self.program)
             .chain(&self.args)

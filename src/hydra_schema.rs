@@ -12,8 +12,6 @@ use anyhow::{Context, Result};
 
 use crate::db::Db;
 
-/// The schema the base script creates.
-pub const BASE_VERSION: i32 = 57;
 /// The highest step the hydra-migration package ships.
 pub const MIGRATION_VERSION: i32 = 61;
 /// The highest step of the jobset_id change (the final package ships these and later).

@@ -156,10 +156,6 @@ impl PgCluster {
         self.dir.path()
     }
 
-    pub fn bindir(&self) -> &Path {
-        &self.bin
-    }
-
     /// A server tool, run as the server account when we are root.
     pub fn tool(&self, name: &str) -> Cmd {
         let cmd = Cmd::new(self.bin.join(name));
