@@ -39,9 +39,12 @@ fn filled(db: &TestDb) -> i64 {
     db.query_i64("SELECT (SELECT count(*) FROM builds WHERE jobset_id IS NOT NULL) + (SELECT count(*) FROM jobs WHERE jobset_id IS NOT NULL)")
 }
 
+/// Until the walk of Builds has committed rows: a signal that lands between the tables
+/// (Jobs done, Builds not begun) leaves nothing to resume, which is not what these tests
+/// are about.
 fn wait_until_started(db: &TestDb) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while filled(db) == 0 {
+    while db.query_i64("SELECT count(*) FROM builds WHERE jobset_id IS NOT NULL") == 0 {
         assert!(Instant::now() < deadline, "the backfill never started");
         std::thread::sleep(Duration::from_millis(20));
     }
