@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::*;
+use hydra_upgrade::backfill::Table;
+use hydra_upgrade::backfill::per_page::{self, Listing};
 use hydra_upgrade::dsn::Dsn;
 use hydra_upgrade::workload::{self, WriterSpec};
 
@@ -322,4 +324,71 @@ fn a_snapshot_that_stays_does_not_stall_the_per_page_walk() {
     c.batch_execute("ROLLBACK").unwrap();
     r.expect_code(0);
     assert_eq!(db.wrong_or_null(), 0);
+}
+
+/// Before PostgreSQL 14 a `ctid` range scans the whole table, so the per-page walk lists
+/// every possible line pointer instead. Both listings must find the same rows, each
+/// through its own kind of TID scan (never a sequential scan of Builds).
+#[test]
+fn both_page_listings_find_the_same_rows_through_tid_scans() {
+    let db = hydra_at(61);
+    let mut conn = db.connect();
+    let c = conn.client();
+    let pages = per_page::pages(c, Table::Builds).unwrap();
+    assert!(pages > 20, "the fixture has {pages} pages");
+    // Some rows already filled, some moved: a partly walked table.
+    c.batch_execute(
+        "UPDATE builds b SET jobset_id = js.id FROM jobsets js
+          WHERE js.project = b.project AND js.name = b.jobset AND b.id % 3 = 0",
+    )
+    .unwrap();
+    for (first, count) in [(0, 8), (5, 3), (pages - 4, 4), (0, pages + 10)] {
+        let range =
+            per_page::list_pages(c, Table::Builds, Listing::TidRange, first, count).unwrap();
+        let list = per_page::list_pages(c, Table::Builds, Listing::TidList, first, count).unwrap();
+        assert!(!range.is_empty(), "pages {first}+{count} hold NULL rows");
+        assert_eq!(range, list, "pages {first}+{count}");
+        assert!(range.iter().all(|(p, _)| *p >= first && *p < first + count));
+    }
+    let pages = per_page::pages(c, Table::Builds).unwrap();
+    let total: usize = per_page::list_pages(c, Table::Builds, Listing::TidList, 0, pages)
+        .unwrap()
+        .iter()
+        .map(|(_, ids)| ids.len())
+        .sum();
+    let fillable: i64 = c
+        .query_one(
+            "SELECT count(*) FROM builds b JOIN jobsets js
+                 ON js.project = b.project AND js.name = b.jobset
+              WHERE b.jobset_id IS NULL",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(total as i64, fillable, "every fillable NULL row is listed");
+    for (listing, node) in [
+        (Listing::TidRange, "Tid Range Scan"),
+        (Listing::TidList, "Tid Scan"),
+    ] {
+        let plan: Vec<String> = c
+            .query(
+                &format!("EXPLAIN {}", per_page::listing_sql(Table::Builds, listing)),
+                &[&"3", &"9"],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains(&format!("{node} on builds")),
+            "{listing:?}:\n{plan}"
+        );
+        assert!(!plan.contains("Seq Scan on builds"), "{listing:?}:\n{plan}");
+    }
+    assert_eq!(
+        Listing::for_server(c).unwrap(),
+        Listing::TidRange,
+        "PostgreSQL 15 here"
+    );
 }

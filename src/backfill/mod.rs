@@ -460,7 +460,7 @@ fn run_table(
     let mut retries = 0u64;
 
     if progress.phase == PHASE_PAGES {
-        // At most 4096 pages (about 180,000 listed ids, under 1 MB) per window keeps
+        // At most 4096 pages in the window (about 180,000 listed ids, under 1 MB) keeps
         // memory small.
         let mut adaptive = Adaptive::new(
             opts.initial_batch.unwrap_or(64),
@@ -470,10 +470,25 @@ fn run_table(
         );
         let mut bar = out.progress(name, progress.total as u64, "pages");
         let mut last_check = Instant::now();
+        let mut last_save = Instant::now();
         let mut note = String::new();
         let mut last_xid: Option<String> = None;
-        while progress.position < progress.total {
-            interrupt.check(resume_hint)?;
+        let mut window = per_page::Window::new(progress.position);
+        let listing = per_page::Listing::for_server(db.client())?;
+        loop {
+            // Saved about every second (and before stopping): a re-run lists again from
+            // the lowest unfinished page, where only rows still NULL are found.
+            if interrupt.requested() || last_save.elapsed() >= Duration::from_secs(1) {
+                progress.position = window.resume_from();
+                state::save(db.client(), &progress)?;
+                bar.update(
+                    progress.position as u64,
+                    (progress.rows_updated - rows_before) as u64,
+                    &note,
+                );
+                last_save = Instant::now();
+                interrupt.check(resume_hint)?;
+            }
             // Something that defeats HOT can start at any time (a forgotten psql session,
             // a long report): look again every 30 s and say so.
             if last_check.elapsed() >= Duration::from_secs(30) {
@@ -488,58 +503,54 @@ fn run_table(
                     " (HOT blocked, see warnings)".into()
                 };
             }
-            let (pages, window) = with_retries(
+            // Keep a few rounds' worth of pages listed ahead, listed a few rounds' worth
+            // at a time: a listing reads its pages into shared buffers, and one that
+            // listed a whole window at once (60 ms at 1M builds) held up Hydra's writes.
+            let need = window.per_round(adaptive.size as usize);
+            while window.waiting() < 2 * need && window.next_to_list() < progress.total {
+                let first = window.next_to_list();
+                let to = (first + (4 * need).max(16) as i64).min(progress.total);
+                let pages = with_retries(
+                    opts,
+                    out,
+                    &format!("{name} page listing"),
+                    &mut adaptive,
+                    &mut retries,
+                    |_| per_page::list_pages(db.client(), table, listing, first, to - first),
+                )?;
+                window.add_listed(pages, to);
+            }
+            if window.is_empty() && window.next_to_list() >= progress.total {
+                break;
+            }
+            window.admit(adaptive.size as usize);
+            if let Some(xid) = &last_xid {
+                horizon.wait(db, xid, out)?;
+            }
+            let t0 = Instant::now();
+            let (updated, xid, n) = with_retries(
                 opts,
                 out,
-                &format!("{name} window listing"),
+                &format!("{name} round"),
                 &mut adaptive,
                 &mut retries,
                 |size| {
-                    let window = size as i64;
-                    per_page::list_window(db.client(), table, progress.position, window)
-                        .map(|pages| (pages, window))
+                    let ids = window.peek(size as usize);
+                    per_page::update_round(db.client(), table, &ids)
+                        .map(|(updated, xid)| (updated, xid, ids.len()))
                 },
             )?;
-            let mut round = 0;
-            while let Some(ids) = per_page::round_ids(&pages, round) {
-                if let Some(xid) = &last_xid {
-                    horizon.wait(db, xid, out)?;
-                }
-                let t0 = Instant::now();
-                let (updated, xid) = with_retries(
-                    opts,
-                    out,
-                    &format!("{name} round"),
-                    &mut adaptive,
-                    &mut retries,
-                    |_| per_page::update_round(db.client(), table, &ids),
-                )?;
-                adaptive.observe(ids.len() as u64, t0.elapsed());
-                last_xid = xid;
-                transactions += 1;
-                progress.rows_updated += updated as i64;
-                round += 1;
-                if !opts.pause.is_zero() {
-                    std::thread::sleep(opts.pause);
-                }
-                // Stopping mid-window is fine: the window is listed again on resume and
-                // only rows still NULL are in it.
-                if interrupt.requested() {
-                    break;
-                }
+            adaptive.observe(n as u64, t0.elapsed());
+            window.advance(n);
+            last_xid = xid;
+            transactions += 1;
+            progress.rows_updated += updated as i64;
+            if !opts.pause.is_zero() {
+                std::thread::sleep(opts.pause);
             }
-            if interrupt.requested() {
-                state::save(db.client(), &progress)?;
-                interrupt.check(resume_hint)?;
-            }
-            progress.position = (progress.position + window).min(progress.total);
-            state::save(db.client(), &progress)?;
-            bar.update(
-                progress.position as u64,
-                (progress.rows_updated - rows_before) as u64,
-                &note,
-            );
         }
+        progress.position = progress.total;
+        state::save(db.client(), &progress)?;
         bar.finish(" (page walk done, sweeping for rows moved meanwhile)");
         progress = start_keys(db, table, progress)?;
         state::save(db.client(), &progress)?;

@@ -5,8 +5,16 @@
 //! version fits on the same page. So each transaction takes ONE row from each of many
 //! pages, and a window of pages is worked in rounds until it holds no fillable NULL row.
 //!
-//! The window is listed once (one TID range scan) and each round updates its rows by
-//! primary key. The index scan matters: unlike a TID scan, it prunes each heap page it
+//! The window slides: pages join it a few per round and leave once their last row is
+//! taken, so every round does about the same work. The first update on a page is the
+//! expensive one (its row moves to another page, through all of Builds' indexes, and the
+//! page's first change after a checkpoint writes the whole page to the WAL). A window
+//! that started all its pages in one round wrote tens of MB of WAL in that round (35 MB
+//! for 1,900 pages, measured) and every commit of Hydra's meanwhile waited to flush it;
+//! spread out, each round carries 1/rows-a-page of that cost.
+//!
+//! Pages are listed ahead in chunks (one TID range scan each) and each round updates its
+//! rows by primary key. The index scan matters: unlike a TID scan, it prunes each heap page it
 //! visits, which frees the dead version the previous round left there, so this round's
 //! new version fits on the same page. Every update requires `jobset_id IS NULL` and
 //! derives the value from the row's own project/jobset. Rows that a concurrent writer
@@ -14,6 +22,8 @@
 //!
 //! Builds only: Jobs has a single index, so HOT saves little there and the keyset walk
 //! does the job.
+
+use std::collections::VecDeque;
 
 use anyhow::{Context, Result};
 use postgres::GenericClient;
@@ -30,22 +40,68 @@ pub fn pages(c: &mut impl GenericClient, table: Table) -> Result<i64> {
     Ok(row.get(0))
 }
 
-/// The ids of the fillable NULL rows of pages `[first, first + count)`, grouped by page.
-pub fn list_window(
-    c: &mut impl GenericClient,
-    table: Table,
-    first: i64,
-    count: i64,
-) -> Result<Vec<Vec<i32>>> {
-    let sql = format!(
+/// How a chunk of pages is read. A `ctid` range becomes a TID range scan from
+/// PostgreSQL 14 on; before, the same condition scans the whole table, so there the
+/// chunk's every possible line pointer is listed for a TID scan instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listing {
+    TidRange,
+    TidList,
+}
+
+impl Listing {
+    pub fn for_server(c: &mut impl GenericClient) -> Result<Listing> {
+        let version: i32 = c
+            .query_one("SELECT current_setting('server_version_num')::int", &[])?
+            .get(0);
+        Ok(if version >= 140_000 {
+            Listing::TidRange
+        } else {
+            Listing::TidList
+        })
+    }
+
+    /// The condition on `t.ctid` for pages `[$1, $2)` (both parameters text).
+    fn condition(self) -> &'static str {
+        match self {
+            Listing::TidRange => {
+                "t.ctid >= ('(' || $1::text || ',0)')::tid AND t.ctid < ('(' || $2::text || ',0)')::tid"
+            }
+            // (block_size - page header) / (tuple header + line pointer): the most line
+            // pointers a heap page can have (291 on 8 kB pages).
+            Listing::TidList => {
+                "t.ctid = ANY (ARRAY(
+                     SELECT ('(' || p || ',' || o || ')')::tid
+                       FROM generate_series($1::text::bigint, $2::text::bigint - 1) AS p,
+                            generate_series(1, (current_setting('block_size')::int - 24) / 28) AS o))"
+            }
+        }
+    }
+}
+
+/// The listing query: page and id of the fillable NULL rows of pages `[$1, $2)`.
+pub fn listing_sql(table: Table, listing: Listing) -> String {
+    format!(
         "SELECT (t.ctid::text::point)[0]::bigint, t.id FROM {t} AS t
            JOIN jobsets js ON js.project = t.project AND js.name = t.jobset
-          WHERE t.ctid >= $1::text::tid AND t.ctid < $2::text::tid AND t.jobset_id IS NULL
+          WHERE {cond} AND t.jobset_id IS NULL
           ORDER BY t.ctid",
-        t = table.name()
-    );
-    let from = format!("({first},0)");
-    let to = format!("({},0)", first + count);
+        t = table.name(),
+        cond = listing.condition()
+    )
+}
+
+/// The ids of the fillable NULL rows of pages `[first, first + count)`, by page.
+pub fn list_pages(
+    c: &mut impl GenericClient,
+    table: Table,
+    listing: Listing,
+    first: i64,
+    count: i64,
+) -> Result<Vec<(i64, Vec<i32>)>> {
+    let sql = listing_sql(table, listing);
+    let from = first.to_string();
+    let to = (first + count).to_string();
     // Stream the rows: only the ids are kept, never the whole result set.
     let mut rows = c.query_raw(&sql, [&from, &to]).with_context(|| {
         format!(
@@ -54,23 +110,120 @@ pub fn list_window(
             first + count
         )
     })?;
-    let mut pages: Vec<Vec<i32>> = Vec::new();
-    let mut last_page = None;
+    let mut pages: Vec<(i64, Vec<i32>)> = Vec::new();
     while let Some(r) = rows.next()? {
         let (page, id): (i64, i32) = (r.get(0), r.get(1));
-        if Some(page) != last_page {
-            pages.push(Vec::new());
-            last_page = Some(page);
+        match pages.last_mut() {
+            Some((last, ids)) if *last == page => ids.push(id),
+            _ => pages.push((page, vec![id])),
         }
-        pages.last_mut().expect("pushed above").push(id);
     }
     Ok(pages)
 }
 
-/// The `round`-th listed row of every page that has one.
-pub fn round_ids(pages: &[Vec<i32>], round: usize) -> Option<Vec<i32>> {
-    let picked: Vec<i32> = pages.iter().filter_map(|p| p.get(round)).copied().collect();
-    (!picked.is_empty()).then_some(picked)
+/// A page in the window: its listed rows and how many rounds have taken one.
+#[derive(Debug)]
+struct Page {
+    no: i64,
+    ids: Vec<i32>,
+    taken: usize,
+}
+
+/// The sliding window of pages: listed ahead, admitted a few per round, worked one row
+/// per page per round, in page order. Pure bookkeeping; the caller lists and updates.
+#[derive(Debug)]
+pub struct Window {
+    /// Listed, not yet admitted.
+    listed: VecDeque<Page>,
+    /// Admitted, in page order.
+    active: VecDeque<Page>,
+    /// The first page not listed yet.
+    next_to_list: i64,
+    rows_listed: u64,
+    pages_listed: u64,
+}
+
+impl Window {
+    pub fn new(start: i64) -> Window {
+        Window {
+            listed: VecDeque::new(),
+            active: VecDeque::new(),
+            next_to_list: start,
+            rows_listed: 0,
+            pages_listed: 0,
+        }
+    }
+
+    pub fn next_to_list(&self) -> i64 {
+        self.next_to_list
+    }
+
+    /// Listed pages waiting for their turn.
+    pub fn waiting(&self) -> usize {
+        self.listed.len()
+    }
+
+    /// Add the pages of one listing, which covered pages up to `listed_to` (exclusive).
+    pub fn add_listed(&mut self, pages: Vec<(i64, Vec<i32>)>, listed_to: i64) {
+        for (no, ids) in pages {
+            self.rows_listed += ids.len() as u64;
+            self.pages_listed += 1;
+            self.listed.push_back(Page { no, ids, taken: 0 });
+        }
+        self.next_to_list = listed_to;
+    }
+
+    /// How many pages join per round of `size` rows: as many as leave per round once the
+    /// window is full (`size` / rows a page), so the window fills over one page's worth
+    /// of rounds and then stays full.
+    pub fn per_round(&self, size: usize) -> usize {
+        let per_page = (self.rows_listed as f64 / self.pages_listed.max(1) as f64).max(1.0);
+        ((size as f64 / per_page).ceil() as usize).max(1)
+    }
+
+    /// Admit the pages for the next round of at most `size` rows (never more than `size`
+    /// pages in the window).
+    pub fn admit(&mut self, size: usize) {
+        let room = size.saturating_sub(self.active.len());
+        for _ in 0..self.per_round(size).min(room) {
+            match self.listed.pop_front() {
+                Some(p) => self.active.push_back(p),
+                None => break,
+            }
+        }
+    }
+
+    /// The rows of the next round: the next row of each of the first `size` admitted
+    /// pages (the oldest first, so they finish and make room). Taken only by `advance`,
+    /// once the round has committed.
+    pub fn peek(&self, size: usize) -> Vec<i32> {
+        self.active
+            .iter()
+            .take(size)
+            .map(|p| p.ids[p.taken])
+            .collect()
+    }
+
+    /// The round of `n` rows (as `peek` gave them) committed; finished pages leave.
+    pub fn advance(&mut self, n: usize) {
+        for p in self.active.iter_mut().take(n) {
+            p.taken += 1;
+        }
+        self.active.retain(|p| p.taken < p.ids.len());
+    }
+
+    /// Nothing listed is left to work (the caller knows whether more is to be listed).
+    pub fn is_empty(&self) -> bool {
+        self.active.is_empty() && self.listed.is_empty()
+    }
+
+    /// Where a re-run must list again from: the lowest page not finished.
+    pub fn resume_from(&self) -> i64 {
+        self.active
+            .front()
+            .or(self.listed.front())
+            .map_or(self.next_to_list, |p| p.no)
+    }
 }
 
 /// Fill these rows (one transaction). Returns rows updated and the transaction's id
@@ -86,7 +239,7 @@ pub fn update_round(
               WHERE t.id = ANY($1) AND t.jobset_id IS NULL
                 AND js.project = t.project AND js.name = t.jobset
              RETURNING 1)
-         SELECT count(*), pg_current_xact_id_if_assigned()::text FROM u",
+         SELECT count(*), txid_current_if_assigned()::text FROM u",
         t = table.name()
     );
     let row = c
@@ -105,7 +258,7 @@ pub fn horizon_holders(c: &mut impl GenericClient, xid: &str) -> Result<Vec<(i32
                      || ': ' || left(coalesce(query, ''), 60)
            FROM pg_stat_activity
           WHERE pid <> pg_backend_pid() AND backend_xmin IS NOT NULL
-            AND age(backend_xmin) >= age($1::text::xid8::xid)",
+            AND age(backend_xmin) >= age(($1::text::bigint % 4294967296)::text::xid)",
         &[&xid],
     )?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
@@ -115,11 +268,86 @@ pub fn horizon_holders(c: &mut impl GenericClient, xid: &str) -> Result<Vec<(i32
 mod tests {
     use super::*;
 
+    fn listed(pages: &[(i64, usize)]) -> Vec<(i64, Vec<i32>)> {
+        pages
+            .iter()
+            .map(|&(no, n)| (no, (0..n as i32).map(|i| no as i32 * 100 + i).collect()))
+            .collect()
+    }
+
+    fn round(w: &mut Window, size: usize) -> Vec<i32> {
+        let ids = w.peek(size);
+        w.advance(ids.len());
+        ids
+    }
+
     #[test]
-    fn rounds_take_one_row_per_page() {
-        let pages = vec![vec![1, 2], vec![5]];
-        assert_eq!(round_ids(&pages, 0), Some(vec![1, 5]));
-        assert_eq!(round_ids(&pages, 1), Some(vec![2]));
-        assert_eq!(round_ids(&pages, 2), None);
+    fn pages_join_a_few_per_round_and_leave_when_done() {
+        // Four rows a page, rounds of 8: two pages join per round until 8 are in.
+        let mut w = Window::new(0);
+        w.add_listed(
+            listed(&[
+                (0, 4),
+                (1, 4),
+                (2, 4),
+                (3, 4),
+                (5, 4),
+                (6, 4),
+                (7, 4),
+                (8, 4),
+                (9, 4),
+                (10, 4),
+            ]),
+            11,
+        );
+        let mut sizes = Vec::new();
+        let mut taken = Vec::new();
+        loop {
+            w.admit(8);
+            let ids = round(&mut w, 8);
+            if ids.is_empty() {
+                break;
+            }
+            sizes.push(ids.len());
+            taken.extend(ids);
+        }
+        assert_eq!(sizes, vec![2, 4, 6, 8, 8, 6, 4, 2]);
+        // Every listed row exactly once, and a page's rows in their listed order.
+        let mut sorted = taken.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 40);
+        let page0: Vec<i32> = taken.iter().copied().filter(|id| id / 100 == 0).collect();
+        assert_eq!(page0, vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn resume_point_is_the_lowest_unfinished_page() {
+        let mut w = Window::new(10);
+        assert_eq!(w.resume_from(), 10);
+        w.add_listed(listed(&[(12, 1), (13, 2)]), 20);
+        assert_eq!(w.resume_from(), 12);
+        w.admit(2);
+        round(&mut w, 2);
+        // Page 12 is done; page 13 still has a row.
+        assert_eq!(w.resume_from(), 13);
+        w.admit(2);
+        round(&mut w, 2);
+        assert_eq!(w.resume_from(), 20);
+        assert_eq!(w.waiting(), 0);
+    }
+
+    #[test]
+    fn a_smaller_size_admits_nothing_until_the_window_drains() {
+        let mut w = Window::new(0);
+        w.add_listed(listed(&[(0, 3), (1, 3), (2, 3), (3, 3), (4, 3)]), 5);
+        w.admit(3);
+        assert_eq!(round(&mut w, 3).len(), 1);
+        w.admit(3);
+        w.admit(3);
+        assert_eq!(round(&mut w, 3).len(), 3);
+        // The batch was halved: only the two oldest pages are worked, none joins.
+        w.admit(2);
+        assert_eq!(round(&mut w, 2), vec![2, 101]);
     }
 }
