@@ -45,6 +45,16 @@ impl Db {
         &mut self.client
     }
 
+    /// The server's `server_version_num` (150004 for 15.4): a few steps use what only
+    /// newer PostgreSQL has, and fall back before it.
+    pub fn server_version(&mut self) -> Result<i32> {
+        let row = self
+            .client
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .context("reading the server version")?;
+        Ok(row.get(0))
+    }
+
     /// Session settings for online work: a short lock_timeout so we never queue behind
     /// (and in front of) Hydra's own lock requests for long, and a statement_timeout so no
     /// statement of ours runs unbounded.

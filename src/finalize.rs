@@ -198,11 +198,7 @@ pub fn run(db: &mut Db, opts: &Options, out: &Out) -> Result<Report> {
     // need and may wait for old transactions: they do not block Hydra's writes.
     db.client()
         .batch_execute("SET statement_timeout = 0; SET lock_timeout = 0")?;
-    let server: i32 = db
-        .client()
-        .query_one("SELECT current_setting('server_version_num')::int", &[])?
-        .get(0);
-    if server < 120_000 {
+    if db.server_version()? < 120_000 {
         out.warn(
             "this PostgreSQL is older than 12: its SET NOT NULL scans the whole table even              when a valid CHECK constraint proves there is no NULL, holding a lock that              blocks Hydra's reads and writes of Builds for that scan (about as long as              `SELECT count(*) FROM builds`). Upgrade PostgreSQL first, or run finalize at a              quiet time.",
         );

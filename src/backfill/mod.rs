@@ -324,10 +324,14 @@ pub fn hot_blockers(db: &mut Db, table: Table, horizon_age: Duration) -> Result<
     Ok(why)
 }
 
-/// (updates, HOT updates, total bytes) of a table, with this session's counters flushed.
+/// (updates, HOT updates, total bytes) of a table, with this session's counters flushed
+/// (PostgreSQL 15 and later; before, a session reports its counters at most every 0.5 s,
+/// so the HOT share printed may leave out the last moments).
 fn table_stats(db: &mut Db, table: Table) -> Result<(i64, i64, i64)> {
-    db.client()
-        .batch_execute("SELECT pg_stat_force_next_flush()")?;
+    if db.server_version()? >= 150_000 {
+        db.client()
+            .batch_execute("SELECT pg_stat_force_next_flush()")?;
+    }
     let row = db.client().query_one(
         "SELECT coalesce(n_tup_upd, 0), coalesce(n_tup_hot_upd, 0), pg_total_relation_size(relid)
            FROM pg_stat_user_tables WHERE relid = to_regclass($1)",
@@ -474,7 +478,7 @@ fn run_table(
         let mut note = String::new();
         let mut last_xid: Option<String> = None;
         let mut window = per_page::Window::new(progress.position);
-        let listing = per_page::Listing::for_server(db.client())?;
+        let listing = per_page::Listing::for_server(db.server_version()?);
         loop {
             // Saved about every second (and before stopping): a re-run lists again from
             // the lowest unfinished page, where only rows still NULL are found.

@@ -50,15 +50,12 @@ pub enum Listing {
 }
 
 impl Listing {
-    pub fn for_server(c: &mut impl GenericClient) -> Result<Listing> {
-        let version: i32 = c
-            .query_one("SELECT current_setting('server_version_num')::int", &[])?
-            .get(0);
-        Ok(if version >= 140_000 {
+    pub fn for_server(server_version: i32) -> Listing {
+        if server_version >= 140_000 {
             Listing::TidRange
         } else {
             Listing::TidList
-        })
+        }
     }
 
     /// The condition on `t.ctid` for pages `[$1, $2)` (both parameters text).

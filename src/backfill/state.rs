@@ -1,6 +1,6 @@
 //! Backfill progress, kept in the database itself (schema `hydra_upgrade`, outside Hydra's
-//! own `public` schema) and written in the same transaction as each keyset batch, or right
-//! after each page window: a re-run continues where the last committed batch ended, and
+//! own `public` schema) and written in the same transaction as each keyset batch, or about
+//! every second of the page walk: a re-run continues where the last committed batch ended, and
 //! the database stays the one source of truth. `finalize` drops the schema at the end.
 
 use anyhow::{Context, Result};
