@@ -509,7 +509,8 @@ fn run_table(
             }
             // Keep a few rounds' worth of pages listed ahead, listed a few rounds' worth
             // at a time: a listing reads its pages into shared buffers, and one that
-            // listed a whole window at once (60 ms at 1M builds) held up Hydra's writes.
+            // listed a whole window at once (tens of ms at 1M builds) held up Hydra's
+            // writes.
             let need = window.per_round(adaptive.size as usize);
             while window.waiting() < 2 * need && window.next_to_list() < progress.total {
                 let first = window.next_to_list();

@@ -9,9 +9,9 @@
 //! taken, so every round does about the same work. The first update on a page is the
 //! expensive one (its row moves to another page, through all of Builds' indexes, and the
 //! page's first change after a checkpoint writes the whole page to the WAL). A window
-//! that started all its pages in one round wrote tens of MB of WAL in that round (35 MB
-//! for 1,900 pages, measured) and every commit of Hydra's meanwhile waited to flush it;
-//! spread out, each round carries 1/rows-a-page of that cost.
+//! that started all its pages in one round wrote tens of MB of WAL in that round, and
+//! Hydra's commits meanwhile waited to flush it (BENCHMARKS.md, "What the writer waits
+//! for"); spread out, each round carries 1/rows-a-page of that cost.
 //!
 //! Pages are listed ahead in chunks (one TID range scan each) and each round updates its
 //! rows by primary key. The index scan matters: unlike a TID scan, it prunes each heap page it
