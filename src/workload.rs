@@ -39,6 +39,9 @@ pub struct WriterStats {
     /// Microseconds per operation.
     #[serde(skip)]
     pub latencies_us: Vec<u64>,
+    /// When each operation started (same order as `latencies_us`).
+    #[serde(skip)]
+    pub starts: Vec<Instant>,
     /// Build id -> the `size` the queue runner last wrote to it.
     #[serde(skip)]
     pub marks: HashMap<i32, i64>,
@@ -134,6 +137,7 @@ pub fn run(dsn: &Dsn, spec: &WriterSpec, stop: Arc<AtomicBool>) -> Result<Writer
             })
         };
         stats.latencies_us.push(t0.elapsed().as_micros() as u64);
+        stats.starts.push(t0);
         if let Err(e) = result {
             stats.errors += 1;
             if stats.error_samples.len() < 10 {

@@ -15,6 +15,7 @@
 //! every figure printed is the median over the runs (each column on its own).
 
 pub mod stock;
+pub mod wal_trace;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -111,6 +112,11 @@ pub struct BenchArgs {
     /// experiments such as `autovacuum=off`.
     #[arg(long, value_name = "NAME=VALUE")]
     pub pg_setting: Vec<String>,
+    /// While the writer runs during our backfill, sample the WAL insert position every
+    /// 5 ms and report how much WAL was written while the writer's slow operations (over
+    /// 2 x its idle p99) ran, against the others (see `src/bench/wal_trace.rs`).
+    #[arg(long)]
+    pub wal_trace: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -174,6 +180,8 @@ pub struct WriterRun {
     pub during: WriterSummary,
     /// Our per-page backfill while the writer ran.
     pub backfill: BackfillRun,
+    /// With `--wal-trace`.
+    pub wal_trace: Option<wal_trace::WalTrace>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -513,6 +521,10 @@ fn start_writer(cluster: &PgCluster, dbname: &str, pause_ms: u64, seed: u64) -> 
 }
 
 fn stop_writer(w: Writer, db: &mut Db) -> Result<WriterSummary> {
+    stop_writer_with_stats(w, db).map(|(summary, _)| summary)
+}
+
+fn stop_writer_with_stats(w: Writer, db: &mut Db) -> Result<(WriterSummary, WriterStats)> {
     w.stop.store(true, Ordering::SeqCst);
     let seconds = w.start.elapsed().as_secs_f64();
     let stats = w
@@ -520,7 +532,7 @@ fn stop_writer(w: Writer, db: &mut Db) -> Result<WriterSummary> {
         .join()
         .map_err(|_| anyhow::anyhow!("the writer thread panicked"))??;
     let lost = workload::lost_updates(db, &stats)?;
-    Ok(WriterSummary {
+    let summary = WriterSummary {
         seconds,
         ops: stats.inserts + stats.updates,
         p50_ms: stats.percentile_ms(50.0),
@@ -531,7 +543,8 @@ fn stop_writer(w: Writer, db: &mut Db) -> Result<WriterSummary> {
         lost_updates: lost.len(),
         over_10ms: stats.latencies_us.iter().filter(|&&u| u > 10_000).count() as u64,
         over_100ms: stats.latencies_us.iter().filter(|&&u| u > 100_000).count() as u64,
-    })
+    };
+    Ok((summary, stats))
 }
 
 /// Give the writer time to connect, load its jobs and reach its steady rate before the
@@ -643,11 +656,33 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
     ));
     // No settling time here: every operation the writer records must overlap the
     // backfill (the writer stops the moment the backfill ends).
+    let sampler = args
+        .wal_trace
+        .then(|| wal_trace::Sampler::start(cluster.dsn(&name)));
     let w = start_writer(cluster, &name, args.writer_pause_ms, 3_000 + run as u64);
     let backfill = measure_backfill(cluster, &mut db, "per-page + writer", |db| {
         ours(db, StrategyChoice::PerPage, args)
     })?;
-    let during = stop_writer(w, &mut db)?;
+    let (during, stats) = stop_writer_with_stats(w, &mut db)?;
+    let wal_trace = match sampler {
+        Some(s) => {
+            let t = wal_trace::analyse(&s.stop()?, &stats, 2.0 * idle.p99_ms);
+            say(&format!(
+                "  WAL while an operation ran / unflushed at its start: {} ops over {:.2} ms, median {:.0} / {:.0} kB ({} above the others' p90 while running); {} other ops, median {:.0} / {:.0} kB, p90 while running {:.0} kB",
+                t.slow_ops,
+                t.threshold_ms,
+                t.slow_median_kb,
+                t.slow_backlog_median_kb,
+                t.slow_above_other_p90,
+                t.other_ops,
+                t.other_median_kb,
+                t.other_backlog_median_kb,
+                t.other_p90_kb
+            ));
+            Some(t)
+        }
+        None => None,
+    };
     say(&format!(
         "  during: {} ops, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, {} errors, {} lost updates; backfill {:.2}s HOT {:.1} %",
         during.ops,
@@ -665,6 +700,7 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
         idle,
         during,
         backfill,
+        wal_trace,
     })
 }
 
@@ -950,6 +986,28 @@ fn median_backfill(name: &str, rs: &[&BackfillRun]) -> BackfillRun {
     }
 }
 
+/// Each figure's median over the runs that traced the WAL (counts rounded down).
+fn median_wal_trace<'a>(
+    runs: impl Iterator<Item = &'a wal_trace::WalTrace>,
+) -> Option<wal_trace::WalTrace> {
+    let runs: Vec<&wal_trace::WalTrace> = runs.collect();
+    if runs.is_empty() {
+        return None;
+    }
+    let m = |f: fn(&wal_trace::WalTrace) -> f64| median(runs.iter().map(|t| f(t)).collect());
+    Some(wal_trace::WalTrace {
+        threshold_ms: m(|t| t.threshold_ms),
+        slow_ops: m(|t| t.slow_ops as f64) as usize,
+        other_ops: m(|t| t.other_ops as f64) as usize,
+        slow_median_kb: m(|t| t.slow_median_kb),
+        other_median_kb: m(|t| t.other_median_kb),
+        other_p90_kb: m(|t| t.other_p90_kb),
+        slow_above_other_p90: m(|t| t.slow_above_other_p90 as f64) as usize,
+        slow_backlog_median_kb: m(|t| t.slow_backlog_median_kb),
+        other_backlog_median_kb: m(|t| t.other_backlog_median_kb),
+    })
+}
+
 fn median_writer(rs: &[&WriterSummary]) -> WriterSummary {
     WriterSummary {
         seconds: median(rs.iter().map(|r| r.seconds).collect()),
@@ -1045,6 +1103,7 @@ fn medians(runs: &[Run], backfill_list: &[&str], final_list: &[&str]) -> Medians
             "per-page + writer",
             &writer_runs.iter().map(|w| &w.backfill).collect::<Vec<_>>(),
         ),
+        wal_trace: median_wal_trace(writer_runs.iter().filter_map(|w| w.wal_trace.as_ref())),
     });
     Medians {
         backfill,
@@ -1299,6 +1358,22 @@ pub fn render(b: &Bench) -> String {
                 w.during.p99_ms / w.idle.p99_ms.max(1e-9)
             ),
         );
+        if let Some(t) = &w.wal_trace {
+            push(
+                &mut s,
+                format!(
+                    "WAL (--wal-trace), kB inserted while an operation ran / unflushed at its start, medians:\n  {} ops over 2 x idle p99: {:.0} / {:.0} ({} above the others' p90 while running)\n  {} other ops:             {:.0} / {:.0} (p90 while running {:.0})",
+                    t.slow_ops,
+                    t.slow_median_kb,
+                    t.slow_backlog_median_kb,
+                    t.slow_above_other_p90,
+                    t.other_ops,
+                    t.other_median_kb,
+                    t.other_backlog_median_kb,
+                    t.other_p90_kb
+                ),
+            );
+        }
         s.push('\n');
     }
     if let Some(mem) = &b.memory {
