@@ -117,6 +117,10 @@ pub struct BenchArgs {
     /// 2 x its idle p99) ran, against the others (see `src/bench/wal_trace.rs`).
     #[arg(long)]
     pub wal_trace: bool,
+    /// Run our backfill's server process at this niceness (`renice`; raising it needs
+    /// the cluster's user or root), to see whether Hydra's writes wait for a CPU.
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub nice_ours: Option<i32>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -216,6 +220,8 @@ pub struct Bench {
     pub writer_secs: u64,
     pub ours_target_batch_ms: u64,
     pub ours_pause_ms: u64,
+    /// `--nice-ours`, when given.
+    pub ours_nice: Option<i32>,
     pub machine: Machine,
     pub template: Template,
     pub runs: Vec<Run>,
@@ -441,6 +447,15 @@ fn measure_backfill(
 }
 
 fn ours(db: &mut Db, strategy: StrategyChoice, args: &BenchArgs) -> Result<String> {
+    if let Some(n) = args.nice_ours {
+        let pid: i32 = db
+            .client()
+            .query_one("SELECT pg_backend_pid()", &[])?
+            .get(0);
+        Cmd::new("renice")
+            .args(["-n", &n.to_string(), "-p", &pid.to_string()])
+            .run()?;
+    }
     let report = backfill::run(
         db,
         &ours_options(strategy, args),
@@ -932,6 +947,7 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
         writer_secs: args.writer_secs,
         ours_target_batch_ms: args.target_batch_ms,
         ours_pause_ms: args.pause_ms,
+        ours_nice: args.nice_ours,
         machine,
         template,
         runs,
@@ -1185,8 +1201,12 @@ pub fn render(b: &Bench) -> String {
     push(
         &mut s,
         format!(
-            "ours: CLI defaults (lock_timeout 2 s, statement_timeout 120 s), --target-batch-ms {} --pause-ms {}; Jobs always keyset",
-            b.ours_target_batch_ms, b.ours_pause_ms
+            "ours: CLI defaults (lock_timeout 2 s, statement_timeout 120 s), --target-batch-ms {} --pause-ms {}; Jobs always keyset{}",
+            b.ours_target_batch_ms,
+            b.ours_pause_ms,
+            b.ours_nice
+                .map(|n| format!("; its server process at niceness {n}"))
+                .unwrap_or_default()
         ),
     );
     s.push('\n');
