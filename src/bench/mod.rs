@@ -1002,7 +1002,8 @@ fn median_backfill(name: &str, rs: &[&BackfillRun]) -> BackfillRun {
     }
 }
 
-/// Each figure's median over the runs that traced the WAL (counts rounded down).
+/// Each figure's median over the runs that traced the WAL (counts rounded down; the wait
+/// event samples summed).
 fn median_wal_trace<'a>(
     runs: impl Iterator<Item = &'a wal_trace::WalTrace>,
 ) -> Option<wal_trace::WalTrace> {
@@ -1021,7 +1022,17 @@ fn median_wal_trace<'a>(
         slow_above_other_p90: m(|t| t.slow_above_other_p90 as f64) as usize,
         slow_backlog_median_kb: m(|t| t.slow_backlog_median_kb),
         other_backlog_median_kb: m(|t| t.other_backlog_median_kb),
+        slow_waits: summed(runs.iter().map(|t| &t.slow_waits)),
+        other_waits: summed(runs.iter().map(|t| &t.other_waits)),
     })
+}
+
+fn summed<'a>(lists: impl Iterator<Item = &'a Vec<(String, usize)>>) -> Vec<(String, usize)> {
+    wal_trace::tally(
+        lists
+            .flat_map(|l| l.iter())
+            .flat_map(|(label, n)| std::iter::repeat_n(label.as_str(), *n)),
+    )
 }
 
 fn median_writer(rs: &[&WriterSummary]) -> WriterSummary {
@@ -1393,6 +1404,21 @@ pub fn render(b: &Bench) -> String {
                     t.other_p90_kb
                 ),
             );
+            for (who, waits) in [("slow", &t.slow_waits), ("other", &t.other_waits)] {
+                let total: usize = waits.iter().map(|(_, n)| n).sum();
+                let top: Vec<String> = waits
+                    .iter()
+                    .take(5)
+                    .map(|(l, n)| format!("{l} {:.0} %", 100.0 * *n as f64 / total.max(1) as f64))
+                    .collect();
+                push(
+                    &mut s,
+                    format!(
+                        "  the writer's backend while {who} operations ran ({total} samples): {}",
+                        top.join(", ")
+                    ),
+                );
+            }
         }
         s.push('\n');
     }

@@ -1,9 +1,9 @@
 //! `--wal-trace`: what the writer's slow operations have in common. While our backfill and
-//! the writer run, a third session samples the WAL insert and flush positions every 5 ms;
-//! afterwards each writer operation is given, interpolated between samples, the WAL
-//! inserted (by anyone) while it ran and the WAL not yet flushed when it started. A
-//! synchronous commit must flush both; if slow operations had much more of either than
-//! the others, they were waiting for the WAL.
+//! the writer run, a third session samples every 5 ms the WAL insert and flush positions
+//! and what the writer's backend is doing (`pg_stat_activity`: its wait event, or running).
+//! Afterwards each writer operation is given, interpolated between samples, the WAL
+//! inserted (by anyone) while it ran and the WAL not yet flushed when it started (a
+//! synchronous commit must flush both), and the wait events sampled while it ran.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,11 +17,26 @@ use crate::db::Db;
 use crate::dsn::Dsn;
 use crate::workload::WriterStats;
 
-const SAMPLE: &str = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint,
-                              (pg_current_wal_flush_lsn() - '0/0'::pg_lsn)::bigint";
+/// The writer's backend is recognised by its statements (`src/workload.rs`).
+const SAMPLE: &str = "
+SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint,
+       (pg_current_wal_flush_lsn() - '0/0'::pg_lsn)::bigint,
+       (SELECT coalesce(wait_event_type || ': ' || wait_event, 'no wait event (on a CPU or waiting for one)')
+          FROM pg_stat_activity
+         WHERE state = 'active' AND pid <> pg_backend_pid()
+           AND (query LIKE '%INSERT INTO builds (finished, timestamp, project%'
+                OR query LIKE '%UPDATE builds SET finished = 1%')
+         LIMIT 1)";
 
-/// When, the WAL insert position, the WAL flush position (bytes).
-pub type Sample = (Instant, i64, i64);
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub at: Instant,
+    /// WAL insert and flush positions, bytes.
+    pub insert: i64,
+    pub flush: i64,
+    /// What the writer's backend was doing, when it was running a statement.
+    pub writer: Option<String>,
+}
 
 pub struct Sampler {
     stop: Arc<AtomicBool>,
@@ -37,7 +52,12 @@ impl Sampler {
             let mut samples = Vec::new();
             while !flag.load(Ordering::SeqCst) {
                 let row = db.client().query_one(SAMPLE, &[])?;
-                samples.push((Instant::now(), row.get(0), row.get(1)));
+                samples.push(Sample {
+                    at: Instant::now(),
+                    insert: row.get(0),
+                    flush: row.get(1),
+                    writer: row.get(2),
+                });
                 std::thread::sleep(Duration::from_millis(5));
             }
             Ok(samples)
@@ -69,23 +89,38 @@ pub struct WalTrace {
     /// Median kB of WAL inserted but not yet flushed when a slow operation started.
     pub slow_backlog_median_kb: f64,
     pub other_backlog_median_kb: f64,
+    /// The writer backend's wait events sampled while slow operations ran, most first
+    /// (all of them; summed over runs in the medians).
+    pub slow_waits: Vec<(String, usize)>,
+    pub other_waits: Vec<(String, usize)>,
 }
 
 /// The insert and flush positions at `t`, linear between the samples around it.
 fn lsn_at(samples: &[Sample], t: Instant) -> Option<(f64, f64)> {
-    let i = samples.partition_point(|(s, _, _)| *s <= t);
+    let i = samples.partition_point(|s| s.at <= t);
     if i == 0 || i == samples.len() {
         return None;
     }
-    let ((t0, i0, f0), (t1, i1, f1)) = (samples[i - 1], samples[i]);
-    let span = (t1 - t0).as_secs_f64();
+    let (a, b) = (&samples[i - 1], &samples[i]);
+    let span = (b.at - a.at).as_secs_f64();
     let f = if span > 0.0 {
-        (t - t0).as_secs_f64() / span
+        (t - a.at).as_secs_f64() / span
     } else {
         0.0
     };
-    let at = |a: i64, b: i64| a as f64 + f * (b - a) as f64;
-    Some((at(i0, i1), at(f0, f1)))
+    let at = |x: i64, y: i64| x as f64 + f * (y - x) as f64;
+    Some((at(a.insert, b.insert), at(a.flush, b.flush)))
+}
+
+/// Count labels, most frequent first (ties by name).
+pub fn tally<'a>(labels: impl Iterator<Item = &'a str>) -> Vec<(String, usize)> {
+    let mut counts: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for l in labels {
+        *counts.entry(l).or_default() += 1;
+    }
+    let mut v: Vec<(String, usize)> = counts.into_iter().map(|(l, n)| (l.to_owned(), n)).collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    v
 }
 
 fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
@@ -100,6 +135,7 @@ pub fn analyse(samples: &[Sample], stats: &WriterStats, threshold_ms: f64) -> Wa
     // Per operation: (kB inserted while it ran, kB unflushed when it started).
     let mut slow: Vec<(f64, f64)> = Vec::new();
     let mut other: Vec<(f64, f64)> = Vec::new();
+    let (mut slow_waits, mut other_waits): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
     for (start, us) in stats.starts.iter().zip(&stats.latencies_us) {
         let end = *start + Duration::from_micros(*us);
         let (Some((a, flushed)), Some((b, _))) = (lsn_at(samples, *start), lsn_at(samples, end))
@@ -107,10 +143,15 @@ pub fn analyse(samples: &[Sample], stats: &WriterStats, threshold_ms: f64) -> Wa
             continue;
         };
         let op = ((b - a) / 1024.0, (a - flushed).max(0.0) / 1024.0);
+        let from = samples.partition_point(|s| s.at < *start);
+        let to = samples.partition_point(|s| s.at <= end);
+        let waits = samples[from..to].iter().filter_map(|s| s.writer.as_deref());
         if *us as f64 / 1000.0 > threshold_ms {
             slow.push(op);
+            slow_waits.extend(waits);
         } else {
             other.push(op);
+            other_waits.extend(waits);
         }
     }
     let during = |v: &[(f64, f64)]| v.iter().map(|x| x.0).collect::<Vec<f64>>();
@@ -126,6 +167,8 @@ pub fn analyse(samples: &[Sample], stats: &WriterStats, threshold_ms: f64) -> Wa
         slow_above_other_p90: slow.iter().filter(|x| x.0 > other_p90).count(),
         slow_backlog_median_kb: percentile(backlog(&slow), 50.0),
         other_backlog_median_kb: percentile(backlog(&other), 50.0),
+        slow_waits: tally(slow_waits.into_iter()),
+        other_waits: tally(other_waits.into_iter()),
     }
 }
 
@@ -140,11 +183,18 @@ mod tests {
         // 1 kB per ms, except 100 kB between 50 and 60 ms; flushed up to 0, then to 50 kB
         // at 60 ms.
         let k = 1024;
+        let sample = |t: u64, insert: i64, flush: i64, writer: Option<&str>| Sample {
+            at: ms(t),
+            insert: insert * k,
+            flush: flush * k,
+            writer: writer.map(str::to_owned),
+        };
         let samples = vec![
-            (ms(0), 0, 0),
-            (ms(50), 50 * k, 0),
-            (ms(60), 150 * k, 50 * k),
-            (ms(100), 190 * k, 190 * k),
+            sample(0, 0, 0, None),
+            sample(50, 50, 0, None),
+            sample(54, 90, 20, Some("LWLock: WALWrite")),
+            sample(60, 150, 50, None),
+            sample(100, 190, 190, Some("IO: WALSync")),
         ];
         let stats = WriterStats {
             starts: vec![ms(10), ms(20), ms(52), ms(70), ms(200)],
@@ -160,5 +210,7 @@ mod tests {
         // At 52 ms: 70 kB inserted, 10 kB flushed. The others: 10, 20 and 75 kB unflushed.
         assert!((w.slow_backlog_median_kb - 60.0).abs() < 1e-9, "{w:?}");
         assert!((w.other_backlog_median_kb - 20.0).abs() < 1e-9, "{w:?}");
+        assert_eq!(w.slow_waits, vec![("LWLock: WALWrite".to_owned(), 1)]);
+        assert!(w.other_waits.is_empty(), "{w:?}");
     }
 }
