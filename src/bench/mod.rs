@@ -112,9 +112,10 @@ pub struct BenchArgs {
     /// experiments such as `autovacuum=off`.
     #[arg(long, value_name = "NAME=VALUE")]
     pub pg_setting: Vec<String>,
-    /// While the writer runs during our backfill, sample the WAL insert position every
-    /// 5 ms and report how much WAL was written while the writer's slow operations (over
-    /// 2 x its idle p99) ran, against the others (see `src/bench/wal_trace.rs`).
+    /// While the writer runs during our backfill, sample the WAL insert and flush
+    /// positions and the writer backend's wait event every 5 ms, and compare the writer's
+    /// slow operations (over 2 x its idle p99) with the others: WAL written while they
+    /// ran, WAL unflushed when they started, wait events (see `src/bench/wal_trace.rs`).
     #[arg(long)]
     pub wal_trace: bool,
     /// Run our backfill's server process at this niceness (`renice`; raising it needs
