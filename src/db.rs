@@ -18,6 +18,8 @@ const UPGRADE_LOCK_KEY: i64 = 0x6879_6472_612d_7570;
 pub struct Db {
     client: Client,
     described: String,
+    /// `server_version_num`, read once when first asked for.
+    server_version: Option<i32>,
 }
 
 impl Db {
@@ -34,7 +36,11 @@ impl Db {
                 ),
             )
         })?;
-        Ok(Db { client, described })
+        Ok(Db {
+            client,
+            described,
+            server_version: None,
+        })
     }
 
     pub fn describe(&self) -> &str {
@@ -48,10 +54,14 @@ impl Db {
     /// The server's `server_version_num` (150004 for 15.4): a few steps use what only
     /// newer PostgreSQL has, and fall back before it.
     pub fn server_version(&mut self) -> Result<i32> {
+        if let Some(v) = self.server_version {
+            return Ok(v);
+        }
         let row = self
             .client
             .query_one("SELECT current_setting('server_version_num')::int", &[])
             .context("reading the server version")?;
+        self.server_version = Some(row.get(0));
         Ok(row.get(0))
     }
 
