@@ -53,14 +53,23 @@ pub struct WriterStats {
 impl WriterStats {
     /// The p-th percentile latency (0..=100), in milliseconds.
     pub fn percentile_ms(&self, p: f64) -> f64 {
-        if self.latencies_us.is_empty() {
-            return 0.0;
-        }
-        let mut v = self.latencies_us.clone();
-        v.sort_unstable();
-        let idx = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
-        v[idx] as f64 / 1000.0
+        percentile(
+            self.latencies_us
+                .iter()
+                .map(|&us| us as f64 / 1000.0)
+                .collect(),
+            p,
+        )
     }
+}
+
+/// The p-th percentile (0..=100) of `v` by nearest rank; 0 when `v` is empty.
+pub fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((p / 100.0) * (v.len() - 1) as f64).round() as usize]
 }
 
 const INSERT_WITH_ID: &str = "

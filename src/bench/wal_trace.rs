@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::db::Db;
 use crate::dsn::Dsn;
-use crate::workload::WriterStats;
+use crate::workload::{WriterStats, percentile};
 
 /// The writer's backend is recognised by its statements (`src/workload.rs`).
 const SAMPLE: &str = "
@@ -121,14 +121,6 @@ pub fn tally<'a>(labels: impl Iterator<Item = &'a str>) -> Vec<(String, usize)> 
     let mut v: Vec<(String, usize)> = counts.into_iter().map(|(l, n)| (l.to_owned(), n)).collect();
     v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     v
-}
-
-fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    v[((p / 100.0) * (v.len() - 1) as f64).round() as usize]
 }
 
 pub fn analyse(samples: &[Sample], stats: &WriterStats, threshold_ms: f64) -> WalTrace {
