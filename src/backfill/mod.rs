@@ -311,8 +311,11 @@ pub fn hot_blockers(db: &mut Db, table: Table, horizon_age: Duration) -> Result<
         let (gid, age): (String, i64) = (r.get(0), r.get(1));
         why.push(format!("prepared transaction {gid:?} is {age}s old"));
     }
+    // Only a slot's `xmin` (a physical slot fed by hot_standby_feedback) holds back the
+    // pruning of user tables, in every database; a logical slot's `catalog_xmin` only
+    // holds back the system catalogs, which HOT on Builds does not care about.
     let slots = db.client().query(
-        "SELECT slot_name::text FROM pg_replication_slots WHERE xmin IS NOT NULL OR catalog_xmin IS NOT NULL AND database = current_database()",
+        "SELECT slot_name::text FROM pg_replication_slots WHERE xmin IS NOT NULL",
         &[],
     )?;
     for r in slots {

@@ -24,10 +24,14 @@ pub const SPEC: synth::Spec = synth::Spec {
 pub fn cluster() -> &'static PgCluster {
     static CLUSTER: OnceLock<&'static PgCluster> = OnceLock::new();
     CLUSTER.get_or_init(|| {
-        let c = PgCluster::start(&["fsync=off", "full_page_writes=off", "max_connections=100"])
-            .expect(
-                "starting the test PostgreSQL (see README: PostgreSQL server binaries are needed)",
-            );
+        // wal_level=logical: tests/engine_slots.rs creates a logical replication slot.
+        let c = PgCluster::start(&[
+            "fsync=off",
+            "full_page_writes=off",
+            "max_connections=100",
+            "wal_level=logical",
+        ])
+        .expect("starting the test PostgreSQL (see README: PostgreSQL server binaries are needed)");
         let c = c
             .share_until_exit(std::process::id())
             .expect("watching the test process");

@@ -1,0 +1,21 @@
+//! Replication slots and HOT: only a slot's `xmin` keeps Builds' dead rows from being
+//! pruned. In its own test binary (its own cluster) because creating a logical slot waits
+//! for every transaction running in the cluster to end.
+mod common;
+
+use common::*;
+
+#[test]
+fn a_logical_slot_does_not_turn_auto_to_keyset() {
+    let db = hydra_at(61);
+    db.exec("SELECT pg_create_logical_replication_slot('hu_test_slot', 'test_decoding')");
+    let r = run_on(&db, &["backfill"]);
+    db.exec("SELECT pg_drop_replication_slot('hu_test_slot')");
+    r.expect_code(0);
+    assert!(
+        r.stderr.contains("builds: strategy per-page"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("replication slot"), "{}", r.stderr);
+}
