@@ -279,7 +279,19 @@ fn per_page_waits_out_a_short_old_snapshot_and_keeps_hot() {
             "3600",
         ],
     );
-    std::thread::sleep(Duration::from_millis(800));
+    // Hold the snapshot until Builds' first round has committed (the next round must
+    // then wait for it), and a little longer.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while db.query_string("SELECT (count(*) > 0)::text FROM builds WHERE jobset_id IS NOT NULL")
+        != "true"
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Builds never got a row"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(400));
     c.batch_execute("ROLLBACK").unwrap();
     let out = handle.wait().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -327,20 +327,51 @@ pub fn hot_blockers(db: &mut Db, table: Table, horizon_age: Duration) -> Result<
     Ok(why)
 }
 
-/// (updates, HOT updates, total bytes) of a table, with this session's counters flushed
-/// (PostgreSQL 15 and later; before, a session reports its counters at most every 0.5 s,
-/// so the HOT share printed may leave out the last moments).
+/// (updates, HOT updates, total bytes) of a table as the statistics system reports them.
 fn table_stats(db: &mut Db, table: Table) -> Result<(i64, i64, i64)> {
-    if db.server_version()? >= 150_000 {
-        db.client()
-            .batch_execute("SELECT pg_stat_force_next_flush()")?;
-    }
     let row = db.client().query_one(
         "SELECT coalesce(n_tup_upd, 0), coalesce(n_tup_hot_upd, 0), pg_total_relation_size(relid)
            FROM pg_stat_user_tables WHERE relid = to_regclass($1)",
         &[&table.name()],
     )?;
     Ok((row.get(0), row.get(1), row.get(2)))
+}
+
+/// How long to wait, after the last batch, for the statistics to count our updates.
+const STATS_WAIT: Duration = Duration::from_secs(5);
+
+/// The HOT share of the updates since `before` and the size now, once the statistics
+/// count at least the `ours` updates this run made. From PostgreSQL 15 the session's
+/// counters are flushed on request; before, a session sends them at most every 0.5 s
+/// and the collector writes them out a little later, so we ask again until they are in
+/// (up to [`STATS_WAIT`]). None when they never arrive (e.g. `track_counts` is off).
+fn stats_after(
+    db: &mut Db,
+    table: Table,
+    before: (i64, i64, i64),
+    ours: u64,
+) -> Result<(Option<f64>, i64)> {
+    let flush = if db.server_version()? >= 150_000 {
+        "SELECT pg_stat_force_next_flush()"
+    } else {
+        // Ends the transaction (so the backend reports its counters when due) and makes
+        // the next read take fresh statistics.
+        "SELECT pg_stat_clear_snapshot()"
+    };
+    let start = Instant::now();
+    loop {
+        db.client().batch_execute(flush)?;
+        let after = table_stats(db, table)?;
+        let updates = after.0 - before.0;
+        if ours == 0 || updates >= ours as i64 {
+            let share = (updates > 0).then(|| (after.1 - before.1) as f64 / updates as f64);
+            return Ok((share, after.2));
+        }
+        if start.elapsed() >= STATS_WAIT {
+            return Ok((None, after.2));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Does the table hold any NULL jobset_id row that can be filled (its jobset exists)?
@@ -622,16 +653,16 @@ fn run_table(
             progress.rows_skipped
         ));
     }
-    let after = table_stats(db, table)?;
-    let updates = after.0 - before.0;
+    let rows_updated = (progress.rows_updated - rows_before) as u64;
+    let (hot_share, bytes_after) = stats_after(db, table, before, rows_updated)?;
     Ok(TableReport {
-        hot_share: (updates > 0).then(|| (after.1 - before.1) as f64 / updates as f64),
+        hot_share,
         bytes_before: before.2,
-        bytes_after: after.2,
+        bytes_after,
         horizon_wait_seconds: horizon.waited.as_secs_f64(),
         table,
         strategy: progress.strategy.clone(),
-        rows_updated: (progress.rows_updated - rows_before) as u64,
+        rows_updated,
         rows_skipped: progress.rows_skipped as u64,
         transactions,
         retries,
