@@ -15,6 +15,28 @@ use crate::exit::{Exit, fail};
 /// ("hydra-up" in ASCII).
 const UPGRADE_LOCK_KEY: i64 = 0x6879_6472_612d_7570;
 
+/// The oldest PostgreSQL hydra-upgrade runs on: the suite runs on 10 to 15
+/// (`.ci/older-postgres`); 9.x lacks what the backfill reads from `pg_stat_activity`.
+pub const MIN_SERVER_VERSION: i32 = 100_000;
+
+/// Refuse a server older than [`MIN_SERVER_VERSION`] before touching anything.
+pub fn check_server_version(version: i32) -> Result<()> {
+    if version >= MIN_SERVER_VERSION {
+        return Ok(());
+    }
+    Err(fail(
+        Exit::UnsupportedServer,
+        format!(
+            "the database server is PostgreSQL {}.{}, older than hydra-upgrade supports \
+             (10 or later; tested on 10 to 15). Upgrade PostgreSQL first (on NixOS: a newer \
+             services.postgresql.package and pg_upgrade of the data directory, as the NixOS \
+             manual's PostgreSQL chapter describes), then run this again.",
+            version / 10_000,
+            version / 100 % 100
+        ),
+    ))
+}
+
 pub struct Db {
     client: Client,
     described: String,
@@ -36,11 +58,13 @@ impl Db {
                 ),
             )
         })?;
-        Ok(Db {
+        let mut db = Db {
             client,
             described,
             server_version: None,
-        })
+        };
+        check_server_version(db.server_version()?)?;
+        Ok(db)
     }
 
     pub fn describe(&self) -> &str {
@@ -201,6 +225,16 @@ mod tests {
             assert!(d <= max, "{attempt}: {d:?}");
             let cap = base.saturating_mul(1u32 << attempt.min(16)).min(max);
             assert!(d >= cap / 2, "{attempt}: {d:?} < half of {cap:?}");
+        }
+    }
+
+    #[test]
+    fn servers_before_10_are_refused_with_their_own_exit_code() {
+        let err = check_server_version(90_624).unwrap_err();
+        assert_eq!(crate::exit::exit_of(&err), Exit::UnsupportedServer);
+        assert!(err.to_string().contains("PostgreSQL 9.6"), "{err}");
+        for ok in [100_000, 110_022, 150_004, 180_000] {
+            assert!(check_server_version(ok).is_ok(), "{ok}");
         }
     }
 }

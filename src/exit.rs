@@ -40,6 +40,8 @@ pub enum Exit {
     Declined = 13,
     /// Lock contention: a batch or DDL step still failed after every retry.
     RetriesExhausted = 14,
+    /// The PostgreSQL server is older than the oldest version supported (and tested).
+    UnsupportedServer = 15,
     /// Stopped by SIGINT/SIGTERM after finishing or rolling back the open batch.
     Interrupted = 130,
 }
@@ -50,7 +52,7 @@ impl Exit {
     }
 
     /// One line per code, for `--help` and the README table.
-    pub const ALL: [(Exit, &'static str); 16] = [
+    pub const ALL: [(Exit, &'static str); 17] = [
         (Exit::Ok, "done, or nothing to do"),
         (Exit::Internal, "unexpected error"),
         (Exit::Usage, "bad command-line usage"),
@@ -71,6 +73,10 @@ impl Exit {
         (
             Exit::RetriesExhausted,
             "lock contention outlasted every retry",
+        ),
+        (
+            Exit::UnsupportedServer,
+            "PostgreSQL server too old (before 10)",
         ),
         (Exit::Interrupted, "interrupted; re-run to resume"),
     ];

@@ -171,7 +171,7 @@ fn wrong_password_is_refused_and_never_echoed() {
         let mut admin = c.connect("postgres").unwrap();
         admin
             .client()
-            .batch_execute("DO $$ BEGIN CREATE ROLE pwuser LOGIN PASSWORD 'right-password'; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+            .batch_execute("SET password_encryption = 'scram-sha-256'; DO $$ BEGIN CREATE ROLE pwuser LOGIN PASSWORD 'right-password'; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
             .unwrap();
     }
     db.exec("GRANT SELECT ON ALL TABLES IN SCHEMA public TO pwuser");
