@@ -42,6 +42,8 @@ pub enum Exit {
     RetriesExhausted = 14,
     /// The PostgreSQL server is older than the oldest version supported (and tested).
     UnsupportedServer = 15,
+    /// The database role lacks a privilege a step needs (SQLSTATE 42501).
+    Privilege = 16,
     /// Stopped by SIGINT/SIGTERM after finishing or rolling back the open batch.
     Interrupted = 130,
 }
@@ -52,7 +54,7 @@ impl Exit {
     }
 
     /// One line per code, for `--help` and the README table.
-    pub const ALL: [(Exit, &'static str); 17] = [
+    pub const ALL: [(Exit, &'static str); 18] = [
         (Exit::Ok, "done, or nothing to do"),
         (Exit::Internal, "unexpected error"),
         (Exit::Usage, "bad command-line usage"),
@@ -78,6 +80,7 @@ impl Exit {
             Exit::UnsupportedServer,
             "PostgreSQL server too old (before 10)",
         ),
+        (Exit::Privilege, "the database role lacks a privilege"),
         (Exit::Interrupted, "interrupted; re-run to resume"),
     ];
 }
@@ -141,7 +144,33 @@ pub fn exit_of(err: &anyhow::Error) -> Exit {
         });
         closed || io
     });
-    if lost { Exit::Connect } else { Exit::Internal }
+    if lost {
+        return Exit::Connect;
+    }
+    let denied = err.chain().any(|e| {
+        e.downcast_ref::<postgres::Error>()
+            .and_then(|e| e.code())
+            .is_some_and(|c| *c == postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+    });
+    if denied {
+        Exit::Privilege
+    } else {
+        Exit::Internal
+    }
+}
+
+/// What the admin can do next, for failure classes whose message comes from PostgreSQL.
+pub fn hint(exit: Exit) -> Option<&'static str> {
+    match exit {
+        Exit::Privilege => Some(
+            "connect as the role that owns Hydra's tables (`hydra` on NixOS, where root \
+             reaches it through the hydra-users ident map; elsewhere put user=... in the DSN). \
+             `status`, `plan` and `verify` only read; `backfill`, `finalize` and `upgrade` \
+             also update Jobs and Builds, keep their progress in a `hydra_upgrade` schema \
+             and alter both tables.",
+        ),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

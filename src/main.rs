@@ -8,7 +8,11 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("hydra-upgrade: error: {err:#}");
-            exit::exit_of(&err).into()
+            let code = exit::exit_of(&err);
+            if let Some(hint) = exit::hint(code) {
+                eprintln!("hydra-upgrade: hint: {hint}");
+            }
+            code.into()
         }
     }
 }

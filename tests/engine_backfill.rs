@@ -414,3 +414,27 @@ fn both_page_listings_find_the_same_rows_through_tid_scans() {
         }
     );
 }
+
+#[test]
+fn a_role_that_may_only_read_gets_exit_16_and_a_hint() {
+    let db = hydra_at(61);
+    db.exec(
+        "DO $$ BEGIN CREATE ROLE hu_reader LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         GRANT SELECT ON ALL TABLES IN SCHEMA public TO hu_reader",
+    );
+    let dsn = cluster().dsn_string(&db.name, "hu_reader");
+    run(&["--db", &dsn, "status"]).expect_code(0);
+    let r = run(&["--db", &dsn, "backfill"]);
+    r.expect_code(16);
+    assert!(r.stderr.contains("permission denied"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("hint: connect as the role that owns Hydra's tables"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        db.query_i64("SELECT count(*) FROM builds WHERE jobset_id IS NOT NULL"),
+        0
+    );
+}
