@@ -58,7 +58,6 @@ impl Status {
     }
 }
 
-/// Exact counts below this many rows; above it, a 1 % page sample.
 /// Exact counts for tables below this size (about 350,000 Builds rows); above it, a
 /// 1 % page sample.
 const EXACT_BELOW_BYTES: i64 = 64 << 20;
@@ -220,26 +219,41 @@ fn column(c: &mut postgres::Client, table: &str, col: &str) -> Result<Option<boo
     Ok(row.map(|r| r.get(0)))
 }
 
-/// NULL jobset_id rows: exact for small tables or on request, else from a 1 % page sample.
+/// NULL jobset_id rows: exact for small tables or on request, else estimated from a 1 %
+/// page sample. A sample that finds no NULL row cannot tell "none" from "a few": then the
+/// count is exact (a full scan, but only once the backfill is about done, when `verify`
+/// scans anyway).
 fn count_nulls(c: &mut postgres::Client, table: &str, exact: bool) -> Result<(i64, bool)> {
     let bytes: i64 = c
         .query_one("SELECT pg_relation_size(to_regclass($1))", &[&table])?
         .get(0);
-    if exact || bytes < EXACT_BELOW_BYTES {
-        let sql = format!("SELECT count(*) FROM {table} WHERE jobset_id IS NULL");
-        let n: i64 = c
-            .query_one(&sql, &[])
-            .with_context(|| format!("counting NULL rows in {table}"))?
-            .get(0);
-        return Ok((n, true));
+    if !exact && bytes >= EXACT_BELOW_BYTES {
+        // SYSTEM (1) reads about 1 % of the heap pages; scale the share of NULLs it saw
+        // to the planner's row count (or to 100 x the sample before the first ANALYZE).
+        let sql = format!(
+            "SELECT count(*) FILTER (WHERE jobset_id IS NULL), count(*),
+                    (SELECT reltuples::float8 FROM pg_class WHERE oid = to_regclass($1))
+               FROM {table} TABLESAMPLE SYSTEM (1) REPEATABLE (42)"
+        );
+        let row = c
+            .query_one(&sql, &[&table])
+            .with_context(|| format!("sampling NULL rows in {table}"))?;
+        let (nulls, rows, reltuples): (i64, i64, f64) = (row.get(0), row.get(1), row.get(2));
+        if nulls > 0 {
+            let total = if reltuples > 0.0 {
+                reltuples
+            } else {
+                rows as f64 * 100.0
+            };
+            return Ok(((nulls as f64 / rows as f64 * total).round() as i64, false));
+        }
     }
-    // SYSTEM (1) reads about 1 % of the heap pages: scale the NULLs it saw by 100.
-    let sql = format!(
-        "SELECT count(*) FILTER (WHERE jobset_id IS NULL) FROM {table} TABLESAMPLE SYSTEM (1) REPEATABLE (42)"
-    );
-    let nulls: i64 = c.query_one(&sql, &[])?.get(0);
-    let estimate = nulls * 100;
-    Ok((estimate, false))
+    let sql = format!("SELECT count(*) FROM {table} WHERE jobset_id IS NULL");
+    let n: i64 = c
+        .query_one(&sql, &[])
+        .with_context(|| format!("counting NULL rows in {table}"))?
+        .get(0);
+    Ok((n, true))
 }
 
 fn next_step(s: &Status) -> String {

@@ -38,6 +38,46 @@ fn status_at_61_counts_null_rows_and_json_agrees() {
 }
 
 #[test]
+fn status_samples_a_large_builds_and_counts_exactly_when_the_sample_sees_no_null() {
+    let db = hydra_at(61);
+    // Past the 64 MB heap that switches status to a page sample: two more copies of the
+    // builds at fillfactor 10 (about three rows a page).
+    db.exec(
+        "CREATE TEMP TABLE more AS SELECT * FROM builds;
+         ALTER TABLE builds SET (fillfactor = 10);
+         UPDATE more SET id = id + 1000000; INSERT INTO builds SELECT * FROM more;
+         UPDATE more SET id = id + 1000000; INSERT INTO builds SELECT * FROM more;",
+    );
+    db.exec("ANALYZE builds");
+    assert!(db.query_i64("SELECT pg_relation_size('builds')") > 64 << 20);
+    let rows = db.query_i64("SELECT count(*) FROM builds");
+    assert_eq!(rows as u64, 3 * SPEC.builds);
+
+    // Every row NULL: the sample's share (all) times the planner's row count.
+    let j = run_on(&db, &["status", "--json"]).expect_code(0).json();
+    assert_eq!(j["builds_jobset_id"]["exact"], false, "{j}");
+    let estimate = j["builds_jobset_id"]["null_rows"].as_i64().unwrap();
+    assert!(
+        (estimate - rows).abs() * 10 < rows,
+        "estimate {estimate} of {rows}"
+    );
+    let j = run_on(&db, &["status", "--json", "--exact"])
+        .expect_code(0)
+        .json();
+    assert_eq!(j["builds_jobset_id"]["exact"], true);
+    assert_eq!(j["builds_jobset_id"]["null_rows"], rows);
+
+    // None left: a sample that sees none cannot tell none from a few, so status counts.
+    db.exec(
+        "UPDATE builds b SET jobset_id = js.id FROM jobsets js
+          WHERE js.project = b.project AND js.name = b.jobset",
+    );
+    let j = run_on(&db, &["status", "--json"]).expect_code(0).json();
+    assert_eq!(j["builds_jobset_id"]["exact"], true, "{j}");
+    assert_eq!(j["builds_jobset_id"]["null_rows"], 0);
+}
+
+#[test]
 fn plan_prints_the_steps_and_changes_nothing() {
     let db = hydra_at(57);
     let before = db.digest_without_jobset_id();
