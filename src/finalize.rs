@@ -198,9 +198,15 @@ pub fn run(db: &mut Db, opts: &Options, out: &Out) -> Result<Report> {
     // need and may wait for old transactions: they do not block Hydra's writes.
     db.client()
         .batch_execute("SET statement_timeout = 0; SET lock_timeout = 0")?;
-    if db.server_version()? < 120_000 {
+    // PostgreSQL 12 and later skip SET NOT NULL's scan when a valid check proves it.
+    let scans = db.server_version()? < 120_000;
+    if scans {
         out.warn(
-            "this PostgreSQL is older than 12: its SET NOT NULL scans the whole table even              when a valid CHECK constraint proves there is no NULL, holding a lock that              blocks Hydra's reads and writes of Builds for that scan (about as long as              `SELECT count(*) FROM builds`). Upgrade PostgreSQL first, or run finalize at a              quiet time.",
+            "this PostgreSQL is older than 12: its SET NOT NULL scans the whole table even \
+             when a valid CHECK constraint proves there is no NULL, holding a lock that \
+             blocks Hydra's reads and writes of Builds for that scan (about as long as \
+             `SELECT count(*) FROM builds`). Upgrade PostgreSQL first, or run finalize at a \
+             quiet time.",
         );
     }
 
@@ -251,7 +257,14 @@ pub fn run(db: &mut Db, opts: &Options, out: &Out) -> Result<Report> {
                 }
             }
         }
-        out.say(&format!("finalize: SET NOT NULL on {name}.jobset_id (no scan: the check proves it), schema -> {target}"));
+        out.say(&format!(
+            "finalize: SET NOT NULL on {name}.jobset_id ({}), schema -> {target}",
+            if scans {
+                "scanning the table under its lock: PostgreSQL < 12"
+            } else {
+                "no scan: the check proves it"
+            }
+        ));
         let set_not_null = step_sql(target).expect("62 and 63 are known steps");
         let drop_check = format!("ALTER TABLE {name} DROP CONSTRAINT IF EXISTS {check}");
         short_step(
