@@ -331,19 +331,36 @@ fn clone_db(cluster: &PgCluster, template: &str, name: &str) -> Result<Db> {
     cluster.connect(name)
 }
 
+/// Drop a contender's copy, ending its sessions first (`DROP DATABASE ... WITH (FORCE)`
+/// would need PostgreSQL 13).
 fn drop_db(cluster: &PgCluster, name: &str) -> Result<()> {
-    cluster
-        .connect("postgres")?
-        .client()
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    let mut db = cluster.connect("postgres")?;
+    db.client()
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&name],
+        )
+        .with_context(|| format!("ending the sessions of {name}"))?;
+    db.client()
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
         .with_context(|| format!("dropping {name}"))
 }
 
 /// Builds' (updates, HOT updates, table + index bytes), with this session's counters
-/// flushed first so they include its own latest statements.
+/// flushed first so they include its own latest statements. Before PostgreSQL 15 a
+/// session sends its counters when idle at most every 0.5 s (and at exit): wait that out,
+/// send them with a statement, and read a fresh snapshot.
 fn builds_stats(db: &mut Db) -> Result<(i64, i64, i64, i64, i64)> {
-    db.client()
-        .batch_execute("SELECT pg_stat_force_next_flush()")?;
+    if db.server_version()? >= 150_000 {
+        db.client()
+            .batch_execute("SELECT pg_stat_force_next_flush()")?;
+    } else {
+        std::thread::sleep(Duration::from_millis(600));
+        db.client().batch_execute("SELECT 1")?;
+        db.client()
+            .batch_execute("SELECT pg_stat_clear_snapshot()")?;
+    }
     let r = db.client().query_one(
         "SELECT coalesce(n_tup_upd, 0), coalesce(n_tup_hot_upd, 0), pg_total_relation_size(relid),
                 autovacuum_count, autoanalyze_count
