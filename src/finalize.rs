@@ -194,6 +194,9 @@ pub fn run(db: &mut Db, opts: &Options, out: &Out) -> Result<Report> {
     let start = Instant::now();
     let mut report = Report::default();
     db.take_upgrade_lock()?;
+    // A backfill killed outright may have left autoanalyze held off; the final catalog
+    // must be Hydra's own.
+    crate::backfill::autoanalyze::release(db, out, true)?;
     // Long online steps (VALIDATE, CREATE INDEX CONCURRENTLY) may take as long as they
     // need and may wait for old transactions: they do not block Hydra's writes.
     db.client()

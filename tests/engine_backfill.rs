@@ -438,3 +438,51 @@ fn a_role_that_may_only_read_gets_exit_16_and_a_hint() {
         0
     );
 }
+
+/// Builds' storage options, e.g. `{autovacuum_analyze_threshold=2000000000}`, or "".
+fn builds_reloptions(db: &TestDb) -> String {
+    db.query_string(
+        "SELECT coalesce(reloptions::text, '') FROM pg_class WHERE oid = 'builds'::regclass",
+    )
+}
+
+#[test]
+fn autoanalyze_of_builds_is_held_off_during_the_walk_only() {
+    let db = hydra_at(61);
+    // Slow rounds, so the walk is seen while it runs.
+    let handle = spawn_on(
+        &db,
+        &["backfill", "--strategy", "per-page", "--pause-ms", "30"],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while db.query_i64("SELECT count(*) FROM builds WHERE jobset_id IS NOT NULL") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Builds never got a row"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        builds_reloptions(&db),
+        "{autovacuum_analyze_threshold=2000000000}"
+    );
+    let out = handle.wait().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(builds_reloptions(&db), "");
+
+    // An owner's own threshold is theirs: left as it is.
+    let db = hydra_at(61);
+    db.exec("ALTER TABLE builds SET (autovacuum_analyze_threshold = 5000)");
+    let r = run_on(&db, &["backfill", "--strategy", "per-page"]);
+    r.expect_code(0);
+    assert!(
+        r.stderr
+            .contains("builds: autovacuum_analyze_threshold is set (5000)"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        builds_reloptions(&db),
+        "{autovacuum_analyze_threshold=5000}"
+    );
+}

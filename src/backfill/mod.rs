@@ -6,6 +6,7 @@
 //! serialization failure; its size adapts towards a target time. Progress is committed in
 //! the database, so a re-run continues; one backfill at a time (advisory lock).
 
+pub mod autoanalyze;
 pub mod keyset;
 pub mod per_page;
 pub mod state;
@@ -395,9 +396,26 @@ pub fn run(db: &mut Db, opts: &Options, out: &Out, interrupt: &Interrupt) -> Res
     db.set_timeouts(opts.lock_timeout, opts.statement_timeout)?;
     db.async_commit()?;
     state::ensure(db)?;
-    let mut tables = Vec::new();
+    let mut walked = Vec::new();
     for table in Table::ALL {
-        tables.push(run_table(db, table, opts, out, interrupt)?);
+        match run_table(db, table, opts, out, interrupt) {
+            Ok(done) => walked.push(done),
+            Err(e) => {
+                // Best effort: the connection may be what failed.
+                let _ = autoanalyze::release(db, out, false);
+                return Err(e);
+            }
+        }
+    }
+    autoanalyze::release(db, out, false)?;
+    // After the last batch, so that PostgreSQL < 15 makes us wait for its statistics
+    // once, not once per table.
+    let mut tables = Vec::new();
+    for (mut report, before) in walked {
+        let (hot_share, bytes_after) = stats_after(db, report.table, before, report.rows_updated)?;
+        report.hot_share = hot_share;
+        report.bytes_after = bytes_after;
+        tables.push(report);
     }
     Ok(Report {
         tables,
@@ -424,13 +442,15 @@ fn choose(db: &mut Db, table: Table, opts: &Options, out: &Out) -> Result<(&'sta
     })
 }
 
+/// Walk one table. The report's `hot_share` and `bytes_after` are filled in by [`run`]
+/// from the statistics, for which it also gets the counters before the walk.
 fn run_table(
     db: &mut Db,
     table: Table,
     opts: &Options,
     out: &Out,
     interrupt: &Interrupt,
-) -> Result<TableReport> {
+) -> Result<(TableReport, (i64, i64, i64))> {
     let start = Instant::now();
     let name = table.name();
     let before = table_stats(db, table)?;
@@ -456,7 +476,7 @@ fn run_table(
                     &format!("{name}: no NULL jobset_id row to fill"),
                     json!({"table": name}),
                 );
-                return Ok(TableReport {
+                let report = TableReport {
                     table,
                     strategy: "none".into(),
                     rows_updated: 0,
@@ -469,7 +489,8 @@ fn run_table(
                     bytes_before: before.2,
                     bytes_after: before.2,
                     horizon_wait_seconds: 0.0,
-                });
+                };
+                return Ok((report, before));
             }
             let (strategy, reason) = choose(db, table, opts, out)?;
             why = reason;
@@ -513,6 +534,7 @@ fn run_table(
         let mut last_xid: Option<String> = None;
         let mut window = per_page::Window::new(progress.position);
         let listing = per_page::Listing::for_server(db.server_version()?);
+        autoanalyze::hold_off(db, table, out)?;
         loop {
             // Saved about every second (and before stopping): a re-run lists again from
             // the lowest unfinished page, where only rows still NULL are found.
@@ -590,6 +612,11 @@ fn run_table(
         }
         progress.position = progress.total;
         state::save(db.client(), &progress)?;
+        bar.update(
+            progress.position as u64,
+            (progress.rows_updated - rows_before) as u64,
+            "",
+        );
         bar.finish(" (page walk done, sweeping for rows moved meanwhile)");
         progress = start_keys(db, table, progress)?;
         state::save(db.client(), &progress)?;
@@ -653,22 +680,21 @@ fn run_table(
             progress.rows_skipped
         ));
     }
-    let rows_updated = (progress.rows_updated - rows_before) as u64;
-    let (hot_share, bytes_after) = stats_after(db, table, before, rows_updated)?;
-    Ok(TableReport {
-        hot_share,
+    let report = TableReport {
+        hot_share: None,
         bytes_before: before.2,
-        bytes_after,
+        bytes_after: before.2,
         horizon_wait_seconds: horizon.waited.as_secs_f64(),
         table,
         strategy: progress.strategy.clone(),
-        rows_updated,
+        rows_updated: (progress.rows_updated - rows_before) as u64,
         rows_skipped: progress.rows_skipped as u64,
         transactions,
         retries,
         seconds: start.elapsed().as_secs_f64(),
         why,
-    })
+    };
+    Ok((report, before))
 }
 
 /// Enter the keyset phase: a fresh cursor from the start of the table.
