@@ -439,15 +439,19 @@ fn a_role_that_may_only_read_gets_exit_16_and_a_hint() {
     );
 }
 
-/// Builds' storage options, e.g. `{autovacuum_analyze_threshold=2000000000}`, or "".
+/// A table's storage options, e.g. `{autovacuum_analyze_threshold=2000000000}`, or "".
+fn reloptions(db: &TestDb, table: &str) -> String {
+    db.query_string(&format!(
+        "SELECT coalesce(reloptions::text, '') FROM pg_class WHERE oid = '{table}'::regclass"
+    ))
+}
+
 fn builds_reloptions(db: &TestDb) -> String {
-    db.query_string(
-        "SELECT coalesce(reloptions::text, '') FROM pg_class WHERE oid = 'builds'::regclass",
-    )
+    reloptions(db, "builds")
 }
 
 #[test]
-fn autoanalyze_of_builds_is_held_off_during_the_walk_only() {
+fn autoanalyze_is_held_off_during_the_walk_only() {
     let db = hydra_at(61);
     // Slow rounds, so the walk is seen while it runs.
     let handle = spawn_on(
@@ -462,13 +466,17 @@ fn autoanalyze_of_builds_is_held_off_during_the_walk_only() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert_eq!(
-        builds_reloptions(&db),
-        "{autovacuum_analyze_threshold=2000000000}"
-    );
+    for table in ["jobs", "builds"] {
+        assert_eq!(
+            reloptions(&db, table),
+            "{autovacuum_analyze_threshold=2000000000}",
+            "{table}"
+        );
+    }
     let out = handle.wait().unwrap();
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(builds_reloptions(&db), "");
+    assert_eq!(reloptions(&db, "jobs"), "");
 
     // An owner's own threshold is theirs: left as it is.
     let db = hydra_at(61);

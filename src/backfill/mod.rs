@@ -518,6 +518,9 @@ fn run_table(
     let mut transactions = 0u64;
     let mut retries = 0u64;
 
+    // Jobs too: its autoanalyze, triggered by its own walk, holds the same horizon
+    // while Builds is walked.
+    autoanalyze::hold_off(db, table, out)?;
     if progress.phase == PHASE_PAGES {
         // At most 4096 pages in the window (about 180,000 listed ids, under 1 MB) keeps
         // memory small.
@@ -534,7 +537,6 @@ fn run_table(
         let mut last_xid: Option<String> = None;
         let mut window = per_page::Window::new(progress.position);
         let listing = per_page::Listing::for_server(db.server_version()?);
-        autoanalyze::hold_off(db, table, out)?;
         loop {
             // Saved about every second (and before stopping): a re-run lists again from
             // the lowest unfinished page, where only rows still NULL are found.
