@@ -286,15 +286,17 @@ pub fn hot_blockers(db: &mut Db, table: Table, horizon_age: Duration) -> Result<
         ));
     }
     let secs = horizon_age.as_secs_f64();
-    let old = db.client().query(
+    let sql = format!(
         "SELECT pid, coalesce(datname::text, ''), coalesce(application_name, ''),
                 extract(epoch FROM now() - coalesce(xact_start, backend_start))::bigint
            FROM pg_stat_activity
-          WHERE pid <> pg_backend_pid() AND (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)
+          WHERE pid <> pg_backend_pid()
+            AND (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL AND NOT {})
             AND now() - coalesce(xact_start, backend_start) > make_interval(secs => $1)
           ORDER BY 4 DESC LIMIT 5",
-        &[&secs],
-    )?;
+        per_page::PLAIN_VACUUM
+    );
+    let old = db.client().query(&sql, &[&secs])?;
     for r in old {
         let (pid, dbname, app, age): (i32, String, String, i64) =
             (r.get(0), r.get(1), r.get(2), r.get(3));

@@ -246,18 +246,26 @@ pub fn update_round(
     Ok((n as u64, xid))
 }
 
+/// A `pg_stat_activity` condition: the session is running a plain `VACUUM` (autovacuum's
+/// or a client's; not `FULL`, not with `ANALYZE`). PostgreSQL leaves such a session's
+/// snapshot out when it decides what may be pruned, so it does not stop HOT updates,
+/// however long it runs (a VACUUM of a large Builds can take an hour).
+pub const PLAIN_VACUUM: &str = r"(state = 'active'
+     AND coalesce(query, '') ~* '^\s*(autovacuum:\s+)?vacuum\M'
+     AND coalesce(query, '') !~* '(analyze|full)')";
+
 /// Other sessions whose snapshot is older than transaction `xid`: until they end, the
 /// row versions `xid` left dead cannot be pruned, so the next round's updates could not
 /// be HOT. (pid, what it is)
 pub fn horizon_holders(c: &mut impl GenericClient, xid: &str) -> Result<Vec<(i32, String)>> {
-    let rows = c.query(
+    let sql = format!(
         "SELECT pid, coalesce(nullif(backend_type, 'client backend'), application_name, '')
                      || ': ' || left(coalesce(query, ''), 60)
            FROM pg_stat_activity
-          WHERE pid <> pg_backend_pid() AND backend_xmin IS NOT NULL
-            AND age(backend_xmin) >= age(($1::text::bigint % 4294967296)::text::xid)",
-        &[&xid],
-    )?;
+          WHERE pid <> pg_backend_pid() AND backend_xmin IS NOT NULL AND NOT {PLAIN_VACUUM}
+            AND age(backend_xmin) >= age(($1::text::bigint % 4294967296)::text::xid)"
+    );
+    let rows = c.query(&sql, &[&xid])?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
