@@ -414,6 +414,11 @@ pub fn run(db: &mut Db, opts: &Options, out: &Out, interrupt: &Interrupt) -> Res
     // once, not once per table.
     let mut tables = Vec::new();
     for (mut report, before) in walked {
+        if report.strategy == "none" {
+            // Nothing was walked: Hydra's own updates meanwhile are not ours to report.
+            tables.push(report);
+            continue;
+        }
         let (hot_share, bytes_after) = stats_after(db, report.table, before, report.rows_updated)?;
         report.hot_share = hot_share;
         report.bytes_after = bytes_after;
