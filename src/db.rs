@@ -127,6 +127,7 @@ impl Db {
                         coalesce(extract(epoch FROM now() - a.backend_start)::bigint, 0)
                    FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
                   WHERE l.locktype = 'advisory' AND l.granted AND l.pid <> pg_backend_pid()
+                    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
                     AND l.classid = ($1::bigint >> 32)::oid AND l.objid = ($1::bigint & 4294967295)::oid
                   LIMIT 1",
                 &[&UPGRADE_LOCK_KEY],
