@@ -49,6 +49,9 @@ pub struct Status {
     pub backfill_progress: Vec<state::TableProgress>,
     /// The hydra-upgrade session working on this database right now, if any.
     pub running: Option<String>,
+    /// Tables whose autoanalyze hydra-upgrade holds off (a backfill running, or one
+    /// killed outright; the next backfill or finalize resets it).
+    pub autoanalyze_held_off: Vec<crate::backfill::Table>,
     pub next_step: String,
 }
 
@@ -193,6 +196,11 @@ pub fn detect(db: &mut Db, exact: bool) -> Result<Status> {
     let builds_jobset_id = count(client, "builds", builds_col)?;
     let backfill_progress = state::read_all(db)?;
     let running = db.upgrade_lock_holder()?;
+    let autoanalyze_held_off = if stage == Stage::BeforeMigration {
+        Vec::new()
+    } else {
+        crate::backfill::autoanalyze::held_off(db)?
+    };
     let mut status = Status {
         database: db.describe().to_owned(),
         schema_version: version,
@@ -203,6 +211,7 @@ pub fn detect(db: &mut Db, exact: bool) -> Result<Status> {
         final_indexes,
         backfill_progress,
         running,
+        autoanalyze_held_off,
         next_step: String::new(),
     };
     status.next_step = next_step(&status);
@@ -320,6 +329,17 @@ pub fn render(s: &Status) -> String {
     }
     if let Some(who) = &s.running {
         out.push_str(&format!("running now:       hydra-upgrade {who}\n"));
+    }
+    for t in &s.autoanalyze_held_off {
+        out.push_str(&format!(
+            "autoanalyze of {} held off by hydra-upgrade{} (autovacuum_analyze_threshold)\n",
+            t.name(),
+            if s.running.is_some() {
+                ""
+            } else {
+                "; a backfill was killed: the next backfill or finalize resets it"
+            }
+        ));
     }
     out.push_str(&s.next_step);
     out.push('\n');

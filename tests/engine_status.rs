@@ -78,6 +78,28 @@ fn status_samples_a_large_builds_and_counts_exactly_when_the_sample_sees_no_null
 }
 
 #[test]
+fn status_names_autoanalyze_left_held_off_by_a_killed_backfill() {
+    let db = hydra_at(61);
+    // As a backfill killed with SIGKILL during its walk leaves it.
+    db.exec("ALTER TABLE builds SET (autovacuum_analyze_threshold = 2000000000)");
+    let r = run_on(&db, &["status"]);
+    r.expect_code(0);
+    assert!(
+        r.stdout.contains(
+            "autoanalyze of builds held off by hydra-upgrade; a backfill was killed: \
+             the next backfill or finalize resets it"
+        ),
+        "{}",
+        r.stdout
+    );
+    let j = run_on(&db, &["status", "--json"]).expect_code(0).json();
+    assert_eq!(j["autoanalyze_held_off"], serde_json::json!(["builds"]));
+    run_on(&db, &["backfill"]).expect_code(0);
+    let j = run_on(&db, &["status", "--json"]).expect_code(0).json();
+    assert_eq!(j["autoanalyze_held_off"], serde_json::json!([]));
+}
+
+#[test]
 fn plan_prints_the_steps_and_changes_nothing() {
     let db = hydra_at(57);
     let before = db.digest_without_jobset_id();

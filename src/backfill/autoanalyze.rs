@@ -70,13 +70,22 @@ pub fn hold_off(db: &mut Db, table: Table, out: &Out) -> Result<bool> {
     }
 }
 
+/// The tables whose autoanalyze is held off by hydra-upgrade right now: during a
+/// backfill, or left by one killed outright.
+pub fn held_off(db: &mut Db) -> Result<Vec<Table>> {
+    let mut tables = Vec::new();
+    for table in Table::ALL {
+        if current(db, table)?.as_deref() == Some(HOLD_OFF) {
+            tables.push(table);
+        }
+    }
+    Ok(tables)
+}
+
 /// Reset the option where it is ours. `must`: fail when it cannot be reset (finalize,
 /// which promises Hydra's exact catalog); else warn that the next run resets it.
 pub fn release(db: &mut Db, out: &Out, must: bool) -> Result<()> {
-    for table in Table::ALL {
-        if current(db, table)?.as_deref() != Some(HOLD_OFF) {
-            continue;
-        }
+    for table in held_off(db)? {
         let name = table.name();
         let sql = format!("ALTER TABLE {name} RESET (autovacuum_analyze_threshold)");
         if let Err(e) = db.client().batch_execute(&sql) {
