@@ -446,10 +446,6 @@ fn reloptions(db: &TestDb, table: &str) -> String {
     ))
 }
 
-fn builds_reloptions(db: &TestDb) -> String {
-    reloptions(db, "builds")
-}
-
 #[test]
 fn autoanalyze_is_held_off_during_the_walk_only() {
     let db = hydra_at(61);
@@ -475,7 +471,7 @@ fn autoanalyze_is_held_off_during_the_walk_only() {
     }
     let out = handle.wait().unwrap();
     assert_eq!(out.status.code(), Some(0));
-    assert_eq!(builds_reloptions(&db), "");
+    assert_eq!(reloptions(&db, "builds"), "");
     assert_eq!(reloptions(&db, "jobs"), "");
 
     // An owner's own threshold is theirs: left as it is.
@@ -490,7 +486,7 @@ fn autoanalyze_is_held_off_during_the_walk_only() {
         r.stderr
     );
     assert_eq!(
-        builds_reloptions(&db),
+        reloptions(&db, "builds"),
         "{autovacuum_analyze_threshold=5000}"
     );
 }

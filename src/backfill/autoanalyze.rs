@@ -38,24 +38,24 @@ fn current(db: &mut Db, table: Table) -> Result<Option<String>> {
     Ok(row.map(|r| r.get(0)))
 }
 
-/// Hold off autoanalyze of `table`; true when it is held off (now or since an earlier
-/// run). Best effort: without the privilege (only the owner may) or the lock, it warns
-/// and the walk goes on.
-pub fn hold_off(db: &mut Db, table: Table, out: &Out) -> Result<bool> {
+/// Hold off autoanalyze of `table` (kept if an earlier run's marker is still there).
+/// Best effort: without the privilege (only the owner may) or the lock, it warns and the
+/// walk goes on.
+pub fn hold_off(db: &mut Db, table: Table, out: &Out) -> Result<()> {
     let name = table.name();
     match current(db, table)?.as_deref() {
-        Some(HOLD_OFF) => return Ok(true),
+        Some(HOLD_OFF) => return Ok(()),
         Some(theirs) => {
             out.say(&format!(
                 "{name}: autovacuum_analyze_threshold is set ({theirs}); leaving it as it is"
             ));
-            return Ok(false);
+            return Ok(());
         }
         None => {}
     }
     let sql = format!("ALTER TABLE {name} SET (autovacuum_analyze_threshold = {HOLD_OFF})");
     match db.client().batch_execute(&sql) {
-        Ok(()) => Ok(true),
+        Ok(()) => Ok(()),
         Err(e) => {
             let e = anyhow::Error::from(e);
             if db::sqlstate(&e).is_none() {
@@ -65,7 +65,7 @@ pub fn hold_off(db: &mut Db, table: Table, out: &Out) -> Result<bool> {
                 "{name}: could not hold off autoanalyze during the walk ({e:#}); an \
                  autoanalyze that runs meanwhile makes some updates non-HOT"
             ));
-            Ok(false)
+            Ok(())
         }
     }
 }
