@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use hydra_upgrade::backfill::Table;
+use hydra_upgrade::backfill::keyset::{self, Cursor};
 use hydra_upgrade::backfill::per_page::{self, Listing};
 use hydra_upgrade::dsn::Dsn;
 use hydra_upgrade::workload::{self, WriterSpec};
@@ -413,6 +414,93 @@ fn both_page_listings_find_the_same_rows_through_tid_scans() {
             Listing::TidList
         }
     );
+}
+
+/// A keyset batch (the keyset strategy, and the sweep after the page walk) reads its own
+/// span of keys, however far into the table it is. Its planner statistics are the ones of
+/// before the backfill (every jobset_id NULL; autoanalyze is held off meanwhile), and with
+/// them the Builds batch once merge-joined a scan of the whole primary key from its first
+/// entry: every batch read the table up to its span, the walk was quadratic in the
+/// table's size. (The Jobs batch is planned as a nested loop; checked all the same.)
+#[test]
+fn a_keyset_batch_reads_only_its_own_span() {
+    let db = hydra_at(61);
+    let mut conn = db.connect();
+    let c = conn.client();
+    c.batch_execute(
+        "ANALYZE builds; ANALYZE jobs;
+         UPDATE builds b SET jobset_id = js.id FROM jobsets js
+          WHERE js.project = b.project AND js.name = b.jobset AND b.id <= 11000;
+         UPDATE jobs j SET jobset_id = js.id FROM jobsets js
+          WHERE js.project = j.project AND js.name = j.jobset",
+    )
+    .unwrap();
+    let max_id: i32 = c
+        .query_one("SELECT max(id) FROM builds", &[])
+        .unwrap()
+        .get(0);
+    let (builds, jobs) = (
+        db.query_i64("SELECT count(*) FROM builds"),
+        db.query_i64("SELECT count(*) FROM jobs"),
+    );
+    assert!(
+        builds >= 12_000 && max_id > 11_000,
+        "{builds} builds, max id {max_id}"
+    );
+    // Tuples read from a table, through any scan, by this session since its counters were
+    // last reported (so only differences within one transaction mean anything).
+    let read = |tx: &mut postgres::Transaction, table: &str| -> i64 {
+        tx.query_one(
+            "SELECT pg_stat_get_xact_tuples_fetched(to_regclass($1))
+                  + pg_stat_get_xact_tuples_returned(to_regclass($1))",
+            &[&table],
+        )
+        .unwrap()
+        .get(0)
+    };
+
+    // On a table this small a sequential scan is the cheaper way to read 2,000 ids;
+    // on a large one it is not. Forbidden here, so that what is counted is the join.
+    c.batch_execute("SET enable_seqscan = off").unwrap();
+    // Builds, the last 2,000 ids: a few NULL rows left (above 11,000), the rest filled.
+    let mut tx = c.transaction().unwrap();
+    let mut cursor = Cursor::Id {
+        after: i64::from(max_id) - 2_000,
+        upper: max_id.into(),
+    };
+    let before = read(&mut tx, "builds");
+    let batch = keyset::batch(&mut tx, &mut cursor, 2_000).unwrap();
+    assert!(batch.done && batch.updated > 0, "{batch:?}");
+    let n = read(&mut tx, "builds") - before;
+    assert!(
+        n <= 4_000,
+        "a batch of 2,000 ids read {n} of {builds} Builds rows"
+    );
+    tx.commit().unwrap();
+
+    // Jobs, 300 keys from the middle (all filled): NULL rows put back in that span.
+    let key: (String, String, String) = {
+        let r = c
+            .query_one(
+                "SELECT project, jobset, name FROM jobs ORDER BY 1, 2, 3 OFFSET $1 LIMIT 1",
+                &[&(jobs * 2 / 3)],
+            )
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2))
+    };
+    c.execute(
+        "UPDATE jobs SET jobset_id = NULL WHERE (project, jobset, name) > ($1, $2, $3)",
+        &[&key.0, &key.1, &key.2],
+    )
+    .unwrap();
+    let mut tx = c.transaction().unwrap();
+    let mut cursor = Cursor::Key { after: Some(key) };
+    let before = read(&mut tx, "jobs");
+    let batch = keyset::batch(&mut tx, &mut cursor, 300).unwrap();
+    assert_eq!((batch.walked, batch.updated), (300, 300), "{batch:?}");
+    let n = read(&mut tx, "jobs") - before;
+    assert!(n <= 900, "a batch of 300 keys read {n} of {jobs} Jobs rows");
+    tx.commit().unwrap();
 }
 
 #[test]

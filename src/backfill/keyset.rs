@@ -12,14 +12,18 @@ use super::Table;
 
 /// Builds: the ids `($1, $2]`, a span computed by the caller. Only NULL rows are read
 /// into the batch; the span bounds the scan, so a mostly-filled range stays cheap.
+/// The update looks its rows up by the batch's ids: joined to the batch instead, the
+/// planner (its statistics still saying every jobset_id is NULL) merge-joined it with a
+/// scan of the whole primary key from the lowest id, so every batch read Builds from the
+/// start, and the walk took time quadratic in its size.
 const BUILDS_BATCH: &str = "
 WITH batch AS (
     SELECT id FROM builds
      WHERE id > $1 AND id <= $2 AND jobset_id IS NULL
 ), upd AS (
     UPDATE builds AS t SET jobset_id = js.id
-      FROM batch, jobsets js
-     WHERE t.id = batch.id AND t.jobset_id IS NULL
+      FROM jobsets js
+     WHERE t.id = ANY (ARRAY(SELECT id FROM batch)) AND t.jobset_id IS NULL
        AND js.project = t.project AND js.name = t.jobset
     RETURNING 1
 )
