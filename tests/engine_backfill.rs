@@ -348,6 +348,8 @@ fn both_page_listings_find_the_same_rows_through_tid_scans() {
     let mut conn = db.connect();
     let version = conn.server_version().unwrap();
     let c = conn.client();
+    let tid_list = Listing::for_server(130_000, per_page::block_size(c).unwrap());
+    assert_eq!(tid_list, Listing::TidList { line_pointers: 291 });
     let pages = per_page::pages(c, Table::Builds).unwrap();
     assert!(pages > 20, "the fixture has {pages} pages");
     // Some rows already filled, some moved: a partly walked table.
@@ -359,13 +361,13 @@ fn both_page_listings_find_the_same_rows_through_tid_scans() {
     for (first, count) in [(0, 8), (5, 3), (pages - 4, 4), (0, pages + 10)] {
         let range =
             per_page::list_pages(c, Table::Builds, Listing::TidRange, first, count).unwrap();
-        let list = per_page::list_pages(c, Table::Builds, Listing::TidList, first, count).unwrap();
+        let list = per_page::list_pages(c, Table::Builds, tid_list, first, count).unwrap();
         assert!(!range.is_empty(), "pages {first}+{count} hold NULL rows");
         assert_eq!(range, list, "pages {first}+{count}");
         assert!(range.iter().all(|(p, _)| *p >= first && *p < first + count));
     }
     let pages = per_page::pages(c, Table::Builds).unwrap();
-    let total: usize = per_page::list_pages(c, Table::Builds, Listing::TidList, 0, pages)
+    let total: usize = per_page::list_pages(c, Table::Builds, tid_list, 0, pages)
         .unwrap()
         .iter()
         .map(|(_, ids)| ids.len())
@@ -383,7 +385,7 @@ fn both_page_listings_find_the_same_rows_through_tid_scans() {
     // The listing the backfill uses on this server must be a TID scan of the requested
     // pages. (A TID range scan exists only from PostgreSQL 14: before, the range listing
     // is a sequential scan of Builds, which is why it is not used there.)
-    let mut expect = vec![(Listing::TidList, "Tid Scan")];
+    let mut expect = vec![(tid_list, "Tid Scan")];
     if version >= 140_000 {
         expect.push((Listing::TidRange, "Tid Range Scan"));
     }
@@ -391,7 +393,12 @@ fn both_page_listings_find_the_same_rows_through_tid_scans() {
         let plan: Vec<String> = c
             .query(
                 &format!("EXPLAIN {}", per_page::listing_sql(Table::Builds, listing)),
-                &[&"3", &"9"],
+                &listing
+                    .params(3, 6)
+                    .unwrap()
+                    .iter()
+                    .map(|p| p.as_ref() as &(dyn postgres::types::ToSql + Sync))
+                    .collect::<Vec<_>>(),
             )
             .unwrap()
             .iter()
@@ -404,14 +411,14 @@ fn both_page_listings_find_the_same_rows_through_tid_scans() {
         );
         assert!(!plan.contains("Seq Scan on builds"), "{listing:?}:\n{plan}");
     }
-    assert_eq!(Listing::for_server(130_011), Listing::TidList);
-    assert_eq!(Listing::for_server(140_000), Listing::TidRange);
+    assert_eq!(Listing::for_server(130_011, 8192), tid_list);
+    assert_eq!(Listing::for_server(140_000, 8192), Listing::TidRange);
     assert_eq!(
-        Listing::for_server(version),
+        Listing::for_server(version, 8192),
         if version >= 140_000 {
             Listing::TidRange
         } else {
-            Listing::TidList
+            tid_list
         }
     );
 }

@@ -543,7 +543,8 @@ fn run_table(
         let mut note = String::new();
         let mut last_xid: Option<String> = None;
         let mut window = per_page::Window::new(progress.position);
-        let listing = per_page::Listing::for_server(db.server_version()?);
+        let listing =
+            per_page::Listing::for_server(db.server_version()?, per_page::block_size(db.client())?);
         loop {
             // Saved about every second (and before stopping): a re-run lists again from
             // the lowest unfinished page, where only rows still NULL are found.

@@ -26,8 +26,10 @@
 use std::collections::VecDeque;
 
 use anyhow::{Context, Result};
+use bytes::{BufMut, BytesMut};
 use postgres::GenericClient;
 use postgres::fallible_iterator::FallibleIterator;
+use postgres::types::{IsNull, ToSql, Type, accepts, to_sql_checked};
 
 use super::Table;
 
@@ -46,37 +48,87 @@ pub fn pages(c: &mut impl GenericClient, table: Table) -> Result<i64> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Listing {
     TidRange,
-    TidList,
+    /// With the most line pointers a heap page can have.
+    TidList {
+        line_pointers: u16,
+    },
 }
 
 impl Listing {
-    pub fn for_server(server_version: i32) -> Listing {
+    pub fn for_server(server_version: i32, block_size: u32) -> Listing {
         if server_version >= 140_000 {
             Listing::TidRange
         } else {
-            Listing::TidList
+            // (block size - page header) / (tuple header + line pointer): 291 on 8 kB pages.
+            let line_pointers = u16::try_from((block_size - 24) / 28).unwrap_or(u16::MAX);
+            Listing::TidList { line_pointers }
         }
     }
 
-    /// The condition on `t.ctid` for pages `[$1, $2)` (both parameters text).
+    /// The condition on `t.ctid`: from `$1` up to, not including, `$2`; or any of `$1`.
+    /// The list is read through a sub-select: given the array itself, the planner charges
+    /// a random page read for each of its thousands of TIDs and prefers other scans of
+    /// Builds, a sequential one on a large table.
     fn condition(self) -> &'static str {
         match self {
-            Listing::TidRange => {
-                "t.ctid >= ('(' || $1::text || ',0)')::tid AND t.ctid < ('(' || $2::text || ',0)')::tid"
-            }
-            // (block_size - page header) / (tuple header + line pointer): the most line
-            // pointers a heap page can have (291 on 8 kB pages).
-            Listing::TidList => {
-                "t.ctid = ANY (ARRAY(
-                     SELECT ('(' || p || ',' || o || ')')::tid
-                       FROM generate_series($1::text::bigint, $2::text::bigint - 1) AS p,
-                            generate_series(1, (current_setting('block_size')::int - 24) / 28) AS o))"
-            }
+            Listing::TidRange => "t.ctid >= $1 AND t.ctid < $2",
+            Listing::TidList { .. } => "t.ctid = ANY (ARRAY(SELECT unnest($1::tid[])))",
         }
+    }
+
+    /// The parameters of the listing of pages `[first, first + count)`.
+    pub fn params(self, first: i64, count: i64) -> Result<Vec<Box<dyn ToSql + Sync>>> {
+        let (first, end) = (u32::try_from(first)?, u32::try_from(first + count)?);
+        Ok(match self {
+            Listing::TidRange => vec![Box::new(Tid::new(first, 0)), Box::new(Tid::new(end, 0))],
+            Listing::TidList { line_pointers } => {
+                let tids: Vec<Tid> = (first..end)
+                    .flat_map(|page| (1..=line_pointers).map(move |line| Tid::new(page, line)))
+                    .collect();
+                vec![Box::new(tids)]
+            }
+        })
     }
 }
 
-/// The listing query: page and id of the fillable NULL rows of pages `[$1, $2)`.
+/// The block size of the server's heap pages.
+pub fn block_size(c: &mut impl GenericClient) -> Result<u32> {
+    let row = c.query_one("SELECT current_setting('block_size')::int", &[])?;
+    Ok(u32::try_from(row.get::<_, i32>(0))?)
+}
+
+/// A row version's address (`tid`), sent in binary. A TID listing holds every possible
+/// line pointer of its pages, 291 a page; built on the server from text, they took longer
+/// than the scan itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Tid {
+    page: u32,
+    line: u16,
+}
+
+impl Tid {
+    pub fn new(page: u32, line: u16) -> Tid {
+        Tid { page, line }
+    }
+}
+
+impl ToSql for Tid {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut BytesMut,
+    ) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.put_u32(self.page);
+        out.put_u16(self.line);
+        Ok(IsNull::No)
+    }
+
+    accepts!(TID);
+    to_sql_checked!();
+}
+
+/// The listing query: page and id of the fillable NULL rows of the pages `Listing::params`
+/// names.
 pub fn listing_sql(table: Table, listing: Listing) -> String {
     format!(
         "SELECT (t.ctid::text::point)[0]::bigint, t.id FROM {t} AS t
@@ -97,10 +149,9 @@ pub fn list_pages(
     count: i64,
 ) -> Result<Vec<(i64, Vec<i32>)>> {
     let sql = listing_sql(table, listing);
-    let from = first.to_string();
-    let to = (first + count).to_string();
+    let params = listing.params(first, count)?;
     // Stream the rows: only the ids are kept, never the whole result set.
-    let mut rows = c.query_raw(&sql, [&from, &to]).with_context(|| {
+    let mut rows = c.query_raw(&sql, params).with_context(|| {
         format!(
             "listing NULL rows of {} pages {first}..{}",
             table.name(),
