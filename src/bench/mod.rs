@@ -371,7 +371,9 @@ fn builds_stats(db: &mut Db) -> Result<(i64, i64, i64, i64, i64)> {
 }
 
 /// Samples, every 50 ms, which other sessions of the cluster hold an xmin (a snapshot or
-/// transaction that keeps dead row versions from being pruned).
+/// transaction that keeps dead row versions from being pruned). A plain VACUUM's xmin
+/// does not keep them (see `per_page::PLAIN_VACUUM`) and is left out, as the backfill
+/// leaves it out.
 struct HorizonSampler {
     stop: Arc<AtomicBool>,
     handle: std::thread::JoinHandle<Result<Vec<(String, u64)>>>,
@@ -381,16 +383,18 @@ fn start_sampler(cluster: &PgCluster, exclude_pid: i32) -> Result<HorizonSampler
     let mut db = cluster.connect("postgres")?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);
+    let sql = format!(
+        "SELECT coalesce(backend_type, ''), coalesce(application_name, ''),
+                left(coalesce(query, ''), 60)
+           FROM pg_stat_activity
+          WHERE backend_xmin IS NOT NULL AND pid <> pg_backend_pid() AND pid <> $1
+            AND NOT {}",
+        crate::backfill::per_page::PLAIN_VACUUM
+    );
     let handle = std::thread::spawn(move || {
         let mut seen: std::collections::BTreeMap<String, u64> = Default::default();
         while !flag.load(Ordering::SeqCst) {
-            let rows = db.client().query(
-                "SELECT coalesce(backend_type, ''), coalesce(application_name, ''),
-                        left(coalesce(query, ''), 60)
-                   FROM pg_stat_activity
-                  WHERE backend_xmin IS NOT NULL AND pid <> pg_backend_pid() AND pid <> $1",
-                &[&exclude_pid],
-            )?;
+            let rows = db.client().query(&sql, &[&exclude_pid])?;
             for r in rows {
                 let (kind, app, query): (String, String, String) = (r.get(0), r.get(1), r.get(2));
                 let what = if kind == "client backend" {
