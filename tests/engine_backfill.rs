@@ -485,7 +485,7 @@ fn a_keyset_batch_reads_only_its_own_span() {
     );
     tx.commit().unwrap();
 
-    // Jobs, 300 keys from the middle (all filled): NULL rows put back in that span.
+    // Jobs, 300 keys two thirds of the way in; every key after them set back to NULL.
     let key: (String, String, String) = {
         let r = c
             .query_one(

@@ -101,13 +101,13 @@ pub fn block_size(c: &mut impl GenericClient) -> Result<u32> {
 /// line pointer of its pages, 291 a page; built on the server from text, they took longer
 /// than the scan itself.
 #[derive(Debug, Clone, Copy)]
-pub struct Tid {
+struct Tid {
     page: u32,
     line: u16,
 }
 
 impl Tid {
-    pub fn new(page: u32, line: u16) -> Tid {
+    fn new(page: u32, line: u16) -> Tid {
         Tid { page, line }
     }
 }
