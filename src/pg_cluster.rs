@@ -152,6 +152,11 @@ impl PgCluster {
         self.dir.path().join("data")
     }
 
+    /// The cluster's WAL (for `pg_waldump`).
+    pub fn wal_dir(&self) -> PathBuf {
+        self.data().join("pg_wal")
+    }
+
     pub fn socket_dir(&self) -> &Path {
         self.dir.path()
     }

@@ -16,6 +16,7 @@
 
 pub mod stock;
 pub mod wal_trace;
+pub mod wal_volume;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -118,6 +119,10 @@ pub struct BenchArgs {
     /// ran, WAL unflushed when they started, wait events (see `src/bench/wal_trace.rs`).
     #[arg(long)]
     pub wal_trace: bool,
+    /// What our per-page backfill's WAL consists of: `pg_waldump --stats` over its range
+    /// (see `src/bench/wal_volume.rs`; needs `pg_waldump` next to `postgres`).
+    #[arg(long)]
+    pub wal_stats: bool,
     /// Run our backfill's server process at this niceness (`renice`; raising it needs
     /// the cluster's user or root), to see whether Hydra's writes wait for a CPU.
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
@@ -147,6 +152,10 @@ pub struct BackfillRun {
     /// Autovacuum and autoanalyze runs on Builds that ended during the contender.
     pub autovacuums: i64,
     pub autoanalyzes: i64,
+    /// WAL the cluster wrote while the contender ran.
+    pub wal_bytes: i64,
+    /// With `--wal-stats`, our per-page backfill's WAL by resource manager.
+    pub wal_kinds: Vec<wal_volume::WalKind>,
     /// Other sessions seen holding back the xmin horizon (which stops pruning, so HOT
     /// updates) while the contender ran: (what, samples taken every 50 ms).
     pub horizon_holders: Vec<(String, u64)>,
@@ -433,9 +442,11 @@ fn measure_backfill(
     cluster: &PgCluster,
     db: &mut Db,
     contender: &str,
+    wal_stats: bool,
     work: impl FnOnce(&mut Db) -> Result<String>,
 ) -> Result<BackfillRun> {
     let before = builds_stats(db)?;
+    let wal_start = wal_volume::position(db)?;
     let pid: i32 = db
         .client()
         .query_one("SELECT pg_backend_pid()", &[])?
@@ -446,6 +457,12 @@ fn measure_backfill(
     let seconds = t0.elapsed().as_secs_f64();
     let horizon_holders = stop_sampler(sampler)?;
     let note = note?;
+    let wal_end = wal_volume::position(db)?;
+    let wal_kinds = if wal_stats {
+        wal_volume::breakdown(cluster, db, wal_start, wal_end)?
+    } else {
+        Vec::new()
+    };
     let after = builds_stats(db)?;
     let (upd, hot) = (after.0 - before.0, after.1 - before.1);
     Ok(BackfillRun {
@@ -464,6 +481,8 @@ fn measure_backfill(
         note,
         autovacuums: after.3 - before.3,
         autoanalyzes: after.4 - before.4,
+        wal_bytes: wal_end - wal_start,
+        wal_kinds,
         horizon_holders,
     })
 }
@@ -510,14 +529,21 @@ fn run_backfill_contender(
     let name = format!("bench_{}_{run}", contender.replace('-', "_"));
     let mut db = clone_db(cluster, TEMPLATE, &name)?;
     say(&format!("run {}: backfill contender {contender}", run + 1));
-    let r = measure_backfill(cluster, &mut db, contender, |db| match contender {
-        "offline" => stock::offline(db).map(|_| String::new()),
-        "stock" => stock::stock(db)
-            .map(|c| format!("{} batches, {} database-wide VACUUMs", c.batches, c.vacuums)),
-        "per-page" => ours(db, StrategyChoice::PerPage, args),
-        "keyset" => ours(db, StrategyChoice::Keyset, args),
-        other => bail!("unknown backfill contender {other}"),
-    })?;
+    let wal_stats = args.wal_stats && contender == "per-page";
+    let r = measure_backfill(
+        cluster,
+        &mut db,
+        contender,
+        wal_stats,
+        |db| match contender {
+            "offline" => stock::offline(db).map(|_| String::new()),
+            "stock" => stock::stock(db)
+                .map(|c| format!("{} batches, {} database-wide VACUUMs", c.batches, c.vacuums)),
+            "per-page" => ours(db, StrategyChoice::PerPage, args),
+            "keyset" => ours(db, StrategyChoice::Keyset, args),
+            other => bail!("unknown backfill contender {other}"),
+        },
+    )?;
     drop(db);
     drop_db(cluster, &name)?;
     say(&format!(
@@ -697,7 +723,7 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
         .wal_trace
         .then(|| wal_trace::Sampler::start(cluster.dsn(&name)));
     let w = start_writer(cluster, &name, args.writer_pause_ms, 3_000 + run as u64);
-    let backfill = measure_backfill(cluster, &mut db, "per-page + writer", |db| {
+    let backfill = measure_backfill(cluster, &mut db, "per-page + writer", false, |db| {
         ours(db, StrategyChoice::PerPage, args)
     })?;
     let (during, stats) = stop_writer_with_stats(w, &mut db)?;
@@ -1011,6 +1037,13 @@ fn median_backfill(name: &str, rs: &[&BackfillRun]) -> BackfillRun {
         note: rs.first().map(|r| r.note.clone()).unwrap_or_default(),
         autovacuums: median_i(rs.iter().map(|r| r.autovacuums).collect()),
         autoanalyzes: median_i(rs.iter().map(|r| r.autoanalyzes).collect()),
+        wal_bytes: median_i(rs.iter().map(|r| r.wal_bytes).collect()),
+        // The first run's.
+        wal_kinds: rs
+            .iter()
+            .map(|r| r.wal_kinds.clone())
+            .find(|k| !k.is_empty())
+            .unwrap_or_default(),
         // Summed over the runs.
         horizon_holders: {
             let mut all: std::collections::BTreeMap<String, u64> = Default::default();
@@ -1256,7 +1289,7 @@ pub fn render(b: &Bench) -> String {
         push(
             &mut s,
             format!(
-                "{:<34} {:>9} {:>10} {:>8} {:>22} {:>8} {:>5} {:>8}",
+                "{:<34} {:>9} {:>10} {:>8} {:>22} {:>8} {:>5} {:>8} {:>8}",
                 "backfill (Jobs + Builds)",
                 "time s",
                 "x offline",
@@ -1264,14 +1297,15 @@ pub fn render(b: &Bench) -> String {
                 "Builds MB before->after",
                 "growth",
                 "left",
-                "av/an"
+                "av/an",
+                "WAL MB"
             ),
         );
         for r in &brows {
             push(
                 &mut s,
                 format!(
-                    "{:<34} {:>9.2} {:>10} {:>7.1}% {:>10.1} -> {:>8.1} {:>+7.1}% {:>5} {:>8}",
+                    "{:<34} {:>9.2} {:>10} {:>7.1}% {:>10.1} -> {:>8.1} {:>+7.1}% {:>5} {:>8} {:>8.0}",
                     label(&r.contender),
                     r.seconds,
                     offline
@@ -1282,15 +1316,28 @@ pub fn render(b: &Bench) -> String {
                     mb(r.bytes_after),
                     100.0 * (r.bytes_after as f64 / r.bytes_before.max(1) as f64 - 1.0),
                     r.rows_left,
-                    format!("{}/{}", r.autovacuums, r.autoanalyzes)
+                    format!("{}/{}", r.autovacuums, r.autoanalyzes),
+                    mb(r.wal_bytes)
                 ),
             );
         }
         push(
             &mut s,
-            "  (av/an: autovacuum/autoanalyze runs on Builds that ended during the contender)"
+            "  (av/an: autovacuum/autoanalyze runs on Builds that ended during the contender; WAL: what the cluster wrote meanwhile)"
                 .into(),
         );
+        for r in &brows {
+            if !r.wal_kinds.is_empty() {
+                push(
+                    &mut s,
+                    format!(
+                        "  {}: its WAL by kind (pg_waldump --stats, first run): {}",
+                        label(&r.contender),
+                        wal_volume::summary(&r.wal_kinds)
+                    ),
+                );
+            }
+        }
         for r in &brows {
             if r.contender.starts_with("per-page") && !r.horizon_holders.is_empty() {
                 let list: Vec<String> = r
