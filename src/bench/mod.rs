@@ -14,6 +14,7 @@
 //! Runs are repeated `--runs` times with the contender order reversed every other run;
 //! every figure printed is the median over the runs (each column on its own).
 
+pub mod disk_control;
 pub mod stock;
 pub mod wal_trace;
 pub mod wal_volume;
@@ -62,6 +63,7 @@ pub const ALL_CONTENDERS: &[&str] = &[
     "final-stock",
     "final-ours",
     "writer",
+    "disk-control",
     "memory",
 ];
 
@@ -92,7 +94,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub skip_writer: bool,
     /// Which contenders to run (comma-separated): offline, stock, per-page, keyset,
-    /// final-stock, final-ours, writer, memory.
+    /// final-stock, final-ours, writer, disk-control, memory.
     #[arg(long, value_delimiter = ',', default_values_t = ALL_CONTENDERS.iter().map(|s| s.to_string()))]
     pub contenders: Vec<String>,
     /// How long the writer runs alone for its idle baseline.
@@ -127,6 +129,10 @@ pub struct BenchArgs {
     /// the cluster's user or root), to see whether Hydra's writes wait for a CPU.
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub nice_ours: Option<i32>,
+    /// disk-control's file writing rate; by default the WAL rate of this run's per-page
+    /// backfill next to the writer (else 50 MB/s).
+    #[arg(long, value_name = "MB")]
+    pub disk_mb_per_s: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -198,6 +204,21 @@ pub struct WriterRun {
     pub wal_trace: Option<wal_trace::WalTrace>,
 }
 
+/// The writer alone, next to a plain file writer, next to a busy CPU
+/// (`src/bench/disk_control.rs`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DiskControlRun {
+    pub mb_per_s: f64,
+    /// Where the rate came from.
+    pub rate_source: String,
+    pub achieved_mb_per_s: f64,
+    pub idle: WriterSummary,
+    pub file: WriterSummary,
+    pub cpu: WriterSummary,
+    pub wal: WriterSummary,
+    pub achieved_wal_mb_per_s: f64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct MemoryRun {
     pub command: String,
@@ -220,6 +241,7 @@ pub struct Run {
     pub backfill: Vec<BackfillRun>,
     pub final_phase: Vec<FinalRun>,
     pub writer: Option<WriterRun>,
+    pub disk_control: Option<DiskControlRun>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -245,6 +267,7 @@ pub struct Medians {
     pub backfill: Vec<BackfillRun>,
     pub final_phase: Vec<FinalRun>,
     pub writer: Option<WriterRun>,
+    pub disk_control: Option<DiskControlRun>,
 }
 
 fn say(msg: &str) {
@@ -767,6 +790,61 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
     })
 }
 
+fn run_disk_control(
+    cluster: &PgCluster,
+    run: usize,
+    args: &BenchArgs,
+    mb_per_s: f64,
+    rate_source: &str,
+) -> Result<DiskControlRun> {
+    let name = format!("bench_disk_{run}");
+    let mut db = clone_db(cluster, TEMPLATE, &name)?;
+    let file = disk_control::FileLoad::prepare(&cluster.socket_dir().join("disk-control.dat"))?;
+    say(&format!(
+        "run {}: controls: writer alone for {} s, then as long next to a file written at {mb_per_s:.1} MB/s, then next to a busy CPU",
+        run + 1,
+        args.writer_secs
+    ));
+    let mut measure = |seed: u64| -> Result<WriterSummary> {
+        let w = start_writer(cluster, &name, args.writer_pause_ms, seed + run as u64);
+        std::thread::sleep(Duration::from_secs(args.writer_secs));
+        stop_writer(w, &mut db)
+    };
+    let idle = measure(4_000)?;
+    let load = file.start(mb_per_s);
+    let during_file = measure(5_000);
+    let achieved_mb_per_s = load.stop()?;
+    let file = during_file?;
+    let busy = disk_control::CpuLoad::start();
+    let during_cpu = measure(6_000);
+    busy.stop()?;
+    let cpu = during_cpu?;
+    let mut session = cluster.connect(&name)?;
+    session
+        .client()
+        .batch_execute("SET synchronous_commit = off")?;
+    let wal_load = disk_control::WalLoad::start(session, mb_per_s);
+    let during_wal = measure(7_000);
+    let achieved_wal_mb_per_s = wal_load.stop()?;
+    let wal = during_wal?;
+    drop(db);
+    drop_db(cluster, &name)?;
+    say(&format!(
+        "  p99 alone {:.2} ms, next to the file ({achieved_mb_per_s:.1} MB/s) {:.2} ms, next to a busy CPU {:.2} ms, next to WAL ({achieved_wal_mb_per_s:.1} MB/s) {:.2} ms",
+        idle.p99_ms, file.p99_ms, cpu.p99_ms, wal.p99_ms
+    ));
+    Ok(DiskControlRun {
+        mb_per_s,
+        rate_source: rate_source.to_owned(),
+        achieved_mb_per_s,
+        idle,
+        file,
+        cpu,
+        wal,
+        achieved_wal_mb_per_s,
+    })
+}
+
 /// The real binary next to this one. Under `cargo run` it is (re)built first, so that
 /// what is measured is the current source.
 fn hydra_upgrade_binary() -> Result<PathBuf> {
@@ -971,6 +1049,25 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
         } else {
             None
         };
+        let disk_control = if wants("disk-control") && !args.skip_writer {
+            let ours = writer
+                .as_ref()
+                .map(|w| (&w.backfill, "the WAL rate of ours next to the writer"))
+                .or_else(|| {
+                    backfill_runs
+                        .iter()
+                        .find(|b| b.contender == "per-page")
+                        .map(|b| (b, "the WAL rate of ours, per-page"))
+                });
+            let (rate, source) = match (args.disk_mb_per_s, ours) {
+                (Some(r), _) => (r, "--disk-mb-per-s"),
+                (None, Some((b, source))) => (mb(b.wal_bytes) / b.seconds.max(1e-9), source),
+                (None, None) => (50.0, "a fixed 50 MB/s: ours did not run"),
+            };
+            Some(run_disk_control(cluster, run, args, rate, source)?)
+        } else {
+            None
+        };
         runs.push(Run {
             order: order_b
                 .iter()
@@ -980,6 +1077,7 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
             backfill: backfill_runs,
             final_phase: final_runs,
             writer,
+            disk_control,
         });
     }
     let memory = if wants("memory") {
@@ -1187,10 +1285,25 @@ fn medians(runs: &[Run], backfill_list: &[&str], final_list: &[&str]) -> Medians
         ),
         wal_trace: median_wal_trace(writer_runs.iter().filter_map(|w| w.wal_trace.as_ref())),
     });
+    let disk_runs: Vec<&DiskControlRun> = runs
+        .iter()
+        .filter_map(|r| r.disk_control.as_ref())
+        .collect();
+    let disk_control = (!disk_runs.is_empty()).then(|| DiskControlRun {
+        mb_per_s: median(disk_runs.iter().map(|d| d.mb_per_s).collect()),
+        rate_source: disk_runs[0].rate_source.clone(),
+        achieved_mb_per_s: median(disk_runs.iter().map(|d| d.achieved_mb_per_s).collect()),
+        idle: median_writer(&disk_runs.iter().map(|d| &d.idle).collect::<Vec<_>>()),
+        file: median_writer(&disk_runs.iter().map(|d| &d.file).collect::<Vec<_>>()),
+        cpu: median_writer(&disk_runs.iter().map(|d| &d.cpu).collect::<Vec<_>>()),
+        wal: median_writer(&disk_runs.iter().map(|d| &d.wal).collect::<Vec<_>>()),
+        achieved_wal_mb_per_s: median(disk_runs.iter().map(|d| d.achieved_wal_mb_per_s).collect()),
+    });
     Medians {
         backfill,
         final_phase,
         writer,
+        disk_control,
     }
 }
 
@@ -1209,6 +1322,30 @@ fn label(contender: &str) -> &'static str {
         "final-ours" => "ours: hydra-upgrade finalize",
         _ => "?",
     }
+}
+
+/// The writer table: a header, then one row per measurement (no trailing newline).
+fn writer_rows(header: &str, rows: &[(String, &WriterSummary)]) -> String {
+    let mut lines = vec![format!(
+        "{:<34} {:>6} {:>7} {:>9} {:>9} {:>9} {:>7} {:>6} {:>7} {:>7}",
+        header, "ops", "secs", "p50 ms", "p99 ms", "max ms", "errors", "lost", ">10ms", ">100ms"
+    )];
+    for (name, x) in rows {
+        lines.push(format!(
+            "{:<34} {:>6} {:>7.1} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>6} {:>7} {:>7}",
+            name,
+            x.ops,
+            x.seconds,
+            x.p50_ms,
+            x.p99_ms,
+            x.max_ms,
+            x.errors,
+            x.lost_updates,
+            x.over_10ms,
+            x.over_100ms
+        ));
+    }
+    lines.join("\n")
 }
 
 fn verdict(ok: bool) -> &'static str {
@@ -1416,41 +1553,14 @@ pub fn render(b: &Bench) -> String {
     if let Some(w) = &m.writer {
         push(
             &mut s,
-            format!(
-                "{:<34} {:>6} {:>7} {:>9} {:>9} {:>9} {:>7} {:>6} {:>7} {:>7}",
-                format!("writer ({} ms pause between ops)", b.writer_pause_ms),
-                "ops",
-                "secs",
-                "p50 ms",
-                "p99 ms",
-                "max ms",
-                "errors",
-                "lost",
-                ">10ms",
-                ">100ms"
+            writer_rows(
+                &format!("writer ({} ms pause between ops)", b.writer_pause_ms),
+                &[
+                    (format!("alone, {} s", b.writer_secs), &w.idle),
+                    ("during ours, per-page".to_owned(), &w.during),
+                ],
             ),
         );
-        for (name, x) in [
-            (format!("alone, {} s", b.writer_secs), &w.idle),
-            ("during ours, per-page".to_owned(), &w.during),
-        ] {
-            push(
-                &mut s,
-                format!(
-                    "{:<34} {:>6} {:>7.1} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>6} {:>7} {:>7}",
-                    name,
-                    x.ops,
-                    x.seconds,
-                    x.p50_ms,
-                    x.p99_ms,
-                    x.max_ms,
-                    x.errors,
-                    x.lost_updates,
-                    x.over_10ms,
-                    x.over_100ms
-                ),
-            );
-        }
         push(
             &mut s,
             format!(
@@ -1489,6 +1599,39 @@ pub fn render(b: &Bench) -> String {
                 );
             }
         }
+        s.push('\n');
+    }
+    if let Some(d) = &m.disk_control {
+        push(
+            &mut s,
+            writer_rows(
+                "controls (writer, no backfill)",
+                &[
+                    (format!("alone, {} s", b.writer_secs), &d.idle),
+                    (
+                        format!("next to a file, {:.1} MB/s", d.achieved_mb_per_s),
+                        &d.file,
+                    ),
+                    ("next to one busy CPU".to_owned(), &d.cpu),
+                    (
+                        format!("next to WAL, {:.1} MB/s", d.achieved_wal_mb_per_s),
+                        &d.wal,
+                    ),
+                ],
+            ),
+        );
+        let ratio = |x: &WriterSummary| x.p99_ms / d.idle.p99_ms.max(1e-9);
+        push(
+            &mut s,
+            format!(
+                "p99 / alone: {:.2} next to the file (a file by the WAL overwritten at {:.1} MB/s, fdatasync every MB; {}), {:.2} next to one thread keeping a CPU busy, {:.2} next to a session writing as much WAL and nothing else (pg_logical_emit_message)",
+                ratio(&d.file),
+                d.mb_per_s,
+                d.rate_source,
+                ratio(&d.cpu),
+                ratio(&d.wal)
+            ),
+        );
         s.push('\n');
     }
     if let Some(mem) = &b.memory {
