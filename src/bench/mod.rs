@@ -129,8 +129,8 @@ pub struct BenchArgs {
     /// the cluster's user or root), to see whether Hydra's writes wait for a CPU.
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub nice_ours: Option<i32>,
-    /// disk-control's file writing rate; by default the WAL rate of this run's per-page
-    /// backfill next to the writer (else 50 MB/s).
+    /// disk-control's rate, of its file and of its WAL session; by default the WAL rate
+    /// of this run's per-page backfill next to the writer (else 50 MB/s).
     #[arg(long, value_name = "MB")]
     pub disk_mb_per_s: Option<f64>,
 }
@@ -204,8 +204,8 @@ pub struct WriterRun {
     pub wal_trace: Option<wal_trace::WalTrace>,
 }
 
-/// The writer alone, next to a plain file writer, next to a busy CPU
-/// (`src/bench/disk_control.rs`).
+/// The writer alone, next to a plain file writer, next to a busy CPU, next to a session
+/// writing WAL (`src/bench/disk_control.rs`).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct DiskControlRun {
     pub mb_per_s: f64,
@@ -801,7 +801,7 @@ fn run_disk_control(
     let mut db = clone_db(cluster, TEMPLATE, &name)?;
     let file = disk_control::FileLoad::prepare(&cluster.socket_dir().join("disk-control.dat"))?;
     say(&format!(
-        "run {}: controls: writer alone for {} s, then as long next to a file written at {mb_per_s:.1} MB/s, then next to a busy CPU",
+        "run {}: controls: writer alone for {} s, then as long next to a file written at {mb_per_s:.1} MB/s, next to a busy CPU, next to a session writing {mb_per_s:.1} MB/s of WAL",
         run + 1,
         args.writer_secs
     ));
