@@ -13,7 +13,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -28,9 +28,9 @@ const CHUNK: usize = 1 << 20;
 /// are preallocated and recycled.
 const SPAN: u64 = 64 << 20;
 
-/// The file, written and synced, before anything is measured.
+/// The file, written and synced, before anything is measured. Its name is removed at
+/// once; it is written through the open descriptor and freed when that closes.
 pub struct FileLoad {
-    path: PathBuf,
     file: File,
     chunk: Vec<u8>,
 }
@@ -38,6 +38,7 @@ pub struct FileLoad {
 impl FileLoad {
     pub fn prepare(path: &Path) -> Result<FileLoad> {
         let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
         // Random bytes, so that no layer below can compress or deduplicate them.
         let chunk: Vec<u8> = std::iter::repeat_with(|| fastrand::u8(..))
             .take(CHUNK)
@@ -48,15 +49,43 @@ impl FileLoad {
             offset += CHUNK as u64;
         }
         file.sync_all()?;
-        Ok(FileLoad {
-            path: path.to_owned(),
-            file,
-            chunk,
-        })
+        Ok(FileLoad { file, chunk })
     }
 
     /// Write at `mb_per_s` until stopped.
-    pub fn start(self, mb_per_s: f64) -> RunningLoad {
+    pub fn start(self, mb_per_s: f64) -> Load {
+        Load::paced(mb_per_s, move |written| {
+            self.file.write_all_at(&self.chunk, written % SPAN)?;
+            self.file.sync_data()?;
+            Ok(())
+        })
+    }
+}
+
+/// Write WAL and nothing else through `db` at `mb_per_s` until stopped.
+pub fn wal_load(mut db: Db, mb_per_s: f64) -> Load {
+    let payload: String = std::iter::repeat_with(fastrand::alphanumeric)
+        .take(CHUNK)
+        .collect();
+    Load::paced(mb_per_s, move |_| {
+        db.client()
+            .execute(
+                "SELECT pg_logical_emit_message(false, 'hydra-upgrade-bench', $1::text)",
+                &[&payload],
+            )
+            .context("writing WAL with pg_logical_emit_message")?;
+        Ok(())
+    })
+}
+
+/// A thread doing 1 MB of work at a time, paced to a rate in MB/s, until stopped.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<Result<(u64, f64)>>,
+}
+
+impl Load {
+    fn paced(mb_per_s: f64, mut chunk: impl FnMut(u64) -> Result<()> + Send + 'static) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let handle = std::thread::spawn(move || -> Result<(u64, f64)> {
@@ -68,32 +97,21 @@ impl FileLoad {
                     std::thread::sleep(wait.min(Duration::from_millis(50)));
                     continue;
                 }
-                self.file.write_all_at(&self.chunk, written % SPAN)?;
-                self.file.sync_data()?;
+                chunk(written)?;
                 written += CHUNK as u64;
             }
-            let seconds = t0.elapsed().as_secs_f64();
-            std::fs::remove_file(&self.path)
-                .with_context(|| format!("removing {}", self.path.display()))?;
-            Ok((written, seconds))
+            Ok((written, t0.elapsed().as_secs_f64()))
         });
-        RunningLoad { stop, handle }
+        Load { stop, handle }
     }
-}
 
-pub struct RunningLoad {
-    stop: Arc<AtomicBool>,
-    handle: JoinHandle<Result<(u64, f64)>>,
-}
-
-impl RunningLoad {
-    /// Stop writing; the rate reached, in MB/s.
+    /// Stop; the rate reached, in MB/s.
     pub fn stop(self) -> Result<f64> {
         self.stop.store(true, Ordering::SeqCst);
         let (bytes, seconds) = self
             .handle
             .join()
-            .map_err(|_| anyhow::anyhow!("the file writer panicked"))??;
+            .map_err(|_| anyhow::anyhow!("a load thread of disk-control panicked"))??;
         Ok(bytes as f64 / 1_048_576.0 / seconds.max(1e-9))
     }
 }
@@ -126,51 +144,5 @@ impl CpuLoad {
             .join()
             .map_err(|_| anyhow::anyhow!("the busy thread panicked"))?;
         Ok(())
-    }
-}
-
-/// A session writing WAL (and nothing else) at a given rate until stopped.
-pub struct WalLoad {
-    stop: Arc<AtomicBool>,
-    handle: JoinHandle<Result<(u64, f64)>>,
-}
-
-impl WalLoad {
-    pub fn start(mut db: Db, mb_per_s: f64) -> WalLoad {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let handle = std::thread::spawn(move || -> Result<(u64, f64)> {
-            let payload: String = std::iter::repeat_with(fastrand::alphanumeric)
-                .take(CHUNK)
-                .collect();
-            let t0 = Instant::now();
-            let mut written = 0u64;
-            while !flag.load(Ordering::SeqCst) {
-                let due = Duration::from_secs_f64(written as f64 / (mb_per_s * 1_048_576.0));
-                if let Some(wait) = due.checked_sub(t0.elapsed()) {
-                    std::thread::sleep(wait.min(Duration::from_millis(50)));
-                    continue;
-                }
-                db.client()
-                    .execute(
-                        "SELECT pg_logical_emit_message(false, 'hydra-upgrade-bench', $1::text)",
-                        &[&payload],
-                    )
-                    .context("writing WAL with pg_logical_emit_message")?;
-                written += CHUNK as u64;
-            }
-            Ok((written, t0.elapsed().as_secs_f64()))
-        });
-        WalLoad { stop, handle }
-    }
-
-    /// Stop writing; the rate reached, in MB/s.
-    pub fn stop(self) -> Result<f64> {
-        self.stop.store(true, Ordering::SeqCst);
-        let (bytes, seconds) = self
-            .handle
-            .join()
-            .map_err(|_| anyhow::anyhow!("the WAL writer session panicked"))??;
-        Ok(bytes as f64 / 1_048_576.0 / seconds.max(1e-9))
     }
 }

@@ -823,7 +823,7 @@ fn run_disk_control(
     session
         .client()
         .batch_execute("SET synchronous_commit = off")?;
-    let wal_load = disk_control::WalLoad::start(session, mb_per_s);
+    let wal_load = disk_control::wal_load(session, mb_per_s);
     let during_wal = measure(7_000);
     let achieved_wal_mb_per_s = wal_load.stop()?;
     let wal = during_wal?;
