@@ -797,6 +797,9 @@ fn run_disk_control(
     mb_per_s: f64,
     rate_source: &str,
 ) -> Result<DiskControlRun> {
+    if !(mb_per_s.is_finite() && mb_per_s > 0.0) {
+        bail!("disk-control needs a rate above 0 MB/s, not {mb_per_s} ({rate_source})");
+    }
     let name = format!("bench_disk_{run}");
     let mut db = clone_db(cluster, TEMPLATE, &name)?;
     let file = disk_control::FileLoad::prepare(&cluster.socket_dir().join("disk-control.dat"))?;
