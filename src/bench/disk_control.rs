@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
+use super::mb;
 use crate::db::Db;
 
 const CHUNK: usize = 1 << 20;
@@ -112,7 +113,7 @@ impl Load {
             .handle
             .join()
             .map_err(|_| anyhow::anyhow!("a load thread of disk-control panicked"))??;
-        Ok(bytes as f64 / 1_048_576.0 / seconds.max(1e-9))
+        Ok(mb(bytes as i64) / seconds.max(1e-9))
     }
 }
 

@@ -721,6 +721,19 @@ fn run_final_contender(
     Ok(r)
 }
 
+/// The writer on `dbname` for `--writer-secs`, with nothing of ours running.
+fn writer_for_a_while(
+    cluster: &PgCluster,
+    dbname: &str,
+    db: &mut Db,
+    args: &BenchArgs,
+    seed: u64,
+) -> Result<WriterSummary> {
+    let w = start_writer(cluster, dbname, args.writer_pause_ms, seed);
+    std::thread::sleep(Duration::from_secs(args.writer_secs));
+    stop_writer(w, db)
+}
+
 fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<WriterRun> {
     let name = format!("bench_writer_{run}");
     let mut db = clone_db(cluster, TEMPLATE, &name)?;
@@ -729,9 +742,7 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
         run + 1,
         args.writer_secs
     ));
-    let w = start_writer(cluster, &name, args.writer_pause_ms, 2_000 + run as u64);
-    std::thread::sleep(Duration::from_secs(args.writer_secs));
-    let idle = stop_writer(w, &mut db)?;
+    let idle = writer_for_a_while(cluster, &name, &mut db, args, 2_000 + run as u64)?;
     say(&format!(
         "  idle: {} ops, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         idle.ops, idle.p50_ms, idle.p99_ms, idle.max_ms
@@ -808,11 +819,8 @@ fn run_disk_control(
         run + 1,
         args.writer_secs
     ));
-    let mut measure = |seed: u64| -> Result<WriterSummary> {
-        let w = start_writer(cluster, &name, args.writer_pause_ms, seed + run as u64);
-        std::thread::sleep(Duration::from_secs(args.writer_secs));
-        stop_writer(w, &mut db)
-    };
+    let mut measure =
+        |seed: u64| writer_for_a_while(cluster, &name, &mut db, args, seed + run as u64);
     let idle = measure(4_000)?;
     let load = file.start(mb_per_s);
     let during_file = measure(5_000);
@@ -1292,15 +1300,19 @@ fn medians(runs: &[Run], backfill_list: &[&str], final_list: &[&str]) -> Medians
         .iter()
         .filter_map(|r| r.disk_control.as_ref())
         .collect();
+    let rate = |f: fn(&DiskControlRun) -> f64| median(disk_runs.iter().map(|d| f(d)).collect());
+    let summary = |f: fn(&DiskControlRun) -> &WriterSummary| {
+        median_writer(&disk_runs.iter().map(|d| f(d)).collect::<Vec<_>>())
+    };
     let disk_control = (!disk_runs.is_empty()).then(|| DiskControlRun {
-        mb_per_s: median(disk_runs.iter().map(|d| d.mb_per_s).collect()),
+        mb_per_s: rate(|d| d.mb_per_s),
         rate_source: disk_runs[0].rate_source.clone(),
-        achieved_mb_per_s: median(disk_runs.iter().map(|d| d.achieved_mb_per_s).collect()),
-        idle: median_writer(&disk_runs.iter().map(|d| &d.idle).collect::<Vec<_>>()),
-        file: median_writer(&disk_runs.iter().map(|d| &d.file).collect::<Vec<_>>()),
-        cpu: median_writer(&disk_runs.iter().map(|d| &d.cpu).collect::<Vec<_>>()),
-        wal: median_writer(&disk_runs.iter().map(|d| &d.wal).collect::<Vec<_>>()),
-        achieved_wal_mb_per_s: median(disk_runs.iter().map(|d| d.achieved_wal_mb_per_s).collect()),
+        achieved_mb_per_s: rate(|d| d.achieved_mb_per_s),
+        idle: summary(|d| &d.idle),
+        file: summary(|d| &d.file),
+        cpu: summary(|d| &d.cpu),
+        wal: summary(|d| &d.wal),
+        achieved_wal_mb_per_s: rate(|d| d.achieved_wal_mb_per_s),
     });
     Medians {
         backfill,
@@ -1310,7 +1322,8 @@ fn medians(runs: &[Run], backfill_list: &[&str], final_list: &[&str]) -> Medians
     }
 }
 
-fn mb(bytes: i64) -> f64 {
+/// Bytes in MB (MiB, as everywhere in the bench).
+pub fn mb(bytes: i64) -> f64 {
     bytes as f64 / 1_048_576.0
 }
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
+use super::mb;
 use crate::db::Db;
 use crate::pg_cluster::PgCluster;
 
@@ -117,7 +118,6 @@ fn parse_stats(text: &str) -> Vec<WalKind> {
 /// "Heap 112.6 MB (full-page images 77.2), Btree 77.5 (65.8), ...; full-page images 65 %
 /// of 254.6 MB"
 pub fn summary(kinds: &[WalKind]) -> String {
-    let mb = |b: i64| b as f64 / 1_048_576.0;
     let total: i64 = kinds.iter().map(|k| k.bytes).sum();
     let fpi: i64 = kinds.iter().map(|k| k.fpi_bytes).sum();
     let parts: Vec<String> = kinds
