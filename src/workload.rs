@@ -42,6 +42,9 @@ pub struct WriterStats {
     /// When each operation started (same order as `latencies_us`).
     #[serde(skip)]
     pub starts: Vec<Instant>,
+    /// Whether each operation was an insert (else a finish; same order as `latencies_us`).
+    #[serde(skip)]
+    pub was_insert: Vec<bool>,
     /// Build id -> the `size` the queue runner last wrote to it.
     #[serde(skip)]
     pub marks: HashMap<i32, i64>,
@@ -57,6 +60,19 @@ impl WriterStats {
             self.latencies_us
                 .iter()
                 .map(|&us| us as f64 / 1000.0)
+                .collect(),
+            p,
+        )
+    }
+
+    /// The p-th percentile latency of the inserts (`true`) or of the finishes, in ms.
+    pub fn percentile_ms_of(&self, inserts: bool, p: f64) -> f64 {
+        percentile(
+            self.latencies_us
+                .iter()
+                .zip(&self.was_insert)
+                .filter(|&(_, &i)| i == inserts)
+                .map(|(&us, _)| us as f64 / 1000.0)
                 .collect(),
             p,
         )
@@ -118,7 +134,8 @@ pub fn run(dsn: &Dsn, spec: &WriterSpec, stop: Arc<AtomicBool>) -> Result<Writer
         && (spec.max_ops == 0 || stats.inserts + stats.updates < spec.max_ops)
     {
         let t0 = Instant::now();
-        let result = if rng.bool() && !jobs.is_empty() {
+        let insert = rng.bool() && !jobs.is_empty();
+        let result = if insert {
             let (p, j, n, id) = &jobs[rng.usize(..jobs.len())];
             let drv = format!("/nix/store/{:032x}-{n}.drv", rng.u128(..));
             let row = if spec.with_jobset_id && has_id {
@@ -147,6 +164,7 @@ pub fn run(dsn: &Dsn, spec: &WriterSpec, stop: Arc<AtomicBool>) -> Result<Writer
         };
         stats.latencies_us.push(t0.elapsed().as_micros() as u64);
         stats.starts.push(t0);
+        stats.was_insert.push(insert);
         if let Err(e) = result {
             stats.errors += 1;
             if stats.error_samples.len() < 10 {

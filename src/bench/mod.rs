@@ -185,6 +185,9 @@ pub struct WriterSummary {
     pub ops: u64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// The p99 of the evaluator's inserts and of the queue runner's finishes apart.
+    pub insert_p99_ms: f64,
+    pub finish_p99_ms: f64,
     pub max_ms: f64,
     pub errors: u64,
     pub error_samples: Vec<String>,
@@ -623,6 +626,8 @@ fn stop_writer_with_stats(w: Writer, db: &mut Db) -> Result<(WriterSummary, Writ
         ops: stats.inserts + stats.updates,
         p50_ms: stats.percentile_ms(50.0),
         p99_ms: stats.percentile_ms(99.0),
+        insert_p99_ms: stats.percentile_ms_of(true, 99.0),
+        finish_p99_ms: stats.percentile_ms_of(false, 99.0),
         max_ms: stats.percentile_ms(100.0),
         errors: stats.errors,
         error_samples: stats.error_samples.clone(),
@@ -765,16 +770,18 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
         Some(s) => {
             let t = wal_trace::analyse(&s.stop()?, &stats, 2.0 * idle.p99_ms);
             say(&format!(
-                "  WAL while an operation ran / unflushed at its start: {} ops over {:.2} ms, median {:.0} / {:.0} kB ({} above the others' p90 while running); {} other ops, median {:.0} / {:.0} kB, p90 while running {:.0} kB",
+                "  WAL while an operation ran / unflushed at its start: {} ops over {:.2} ms, median {:.0} / {:.0} kB ({} above the others' p90 while running, {} while a segment ended); {} other ops, median {:.0} / {:.0} kB, p90 while running {:.0} kB ({} while a segment ended)",
                 t.slow_ops,
                 t.threshold_ms,
                 t.slow_median_kb,
                 t.slow_backlog_median_kb,
                 t.slow_above_other_p90,
+                t.slow_segment_ends,
                 t.other_ops,
                 t.other_median_kb,
                 t.other_backlog_median_kb,
-                t.other_p90_kb
+                t.other_p90_kb,
+                t.other_segment_ends
             ));
             Some(t)
         }
@@ -1188,6 +1195,8 @@ fn median_wal_trace<'a>(
         other_backlog_median_kb: m(|t| t.other_backlog_median_kb),
         slow_waits: summed(runs.iter().map(|t| &t.slow_waits)),
         other_waits: summed(runs.iter().map(|t| &t.other_waits)),
+        slow_segment_ends: m(|t| t.slow_segment_ends as f64) as usize,
+        other_segment_ends: m(|t| t.other_segment_ends as f64) as usize,
     })
 }
 
@@ -1205,6 +1214,8 @@ fn median_writer(rs: &[&WriterSummary]) -> WriterSummary {
         ops: median(rs.iter().map(|r| r.ops as f64).collect()) as u64,
         p50_ms: median(rs.iter().map(|r| r.p50_ms).collect()),
         p99_ms: median(rs.iter().map(|r| r.p99_ms).collect()),
+        insert_p99_ms: median(rs.iter().map(|r| r.insert_p99_ms).collect()),
+        finish_p99_ms: median(rs.iter().map(|r| r.finish_p99_ms).collect()),
         max_ms: median(rs.iter().map(|r| r.max_ms).collect()),
         // Errors and lost updates: the worst run, not the median.
         errors: rs.iter().map(|r| r.errors).max().unwrap_or(0),
@@ -1343,17 +1354,30 @@ fn label(contender: &str) -> &'static str {
 /// The writer table: a header, then one row per measurement (no trailing newline).
 fn writer_rows(header: &str, rows: &[(String, &WriterSummary)]) -> String {
     let mut lines = vec![format!(
-        "{:<34} {:>6} {:>7} {:>9} {:>9} {:>9} {:>7} {:>6} {:>7} {:>7}",
-        header, "ops", "secs", "p50 ms", "p99 ms", "max ms", "errors", "lost", ">10ms", ">100ms"
+        "{:<34} {:>6} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>6} {:>7} {:>7}",
+        header,
+        "ops",
+        "secs",
+        "p50 ms",
+        "p99 ms",
+        "ins. p99",
+        "fin. p99",
+        "max ms",
+        "errors",
+        "lost",
+        ">10ms",
+        ">100ms"
     )];
     for (name, x) in rows {
         lines.push(format!(
-            "{:<34} {:>6} {:>7.1} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>6} {:>7} {:>7}",
+            "{:<34} {:>6} {:>7.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>6} {:>7} {:>7}",
             name,
             x.ops,
             x.seconds,
             x.p50_ms,
             x.p99_ms,
+            x.insert_p99_ms,
+            x.finish_p99_ms,
             x.max_ms,
             x.errors,
             x.lost_updates,
@@ -1588,15 +1612,17 @@ pub fn render(b: &Bench) -> String {
             push(
                 &mut s,
                 format!(
-                    "WAL (--wal-trace), kB inserted while an operation ran / unflushed at its start, medians:\n  {} ops over 2 x idle p99: {:.0} / {:.0} ({} above the others' p90 while running)\n  {} other ops:             {:.0} / {:.0} (p90 while running {:.0})",
+                    "WAL (--wal-trace), kB inserted while an operation ran / unflushed at its start, medians:\n  {} ops over 2 x idle p99: {:.0} / {:.0} ({} above the others' p90 while running; {} while a WAL segment ended)\n  {} other ops:             {:.0} / {:.0} (p90 while running {:.0}; {} while a WAL segment ended)",
                     t.slow_ops,
                     t.slow_median_kb,
                     t.slow_backlog_median_kb,
                     t.slow_above_other_p90,
+                    t.slow_segment_ends,
                     t.other_ops,
                     t.other_median_kb,
                     t.other_backlog_median_kb,
-                    t.other_p90_kb
+                    t.other_p90_kb,
+                    t.other_segment_ends
                 ),
             );
             for (who, waits) in [("slow", &t.slow_waits), ("other", &t.other_waits)] {

@@ -3,7 +3,9 @@
 //! and what the writer's backend is doing (`pg_stat_activity`: its wait event, or running).
 //! Afterwards each writer operation is given, interpolated between samples, the WAL
 //! inserted (by anyone) while it ran and the WAL not yet flushed when it started (a
-//! synchronous commit must flush both), and the wait events sampled while it ran.
+//! synchronous commit must flush both), the wait events sampled while it ran, and whether
+//! the WAL flushed while it ran finished a WAL segment (the flush that completes a segment
+//! also fsyncs it and opens the next file).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,9 +40,16 @@ pub struct Sample {
     pub writer: Option<String>,
 }
 
+/// What the sampler saw.
+pub struct Samples {
+    pub samples: Vec<Sample>,
+    /// The server's `wal_segment_size`, bytes.
+    pub segment_bytes: i64,
+}
+
 pub struct Sampler {
     stop: Arc<AtomicBool>,
-    handle: JoinHandle<Result<Vec<Sample>>>,
+    handle: JoinHandle<Result<Samples>>,
 }
 
 impl Sampler {
@@ -49,6 +58,13 @@ impl Sampler {
         let flag = Arc::clone(&stop);
         let handle = std::thread::spawn(move || {
             let mut db = Db::connect(&dsn)?;
+            let segment_bytes: i64 = db
+                .client()
+                .query_one(
+                    "SELECT pg_size_bytes(current_setting('wal_segment_size'))",
+                    &[],
+                )?
+                .get(0);
             let mut samples = Vec::new();
             while !flag.load(Ordering::SeqCst) {
                 let row = db.client().query_one(SAMPLE, &[])?;
@@ -60,12 +76,15 @@ impl Sampler {
                 });
                 std::thread::sleep(Duration::from_millis(5));
             }
-            Ok(samples)
+            Ok(Samples {
+                samples,
+                segment_bytes,
+            })
         });
         Sampler { stop, handle }
     }
 
-    pub fn stop(self) -> Result<Vec<Sample>> {
+    pub fn stop(self) -> Result<Samples> {
         self.stop.store(true, Ordering::SeqCst);
         self.handle
             .join()
@@ -93,6 +112,10 @@ pub struct WalTrace {
     /// (all of them; summed over runs in the medians).
     pub slow_waits: Vec<(String, usize)>,
     pub other_waits: Vec<(String, usize)>,
+    /// Operations while which the WAL flushed crossed a segment boundary (from the flush
+    /// position at their start to the insert position at their end).
+    pub slow_segment_ends: usize,
+    pub other_segment_ends: usize,
 }
 
 /// The insert and flush positions at `t`, linear between the samples around it.
@@ -123,10 +146,13 @@ pub fn tally<'a>(labels: impl Iterator<Item = &'a str>) -> Vec<(String, usize)> 
     v
 }
 
-pub fn analyse(samples: &[Sample], stats: &WriterStats, threshold_ms: f64) -> WalTrace {
-    // Per operation: (kB inserted while it ran, kB unflushed when it started).
-    let mut slow: Vec<(f64, f64)> = Vec::new();
-    let mut other: Vec<(f64, f64)> = Vec::new();
+pub fn analyse(trace: &Samples, stats: &WriterStats, threshold_ms: f64) -> WalTrace {
+    let samples = &trace.samples;
+    let segment = trace.segment_bytes.max(1) as f64;
+    // Per operation: (kB inserted while it ran, kB unflushed when it started, whether a
+    // segment ended in between).
+    let mut slow: Vec<(f64, f64, bool)> = Vec::new();
+    let mut other: Vec<(f64, f64, bool)> = Vec::new();
     let (mut slow_waits, mut other_waits): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
     for (start, us) in stats.starts.iter().zip(&stats.latencies_us) {
         let end = *start + Duration::from_micros(*us);
@@ -134,7 +160,11 @@ pub fn analyse(samples: &[Sample], stats: &WriterStats, threshold_ms: f64) -> Wa
         else {
             continue;
         };
-        let op = ((b - a) / 1024.0, (a - flushed).max(0.0) / 1024.0);
+        let op = (
+            (b - a) / 1024.0,
+            (a - flushed).max(0.0) / 1024.0,
+            (flushed / segment).floor() != (b / segment).floor(),
+        );
         let from = samples.partition_point(|s| s.at < *start);
         let to = samples.partition_point(|s| s.at <= end);
         let waits = samples[from..to].iter().filter_map(|s| s.writer.as_deref());
@@ -146,8 +176,9 @@ pub fn analyse(samples: &[Sample], stats: &WriterStats, threshold_ms: f64) -> Wa
             other_waits.extend(waits);
         }
     }
-    let during = |v: &[(f64, f64)]| v.iter().map(|x| x.0).collect::<Vec<f64>>();
-    let backlog = |v: &[(f64, f64)]| v.iter().map(|x| x.1).collect::<Vec<f64>>();
+    let during = |v: &[(f64, f64, bool)]| v.iter().map(|x| x.0).collect::<Vec<f64>>();
+    let backlog = |v: &[(f64, f64, bool)]| v.iter().map(|x| x.1).collect::<Vec<f64>>();
+    let segment_ends = |v: &[(f64, f64, bool)]| v.iter().filter(|x| x.2).count();
     let other_p90 = percentile(during(&other), 90.0);
     WalTrace {
         threshold_ms,
@@ -161,6 +192,8 @@ pub fn analyse(samples: &[Sample], stats: &WriterStats, threshold_ms: f64) -> Wa
         other_backlog_median_kb: percentile(backlog(&other), 50.0),
         slow_waits: tally(slow_waits.into_iter()),
         other_waits: tally(other_waits.into_iter()),
+        slow_segment_ends: segment_ends(&slow),
+        other_segment_ends: segment_ends(&other),
     }
 }
 
@@ -193,7 +226,13 @@ mod tests {
             latencies_us: vec![1_000, 2_000, 5_000, 1_000, 9_000],
             ..Default::default()
         };
-        let w = analyse(&samples, &stats, 3.0);
+        // Segments of 64 kB: the slow operation (52..57 ms) and the one at 70 ms flush
+        // past 64 kB; the ones at 10 and 20 ms do not.
+        let trace = Samples {
+            samples,
+            segment_bytes: 64 * k,
+        };
+        let w = analyse(&trace, &stats, 3.0);
         // The operation at 200 ms lies outside the samples.
         assert_eq!((w.slow_ops, w.other_ops), (1, 3));
         assert!((w.slow_median_kb - 50.0).abs() < 1e-9, "{w:?}");
@@ -204,5 +243,6 @@ mod tests {
         assert!((w.other_backlog_median_kb - 20.0).abs() < 1e-9, "{w:?}");
         assert_eq!(w.slow_waits, vec![("LWLock: WALWrite".to_owned(), 1)]);
         assert!(w.other_waits.is_empty(), "{w:?}");
+        assert_eq!((w.slow_segment_ends, w.other_segment_ends), (1, 1), "{w:?}");
     }
 }
