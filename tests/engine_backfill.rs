@@ -353,11 +353,7 @@ fn both_page_listings_find_the_same_rows_through_tid_scans() {
     let pages = per_page::pages(c, Table::Builds).unwrap();
     assert!(pages > 20, "the fixture has {pages} pages");
     // Some rows already filled, some moved: a partly walked table.
-    c.batch_execute(
-        "UPDATE builds b SET jobset_id = js.id FROM jobsets js
-          WHERE js.project = b.project AND js.name = b.jobset AND b.id % 3 = 0",
-    )
-    .unwrap();
+    c.batch_execute(&fill_builds_where("b.id % 3 = 0")).unwrap();
     for (first, count) in [(0, 8), (5, 3), (pages - 4, 4), (0, pages + 10)] {
         let range =
             per_page::list_pages(c, Table::Builds, Listing::TidRange, first, count).unwrap();
@@ -434,13 +430,13 @@ fn a_keyset_batch_reads_only_its_own_span() {
     let db = hydra_at(61);
     let mut conn = db.connect();
     let c = conn.client();
-    c.batch_execute(
+    c.batch_execute(&format!(
         "ANALYZE builds; ANALYZE jobs;
-         UPDATE builds b SET jobset_id = js.id FROM jobsets js
-          WHERE js.project = b.project AND js.name = b.jobset AND b.id <= 11000;
+         {};
          UPDATE jobs j SET jobset_id = js.id FROM jobsets js
           WHERE js.project = j.project AND js.name = j.jobset",
-    )
+        fill_builds_where("b.id <= 11000")
+    ))
     .unwrap();
     let max_id: i32 = c
         .query_one("SELECT max(id) FROM builds", &[])

@@ -68,10 +68,7 @@ fn status_samples_a_large_builds_and_counts_exactly_when_the_sample_sees_no_null
     assert_eq!(j["builds_jobset_id"]["null_rows"], rows);
 
     // None left: a sample that sees none cannot tell none from a few, so status counts.
-    db.exec(
-        "UPDATE builds b SET jobset_id = js.id FROM jobsets js
-          WHERE js.project = b.project AND js.name = b.jobset",
-    );
+    db.exec(&fill_builds_where("true"));
     let j = run_on(&db, &["status", "--json"]).expect_code(0).json();
     assert_eq!(j["builds_jobset_id"]["exact"], true, "{j}");
     assert_eq!(j["builds_jobset_id"]["null_rows"], 0);

@@ -135,6 +135,15 @@ pub fn empty_db() -> TestDb {
     new_db("template_empty")
 }
 
+/// SQL that fills `jobset_id` of the Builds rows (`b`) matching `condition` at once, as a
+/// partly done or finished backfill leaves them.
+pub fn fill_builds_where(condition: &str) -> String {
+    format!(
+        "UPDATE builds b SET jobset_id = js.id FROM jobsets js
+          WHERE js.project = b.project AND js.name = b.jobset AND ({condition})"
+    )
+}
+
 /// What one run of the binary did.
 #[derive(Debug)]
 pub struct Run {
