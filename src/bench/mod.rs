@@ -770,18 +770,8 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
         Some(s) => {
             let t = wal_trace::analyse(&s.stop()?, &stats, 2.0 * idle.p99_ms);
             say(&format!(
-                "  WAL while an operation ran / unflushed at its start: {} ops over {:.2} ms, median {:.0} / {:.0} kB ({} above the others' p90 while running, {} while a segment ended); {} other ops, median {:.0} / {:.0} kB, p90 while running {:.0} kB ({} while a segment ended)",
-                t.slow_ops,
-                t.threshold_ms,
-                t.slow_median_kb,
-                t.slow_backlog_median_kb,
-                t.slow_above_other_p90,
-                t.slow_segment_ends,
-                t.other_ops,
-                t.other_median_kb,
-                t.other_backlog_median_kb,
-                t.other_p90_kb,
-                t.other_segment_ends
+                "  WAL (--wal-trace), kB inserted while an operation ran / unflushed at its start:\n{}",
+                t.describe()
             ));
             Some(t)
         }
@@ -1612,17 +1602,8 @@ pub fn render(b: &Bench) -> String {
             push(
                 &mut s,
                 format!(
-                    "WAL (--wal-trace), kB inserted while an operation ran / unflushed at its start, medians:\n  {} ops over 2 x idle p99: {:.0} / {:.0} ({} above the others' p90 while running; {} while a WAL segment ended)\n  {} other ops:             {:.0} / {:.0} (p90 while running {:.0}; {} while a WAL segment ended)",
-                    t.slow_ops,
-                    t.slow_median_kb,
-                    t.slow_backlog_median_kb,
-                    t.slow_above_other_p90,
-                    t.slow_segment_ends,
-                    t.other_ops,
-                    t.other_median_kb,
-                    t.other_backlog_median_kb,
-                    t.other_p90_kb,
-                    t.other_segment_ends
+                    "WAL (--wal-trace), kB inserted while an operation ran / unflushed at its start, medians (slow: over 2 x the idle p99):\n{}",
+                    t.describe()
                 ),
             );
             for (who, waits) in [("slow", &t.slow_waits), ("other", &t.other_waits)] {

@@ -118,6 +118,27 @@ pub struct WalTrace {
     pub other_segment_ends: usize,
 }
 
+impl WalTrace {
+    /// Two lines: the slow operations against the others, kB of WAL inserted while they
+    /// ran / unflushed when they started (medians), and how many ran while a segment ended.
+    pub fn describe(&self) -> String {
+        format!(
+            "  {} ops over {:.2} ms: {:.0} / {:.0} ({} above the others' p90 while running; {} while a WAL segment ended)\n  {} other ops: {:.0} / {:.0} (p90 while running {:.0}; {} while a WAL segment ended)",
+            self.slow_ops,
+            self.threshold_ms,
+            self.slow_median_kb,
+            self.slow_backlog_median_kb,
+            self.slow_above_other_p90,
+            self.slow_segment_ends,
+            self.other_ops,
+            self.other_median_kb,
+            self.other_backlog_median_kb,
+            self.other_p90_kb,
+            self.other_segment_ends
+        )
+    }
+}
+
 /// The insert and flush positions at `t`, linear between the samples around it.
 fn lsn_at(samples: &[Sample], t: Instant) -> Option<(f64, f64)> {
     let i = samples.partition_point(|s| s.at <= t);
@@ -244,5 +265,10 @@ mod tests {
         assert_eq!(w.slow_waits, vec![("LWLock: WALWrite".to_owned(), 1)]);
         assert!(w.other_waits.is_empty(), "{w:?}");
         assert_eq!((w.slow_segment_ends, w.other_segment_ends), (1, 1), "{w:?}");
+        assert_eq!(
+            w.describe(),
+            "  1 ops over 3.00 ms: 50 / 60 (1 above the others' p90 while running; 1 while a WAL segment ended)\n  \
+             3 other ops: 1 / 20 (p90 while running 2; 1 while a WAL segment ended)"
+        );
     }
 }
