@@ -53,11 +53,14 @@ impl Options {
     }
 }
 
-/// One step that held a lock blocking Hydra's writes to the table.
+/// One step of the final phase: for a write-blocking step, how long it held (or queued
+/// for) a lock that blocks Hydra's writes to the table.
 #[derive(Debug, Clone, Serialize)]
 pub struct LockStep {
     pub step: String,
     pub seconds: f64,
+    /// When it began, in seconds since the final phase began.
+    pub at: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -67,9 +70,18 @@ pub struct Report {
     /// Online steps (writes go on): VALIDATE, CREATE INDEX CONCURRENTLY.
     pub online_steps: Vec<LockStep>,
     pub seconds: f64,
+    /// When the final phase began (what `LockStep::at` counts from).
+    #[serde(skip)]
+    pub began: Option<Instant>,
 }
 
 impl Report {
+    /// Seconds from the start of the final phase to `t`.
+    fn since_start(&self, t: Instant) -> f64 {
+        self.began
+            .map_or(0.0, |b| t.saturating_duration_since(b).as_secs_f64())
+    }
+
     pub fn longest_block(&self) -> f64 {
         self.blocking_steps
             .iter()
@@ -126,6 +138,9 @@ fn index_state(db: &mut Db, name: &str) -> Result<Option<bool>> {
 }
 
 /// Run a short, write-blocking step under lock_timeout with retries; record its time.
+///
+/// An attempt that times out waiting for its lock counts as write-blocking too: while its
+/// request waits in the lock queue, Hydra's writes to the table queue behind it.
 fn short_step(
     db: &mut Db,
     opts: &Options,
@@ -147,15 +162,28 @@ fn short_step(
             tx.commit()?;
             Ok(())
         })();
+        let done = LockStep {
+            step: what.into(),
+            seconds: start.elapsed().as_secs_f64(),
+            at: report.since_start(start),
+        };
         match result {
             Ok(()) => {
-                report.blocking_steps.push(LockStep {
-                    step: what.into(),
-                    seconds: start.elapsed().as_secs_f64(),
-                });
+                report.blocking_steps.push(done);
                 return Ok(());
             }
-            Err(e) if db::is_transient(&e) && attempt < opts.max_retries => {
+            Err(e) if !db::is_transient(&e) => return Err(e),
+            Err(e) => {
+                report.blocking_steps.push(LockStep {
+                    step: format!("{what} (attempt {}, gave up its lock wait)", attempt + 1),
+                    ..done
+                });
+                if attempt >= opts.max_retries {
+                    return Err(e.context(Failure::new(
+                        Exit::RetriesExhausted,
+                        format!("{what}: could not get its short lock in {} tries; nothing is half-done, re-run `hydra-upgrade finalize` later", opts.max_retries + 1),
+                    )));
+                }
                 let wait =
                     db::backoff(attempt, Duration::from_millis(200), Duration::from_secs(15));
                 out.warn(&format!(
@@ -166,13 +194,6 @@ fn short_step(
                 std::thread::sleep(wait);
                 attempt += 1;
             }
-            Err(e) if db::is_transient(&e) => {
-                return Err(e.context(Failure::new(
-                    Exit::RetriesExhausted,
-                    format!("{what}: could not get its short lock in {} tries; nothing is half-done, re-run `hydra-upgrade finalize` later", opts.max_retries + 1),
-                )));
-            }
-            Err(e) => return Err(e),
         }
     }
 }
@@ -185,6 +206,7 @@ fn online_step(db: &mut Db, report: &mut Report, what: &str, sql: &str) -> Resul
     report.online_steps.push(LockStep {
         step: what.into(),
         seconds: start.elapsed().as_secs_f64(),
+        at: report.since_start(start),
     });
     Ok(())
 }
@@ -192,7 +214,10 @@ fn online_step(db: &mut Db, report: &mut Report, what: &str, sql: &str) -> Resul
 /// Carry out upgrade-62..65 online. The caller has verified that no NULL row is left.
 pub fn run(db: &mut Db, opts: &Options, out: &Out) -> Result<Report> {
     let start = Instant::now();
-    let mut report = Report::default();
+    let mut report = Report {
+        began: Some(start),
+        ..Report::default()
+    };
     db.take_upgrade_lock()?;
     // A backfill killed outright may have left autoanalyze held off; the final catalog
     // must be Hydra's own.

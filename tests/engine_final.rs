@@ -134,6 +134,16 @@ fn finalize_waits_out_a_conflicting_lock_with_short_retries() {
         stderr.contains("Hydra holds a conflicting lock, retry"),
         "{stderr}"
     );
+    // An attempt that gave up waited 100 ms in the lock queue, with Hydra's writes queued
+    // behind it: that wait is write-blocking time and is reported as such.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let longest: f64 = stdout
+        .split("longest write-blocking lock ")
+        .nth(1)
+        .and_then(|rest| rest.split('s').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no longest lock in: {stdout}"));
+    assert!((0.095..1.0).contains(&longest), "{stdout}");
     assert_eq!(db.version(), 65);
 }
 
