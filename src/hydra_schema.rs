@@ -331,6 +331,8 @@ pub fn step_sql(n: i32) -> Option<&'static str> {
 pub struct AppliedStep {
     pub version: i32,
     pub duration: Duration,
+    /// When it began, counted from the start of `apply_steps`.
+    pub at: Duration,
 }
 
 /// Create the base schema (57) in an empty database.
@@ -348,6 +350,7 @@ pub fn apply_steps(db: &mut Db, target: i32) -> Result<Vec<AppliedStep>> {
         .query_one("SELECT version FROM SchemaVersion", &[])
         .context("reading SchemaVersion")?
         .get(0);
+    let began = Instant::now();
     let mut applied = Vec::new();
     for n in current + 1..=target {
         let sql = step_sql(n).with_context(|| format!("no upgrade step {n} is known"))?;
@@ -361,6 +364,7 @@ pub fn apply_steps(db: &mut Db, target: i32) -> Result<Vec<AppliedStep>> {
         applied.push(AppliedStep {
             version: n,
             duration: start.elapsed(),
+            at: start - began,
         });
     }
     Ok(applied)

@@ -30,21 +30,24 @@ pub struct WriterSpec {
     pub slice: (i32, i32),
 }
 
+/// One operation of the writer.
+#[derive(Debug, Clone, Copy)]
+pub struct Op {
+    pub start: Instant,
+    pub latency_us: u64,
+    /// An insert (the evaluator), else a finish (the queue runner).
+    pub insert: bool,
+}
+
 #[derive(Debug, Default, Serialize)]
 pub struct WriterStats {
     pub inserts: u64,
     pub updates: u64,
     pub errors: u64,
     pub error_samples: Vec<String>,
-    /// Microseconds per operation.
+    /// Every operation, in the order they ran.
     #[serde(skip)]
-    pub latencies_us: Vec<u64>,
-    /// When each operation started (same order as `latencies_us`).
-    #[serde(skip)]
-    pub starts: Vec<Instant>,
-    /// Whether each operation was an insert (else a finish; same order as `latencies_us`).
-    #[serde(skip)]
-    pub was_insert: Vec<bool>,
+    pub ops: Vec<Op>,
     /// Build id -> the `size` the queue runner last wrote to it.
     #[serde(skip)]
     pub marks: HashMap<i32, i64>,
@@ -56,26 +59,33 @@ pub struct WriterStats {
 impl WriterStats {
     /// The p-th percentile latency (0..=100), in milliseconds.
     pub fn percentile_ms(&self, p: f64) -> f64 {
+        self.percentile_ms_where(p, |_| true)
+    }
+
+    /// The p-th percentile latency of the inserts (`true`) or of the finishes, in ms.
+    pub fn percentile_ms_of(&self, inserts: bool, p: f64) -> f64 {
+        self.percentile_ms_where(p, |was_insert| was_insert == inserts)
+    }
+
+    /// The p-th percentile latency, in ms, of the operations whose kind (insert or not)
+    /// `keep` accepts.
+    fn percentile_ms_where(&self, p: f64, keep: impl Fn(bool) -> bool) -> f64 {
         percentile(
-            self.latencies_us
+            self.ops
                 .iter()
-                .map(|&us| us as f64 / 1000.0)
+                .filter(|op| keep(op.insert))
+                .map(|op| op.latency_us as f64 / 1000.0)
                 .collect(),
             p,
         )
     }
 
-    /// The p-th percentile latency of the inserts (`true`) or of the finishes, in ms.
-    pub fn percentile_ms_of(&self, inserts: bool, p: f64) -> f64 {
-        percentile(
-            self.latencies_us
-                .iter()
-                .zip(&self.was_insert)
-                .filter(|&(_, &i)| i == inserts)
-                .map(|(&us, _)| us as f64 / 1000.0)
-                .collect(),
-            p,
-        )
+    /// How many operations took longer than `ms` milliseconds.
+    pub fn count_over_ms(&self, ms: u64) -> u64 {
+        self.ops
+            .iter()
+            .filter(|op| op.latency_us > ms * 1000)
+            .count() as u64
     }
 }
 
@@ -162,9 +172,11 @@ pub fn run(dsn: &Dsn, spec: &WriterSpec, stop: Arc<AtomicBool>) -> Result<Writer
                 }
             })
         };
-        stats.latencies_us.push(t0.elapsed().as_micros() as u64);
-        stats.starts.push(t0);
-        stats.was_insert.push(insert);
+        stats.ops.push(Op {
+            start: t0,
+            latency_us: t0.elapsed().as_micros() as u64,
+            insert,
+        });
         if let Err(e) = result {
             stats.errors += 1;
             if stats.error_samples.len() < 10 {

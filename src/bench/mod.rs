@@ -119,6 +119,7 @@ pub struct BenchArgs {
     /// positions and the writer backend's wait event every 5 ms, and compare the writer's
     /// slow operations (over 2 x its idle p99) with the others: WAL written while they
     /// ran, WAL unflushed when they started, wait events (see `src/bench/wal_trace.rs`).
+    /// In the final phase, name the wait events of the writer's slowest operations.
     #[arg(long)]
     pub wal_trace: bool,
     /// What our per-page backfill's WAL consists of: `pg_waldump --stats` over its range
@@ -177,6 +178,84 @@ pub struct FinalRun {
     pub longest_block: f64,
     pub longest_block_step: String,
     pub writer: Option<WriterSummary>,
+    /// The writer's slowest operations and the steps they overlapped (for the median
+    /// row: the slowest of all runs).
+    pub slowest_writer_ops: Vec<SlowOp>,
+}
+
+/// One of the writer's slowest operations during a final-phase contender.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SlowOp {
+    /// 1-based.
+    pub run: usize,
+    pub ms: f64,
+    /// When it started, in seconds from the start of the final phase (negative: while the
+    /// writer settled before it).
+    pub at: f64,
+    /// The steps its time overlapped, or what ran instead.
+    pub during: String,
+    /// With `--wal-trace`: what the writer's backend was sampled doing meanwhile, and
+    /// what our session was.
+    pub waits: Vec<(String, usize)>,
+    pub ours_waits: Vec<(String, usize)>,
+}
+
+/// How many of the writer's slowest final-phase operations the table names.
+const SLOWEST_OPS: usize = 3;
+
+/// The `n` slowest operations in `stats`, placed on the timeline of `steps` (name, start,
+/// seconds; starts counted from `t0`).
+fn slowest_ops(
+    stats: &WriterStats,
+    t0: Instant,
+    steps: &[(String, f64, f64)],
+    trace: Option<&wal_trace::Samples>,
+    run: usize,
+    n: usize,
+) -> Vec<SlowOp> {
+    let mut ops: Vec<&workload::Op> = stats.ops.iter().collect();
+    ops.sort_by_key(|op| std::cmp::Reverse(op.latency_us));
+    let last = steps
+        .iter()
+        .map(|(_, at, secs)| at + secs)
+        .fold(0.0, f64::max);
+    ops.into_iter()
+        .take(n)
+        .map(|op| {
+            let at = if op.start >= t0 {
+                (op.start - t0).as_secs_f64()
+            } else {
+                -(t0 - op.start).as_secs_f64()
+            };
+            let until = at + op.latency_us as f64 / 1e6;
+            let overlapped: Vec<&str> = steps
+                .iter()
+                .filter(|(_, s, secs)| *s < until && at < s + secs)
+                .map(|(name, _, _)| name.as_str())
+                .collect();
+            let during = if !overlapped.is_empty() {
+                overlapped.join(" + ")
+            } else if until <= 0.0 {
+                "before the final phase".into()
+            } else if at >= last {
+                "after the final phase".into()
+            } else {
+                "between steps".into()
+            };
+            let end = op.start + Duration::from_micros(op.latency_us);
+            let sampled = trace
+                .map(|t| wal_trace::samples_between(&t.samples, op.start, end))
+                .unwrap_or_default();
+            SlowOp {
+                run: run + 1,
+                ms: op.latency_us as f64 / 1000.0,
+                at,
+                during,
+                waits: wal_trace::tally(sampled.iter().filter_map(|s| s.writer.as_deref())),
+                ours_waits: wal_trace::tally(sampled.iter().filter_map(|s| s.others.as_deref())),
+            }
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -632,8 +711,8 @@ fn stop_writer_with_stats(w: Writer, db: &mut Db) -> Result<(WriterSummary, Writ
         errors: stats.errors,
         error_samples: stats.error_samples.clone(),
         lost_updates: lost.len(),
-        over_10ms: stats.latencies_us.iter().filter(|&&u| u > 10_000).count() as u64,
-        over_100ms: stats.latencies_us.iter().filter(|&&u| u > 100_000).count() as u64,
+        over_10ms: stats.count_over_ms(10),
+        over_100ms: stats.count_over_ms(100),
     };
     Ok((summary, stats))
 }
@@ -659,6 +738,8 @@ fn run_final_contender(
     ));
     let writer = (!args.skip_writer)
         .then(|| start_writer(cluster, &name, args.writer_pause_ms, 1_000 + run as u64));
+    let sampler =
+        (writer.is_some() && args.wal_trace).then(|| wal_trace::Sampler::start(cluster.dsn(&name)));
     if writer.is_some() {
         settle_writer();
     }
@@ -667,30 +748,31 @@ fn run_final_contender(
         contender: contender.to_owned(),
         ..FinalRun::default()
     };
+    // Every step on one timeline: (name, start in seconds from t0, seconds).
+    let mut timeline: Vec<(String, f64, f64)> = Vec::new();
     match contender {
         "final-stock" => {
             // hydra-init: one transaction per upgrade file; each holds its lock (ACCESS
             // EXCLUSIVE for SET NOT NULL, SHARE for CREATE INDEX: both block writes to
             // the table) until it commits.
             for step in hydra_schema::apply_steps(&mut db, hydra_schema::FINAL_VERSION)? {
-                r.blocking_steps.push((
-                    format!("upgrade-{}", step.version),
-                    step.duration.as_secs_f64(),
-                ));
+                let name = format!("upgrade-{}", step.version);
+                let secs = step.duration.as_secs_f64();
+                timeline.push((name.clone(), step.at.as_secs_f64(), secs));
+                r.blocking_steps.push((name, secs));
             }
         }
         "final-ours" => {
             let report = finalize::run(&mut db, &finalize::Options::defaults(), &engine_out())?;
-            r.blocking_steps = report
-                .blocking_steps
-                .iter()
-                .map(|s| (s.step.clone(), s.seconds))
-                .collect();
-            r.online_steps = report
-                .online_steps
-                .iter()
-                .map(|s| (s.step.clone(), s.seconds))
-                .collect();
+            for (steps, into) in [
+                (&report.blocking_steps, &mut r.blocking_steps),
+                (&report.online_steps, &mut r.online_steps),
+            ] {
+                for s in steps {
+                    timeline.push((s.step.clone(), s.at, s.seconds));
+                    into.push((s.step.clone(), s.seconds));
+                }
+            }
         }
         other => bail!("unknown final-phase contender {other}"),
     }
@@ -698,7 +780,10 @@ fn run_final_contender(
     if let Some(w) = writer {
         // Let the writer's last blocked operation finish and record it.
         std::thread::sleep(Duration::from_millis(500));
-        r.writer = Some(stop_writer(w, &mut db)?);
+        let (summary, stats) = stop_writer_with_stats(w, &mut db)?;
+        let trace = sampler.map(wal_trace::Sampler::stop).transpose()?;
+        r.writer = Some(summary);
+        r.slowest_writer_ops = slowest_ops(&stats, t0, &timeline, trace.as_ref(), run, SLOWEST_OPS);
     }
     let version: i32 = db
         .client()
@@ -1284,6 +1369,15 @@ fn medians(runs: &[Run], backfill_list: &[&str], final_list: &[&str]) -> Medians
                 longest_block: median(rs.iter().map(|f| f.longest_block).collect()),
                 longest_block_step,
                 writer: (!writers.is_empty()).then(|| median_writer(&writers)),
+                slowest_writer_ops: {
+                    let mut ops: Vec<SlowOp> = rs
+                        .iter()
+                        .flat_map(|f| f.slowest_writer_ops.iter().cloned())
+                        .collect();
+                    ops.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+                    ops.truncate(SLOWEST_OPS);
+                    ops
+                },
             }
         })
         .collect();
@@ -1577,6 +1671,36 @@ pub fn render(b: &Bench) -> String {
                     .collect();
                 push(&mut s, format!("    online steps: {}", steps.join(", ")));
             }
+            if !f.slowest_writer_ops.is_empty() {
+                let ops: Vec<String> = f
+                    .slowest_writer_ops
+                    .iter()
+                    .map(|o| {
+                        let waits = |whose: &str, w: &[(String, usize)]| {
+                            let list: Vec<String> =
+                                w.iter().map(|(w, n)| format!("{w} x{n}")).collect();
+                            if list.is_empty() {
+                                String::new()
+                            } else {
+                                format!("; {whose}: {}", list.join(", "))
+                            }
+                        };
+                        format!(
+                            "{:.1} ms at {:+.2} s (run {}: {}{}{})",
+                            o.ms,
+                            o.at,
+                            o.run,
+                            o.during,
+                            waits("the writer's backend", &o.waits),
+                            waits("ours", &o.ours_waits)
+                        )
+                    })
+                    .collect();
+                push(
+                    &mut s,
+                    format!("    writer's slowest operations: {}", ops.join("; ")),
+                );
+            }
         }
         s.push('\n');
     }
@@ -1750,4 +1874,51 @@ pub fn main(args: &BenchArgs) -> Result<()> {
         say(&format!("wrote {}", path.display()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload::Op;
+
+    #[test]
+    fn slow_operations_are_placed_on_the_steps_they_overlapped() {
+        let t0 = Instant::now() + Duration::from_secs(1);
+        let op = |at_ms: i64, latency_ms: u64| Op {
+            start: if at_ms >= 0 {
+                t0 + Duration::from_millis(at_ms as u64)
+            } else {
+                t0 - Duration::from_millis(-at_ms as u64)
+            },
+            latency_us: latency_ms * 1000,
+            insert: false,
+        };
+        let stats = WriterStats {
+            ops: vec![
+                op(-500, 10),
+                op(200, 300),
+                op(1_100, 100),
+                op(900, 700),
+                op(3_000, 50),
+                op(2_000, 1),
+            ],
+            ..Default::default()
+        };
+        let steps = vec![("a".to_owned(), 0.0, 1.0), ("b".to_owned(), 1.5, 1.0)];
+        let slow = slowest_ops(&stats, t0, &steps, None, 1, 5);
+        let got: Vec<(f64, f64, usize, &str)> = slow
+            .iter()
+            .map(|o| (o.ms, (o.at * 1000.0).round(), o.run, o.during.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (700.0, 900.0, 2, "a + b"),
+                (300.0, 200.0, 2, "a"),
+                (100.0, 1_100.0, 2, "between steps"),
+                (50.0, 3_000.0, 2, "after the final phase"),
+                (10.0, -500.0, 2, "before the final phase"),
+            ]
+        );
+    }
 }

@@ -19,16 +19,20 @@ use crate::db::Db;
 use crate::dsn::Dsn;
 use crate::workload::{WriterStats, percentile};
 
-/// The writer's backend is recognised by its statements (`src/workload.rs`).
+/// The writer's backend is recognised by its statements (`src/workload.rs`); every other
+/// client session running a statement (ours) is listed apart.
 const SAMPLE: &str = "
+WITH active AS (
+    SELECT pid,
+           coalesce(wait_event_type || ': ' || wait_event, 'no wait event (on a CPU or waiting for one)') AS doing,
+           (query LIKE '%INSERT INTO builds (finished, timestamp, project%'
+            OR query LIKE '%UPDATE builds SET finished = 1%') AS is_writer
+      FROM pg_stat_activity
+     WHERE state = 'active' AND backend_type = 'client backend' AND pid <> pg_backend_pid())
 SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint,
        (pg_current_wal_flush_lsn() - '0/0'::pg_lsn)::bigint,
-       (SELECT coalesce(wait_event_type || ': ' || wait_event, 'no wait event (on a CPU or waiting for one)')
-          FROM pg_stat_activity
-         WHERE state = 'active' AND pid <> pg_backend_pid()
-           AND (query LIKE '%INSERT INTO builds (finished, timestamp, project%'
-                OR query LIKE '%UPDATE builds SET finished = 1%')
-         LIMIT 1)";
+       (SELECT doing FROM active WHERE is_writer LIMIT 1),
+       (SELECT string_agg(doing, ' + ' ORDER BY pid) FROM active WHERE NOT is_writer)";
 
 #[derive(Debug, Clone)]
 pub struct Sample {
@@ -38,6 +42,8 @@ pub struct Sample {
     pub flush: i64,
     /// What the writer's backend was doing, when it was running a statement.
     pub writer: Option<String>,
+    /// What the other sessions running a statement were doing (ours), if any.
+    pub others: Option<String>,
 }
 
 /// What the sampler saw.
@@ -73,6 +79,7 @@ impl Sampler {
                     insert: row.get(0),
                     flush: row.get(1),
                     writer: row.get(2),
+                    others: row.get(3),
                 });
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -157,6 +164,13 @@ fn lsn_at(samples: &[Sample], t: Instant) -> Option<(f64, f64)> {
 }
 
 /// Count labels, most frequent first (ties by name).
+/// The samples taken between `start` and `end`.
+pub fn samples_between(samples: &[Sample], start: Instant, end: Instant) -> &[Sample] {
+    let from = samples.partition_point(|s| s.at < start);
+    let to = samples.partition_point(|s| s.at <= end);
+    &samples[from..to]
+}
+
 pub fn tally<'a>(labels: impl Iterator<Item = &'a str>) -> Vec<(String, usize)> {
     let mut counts: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
     for l in labels {
@@ -175,9 +189,10 @@ pub fn analyse(trace: &Samples, stats: &WriterStats, threshold_ms: f64) -> WalTr
     let mut slow: Vec<(f64, f64, bool)> = Vec::new();
     let mut other: Vec<(f64, f64, bool)> = Vec::new();
     let (mut slow_waits, mut other_waits): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
-    for (start, us) in stats.starts.iter().zip(&stats.latencies_us) {
-        let end = *start + Duration::from_micros(*us);
-        let (Some((a, flushed)), Some((b, _))) = (lsn_at(samples, *start), lsn_at(samples, end))
+    for writer_op in &stats.ops {
+        let start = writer_op.start;
+        let end = start + Duration::from_micros(writer_op.latency_us);
+        let (Some((a, flushed)), Some((b, _))) = (lsn_at(samples, start), lsn_at(samples, end))
         else {
             continue;
         };
@@ -186,10 +201,10 @@ pub fn analyse(trace: &Samples, stats: &WriterStats, threshold_ms: f64) -> WalTr
             (a - flushed).max(0.0) / 1024.0,
             (flushed / segment).floor() != (b / segment).floor(),
         );
-        let from = samples.partition_point(|s| s.at < *start);
-        let to = samples.partition_point(|s| s.at <= end);
-        let waits = samples[from..to].iter().filter_map(|s| s.writer.as_deref());
-        if *us as f64 / 1000.0 > threshold_ms {
+        let waits = samples_between(samples, start, end)
+            .iter()
+            .filter_map(|s| s.writer.as_deref());
+        if writer_op.latency_us as f64 / 1000.0 > threshold_ms {
             slow.push(op);
             slow_waits.extend(waits);
         } else {
@@ -221,6 +236,7 @@ pub fn analyse(trace: &Samples, stats: &WriterStats, threshold_ms: f64) -> WalTr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::workload::Op;
 
     #[test]
     fn slow_operations_are_given_the_wal_written_while_they_ran() {
@@ -234,6 +250,7 @@ mod tests {
             insert: insert * k,
             flush: flush * k,
             writer: writer.map(str::to_owned),
+            others: None,
         };
         let samples = vec![
             sample(0, 0, 0, None),
@@ -242,9 +259,19 @@ mod tests {
             sample(60, 150, 50, None),
             sample(100, 190, 190, Some("IO: WALSync")),
         ];
+        let op = |start: u64, latency_us: u64| Op {
+            start: ms(start),
+            latency_us,
+            insert: false,
+        };
         let stats = WriterStats {
-            starts: vec![ms(10), ms(20), ms(52), ms(70), ms(200)],
-            latencies_us: vec![1_000, 2_000, 5_000, 1_000, 9_000],
+            ops: vec![
+                op(10, 1_000),
+                op(20, 2_000),
+                op(52, 5_000),
+                op(70, 1_000),
+                op(200, 9_000),
+            ],
             ..Default::default()
         };
         // Segments of 64 kB: the slow operation (52..57 ms) and the one at 70 ms flush
