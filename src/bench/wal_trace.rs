@@ -163,7 +163,6 @@ fn lsn_at(samples: &[Sample], t: Instant) -> Option<(f64, f64)> {
     Some((at(a.insert, b.insert), at(a.flush, b.flush)))
 }
 
-/// Count labels, most frequent first (ties by name).
 /// The samples taken between `start` and `end`.
 pub fn samples_between(samples: &[Sample], start: Instant, end: Instant) -> &[Sample] {
     let from = samples.partition_point(|s| s.at < start);
@@ -171,6 +170,7 @@ pub fn samples_between(samples: &[Sample], start: Instant, end: Instant) -> &[Sa
     &samples[from..to]
 }
 
+/// Count labels, most frequent first (ties by name).
 pub fn tally<'a>(labels: impl Iterator<Item = &'a str>) -> Vec<(String, usize)> {
     let mut counts: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
     for l in labels {
