@@ -195,7 +195,8 @@ pub struct SlowOp {
     /// The steps its time overlapped, or what ran instead.
     pub during: String,
     /// With `--wal-trace`: what the writer's backend was sampled doing meanwhile, and
-    /// what our session was.
+    /// what the other client sessions running a statement were (ours; the bench's own
+    /// horizon sampler when it happened to run).
     pub waits: Vec<(String, usize)>,
     pub ours_waits: Vec<(String, usize)>,
 }
@@ -1270,6 +1271,8 @@ fn median_wal_trace<'a>(
         other_backlog_median_kb: m(|t| t.other_backlog_median_kb),
         slow_waits: summed(runs.iter().map(|t| &t.slow_waits)),
         other_waits: summed(runs.iter().map(|t| &t.other_waits)),
+        slow_ours_waits: summed(runs.iter().map(|t| &t.slow_ours_waits)),
+        other_ours_waits: summed(runs.iter().map(|t| &t.other_ours_waits)),
         slow_segment_ends: m(|t| t.slow_segment_ends as f64) as usize,
         other_segment_ends: m(|t| t.other_segment_ends as f64) as usize,
     })
@@ -1692,7 +1695,7 @@ pub fn render(b: &Bench) -> String {
                             o.run,
                             o.during,
                             waits("the writer's backend", &o.waits),
-                            waits("ours", &o.ours_waits)
+                            waits("other sessions (ours)", &o.ours_waits)
                         )
                     })
                     .collect();
@@ -1730,7 +1733,12 @@ pub fn render(b: &Bench) -> String {
                     t.describe()
                 ),
             );
-            for (who, waits) in [("slow", &t.slow_waits), ("other", &t.other_waits)] {
+            for (whose, which, waits) in [
+                ("the writer's backend", "slow", &t.slow_waits),
+                ("the writer's backend", "other", &t.other_waits),
+                ("other sessions (ours)", "slow", &t.slow_ours_waits),
+                ("other sessions (ours)", "other", &t.other_ours_waits),
+            ] {
                 let total: usize = waits.iter().map(|(_, n)| n).sum();
                 let top: Vec<String> = waits
                     .iter()
@@ -1740,7 +1748,7 @@ pub fn render(b: &Bench) -> String {
                 push(
                     &mut s,
                     format!(
-                        "  the writer's backend while {who} operations ran ({total} samples): {}",
+                        "  {whose} while {which} operations ran ({total} samples): {}",
                         top.join(", ")
                     ),
                 );

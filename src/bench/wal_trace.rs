@@ -20,7 +20,8 @@ use crate::dsn::Dsn;
 use crate::workload::{WriterStats, percentile};
 
 /// The writer's backend is recognised by its statements (`src/workload.rs`); every other
-/// client session running a statement (ours) is listed apart.
+/// client session running a statement (ours, and the bench's horizon sampler while it
+/// runs its query) is listed apart.
 const SAMPLE: &str = "
 WITH active AS (
     SELECT pid,
@@ -42,7 +43,7 @@ pub struct Sample {
     pub flush: i64,
     /// What the writer's backend was doing, when it was running a statement.
     pub writer: Option<String>,
-    /// What the other sessions running a statement were doing (ours), if any.
+    /// What the other client sessions running a statement were doing (ours), if any.
     pub others: Option<String>,
 }
 
@@ -119,6 +120,9 @@ pub struct WalTrace {
     /// (all of them; summed over runs in the medians).
     pub slow_waits: Vec<(String, usize)>,
     pub other_waits: Vec<(String, usize)>,
+    /// The same for the other client sessions running a statement (ours).
+    pub slow_ours_waits: Vec<(String, usize)>,
+    pub other_ours_waits: Vec<(String, usize)>,
     /// Operations while which the WAL flushed crossed a segment boundary (from the flush
     /// position at their start to the insert position at their end).
     pub slow_segment_ends: usize,
@@ -189,6 +193,7 @@ pub fn analyse(trace: &Samples, stats: &WriterStats, threshold_ms: f64) -> WalTr
     let mut slow: Vec<(f64, f64, bool)> = Vec::new();
     let mut other: Vec<(f64, f64, bool)> = Vec::new();
     let (mut slow_waits, mut other_waits): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
+    let (mut slow_ours, mut other_ours): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
     for writer_op in &stats.ops {
         let start = writer_op.start;
         let end = start + Duration::from_micros(writer_op.latency_us);
@@ -201,15 +206,17 @@ pub fn analyse(trace: &Samples, stats: &WriterStats, threshold_ms: f64) -> WalTr
             (a - flushed).max(0.0) / 1024.0,
             (flushed / segment).floor() != (b / segment).floor(),
         );
-        let waits = samples_between(samples, start, end)
-            .iter()
-            .filter_map(|s| s.writer.as_deref());
+        let sampled = samples_between(samples, start, end);
+        let waits = sampled.iter().filter_map(|s| s.writer.as_deref());
+        let ours = sampled.iter().filter_map(|s| s.others.as_deref());
         if writer_op.latency_us as f64 / 1000.0 > threshold_ms {
             slow.push(op);
             slow_waits.extend(waits);
+            slow_ours.extend(ours);
         } else {
             other.push(op);
             other_waits.extend(waits);
+            other_ours.extend(ours);
         }
     }
     let during = |v: &[(f64, f64, bool)]| v.iter().map(|x| x.0).collect::<Vec<f64>>();
@@ -228,6 +235,8 @@ pub fn analyse(trace: &Samples, stats: &WriterStats, threshold_ms: f64) -> WalTr
         other_backlog_median_kb: percentile(backlog(&other), 50.0),
         slow_waits: tally(slow_waits.into_iter()),
         other_waits: tally(other_waits.into_iter()),
+        slow_ours_waits: tally(slow_ours.into_iter()),
+        other_ours_waits: tally(other_ours.into_iter()),
         slow_segment_ends: segment_ends(&slow),
         other_segment_ends: segment_ends(&other),
     }
@@ -252,13 +261,15 @@ mod tests {
             writer: writer.map(str::to_owned),
             others: None,
         };
-        let samples = vec![
+        let mut samples = vec![
             sample(0, 0, 0, None),
             sample(50, 50, 0, None),
             sample(54, 90, 20, Some("LWLock: WALWrite")),
             sample(60, 150, 50, None),
             sample(100, 190, 190, Some("IO: WALSync")),
         ];
+        // Our session, writing WAL itself while the slow operation waits for the lock.
+        samples[2].others = Some("IO: WALWrite".to_owned());
         let op = |start: u64, latency_us: u64| Op {
             start: ms(start),
             latency_us,
@@ -291,6 +302,8 @@ mod tests {
         assert!((w.other_backlog_median_kb - 20.0).abs() < 1e-9, "{w:?}");
         assert_eq!(w.slow_waits, vec![("LWLock: WALWrite".to_owned(), 1)]);
         assert!(w.other_waits.is_empty(), "{w:?}");
+        assert_eq!(w.slow_ours_waits, vec![("IO: WALWrite".to_owned(), 1)]);
+        assert!(w.other_ours_waits.is_empty(), "{w:?}");
         assert_eq!((w.slow_segment_ends, w.other_segment_ends), (1, 1), "{w:?}");
         assert_eq!(
             w.describe(),
