@@ -113,10 +113,16 @@ UPDATE builds SET finished = 1, buildStatus = 0, startTime = coalesce(nullif(sta
                   stopTime = $2, size = $3
  WHERE id = $1";
 
+/// The writer's `application_name`.
+pub const APPLICATION_NAME: &str = "hydra-shaped writer";
+
 /// Run until `stop` is set (or `max_ops`). Errors are counted, never fatal.
 pub fn run(dsn: &Dsn, spec: &WriterSpec, stop: Arc<AtomicBool>) -> Result<WriterStats> {
     let mut db = Db::connect(dsn)?;
     let c = db.client();
+    // Named apart from the tool's own sessions, so that `pg_stat_activity` (and the
+    // engine's report of what holds the xmin horizon) tells Hydra's stand-in from us.
+    c.batch_execute(&format!("SET application_name = '{APPLICATION_NAME}'"))?;
     let has_id: bool = c
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'builds'::regclass AND attname = 'jobset_id')",

@@ -1,15 +1,24 @@
-//! `disk-control`: controls for the writer's figures, with no backfill and nothing else in
-//! PostgreSQL going on. The Hydra-shaped writer runs alone, then next to a plain file
-//! writer: a thread overwrites a file next to the cluster's WAL at a given rate, 1 MB at a
-//! time, each followed by `fdatasync` (the WAL writer flushes about every MB:
-//! `wal_writer_flush_after`); then next to one thread that keeps a CPU busy; then next to
-//! a session that writes the same rate of WAL and nothing else (1 MB messages with
-//! `pg_logical_emit_message`, not transactional, so not flushed by their writer: like our
-//! asynchronously committed backfill's WAL, they reach the disk through the WAL writer or
-//! the next commit that needs them flushed). If the writer's p99 rose as much next to the
-//! file as during our backfill, the rise would be the disk's answer to any sustained
-//! writing; next to the busy thread, how much of it one busy CPU of the two explains;
-//! next to the WAL, how much sharing the WAL stream does.
+//! `disk-control`: controls for the writer's figures. The Hydra-shaped writer runs alone,
+//! then next to each of these in turn, with nothing else in PostgreSQL going on:
+//! - a file: a thread overwrites a file next to the cluster's WAL at a given rate, 1 MB at
+//!   a time, each followed by `fdatasync` (the WAL writer flushes about every MB:
+//!   `wal_writer_flush_after`): the disk's answer to any sustained writing;
+//! - one thread that keeps a CPU busy: how much one busy CPU of the two explains;
+//! - WAL in bursts: a session writes the same rate of WAL and nothing else, as 1 MB
+//!   messages (`pg_logical_emit_message`, not transactional, so not flushed by their
+//!   writer: they reach the disk through the WAL writer or the next commit that needs
+//!   them flushed), one statement each, with nothing written between them;
+//! - streamed WAL: the same rate as a steady stream, as our backfill writes it: 8 kB
+//!   messages (the size of a full-page image), 64 kB a statement, transactional,
+//!   committed asynchronously every 1 MB;
+//! - both: that stream and the busy thread at once, as our backfill's server process is
+//!   on a CPU nearly all the time while it streams its WAL;
+//! - ours in another database: our per-page backfill of a copy of the template in another
+//!   database of the same cluster: the same server work, WAL, buffer pool and disk as
+//!   next to the writer, but none of the pages, rows or locks the writer touches.
+//!
+//! Together they separate what our backfill costs Hydra's writes by sharing the machine,
+//! the WAL and the server from what it costs by sharing Hydra's tables.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -25,6 +34,10 @@ use super::mb;
 use crate::db::Db;
 
 const CHUNK: usize = 1 << 20;
+/// The streamed WAL's message: a page, as a full-page image.
+const STREAM_MESSAGE: usize = 8 << 10;
+/// What one statement of the stream writes.
+const STREAM_STATEMENT: usize = 64 << 10;
 /// The file is written once at full size, then overwritten in circles, as WAL segments
 /// are preallocated and recycled.
 const SPAN: u64 = 64 << 20;
@@ -55,7 +68,7 @@ impl FileLoad {
 
     /// Write at `mb_per_s` until stopped.
     pub fn start(self, mb_per_s: f64) -> Load {
-        Load::paced(mb_per_s, move |written| {
+        Load::paced(mb_per_s, CHUNK, move |written| {
             self.file.write_all_at(&self.chunk, written % SPAN)?;
             self.file.sync_data()?;
             Ok(())
@@ -63,12 +76,16 @@ impl FileLoad {
     }
 }
 
-/// Write WAL and nothing else through `db` at `mb_per_s` until stopped.
+fn payload(bytes: usize) -> String {
+    std::iter::repeat_with(fastrand::alphanumeric)
+        .take(bytes)
+        .collect()
+}
+
+/// Write WAL and nothing else through `db` at `mb_per_s` until stopped, in 1 MB bursts.
 pub fn wal_load(mut db: Db, mb_per_s: f64) -> Load {
-    let payload: String = std::iter::repeat_with(fastrand::alphanumeric)
-        .take(CHUNK)
-        .collect();
-    Load::paced(mb_per_s, move |_| {
+    let payload = payload(CHUNK);
+    Load::paced(mb_per_s, CHUNK, move |_| {
         db.client()
             .execute(
                 "SELECT pg_logical_emit_message(false, 'hydra-upgrade-bench', $1::text)",
@@ -79,14 +96,48 @@ pub fn wal_load(mut db: Db, mb_per_s: f64) -> Load {
     })
 }
 
-/// A thread doing 1 MB of work at a time, paced to a rate in MB/s, until stopped.
+/// Write WAL and nothing else through `db` at `mb_per_s` until stopped, as a stream of
+/// 8 kB messages, eight to a statement (so the client and its server process stay
+/// light on the CPUs: one statement per 8 kB kept them at a third of a CPU each at
+/// 43 MB/s), in transactions of 1 MB. `db` should have `synchronous_commit` off, as our
+/// backfill's session has: its commits wake the WAL writer and wait for no flush. The
+/// transaction open when the load stops is rolled back with the session.
+pub fn wal_stream_load(mut db: Db, mb_per_s: f64) -> Load {
+    let payload = payload(STREAM_MESSAGE);
+    let per_statement = STREAM_STATEMENT / STREAM_MESSAGE;
+    let per_transaction = (CHUNK / STREAM_STATEMENT) as u64;
+    Load::paced(mb_per_s, STREAM_STATEMENT, move |written| {
+        let n = written / STREAM_STATEMENT as u64;
+        let client = db.client();
+        if n.is_multiple_of(per_transaction) {
+            client.batch_execute("BEGIN")?;
+        }
+        client
+            .execute(
+                "SELECT count(pg_logical_emit_message(true, 'hydra-upgrade-bench', $1::text))
+                   FROM generate_series(1, $2)",
+                &[&payload, &(per_statement as i32)],
+            )
+            .context("writing WAL with pg_logical_emit_message")?;
+        if n % per_transaction == per_transaction - 1 {
+            client.batch_execute("COMMIT")?;
+        }
+        Ok(())
+    })
+}
+
+/// A thread doing `chunk` bytes of work at a time, paced to a rate in MB/s, until stopped.
 pub struct Load {
     stop: Arc<AtomicBool>,
     handle: JoinHandle<Result<(u64, f64)>>,
 }
 
 impl Load {
-    fn paced(mb_per_s: f64, mut chunk: impl FnMut(u64) -> Result<()> + Send + 'static) -> Load {
+    fn paced(
+        mb_per_s: f64,
+        chunk_bytes: usize,
+        mut chunk: impl FnMut(u64) -> Result<()> + Send + 'static,
+    ) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let handle = std::thread::spawn(move || -> Result<(u64, f64)> {
@@ -99,7 +150,7 @@ impl Load {
                     continue;
                 }
                 chunk(written)?;
-                written += CHUNK as u64;
+                written += chunk_bytes as u64;
             }
             Ok((written, t0.elapsed().as_secs_f64()))
         });

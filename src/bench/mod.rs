@@ -168,6 +168,13 @@ pub struct BackfillRun {
     pub horizon_holders: Vec<(String, u64)>,
 }
 
+impl BackfillRun {
+    /// The cluster's WAL rate while the contender ran.
+    pub fn wal_mb_per_s(&self) -> f64 {
+        mb(self.wal_bytes) / self.seconds.max(1e-9)
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct FinalRun {
     pub contender: String,
@@ -298,8 +305,19 @@ pub struct DiskControlRun {
     pub idle: WriterSummary,
     pub file: WriterSummary,
     pub cpu: WriterSummary,
+    /// Next to WAL written in 1 MB bursts.
     pub wal: WriterSummary,
     pub achieved_wal_mb_per_s: f64,
+    /// Next to WAL written as a stream of 8 kB messages.
+    pub wal_stream: WriterSummary,
+    pub achieved_wal_stream_mb_per_s: f64,
+    /// Next to the same stream and a busy CPU at once: what one backend on a CPU writing
+    /// WAL at our rate costs, short of what our backfill does to the pages Hydra writes.
+    pub cpu_and_wal_stream: WriterSummary,
+    pub achieved_cpu_and_wal_stream_mb_per_s: f64,
+    /// Next to our per-page backfill running in another database of the cluster.
+    pub ours_elsewhere: WriterSummary,
+    pub ours_elsewhere_backfill: BackfillRun,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -498,12 +516,16 @@ fn start_sampler(cluster: &PgCluster, exclude_pid: i32) -> Result<HorizonSampler
     let mut db = cluster.connect("postgres")?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);
+    // As the engine's own check (`per_page::horizon_holders`): a snapshot as old as the
+    // contender's running transaction keeps that transaction's dead row versions from
+    // being pruned. Between transactions the contender has no xid and nothing counts.
     let sql = format!(
         "SELECT coalesce(backend_type, ''), coalesce(application_name, ''),
                 left(coalesce(query, ''), 60)
            FROM pg_stat_activity
           WHERE backend_xmin IS NOT NULL AND pid <> pg_backend_pid() AND pid <> $1
-            AND NOT {}",
+            AND NOT {}
+            AND age(backend_xmin) >= (SELECT age(backend_xid) FROM pg_stat_activity WHERE pid = $1)",
         crate::backfill::per_page::PLAIN_VACUUM
     );
     let handle = std::thread::spawn(move || {
@@ -898,7 +920,7 @@ fn run_disk_control(
     let mut db = clone_db(cluster, TEMPLATE, &name)?;
     let file = disk_control::FileLoad::prepare(&cluster.socket_dir().join("disk-control.dat"))?;
     say(&format!(
-        "run {}: controls: writer alone for {} s, then as long next to a file written at {mb_per_s:.1} MB/s, next to a busy CPU, next to a session writing {mb_per_s:.1} MB/s of WAL",
+        "run {}: controls: writer alone for {} s, then as long next to a file written at {mb_per_s:.1} MB/s, next to a busy CPU, next to a session writing {mb_per_s:.1} MB/s of WAL in 1 MB bursts, then streamed in 8 kB messages, then that stream next to the busy CPU, then next to our backfill of another database",
         run + 1,
         args.writer_secs
     ));
@@ -913,19 +935,58 @@ fn run_disk_control(
     let during_cpu = measure(6_000);
     busy.stop()?;
     let cpu = during_cpu?;
-    let mut session = cluster.connect(&name)?;
-    session
-        .client()
-        .batch_execute("SET synchronous_commit = off")?;
-    let wal_load = disk_control::wal_load(session, mb_per_s);
+    // The WAL sessions commit asynchronously, as our backfill's does.
+    let wal_session = || -> Result<Db> {
+        let mut session = cluster.connect(&name)?;
+        session
+            .client()
+            .batch_execute("SET synchronous_commit = off")?;
+        Ok(session)
+    };
+    let bursts = disk_control::wal_load(wal_session()?, mb_per_s);
     let during_wal = measure(7_000);
-    let achieved_wal_mb_per_s = wal_load.stop()?;
+    let achieved_wal_mb_per_s = bursts.stop()?;
     let wal = during_wal?;
+    let stream = disk_control::wal_stream_load(wal_session()?, mb_per_s);
+    let during_stream = measure(8_000);
+    let achieved_wal_stream_mb_per_s = stream.stop()?;
+    let wal_stream = during_stream?;
+    let stream = disk_control::wal_stream_load(wal_session()?, mb_per_s);
+    let busy = disk_control::CpuLoad::start();
+    let during_both = measure(9_000);
+    busy.stop()?;
+    let achieved_cpu_and_wal_stream_mb_per_s = stream.stop()?;
+    let cpu_and_wal_stream = during_both?;
+    // Our backfill itself, in another database of the cluster: the same server work, WAL,
+    // buffer pool and disk as next to the writer, but none of the pages, rows or locks
+    // the writer touches.
+    let other_name = format!("{name}_other");
+    let mut other = clone_db(cluster, TEMPLATE, &other_name)?;
+    let w = start_writer(cluster, &name, args.writer_pause_ms, 10_000 + run as u64);
+    let elsewhere = measure_backfill(
+        cluster,
+        &mut other,
+        "per-page, another database",
+        false,
+        |db| ours(db, StrategyChoice::PerPage, args),
+    );
+    let ours_elsewhere = stop_writer(w, &mut db)?;
+    let ours_elsewhere_backfill = elsewhere?;
+    drop(other);
+    drop_db(cluster, &other_name)?;
     drop(db);
     drop_db(cluster, &name)?;
     say(&format!(
-        "  p99 alone {:.2} ms, next to the file ({achieved_mb_per_s:.1} MB/s) {:.2} ms, next to a busy CPU {:.2} ms, next to WAL ({achieved_wal_mb_per_s:.1} MB/s) {:.2} ms",
-        idle.p99_ms, file.p99_ms, cpu.p99_ms, wal.p99_ms
+        "  p99 alone {:.2} ms, next to the file ({achieved_mb_per_s:.1} MB/s) {:.2} ms, next to a busy CPU {:.2} ms, next to WAL in bursts ({achieved_wal_mb_per_s:.1} MB/s) {:.2} ms, streamed ({achieved_wal_stream_mb_per_s:.1} MB/s) {:.2} ms, streamed next to a busy CPU ({achieved_cpu_and_wal_stream_mb_per_s:.1} MB/s) {:.2} ms, next to ours in another database ({:.1} s, {:.1} MB/s of WAL) {:.2} ms",
+        idle.p99_ms,
+        file.p99_ms,
+        cpu.p99_ms,
+        wal.p99_ms,
+        wal_stream.p99_ms,
+        cpu_and_wal_stream.p99_ms,
+        ours_elsewhere_backfill.seconds,
+        ours_elsewhere_backfill.wal_mb_per_s(),
+        ours_elsewhere.p99_ms
     ));
     Ok(DiskControlRun {
         mb_per_s,
@@ -936,6 +997,12 @@ fn run_disk_control(
         cpu,
         wal,
         achieved_wal_mb_per_s,
+        wal_stream,
+        achieved_wal_stream_mb_per_s,
+        cpu_and_wal_stream,
+        achieved_cpu_and_wal_stream_mb_per_s,
+        ours_elsewhere,
+        ours_elsewhere_backfill,
     })
 }
 
@@ -1155,7 +1222,7 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
                 });
             let (rate, source) = match (args.disk_mb_per_s, ours) {
                 (Some(r), _) => (r, "--disk-mb-per-s"),
-                (None, Some((b, source))) => (mb(b.wal_bytes) / b.seconds.max(1e-9), source),
+                (None, Some((b, source))) => (b.wal_mb_per_s(), source),
                 (None, None) => (50.0, "a fixed 50 MB/s: ours did not run"),
             };
             Some(run_disk_control(cluster, run, args, rate, source)?)
@@ -1411,6 +1478,18 @@ fn medians(runs: &[Run], backfill_list: &[&str], final_list: &[&str]) -> Medians
         cpu: summary(|d| &d.cpu),
         wal: summary(|d| &d.wal),
         achieved_wal_mb_per_s: rate(|d| d.achieved_wal_mb_per_s),
+        wal_stream: summary(|d| &d.wal_stream),
+        achieved_wal_stream_mb_per_s: rate(|d| d.achieved_wal_stream_mb_per_s),
+        cpu_and_wal_stream: summary(|d| &d.cpu_and_wal_stream),
+        achieved_cpu_and_wal_stream_mb_per_s: rate(|d| d.achieved_cpu_and_wal_stream_mb_per_s),
+        ours_elsewhere: summary(|d| &d.ours_elsewhere),
+        ours_elsewhere_backfill: median_backfill(
+            "per-page, another database",
+            &disk_runs
+                .iter()
+                .map(|d| &d.ours_elsewhere_backfill)
+                .collect::<Vec<_>>(),
+        ),
     });
     Medians {
         backfill,
@@ -1769,8 +1848,29 @@ pub fn render(b: &Bench) -> String {
                     ),
                     ("next to one busy CPU".to_owned(), &d.cpu),
                     (
-                        format!("next to WAL, {:.1} MB/s", d.achieved_wal_mb_per_s),
+                        format!("next to WAL bursts, {:.1} MB/s", d.achieved_wal_mb_per_s),
                         &d.wal,
+                    ),
+                    (
+                        format!(
+                            "next to streamed WAL, {:.1} MB/s",
+                            d.achieved_wal_stream_mb_per_s
+                        ),
+                        &d.wal_stream,
+                    ),
+                    (
+                        format!(
+                            "next to both, {:.1} MB/s",
+                            d.achieved_cpu_and_wal_stream_mb_per_s
+                        ),
+                        &d.cpu_and_wal_stream,
+                    ),
+                    (
+                        format!(
+                            "ours in another db, {:.1} MB/s",
+                            d.ours_elsewhere_backfill.wal_mb_per_s()
+                        ),
+                        &d.ours_elsewhere,
                     ),
                 ],
             ),
@@ -1779,12 +1879,16 @@ pub fn render(b: &Bench) -> String {
         push(
             &mut s,
             format!(
-                "p99 / alone: {:.2} next to the file (a file by the WAL overwritten at {:.1} MB/s, fdatasync every MB; {}), {:.2} next to one thread keeping a CPU busy, {:.2} next to a session writing as much WAL and nothing else (pg_logical_emit_message)",
+                "p99 / alone: {:.2} next to the file (a file by the WAL overwritten at {:.1} MB/s, fdatasync every MB; {}), {:.2} next to one thread keeping a CPU busy, {:.2} next to a session writing as much WAL and nothing else (pg_logical_emit_message, 1 MB bursts), {:.2} next to the same WAL as a steady stream of 8 kB messages, {:.2} next to that stream and the busy thread at once, {:.2} next to our per-page backfill of a copy in another database of the cluster ({:.1} s)",
                 ratio(&d.file),
                 d.mb_per_s,
                 d.rate_source,
                 ratio(&d.cpu),
-                ratio(&d.wal)
+                ratio(&d.wal),
+                ratio(&d.wal_stream),
+                ratio(&d.cpu_and_wal_stream),
+                ratio(&d.ours_elsewhere),
+                d.ours_elsewhere_backfill.seconds
             ),
         );
         s.push('\n');
