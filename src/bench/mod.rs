@@ -15,6 +15,7 @@
 //! every figure printed is the median over the runs (each column on its own).
 
 pub mod disk_control;
+pub mod pin;
 pub mod stock;
 pub mod wal_trace;
 pub mod wal_volume;
@@ -130,6 +131,12 @@ pub struct BenchArgs {
     /// the cluster's user or root), to see whether Hydra's writes wait for a CPU.
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub nice_ours: Option<i32>,
+    /// Run our backfill's server process alone on the first CPU, every other process of
+    /// the cluster and the bench (the writer's client) on the others (`taskset`; needs
+    /// root or the cluster's user), to see whether Hydra's writes suffer from sharing
+    /// CPUs with it (see `src/bench/pin.rs`).
+    #[arg(long)]
+    pub pin_ours: bool,
     /// disk-control's rate, of its file and of its WAL session; by default the WAL rate
     /// of this run's per-page backfill next to the writer (else 50 MB/s).
     #[arg(long, value_name = "MB")]
@@ -355,6 +362,8 @@ pub struct Bench {
     pub ours_pause_ms: u64,
     /// `--nice-ours`, when given.
     pub ours_nice: Option<i32>,
+    /// `--pin-ours`.
+    pub ours_pinned: bool,
     pub machine: Machine,
     pub template: Template,
     pub runs: Vec<Run>,
@@ -625,12 +634,21 @@ fn ours(db: &mut Db, strategy: StrategyChoice, args: &BenchArgs) -> Result<Strin
             .args(["-n", &n.to_string(), "-p", &pid.to_string()])
             .run()?;
     }
+    let pinned = if args.pin_ours {
+        Some(pin::apart(db)?)
+    } else {
+        None
+    };
     let report = backfill::run(
         db,
         &ours_options(strategy, args),
         &engine_out(),
         &Interrupt::default(),
-    )?;
+    );
+    if let Some(p) = pinned {
+        p.undo();
+    }
+    let report = report?;
     Ok(report
         .tables
         .iter()
@@ -1255,6 +1273,7 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
         ours_target_batch_ms: args.target_batch_ms,
         ours_pause_ms: args.pause_ms,
         ours_nice: args.nice_ours,
+        ours_pinned: args.pin_ours,
         machine,
         template,
         runs,
@@ -1610,12 +1629,17 @@ pub fn render(b: &Bench) -> String {
     push(
         &mut s,
         format!(
-            "ours: CLI defaults (lock_timeout 2 s, statement_timeout 120 s), --target-batch-ms {} --pause-ms {}; Jobs always keyset{}",
+            "ours: CLI defaults (lock_timeout 2 s, statement_timeout 120 s), --target-batch-ms {} --pause-ms {}; Jobs always keyset{}{}",
             b.ours_target_batch_ms,
             b.ours_pause_ms,
             b.ours_nice
                 .map(|n| format!("; its server process at niceness {n}"))
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            if b.ours_pinned {
+                "; its server process alone on CPU 0, the rest of the cluster and the writer's client on the others"
+            } else {
+                ""
+            }
         ),
     );
     s.push('\n');
