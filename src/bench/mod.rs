@@ -318,8 +318,8 @@ pub struct DiskControlRun {
     /// Next to WAL written as a stream of 8 kB messages.
     pub wal_stream: WriterSummary,
     pub achieved_wal_stream_mb_per_s: f64,
-    /// Next to the same stream and a busy CPU at once: what one backend on a CPU writing
-    /// WAL at our rate costs, short of what our backfill does to the pages Hydra writes.
+    /// Next to the same stream and a busy CPU at once: a busy CPU and our rate of WAL,
+    /// without the rest of a backfill's work in the server.
     pub cpu_and_wal_stream: WriterSummary,
     pub achieved_cpu_and_wal_stream_mb_per_s: f64,
     /// Next to our per-page backfill running in another database of the cluster.
