@@ -98,8 +98,8 @@ pub fn wal_load(mut db: Db, mb_per_s: f64) -> Load {
 
 /// Write WAL and nothing else through `db` at `mb_per_s` until stopped, as a stream of
 /// 8 kB messages, eight to a statement (so the client and its server process stay
-/// light on the CPUs: one statement per 8 kB kept them at a third of a CPU each at
-/// 43 MB/s), in transactions of 1 MB. `db` should have `synchronous_commit` off, as our
+/// light on the CPUs: a round trip per 8 kB would make the control itself a CPU load),
+/// in transactions of 1 MB. `db` should have `synchronous_commit` off, as our
 /// backfill's session has: its commits wake the WAL writer and wait for no flush. The
 /// transaction open when the load stops is rolled back with the session.
 pub fn wal_stream_load(mut db: Db, mb_per_s: f64) -> Load {
