@@ -5,6 +5,7 @@
 //! caller can prove no update was lost.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -37,6 +38,10 @@ pub struct Op {
     pub latency_us: u64,
     /// An insert (the evaluator), else a finish (the queue runner).
     pub insert: bool,
+    /// How long, within the operation, the writer's server process and its client
+    /// thread were runnable but waited for a CPU (`run_delay` of
+    /// `/proc/<pid>/schedstat`); `None` where that cannot be read.
+    pub cpu_wait_us: Option<u64>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -80,6 +85,31 @@ impl WriterStats {
         )
     }
 
+    /// The p-th percentile of the operations' waits for a CPU (`Op::cpu_wait_us`), in
+    /// ms; `None` when they were not measured.
+    pub fn cpu_wait_percentile_ms(&self, p: f64) -> Option<f64> {
+        let waits: Option<Vec<f64>> = self
+            .ops
+            .iter()
+            .map(|op| op.cpu_wait_us.map(|us| us as f64 / 1000.0))
+            .collect();
+        waits.filter(|w| !w.is_empty()).map(|w| percentile(w, p))
+    }
+
+    /// The p-th percentile latency, in ms, had no operation waited for a CPU (each
+    /// operation's latency less its `cpu_wait_us`); `None` when waits were not measured.
+    pub fn percentile_ms_without_cpu_waits(&self, p: f64) -> Option<f64> {
+        let rest: Option<Vec<f64>> = self
+            .ops
+            .iter()
+            .map(|op| {
+                op.cpu_wait_us
+                    .map(|w| op.latency_us.saturating_sub(w) as f64 / 1000.0)
+            })
+            .collect();
+        rest.filter(|r| !r.is_empty()).map(|r| percentile(r, p))
+    }
+
     /// How many operations took longer than `ms` milliseconds.
     pub fn count_over_ms(&self, ms: u64) -> u64 {
         self.ops
@@ -113,6 +143,29 @@ UPDATE builds SET finished = 1, buildStatus = 0, startTime = coalesce(nullif(sta
                   stopTime = $2, size = $3
  WHERE id = $1";
 
+/// The time a process or thread has spent runnable but waiting for a CPU, in µs: the
+/// second field of a Linux `schedstat` file (`CONFIG_SCHED_INFO`). `None` where there
+/// is no such file.
+fn cpu_wait_us(schedstat: &Path) -> Option<u64> {
+    run_delay_us(&std::fs::read_to_string(schedstat).ok()?)
+}
+
+/// `run_delay` (ns, the second of the three fields of a `schedstat` file), in µs.
+fn run_delay_us(schedstat: &str) -> Option<u64> {
+    let ns: u64 = schedstat.split_whitespace().nth(1)?.parse().ok()?;
+    Some(ns / 1000)
+}
+
+/// The writer's server process's `schedstat` file, when the server runs on this
+/// machine (as the tests' and the benchmark's throwaway clusters do).
+fn server_schedstat(c: &mut postgres::Client) -> Result<Option<PathBuf>> {
+    let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    let cmdline = std::fs::read(proc.join("cmdline")).unwrap_or_default();
+    let is_postgres = String::from_utf8_lossy(&cmdline).contains("postgres");
+    Ok(is_postgres.then(|| proc.join("schedstat")))
+}
+
 /// The writer's `application_name`.
 pub const APPLICATION_NAME: &str = "hydra-shaped writer";
 
@@ -143,12 +196,19 @@ pub fn run(dsn: &Dsn, spec: &WriterSpec, stop: Arc<AtomicBool>) -> Result<Writer
     let max_id: i32 = c
         .query_one("SELECT coalesce(max(id), 1) FROM builds", &[])?
         .get(0);
+    // Waits for a CPU are read before and after each operation, outside its timing:
+    // they tell a slow commit that waited on the disk from one that waited its turn.
+    let server = server_schedstat(c)?;
+    let client = Path::new("/proc/thread-self/schedstat");
+    let waited =
+        || -> Option<u64> { Some(cpu_wait_us(server.as_deref()?)? + cpu_wait_us(client)?) };
     let mut rng = fastrand::Rng::with_seed(spec.seed);
     let mut stats = WriterStats::default();
     let mut counter: i64 = 1_000_000_000 + (spec.seed as i64 % 1000) * 1_000_000;
     while !stop.load(Ordering::SeqCst)
         && (spec.max_ops == 0 || stats.inserts + stats.updates < spec.max_ops)
     {
+        let waited_before = waited();
         let t0 = Instant::now();
         let insert = rng.bool() && !jobs.is_empty();
         let result = if insert {
@@ -178,10 +238,14 @@ pub fn run(dsn: &Dsn, spec: &WriterSpec, stop: Arc<AtomicBool>) -> Result<Writer
                 }
             })
         };
+        let latency_us = t0.elapsed().as_micros() as u64;
         stats.ops.push(Op {
             start: t0,
-            latency_us: t0.elapsed().as_micros() as u64,
+            latency_us,
             insert,
+            cpu_wait_us: waited_before
+                .zip(waited())
+                .map(|(before, after)| after.saturating_sub(before)),
         });
         if let Err(e) = result {
             stats.errors += 1;
@@ -211,4 +275,54 @@ pub fn lost_updates(db: &mut Db, stats: &WriterStats) -> Result<Vec<i32>> {
         .collect();
     lost.sort_unstable();
     Ok(lost)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(latency_us: u64, cpu_wait_us: Option<u64>) -> Op {
+        Op {
+            start: Instant::now(),
+            latency_us,
+            insert: false,
+            cpu_wait_us,
+        }
+    }
+
+    #[test]
+    fn run_delay_is_the_second_schedstat_field() {
+        assert_eq!(run_delay_us("233212591 54317155 1811\n"), Some(54_317));
+        assert_eq!(run_delay_us("233212591\n"), None);
+        assert_eq!(run_delay_us(""), None);
+    }
+
+    #[test]
+    fn latency_without_cpu_waits_subtracts_each_operations_own_wait() {
+        let stats = WriterStats {
+            ops: vec![
+                op(1_000, Some(0)),
+                op(5_000, Some(4_000)),
+                op(2_000, Some(100)),
+            ],
+            ..WriterStats::default()
+        };
+        assert_eq!(stats.percentile_ms(100.0), 5.0);
+        assert_eq!(stats.cpu_wait_percentile_ms(100.0), Some(4.0));
+        // 1.0, 1.0 and 1.9 ms once the waits are taken out.
+        assert_eq!(stats.percentile_ms_without_cpu_waits(100.0), Some(1.9));
+        let unmeasured = WriterStats {
+            ops: vec![op(1_000, Some(0)), op(2_000, None)],
+            ..WriterStats::default()
+        };
+        assert_eq!(unmeasured.cpu_wait_percentile_ms(99.0), None);
+        assert_eq!(unmeasured.percentile_ms_without_cpu_waits(99.0), None);
+    }
+
+    #[test]
+    fn the_writer_reads_its_own_threads_cpu_waits_on_linux() {
+        if cfg!(target_os = "linux") {
+            assert!(cpu_wait_us(Path::new("/proc/thread-self/schedstat")).is_some());
+        }
+    }
 }

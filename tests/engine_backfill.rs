@@ -158,6 +158,9 @@ fn null_rows_from_an_older_writer_are_caught_by_verify() {
     };
     let stats = workload::run(&dsn, &spec, stop).unwrap();
     assert!(stats.inserts > 0);
+    // The test cluster runs on this machine: each operation's waits for a CPU (its
+    // server process's and its own) were read.
+    assert!(stats.ops.iter().all(|op| op.cpu_wait_us.is_some()));
     let v = run_on(&db, &["verify"]);
     v.expect_code(7);
     assert!(

@@ -15,6 +15,7 @@
 //! every figure printed is the median over the runs (each column on its own).
 
 pub mod disk_control;
+pub mod idle;
 pub mod pin;
 pub mod stock;
 pub mod wal_trace;
@@ -137,6 +138,12 @@ pub struct BenchArgs {
     /// CPUs with it (see `src/bench/pin.rs`).
     #[arg(long)]
     pub pin_ours: bool,
+    /// Run our backfill's server process and its client (a bench thread) under the
+    /// `SCHED_IDLE` policy (`chrt --idle`; needs root or the cluster's user), to see
+    /// whether Hydra's writes wait for a CPU behind our backfill (see
+    /// `src/bench/idle.rs`).
+    #[arg(long)]
+    pub idle_ours: bool,
     /// disk-control's rate, of its file and of its WAL session; by default the WAL rate
     /// of this run's per-page backfill next to the writer (else 50 MB/s).
     #[arg(long, value_name = "MB")]
@@ -289,6 +296,12 @@ pub struct WriterSummary {
     /// Operations slower than 10 ms and 100 ms (the shape of the tail).
     pub over_10ms: u64,
     pub over_100ms: u64,
+    /// The p99 of the operations' waits for a CPU (server process and client thread
+    /// runnable but not running, `/proc/<pid>/schedstat`), and the p99 latency had no
+    /// operation waited so (each one's latency less its wait): whether a slow
+    /// operation waited on the disk or for its turn on a CPU. `None` where not measured.
+    pub cpu_wait_p99_ms: Option<f64>,
+    pub p99_without_cpu_waits_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -364,6 +377,8 @@ pub struct Bench {
     pub ours_nice: Option<i32>,
     /// `--pin-ours`.
     pub ours_pinned: bool,
+    /// `--idle-ours`.
+    pub ours_sched_idle: bool,
     pub machine: Machine,
     pub template: Template,
     pub runs: Vec<Run>,
@@ -634,6 +649,11 @@ fn ours(db: &mut Db, strategy: StrategyChoice, args: &BenchArgs) -> Result<Strin
             .args(["-n", &n.to_string(), "-p", &pid.to_string()])
             .run()?;
     }
+    let idled = if args.idle_ours {
+        Some(idle::ours(db)?)
+    } else {
+        None
+    };
     let pinned = if args.pin_ours {
         Some(pin::apart(db)?)
     } else {
@@ -647,6 +667,9 @@ fn ours(db: &mut Db, strategy: StrategyChoice, args: &BenchArgs) -> Result<Strin
     );
     if let Some(p) = pinned {
         p.undo();
+    }
+    if let Some(i) = idled {
+        i.undo()?;
     }
     let report = report?;
     Ok(report
@@ -754,6 +777,8 @@ fn stop_writer_with_stats(w: Writer, db: &mut Db) -> Result<(WriterSummary, Writ
         lost_updates: lost.len(),
         over_10ms: stats.count_over_ms(10),
         over_100ms: stats.count_over_ms(100),
+        cpu_wait_p99_ms: stats.cpu_wait_percentile_ms(99.0),
+        p99_without_cpu_waits_ms: stats.percentile_ms_without_cpu_waits(99.0),
     };
     Ok((summary, stats))
 }
@@ -1274,6 +1299,7 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
         ours_pause_ms: args.pause_ms,
         ours_nice: args.nice_ours,
         ours_pinned: args.pin_ours,
+        ours_sched_idle: args.idle_ours,
         machine,
         template,
         runs,
@@ -1391,7 +1417,15 @@ fn median_writer(rs: &[&WriterSummary]) -> WriterSummary {
         lost_updates: rs.iter().map(|r| r.lost_updates).max().unwrap_or(0),
         over_10ms: median(rs.iter().map(|r| r.over_10ms as f64).collect()) as u64,
         over_100ms: median(rs.iter().map(|r| r.over_100ms as f64).collect()) as u64,
+        cpu_wait_p99_ms: median_of_measured(rs.iter().map(|r| r.cpu_wait_p99_ms)),
+        p99_without_cpu_waits_ms: median_of_measured(rs.iter().map(|r| r.p99_without_cpu_waits_ms)),
     }
+}
+
+/// The median of the runs that measured a figure; `None` when none did.
+fn median_of_measured(xs: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    let measured: Vec<f64> = xs.flatten().collect();
+    (!measured.is_empty()).then(|| median(measured))
 }
 
 fn medians(runs: &[Run], backfill_list: &[&str], final_list: &[&str]) -> Medians {
@@ -1539,7 +1573,7 @@ fn label(contender: &str) -> &'static str {
 /// The writer table: a header, then one row per measurement (no trailing newline).
 fn writer_rows(header: &str, rows: &[(String, &WriterSummary)]) -> String {
     let mut lines = vec![format!(
-        "{:<34} {:>6} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>6} {:>7} {:>7}",
+        "{:<34} {:>6} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>6} {:>7} {:>7} {:>9} {:>9}",
         header,
         "ops",
         "secs",
@@ -1551,11 +1585,13 @@ fn writer_rows(header: &str, rows: &[(String, &WriterSummary)]) -> String {
         "errors",
         "lost",
         ">10ms",
-        ">100ms"
+        ">100ms",
+        "cpu wait",
+        "p99 -cpu"
     )];
     for (name, x) in rows {
         lines.push(format!(
-            "{:<34} {:>6} {:>7.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>6} {:>7} {:>7}",
+            "{:<34} {:>6} {:>7.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>6} {:>7} {:>7} {:>9} {:>9}",
             name,
             x.ops,
             x.seconds,
@@ -1567,10 +1603,16 @@ fn writer_rows(header: &str, rows: &[(String, &WriterSummary)]) -> String {
             x.errors,
             x.lost_updates,
             x.over_10ms,
-            x.over_100ms
+            x.over_100ms,
+            ms_or_dash(x.cpu_wait_p99_ms),
+            ms_or_dash(x.p99_without_cpu_waits_ms)
         ));
     }
     lines.join("\n")
+}
+
+fn ms_or_dash(ms: Option<f64>) -> String {
+    ms.map_or_else(|| "-".to_owned(), |ms| format!("{ms:.2}"))
 }
 
 fn verdict(ok: bool) -> &'static str {
@@ -1629,7 +1671,7 @@ pub fn render(b: &Bench) -> String {
     push(
         &mut s,
         format!(
-            "ours: CLI defaults (lock_timeout 2 s, statement_timeout 120 s), --target-batch-ms {} --pause-ms {}; Jobs always keyset{}{}",
+            "ours: CLI defaults (lock_timeout 2 s, statement_timeout 120 s), --target-batch-ms {} --pause-ms {}; Jobs always keyset{}{}{}",
             b.ours_target_batch_ms,
             b.ours_pause_ms,
             b.ours_nice
@@ -1637,6 +1679,11 @@ pub fn render(b: &Bench) -> String {
                 .unwrap_or_default(),
             if b.ours_pinned {
                 "; its server process alone on CPU 0, the rest of the cluster and the writer's client on the others"
+            } else {
+                ""
+            },
+            if b.ours_sched_idle {
+                "; its server process and client thread under SCHED_IDLE"
             } else {
                 ""
             }
@@ -1824,7 +1871,7 @@ pub fn render(b: &Bench) -> String {
         push(
             &mut s,
             format!(
-                "p99 during / alone: {:.2}",
+                "p99 during / alone: {:.2}\n  (cpu wait: p99 of the time an operation's server process and client thread were runnable but waited for a CPU; p99 -cpu: the p99 had no operation waited so)",
                 w.during.p99_ms / w.idle.p99_ms.max(1e-9)
             ),
         );
@@ -2028,6 +2075,7 @@ mod tests {
             },
             latency_us: latency_ms * 1000,
             insert: false,
+            cpu_wait_us: None,
         };
         let stats = WriterStats {
             ops: vec![

@@ -274,6 +274,7 @@ mod tests {
             start: ms(start),
             latency_us,
             insert: false,
+            cpu_wait_us: None,
         };
         let stats = WriterStats {
             ops: vec![

@@ -1,0 +1,46 @@
+//! `--idle-ours`: our backfill's server process, and the bench thread that is its client,
+//! under the `SCHED_IDLE` policy while our backfill runs. Linux runs any other process
+//! woken on their CPU at once, and counts their CPU as free when it places a woken
+//! process; so if Hydra's writes waited for a CPU *behind our backfill*, this would remove
+//! that wait. A diagnostic, as `--nice-ours` and `--pin-ours` are; `chrt` on the server
+//! process needs root or the cluster's user.
+
+use anyhow::{Context, Result};
+
+use crate::db::Db;
+use crate::exec::Cmd;
+
+/// The client thread put under `SCHED_IDLE`, to give back its normal policy.
+pub struct Idled {
+    client_tid: String,
+}
+
+/// Put `db`'s server process and the calling thread under `SCHED_IDLE`. The server
+/// process keeps it until its session ends (each contender's session ends with it).
+pub fn ours(db: &mut Db) -> Result<Idled> {
+    let pid: i32 = db
+        .client()
+        .query_one("SELECT pg_backend_pid()", &[])?
+        .get(0);
+    chrt("--idle", &pid.to_string())?;
+    let me = std::fs::read_link("/proc/thread-self").context("reading /proc/thread-self")?;
+    let client_tid = me
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .with_context(|| format!("no thread id in {}", me.display()))?;
+    chrt("--idle", &client_tid)?;
+    Ok(Idled { client_tid })
+}
+
+impl Idled {
+    /// The client thread back under the normal policy (leaving `SCHED_IDLE` needs root
+    /// or a nice limit that allows it; failing that, the rest of the bench runs idle).
+    pub fn undo(self) -> Result<()> {
+        chrt("--other", &self.client_tid)
+    }
+}
+
+fn chrt(policy: &str, pid: &str) -> Result<()> {
+    Cmd::new("chrt").args([policy, "-p", "0", pid]).run()?;
+    Ok(())
+}
