@@ -238,13 +238,19 @@ impl HorizonWait {
         }
     }
 
-    fn wait(&mut self, db: &mut Db, xid: &str, out: &Out) -> Result<()> {
+    fn wait(
+        &mut self,
+        db: &mut Db,
+        st: &per_page::RoundStatements,
+        xid: &str,
+        out: &Out,
+    ) -> Result<()> {
         if self.max.is_zero() {
             return Ok(());
         }
         let start = Instant::now();
         loop {
-            let holders: Vec<(i32, String)> = per_page::horizon_holders(db.client(), xid)?
+            let holders: Vec<(i32, String)> = per_page::horizon_holders(db.client(), st, xid)?
                 .into_iter()
                 .filter(|(pid, _)| !self.ignored.contains(pid))
                 .collect();
@@ -545,6 +551,7 @@ fn run_table(
         let mut window = per_page::Window::new(progress.position);
         let listing =
             per_page::Listing::for_server(db.server_version()?, per_page::block_size(db.client())?);
+        let statements = per_page::RoundStatements::prepare(db.client(), table)?;
         loop {
             // Saved about every second (and before stopping): a re-run lists again from
             // the lowest unfinished page, where only rows still NULL are found.
@@ -596,7 +603,7 @@ fn run_table(
             }
             window.admit(adaptive.size as usize);
             if let Some(xid) = &last_xid {
-                horizon.wait(db, xid, out)?;
+                horizon.wait(db, &statements, xid, out)?;
             }
             let t0 = Instant::now();
             let (updated, xid, n) = with_retries(
@@ -607,7 +614,7 @@ fn run_table(
                 &mut retries,
                 |size| {
                     let ids = window.peek(size as usize);
-                    per_page::update_round(db.client(), table, &ids)
+                    per_page::update_round(db.client(), &statements, &ids)
                         .map(|(updated, xid)| (updated, xid, ids.len()))
                 },
             )?;

@@ -27,9 +27,9 @@ use std::collections::VecDeque;
 
 use anyhow::{Context, Result};
 use bytes::{BufMut, BytesMut};
-use postgres::GenericClient;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{IsNull, ToSql, Type, accepts, to_sql_checked};
+use postgres::{GenericClient, Statement};
 
 use super::Table;
 
@@ -274,25 +274,55 @@ impl Window {
     }
 }
 
+/// The two statements every round runs, prepared once per walk. Sent as text, each was
+/// parsed and planned again every round, with one more round trip: at short rounds
+/// (`--target-batch-ms 1`) that cost was most of a round.
+pub struct RoundStatements {
+    table: Table,
+    update: Statement,
+    horizon: Statement,
+}
+
+impl RoundStatements {
+    pub fn prepare(c: &mut impl GenericClient, table: Table) -> Result<RoundStatements> {
+        let update = format!(
+            "WITH u AS (
+                 UPDATE {t} AS t SET jobset_id = js.id FROM jobsets js
+                  WHERE t.id = ANY($1) AND t.jobset_id IS NULL
+                    AND js.project = t.project AND js.name = t.jobset
+                 RETURNING 1)
+             SELECT count(*), txid_current_if_assigned()::text FROM u",
+            t = table.name()
+        );
+        let horizon = format!(
+            "SELECT pid, coalesce(nullif(backend_type, 'client backend'), application_name, '')
+                         || ': ' || left(coalesce(query, ''), 60)
+               FROM pg_stat_activity
+              WHERE pid <> pg_backend_pid() AND backend_xmin IS NOT NULL AND NOT {PLAIN_VACUUM}
+                AND age(backend_xmin) >= age(($1::text::bigint % 4294967296)::text::xid)"
+        );
+        Ok(RoundStatements {
+            table,
+            update: c
+                .prepare(&update)
+                .with_context(|| format!("preparing the rounds of {}", table.name()))?,
+            horizon: c
+                .prepare(&horizon)
+                .context("preparing the check for old snapshots")?,
+        })
+    }
+}
+
 /// Fill these rows (one transaction). Returns rows updated and the transaction's id
 /// (`None` when it updated nothing).
 pub fn update_round(
     c: &mut impl GenericClient,
-    table: Table,
+    st: &RoundStatements,
     ids: &[i32],
 ) -> Result<(u64, Option<String>)> {
-    let sql = format!(
-        "WITH u AS (
-             UPDATE {t} AS t SET jobset_id = js.id FROM jobsets js
-              WHERE t.id = ANY($1) AND t.jobset_id IS NULL
-                AND js.project = t.project AND js.name = t.jobset
-             RETURNING 1)
-         SELECT count(*), txid_current_if_assigned()::text FROM u",
-        t = table.name()
-    );
     let row = c
-        .query_one(&sql, &[&ids])
-        .with_context(|| format!("updating one row per page of {}", table.name()))?;
+        .query_one(&st.update, &[&ids])
+        .with_context(|| format!("updating one row per page of {}", st.table.name()))?;
     let (n, xid): (i64, Option<String>) = (row.get(0), row.get(1));
     Ok((n as u64, xid))
 }
@@ -308,15 +338,12 @@ pub const PLAIN_VACUUM: &str = r"(state = 'active'
 /// Other sessions whose snapshot is older than transaction `xid`: until they end, the
 /// row versions `xid` left dead cannot be pruned, so the next round's updates could not
 /// be HOT. (pid, what it is)
-pub fn horizon_holders(c: &mut impl GenericClient, xid: &str) -> Result<Vec<(i32, String)>> {
-    let sql = format!(
-        "SELECT pid, coalesce(nullif(backend_type, 'client backend'), application_name, '')
-                     || ': ' || left(coalesce(query, ''), 60)
-           FROM pg_stat_activity
-          WHERE pid <> pg_backend_pid() AND backend_xmin IS NOT NULL AND NOT {PLAIN_VACUUM}
-            AND age(backend_xmin) >= age(($1::text::bigint % 4294967296)::text::xid)"
-    );
-    let rows = c.query(&sql, &[&xid])?;
+pub fn horizon_holders(
+    c: &mut impl GenericClient,
+    st: &RoundStatements,
+    xid: &str,
+) -> Result<Vec<(i32, String)>> {
+    let rows = c.query(&st.horizon, &[&xid])?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
