@@ -45,9 +45,10 @@ impl Table {
 }
 
 /// Short rounds keep what Hydra's writes wait for small: row locks held by a round, and
-/// the WAL a round leaves for the next commit of Hydra's to flush. At 100k builds 20 ms
-/// took the same time as 50 or 200 ms and brought a Hydra-shaped writer's p99 during the
-/// backfill from 4.4x (50 ms) to 2.3x its idle p99 (BENCHMARKS.md).
+/// the time our server process keeps a CPU at a stretch. At 100k builds 20 ms took the
+/// same time as 50 or 200 ms and brought a Hydra-shaped writer's p99 during the
+/// backfill from 4.4x (50 ms) to 2.3x its idle p99; 1 ms rounds bring it under 2x at
+/// two to four times the backfill's time (BENCHMARKS.md).
 pub const DEFAULT_TARGET_BATCH_MS: u64 = 20;
 
 #[derive(Debug, Clone)]
