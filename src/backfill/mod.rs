@@ -121,6 +121,16 @@ impl Report {
     }
 }
 
+/// The smallest batch the adaptation goes to on its own, in heap pages (per-page) and in
+/// keys (keyset); a `--max-batch-size` below it wins, and a statement timeout still
+/// halves a batch below it. Besides its rows a batch has a fixed cost (round trips, the
+/// commit); when that is most of `--target-batch-ms`, a smaller batch costs more per row
+/// and the size fed on itself: at `--target-batch-ms 1` and 1M builds one run of three
+/// went to 61,587 rounds of about 16 rows and took 75 s against 41 and 46 s, and the Jobs
+/// walk went to batches of about one key (BENCHMARKS.md, "Shorter rounds").
+const MIN_ADAPTIVE_PAGES: u64 = 32;
+const MIN_ADAPTIVE_KEYS: u64 = 100;
+
 /// Batch size that adapts towards a target time per transaction: it follows an
 /// exponential moving average of the time per unit, and moves at most 2x per step.
 #[derive(Debug)]
@@ -135,7 +145,9 @@ struct Adaptive {
 impl Adaptive {
     fn new(initial: u64, min: u64, max: u64, target: Duration) -> Adaptive {
         Adaptive {
-            size: initial.clamp(min, max),
+            // The first batch is what was asked for (`--batch-size`), the floor
+            // applies from the first adaptation on.
+            size: initial.clamp(1, max),
             min,
             max,
             target,
@@ -159,9 +171,10 @@ impl Adaptive {
             .clamp(self.min, self.max);
     }
 
+    /// Halve the batch (down to one unit, below `min` if need be).
     fn shrink(&mut self) -> bool {
         let before = self.size;
-        self.size = (self.size / 2).max(self.min);
+        self.size = (self.size / 2).max(1);
         self.size < before
     }
 }
@@ -538,10 +551,11 @@ fn run_table(
     if progress.phase == PHASE_PAGES {
         // At most 4096 pages in the window (about 180,000 listed ids, under 1 MB) keeps
         // memory small.
+        let max = opts.max_batch.min(4096);
         let mut adaptive = Adaptive::new(
             opts.initial_batch.unwrap_or(64),
-            4,
-            opts.max_batch.min(4096),
+            MIN_ADAPTIVE_PAGES.min(max),
+            max,
             opts.target_batch,
         );
         let mut bar = out.progress(name, progress.total as u64, "pages");
@@ -645,7 +659,12 @@ fn run_table(
             serde_json::from_str(progress.cursor.as_deref().unwrap_or("null"))
                 .with_context(|| format!("reading the saved keyset cursor of {name}"))?;
         let initial = opts.initial_batch.unwrap_or(1_000);
-        let mut adaptive = Adaptive::new(initial, 1, opts.max_batch, opts.target_batch);
+        let mut adaptive = Adaptive::new(
+            initial,
+            MIN_ADAPTIVE_KEYS.min(opts.max_batch),
+            opts.max_batch,
+            opts.target_batch,
+        );
         let mut bar = out.progress(name, progress.total as u64, "keys");
         let rows_at_sweep = progress.rows_updated;
         loop {
@@ -750,4 +769,37 @@ pub fn require_columns(status: &crate::status::Status) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fixed_cost_over_the_target_does_not_shrink_batches_below_the_floor() {
+        let mut a = Adaptive::new(64, 32, 4096, Duration::from_millis(1));
+        for _ in 0..50 {
+            // 2 ms a batch whatever its size, 10 us a unit: over the target at any size.
+            let took = Duration::from_micros(2_000 + 10 * a.size);
+            a.observe(a.size, took);
+        }
+        assert_eq!(a.size, 32);
+        // Without a fixed cost it settles where a batch takes the target: 100 units.
+        let mut b = Adaptive::new(64, 32, 4096, Duration::from_millis(1));
+        for _ in 0..50 {
+            b.observe(b.size, Duration::from_micros(10 * b.size));
+        }
+        assert_eq!(b.size, 100);
+    }
+
+    #[test]
+    fn a_statement_timeout_halves_below_the_floor_down_to_one() {
+        let mut a = Adaptive::new(8, 32, 4096, Duration::from_millis(20));
+        assert_eq!(a.size, 8, "the first batch is the one asked for");
+        assert!(a.shrink());
+        assert_eq!(a.size, 4);
+        assert!(a.shrink() && a.shrink());
+        assert_eq!(a.size, 1);
+        assert!(!a.shrink());
+    }
 }

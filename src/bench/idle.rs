@@ -1,8 +1,8 @@
 //! `--idle-ours`: our backfill's server process, and the bench thread that is its client,
-//! under the `SCHED_IDLE` policy while our backfill runs. Linux runs any other process
-//! woken on their CPU at once, and counts their CPU as free when it places a woken
-//! process; so if Hydra's writes waited for a CPU *behind our backfill*, this would remove
-//! that wait. A diagnostic, as `--nice-ours` and `--pin-ours` are; `chrt` on the server
+//! under the `SCHED_IDLE` policy while our backfill runs. That policy is meant to let any
+//! other process woken on their CPU run first, and Linux counts a CPU running only such
+//! processes as free when it places a woken process; so if Hydra's writes waited for a
+//! CPU *behind our backfill*, this should shorten that wait. A diagnostic, as `--nice-ours` and `--pin-ours` are; `chrt` on the server
 //! process needs root or the cluster's user.
 
 use anyhow::{Context, Result};
@@ -34,7 +34,7 @@ pub fn ours(db: &mut Db) -> Result<Idled> {
 
 impl Idled {
     /// The client thread back under the normal policy (leaving `SCHED_IDLE` needs root
-    /// or a nice limit that allows it; failing that, the rest of the bench runs idle).
+    /// or a nice limit that allows it; otherwise the bench stops with `chrt`'s error).
     pub fn undo(self) -> Result<()> {
         chrt("--other", &self.client_tid)
     }
