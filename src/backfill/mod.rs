@@ -47,8 +47,9 @@ impl Table {
 /// Short rounds keep what Hydra's writes wait for small: row locks held by a round, and
 /// the time our server process keeps a CPU at a stretch. At 100k builds 20 ms took the
 /// same time as 50 or 200 ms and brought a Hydra-shaped writer's p99 during the
-/// backfill from 4.4x (50 ms) to 2.3x its idle p99; 1 ms rounds bring it under 2x at
-/// two to four times the backfill's time (BENCHMARKS.md).
+/// backfill from 4.4x (50 ms) to 2.3x its idle p99; at 1M, 1 ms rounds halved its waits
+/// for a CPU but not its p99's ratio to 2x, at 1.6 times the backfill's time
+/// (BENCHMARKS.md, "Shorter rounds").
 pub const DEFAULT_TARGET_BATCH_MS: u64 = 20;
 
 #[derive(Debug, Clone)]
