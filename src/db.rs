@@ -75,6 +75,15 @@ impl Db {
         &mut self.client
     }
 
+    /// The process id of this session's server process.
+    pub fn backend_pid(&mut self) -> Result<i32> {
+        let row = self
+            .client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .context("reading the session's server process id")?;
+        Ok(row.get(0))
+    }
+
     /// The server's `server_version_num` (150004 for 15.4): a few steps use what only
     /// newer PostgreSQL has, and fall back before it.
     pub fn server_version(&mut self) -> Result<i32> {

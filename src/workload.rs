@@ -88,26 +88,24 @@ impl WriterStats {
     /// The p-th percentile of the operations' waits for a CPU (`Op::cpu_wait_us`), in
     /// ms; `None` when they were not measured.
     pub fn cpu_wait_percentile_ms(&self, p: f64) -> Option<f64> {
-        let waits: Option<Vec<f64>> = self
-            .ops
-            .iter()
-            .map(|op| op.cpu_wait_us.map(|us| us as f64 / 1000.0))
-            .collect();
-        waits.filter(|w| !w.is_empty()).map(|w| percentile(w, p))
+        self.percentile_of_cpu_waits(p, |_, wait| wait)
     }
 
     /// The p-th percentile latency, in ms, had no operation waited for a CPU (each
     /// operation's latency less its `cpu_wait_us`); `None` when waits were not measured.
     pub fn percentile_ms_without_cpu_waits(&self, p: f64) -> Option<f64> {
-        let rest: Option<Vec<f64>> = self
+        self.percentile_of_cpu_waits(p, |op, wait| op.latency_us.saturating_sub(wait))
+    }
+
+    /// The p-th percentile, in ms, of `value(op, its cpu wait)` in µs over the
+    /// operations; `None` unless every operation's wait was measured.
+    fn percentile_of_cpu_waits(&self, p: f64, value: impl Fn(&Op, u64) -> u64) -> Option<f64> {
+        let values: Option<Vec<f64>> = self
             .ops
             .iter()
-            .map(|op| {
-                op.cpu_wait_us
-                    .map(|w| op.latency_us.saturating_sub(w) as f64 / 1000.0)
-            })
+            .map(|op| op.cpu_wait_us.map(|wait| value(op, wait) as f64 / 1000.0))
             .collect();
-        rest.filter(|r| !r.is_empty()).map(|r| percentile(r, p))
+        values.filter(|v| !v.is_empty()).map(|v| percentile(v, p))
     }
 
     /// How many operations took longer than `ms` milliseconds.
@@ -156,14 +154,13 @@ fn run_delay_us(schedstat: &str) -> Option<u64> {
     Some(ns / 1000)
 }
 
-/// The writer's server process's `schedstat` file, when the server runs on this
-/// machine (as the tests' and the benchmark's throwaway clusters do).
-fn server_schedstat(c: &mut postgres::Client) -> Result<Option<PathBuf>> {
-    let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+/// The `schedstat` file of server process `pid`, when the server runs on this machine
+/// (as the tests' and the benchmark's throwaway clusters do).
+fn server_schedstat(pid: i32) -> Option<PathBuf> {
     let proc = PathBuf::from(format!("/proc/{pid}"));
     let cmdline = std::fs::read(proc.join("cmdline")).unwrap_or_default();
     let is_postgres = String::from_utf8_lossy(&cmdline).contains("postgres");
-    Ok(is_postgres.then(|| proc.join("schedstat")))
+    is_postgres.then(|| proc.join("schedstat"))
 }
 
 /// The writer's `application_name`.
@@ -172,6 +169,12 @@ pub const APPLICATION_NAME: &str = "hydra-shaped writer";
 /// Run until `stop` is set (or `max_ops`). Errors are counted, never fatal.
 pub fn run(dsn: &Dsn, spec: &WriterSpec, stop: Arc<AtomicBool>) -> Result<WriterStats> {
     let mut db = Db::connect(dsn)?;
+    // Waits for a CPU are read before and after each operation, outside its timing:
+    // they tell a slow commit that waited on the disk from one that waited its turn.
+    let server = server_schedstat(db.backend_pid()?);
+    let client = Path::new("/proc/thread-self/schedstat");
+    let waited =
+        || -> Option<u64> { Some(cpu_wait_us(server.as_deref()?)? + cpu_wait_us(client)?) };
     let c = db.client();
     // Named apart from the tool's own sessions, so that `pg_stat_activity` (and the
     // engine's report of what holds the xmin horizon) tells Hydra's stand-in from us.
@@ -196,12 +199,6 @@ pub fn run(dsn: &Dsn, spec: &WriterSpec, stop: Arc<AtomicBool>) -> Result<Writer
     let max_id: i32 = c
         .query_one("SELECT coalesce(max(id), 1) FROM builds", &[])?
         .get(0);
-    // Waits for a CPU are read before and after each operation, outside its timing:
-    // they tell a slow commit that waited on the disk from one that waited its turn.
-    let server = server_schedstat(c)?;
-    let client = Path::new("/proc/thread-self/schedstat");
-    let waited =
-        || -> Option<u64> { Some(cpu_wait_us(server.as_deref()?)? + cpu_wait_us(client)?) };
     let mut rng = fastrand::Rng::with_seed(spec.seed);
     let mut stats = WriterStats::default();
     let mut counter: i64 = 1_000_000_000 + (spec.seed as i64 % 1000) * 1_000_000;

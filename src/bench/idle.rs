@@ -7,7 +7,6 @@
 
 use anyhow::{Context, Result};
 
-use crate::db::Db;
 use crate::exec::Cmd;
 
 /// The client thread put under `SCHED_IDLE`, to give back its normal policy.
@@ -15,13 +14,9 @@ pub struct Idled {
     client_tid: String,
 }
 
-/// Put `db`'s server process and the calling thread under `SCHED_IDLE`. The server
+/// Put our server process `pid` and the calling thread under `SCHED_IDLE`. The server
 /// process keeps it until its session ends (each contender's session ends with it).
-pub fn ours(db: &mut Db) -> Result<Idled> {
-    let pid: i32 = db
-        .client()
-        .query_one("SELECT pg_backend_pid()", &[])?
-        .get(0);
+pub fn ours(pid: i32) -> Result<Idled> {
     chrt("--idle", &pid.to_string())?;
     let me = std::fs::read_link("/proc/thread-self").context("reading /proc/thread-self")?;
     let client_tid = me

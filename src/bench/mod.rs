@@ -599,10 +599,7 @@ fn measure_backfill(
 ) -> Result<BackfillRun> {
     let before = builds_stats(db)?;
     let wal_start = wal_volume::position(db)?;
-    let pid: i32 = db
-        .client()
-        .query_one("SELECT pg_backend_pid()", &[])?
-        .get(0);
+    let pid = db.backend_pid()?;
     let sampler = start_sampler(cluster, pid)?;
     let t0 = Instant::now();
     let note = work(db);
@@ -640,22 +637,21 @@ fn measure_backfill(
 }
 
 fn ours(db: &mut Db, strategy: StrategyChoice, args: &BenchArgs) -> Result<String> {
+    // Our server process, for the diagnostics that move it (`--nice-ours`,
+    // `--idle-ours`, `--pin-ours`).
+    let pid = db.backend_pid()?;
     if let Some(n) = args.nice_ours {
-        let pid: i32 = db
-            .client()
-            .query_one("SELECT pg_backend_pid()", &[])?
-            .get(0);
         Cmd::new("renice")
             .args(["-n", &n.to_string(), "-p", &pid.to_string()])
             .run()?;
     }
     let idled = if args.idle_ours {
-        Some(idle::ours(db)?)
+        Some(idle::ours(pid)?)
     } else {
         None
     };
     let pinned = if args.pin_ours {
-        Some(pin::apart(db)?)
+        Some(pin::apart(db, pid)?)
     } else {
         None
     };

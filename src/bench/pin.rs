@@ -15,18 +15,17 @@ pub struct Pinned {
     all: String,
 }
 
-pub fn apart(db: &mut Db) -> Result<Pinned> {
+/// Our server process `ours` (`db`'s session) on CPU 0, the rest on the others.
+pub fn apart(db: &mut Db, ours: i32) -> Result<Pinned> {
     let cpus = std::thread::available_parallelism()
         .context("counting CPUs")?
         .get();
     if cpus < 2 {
         bail!("--pin-ours needs at least 2 CPUs; this machine has {cpus}");
     }
-    let c = db.client();
-    let ours = c
-        .query_one("SELECT pg_backend_pid()", &[])?
-        .get::<_, i32>(0) as u32;
-    let others: Vec<u32> = c
+    let ours = ours as u32;
+    let others: Vec<u32> = db
+        .client()
         .query(
             "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()",
             &[],
