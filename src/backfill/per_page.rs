@@ -298,8 +298,8 @@ impl RoundStatements {
             "SELECT pid, coalesce(nullif(backend_type, 'client backend'), application_name, '')
                          || ': ' || left(coalesce(query, ''), 60)
                FROM pg_stat_activity
-              WHERE pid <> pg_backend_pid() AND backend_xmin IS NOT NULL AND NOT {PLAIN_VACUUM}
-                AND age(backend_xmin) >= age(($1::text::bigint % 4294967296)::text::xid)"
+              WHERE pid <> pg_backend_pid() AND {}",
+            holds_horizon_of("($1::text::bigint % 4294967296)::text::xid")
         );
         Ok(RoundStatements {
             table,
@@ -334,6 +334,13 @@ pub fn update_round(
 pub const PLAIN_VACUUM: &str = r"(state = 'active'
      AND coalesce(query, '') ~* '^\s*(autovacuum:\s+)?vacuum\M'
      AND coalesce(query, '') !~* '(analyze|full)')";
+
+/// A `pg_stat_activity` condition: the session's snapshot is as old as transaction
+/// `xid` (an SQL expression of type xid), so the row versions that transaction leaves
+/// dead cannot be pruned while it lasts. A plain VACUUM's snapshot does not count.
+pub fn holds_horizon_of(xid: &str) -> String {
+    format!("backend_xmin IS NOT NULL AND NOT {PLAIN_VACUUM} AND age(backend_xmin) >= age({xid})")
+}
 
 /// Other sessions whose snapshot is older than transaction `xid`: until they end, the
 /// row versions `xid` left dead cannot be pruned, so the next round's updates could not

@@ -547,10 +547,10 @@ fn start_sampler(cluster: &PgCluster, exclude_pid: i32) -> Result<HorizonSampler
         "SELECT coalesce(backend_type, ''), coalesce(application_name, ''),
                 left(coalesce(query, ''), 60)
            FROM pg_stat_activity
-          WHERE backend_xmin IS NOT NULL AND pid <> pg_backend_pid() AND pid <> $1
-            AND NOT {}
-            AND age(backend_xmin) >= (SELECT age(backend_xid) FROM pg_stat_activity WHERE pid = $1)",
-        crate::backfill::per_page::PLAIN_VACUUM
+          WHERE pid <> pg_backend_pid() AND pid <> $1 AND {}",
+        crate::backfill::per_page::holds_horizon_of(
+            "(SELECT backend_xid FROM pg_stat_activity WHERE pid = $1)"
+        )
     );
     let handle = std::thread::spawn(move || {
         let mut seen: std::collections::BTreeMap<String, u64> = Default::default();
@@ -1566,6 +1566,9 @@ fn label(contender: &str) -> &'static str {
     }
 }
 
+/// What the writer tables' last two columns are, printed once under the first of them.
+const CPU_WAIT_LEGEND: &str = "  (cpu wait: p99 of the time an operation's server process and client thread were runnable but waited for a CPU; p99 -cpu: the p99 had no operation waited so)";
+
 /// The writer table: a header, then one row per measurement (no trailing newline).
 fn writer_rows(header: &str, rows: &[(String, &WriterSummary)]) -> String {
     let mut lines = vec![format!(
@@ -1867,7 +1870,7 @@ pub fn render(b: &Bench) -> String {
         push(
             &mut s,
             format!(
-                "p99 during / alone: {:.2}\n  (cpu wait: p99 of the time an operation's server process and client thread were runnable but waited for a CPU; p99 -cpu: the p99 had no operation waited so)",
+                "p99 during / alone: {:.2}\n{CPU_WAIT_LEGEND}",
                 w.during.p99_ms / w.idle.p99_ms.max(1e-9)
             ),
         );
@@ -1958,6 +1961,9 @@ pub fn render(b: &Bench) -> String {
                 d.ours_elsewhere_backfill.seconds
             ),
         );
+        if m.writer.is_none() {
+            push(&mut s, CPU_WAIT_LEGEND.into());
+        }
         s.push('\n');
     }
     if let Some(mem) = &b.memory {

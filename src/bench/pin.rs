@@ -9,10 +9,10 @@ use anyhow::{Context, Result, bail};
 use crate::db::Db;
 use crate::exec::Cmd;
 
-/// Processes whose CPUs were changed, to give them all CPUs back.
+/// Processes whose CPUs were changed, with the CPUs each had before (its
+/// `Cpus_allowed_list`), to give them back.
 pub struct Pinned {
-    pids: Vec<u32>,
-    all: String,
+    before: Vec<(u32, String)>,
 }
 
 /// Our server process `ours` (`db`'s session) on CPU 0, the rest on the others.
@@ -34,31 +34,51 @@ pub fn apart(db: &mut Db, ours: i32) -> Result<Pinned> {
         .map(|r| r.get::<_, i32>(0) as u32)
         .collect();
     let postmaster = parent(ours)?;
+    let bench = std::process::id();
     let rest = format!("1-{}", cpus - 1);
+    let mut pinned = Pinned { before: Vec::new() };
     // The postmaster first: what it starts from now on inherits its CPUs.
-    taskset(&rest, postmaster, false)?;
+    pinned.pin(postmaster, &rest)?;
     for &pid in &others {
         // A session may have ended since the query; the rest still counts.
-        let _ = taskset(&rest, pid, false);
+        let _ = pinned.pin(pid, &rest);
     }
-    let bench = std::process::id();
-    taskset(&rest, bench, true)?;
-    taskset("0", ours, false)?;
-    let mut pids = vec![postmaster, bench, ours];
-    pids.extend(others);
-    Ok(Pinned {
-        pids,
-        all: format!("0-{}", cpus - 1),
-    })
+    pinned.pin(bench, &rest)?;
+    pinned.pin(ours, "0")?;
+    Ok(pinned)
 }
 
 impl Pinned {
-    /// Every process back on every CPU (those that ended are skipped).
+    /// `pid` (all its threads, for the bench itself) on `cpus`, remembering its CPUs.
+    fn pin(&mut self, pid: u32, cpus: &str) -> Result<()> {
+        let before = allowed_cpus(pid)?;
+        taskset(cpus, pid, pid == std::process::id())?;
+        self.before.push((pid, before));
+        Ok(())
+    }
+
+    /// Every process back on the CPUs it had (those that ended are skipped).
     pub fn undo(self) {
-        for pid in self.pids {
-            let _ = taskset(&self.all, pid, pid == std::process::id());
+        for (pid, cpus) in self.before {
+            let _ = taskset(&cpus, pid, pid == std::process::id());
         }
     }
+}
+
+/// The CPUs `pid` may run on, as `taskset -c` takes them (`Cpus_allowed_list` of
+/// `/proc/PID/status`).
+fn allowed_cpus(pid: u32) -> Result<String> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    cpus_allowed_list(&status).with_context(|| format!("no Cpus_allowed_list in {path}"))
+}
+
+fn cpus_allowed_list(status: &str) -> Option<String> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
 }
 
 fn taskset(cpus: &str, pid: u32, all_threads: bool) -> Result<()> {
@@ -78,4 +98,25 @@ fn parent(pid: u32) -> Result<u32> {
         .and_then(|(_, rest)| rest.split_whitespace().nth(1))
         .and_then(|p| p.parse().ok())
         .with_context(|| format!("no parent pid in {path}: {stat}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_allowed_cpus_come_from_cpus_allowed_list() {
+        let status =
+            "Name:\tpostgres\nCpus_allowed:\t3\nCpus_allowed_list:\t0-1\nMems_allowed_list:\t0\n";
+        assert_eq!(cpus_allowed_list(status).as_deref(), Some("0-1"));
+        assert_eq!(cpus_allowed_list("Name:\tx\n"), None);
+        assert_eq!(cpus_allowed_list("Cpus_allowed_list:\t\n"), None);
+    }
+
+    #[test]
+    fn this_process_has_allowed_cpus_on_linux() {
+        if cfg!(target_os = "linux") {
+            assert!(!allowed_cpus(std::process::id()).unwrap().is_empty());
+        }
+    }
 }
