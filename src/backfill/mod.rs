@@ -794,6 +794,20 @@ mod tests {
     }
 
     #[test]
+    fn a_fixed_cost_under_the_target_settles_where_a_batch_takes_the_target() {
+        // time = a + b n with a < target: the time per unit seen (a / n + b) feeds the
+        // size n -> target n / (a + b n), whose fixed point (target - a) / b is stable
+        // (slope a / target < 1): 0.5 ms + 10 us a unit, 1 ms target -> 50 units. So
+        // modelling time as proportional to the units sizes batches right as long as the
+        // fixed cost is under the target; over it, the floor takes over (test above).
+        let mut a = Adaptive::new(400, 1, 4096, Duration::from_millis(1));
+        for _ in 0..200 {
+            a.observe(a.size, Duration::from_micros(500 + 10 * a.size));
+        }
+        assert!((49..=51).contains(&a.size), "settled at {}", a.size);
+    }
+
+    #[test]
     fn a_statement_timeout_halves_below_the_floor_down_to_one() {
         let mut a = Adaptive::new(8, 32, 4096, Duration::from_millis(20));
         assert_eq!(a.size, 8, "the first batch is the one asked for");
