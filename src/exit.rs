@@ -121,10 +121,15 @@ pub fn fail(exit: Exit, message: impl Into<String>) -> anyhow::Error {
     Failure::new(exit, message).into()
 }
 
-/// The exit code an error maps to: the outermost [`Failure`] in its chain wins; a lost
-/// database connection is [`Exit::Connect`] (committed work is kept; a re-run resumes).
+/// The exit code an error maps to: the outermost [`Failure`] wins, whether it is the
+/// error itself, a context added to it (`e.context(Failure::new(..))`, which the error
+/// chain does not show as a `Failure`) or a source further down; a lost database
+/// connection is [`Exit::Connect`] (committed work is kept; a re-run resumes).
 pub fn exit_of(err: &anyhow::Error) -> Exit {
-    if let Some(f) = err.chain().find_map(|e| e.downcast_ref::<Failure>()) {
+    if let Some(f) = err
+        .downcast_ref::<Failure>()
+        .or_else(|| err.chain().find_map(|e| e.downcast_ref::<Failure>()))
+    {
         return f.exit;
     }
     use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
@@ -186,5 +191,17 @@ mod tests {
         assert_eq!(exit_of(&other), Exit::Internal);
         let failure = fail(Exit::RowsLeft, "rows left").context("outer");
         assert_eq!(exit_of(&failure), Exit::RowsLeft);
+    }
+
+    #[test]
+    fn a_failure_added_as_context_sets_the_exit_code() {
+        // As `with_retries` and finalize's lock steps report exhausted retries.
+        let io = std::io::Error::other("canceling statement due to lock timeout");
+        let err = anyhow::Error::new(io)
+            .context(Failure::new(Exit::RetriesExhausted, "still failed"))
+            .context("outer");
+        assert_eq!(exit_of(&err), Exit::RetriesExhausted);
+        let only_a_context = anyhow::anyhow!("root").context(Failure::new(Exit::Locked, "locked"));
+        assert_eq!(exit_of(&only_a_context), Exit::Locked);
     }
 }

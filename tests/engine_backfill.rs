@@ -47,6 +47,41 @@ fn last_json_document(stdout: &str) -> serde_json::Value {
 }
 
 #[test]
+fn a_row_lock_held_past_every_retry_ends_the_backfill_with_exit_14() {
+    let db = hydra_at(61);
+    let mut holder = db.connect();
+    let c = holder.client();
+    // A session sitting on a Builds row the first round needs.
+    c.batch_execute(
+        "BEGIN; SELECT 1 FROM builds WHERE id = (SELECT min(id) FROM builds) FOR UPDATE;",
+    )
+    .unwrap();
+    let r = run_on(
+        &db,
+        &[
+            "backfill",
+            "--strategy",
+            "keyset",
+            "--lock-timeout-ms",
+            "100",
+            "--max-retries",
+            "1",
+        ],
+    );
+    c.batch_execute("COMMIT").unwrap();
+    r.expect_code(14);
+    assert!(
+        r.stderr
+            .contains("still failed after 1 retries because of lock contention"),
+        "{}",
+        r.stderr
+    );
+    // The re-run the message suggests finishes the job.
+    run_on(&db, &["backfill"]).expect_code(0);
+    assert_eq!(db.wrong_or_null(), 0);
+}
+
+#[test]
 fn per_page_backfill_is_correct_and_idempotent() {
     backfill_is_correct_and_idempotent("per-page");
 }

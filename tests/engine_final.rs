@@ -148,6 +148,31 @@ fn finalize_waits_out_a_conflicting_lock_with_short_retries() {
 }
 
 #[test]
+fn finalize_gives_up_with_exit_14_when_the_lock_stays_taken() {
+    let db = hydra_at(61);
+    run_on(&db, &["backfill"]).expect_code(0);
+    let mut holder = db.connect();
+    let c = holder.client();
+    c.batch_execute("BEGIN; UPDATE builds SET priority = priority WHERE id = 1;")
+        .unwrap();
+    let r = run_on(
+        &db,
+        &["finalize", "--lock-timeout-ms", "100", "--max-retries", "1"],
+    );
+    c.batch_execute("COMMIT").unwrap();
+    r.expect_code(14);
+    assert!(
+        r.stderr.contains("could not get its short lock in 2 tries"),
+        "{}",
+        r.stderr
+    );
+    assert!(db.version() < 65, "nothing is claimed done");
+    // With the lock gone, the same command finishes.
+    run_on(&db, &["finalize"]).expect_code(0);
+    assert_eq!(db.version(), 65);
+}
+
+#[test]
 fn finalize_resumes_after_an_invalid_leftover_index() {
     let db = hydra_at(61);
     run_on(&db, &["backfill"]).expect_code(0);

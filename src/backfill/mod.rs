@@ -213,9 +213,9 @@ fn with_retries<T>(
                 return Err(e.context(crate::exit::Failure::new(
                     Exit::RetriesExhausted,
                     format!(
-                        "{what} still failed after {} retries because of lock contention. \
-                         Committed work is kept; re-run later, or raise --lock-timeout-ms / \
-                         --max-retries.",
+                        "{what} still failed after {} retries because of lock contention \
+                         (committed work is kept; re-run later, or raise --lock-timeout-ms / \
+                         --max-retries)",
                         opts.max_retries
                     ),
                 )));
