@@ -8,16 +8,25 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[command(
     name = "hydra-upgrade",
     version,
-    about = "Carry a Hydra through its two-phase jobset_id schema upgrade, online and resumable",
-    after_help = "Exit codes: 0 ok, 1 internal, 2 usage, 3 config, 4 connect, 5 not Hydra, \
-6 schema mismatch, 7 rows left, 8 locked, 9 wrong phase, 10 rolled back, 11 host failed, \
-12 environment, 13 declined, 14 retries exhausted, 130 interrupted (see README.md)."
+    about = "Carry a Hydra through its two-phase jobset_id schema upgrade, online and resumable"
 )]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The command line of this process, with every exit code listed under `--help`
+    /// (from [`crate::exit::Exit::ALL`], so the list cannot fall behind).
+    pub fn parse_with_exit_codes() -> Cli {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Cli::command()
+            .after_help(crate::exit::Exit::help_text())
+            .get_matches();
+        Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
 }
 
 #[derive(Debug, Args)]

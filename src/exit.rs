@@ -59,7 +59,10 @@ impl Exit {
         (Exit::Internal, "unexpected error"),
         (Exit::Usage, "bad command-line usage"),
         (Exit::Config, "unusable configuration (DSN, config file)"),
-        (Exit::Connect, "database unreachable or refused the login"),
+        (
+            Exit::Connect,
+            "database unreachable, refused the login, or the connection was lost",
+        ),
         (Exit::NotHydra, "not a Hydra database"),
         (Exit::SchemaMismatch, "catalog contradicts SchemaVersion"),
         (Exit::RowsLeft, "NULL/orphan/wrong jobset_id rows remain"),
@@ -71,7 +74,10 @@ impl Exit {
         ),
         (Exit::HostFailed, "host step failed, not rolled back"),
         (Exit::Environment, "local environment lacks something"),
-        (Exit::Declined, "declined at the confirmation prompt"),
+        (
+            Exit::Declined,
+            "declined at the confirmation prompt (or no terminal and no --yes)",
+        ),
         (
             Exit::RetriesExhausted,
             "lock contention outlasted every retry",
@@ -83,6 +89,17 @@ impl Exit {
         (Exit::Privilege, "the database role lacks a privilege"),
         (Exit::Interrupted, "interrupted; re-run to resume"),
     ];
+}
+
+impl Exit {
+    /// The exit codes for `--help`, one per line.
+    pub fn help_text() -> String {
+        let mut s = String::from("Exit codes (README.md, \"Exit codes\"):");
+        for (exit, what) in Exit::ALL {
+            s.push_str(&format!("\n  {:>3}  {what}", exit.code()));
+        }
+        s
+    }
 }
 
 impl From<Exit> for ExitCode {
@@ -191,6 +208,38 @@ mod tests {
         assert_eq!(exit_of(&other), Exit::Internal);
         let failure = fail(Exit::RowsLeft, "rows left").context("outer");
         assert_eq!(exit_of(&failure), Exit::RowsLeft);
+    }
+
+    #[test]
+    fn every_exit_code_is_in_the_readme_table_and_in_help() {
+        let readme = include_str!("../README.md");
+        let help = Exit::help_text();
+        for (exit, _) in Exit::ALL {
+            let row = format!("\n| {} | ", exit.code());
+            assert!(
+                readme.contains(&row),
+                "README's table lacks {}",
+                exit.code()
+            );
+            assert!(
+                help.contains(&format!(" {}  ", exit.code())),
+                "--help lacks {}",
+                exit.code()
+            );
+        }
+        let rows = readme
+            .lines()
+            .filter(|l| {
+                l.strip_prefix("| ")
+                    .and_then(|r| r.split(' ').next())
+                    .is_some_and(|n| n.parse::<u8>().is_ok())
+            })
+            .count();
+        assert_eq!(
+            rows,
+            Exit::ALL.len(),
+            "README documents codes that do not exist"
+        );
     }
 
     #[test]

@@ -1,6 +1,5 @@
 use std::process::ExitCode;
 
-use clap::Parser;
 use hydra_upgrade::{cli::Cli, exit};
 
 fn main() -> ExitCode {
@@ -18,6 +17,6 @@ fn main() -> ExitCode {
 }
 
 fn run() -> anyhow::Result<ExitCode> {
-    let cli = Cli::parse();
+    let cli = Cli::parse_with_exit_codes();
     hydra_upgrade::run(cli).map(ExitCode::from)
 }
