@@ -157,6 +157,22 @@ fn final_and_later_schemas_have_nothing_to_do() {
     assert!(r.stdout.contains("nothing to do"), "{}", r.stdout);
     let r = run_on(&db, &["backfill"]);
     r.expect_code(0);
+    run_on(&db, &["verify"]).expect_code(0);
+    // Schema 67 drops Jobs: every command still says there is nothing left to do.
+    db.exec("DROP TABLE jobs CASCADE; UPDATE SchemaVersion SET version = 67");
+    let r = run_on(&db, &["verify", "--json"]);
+    r.expect_code(0);
+    assert_eq!(r.json()["clean"], true);
+    assert_eq!(r.json()["dropped"], serde_json::json!(["jobs"]));
+    let r = run_on(&db, &["verify"]);
+    r.expect_code(0);
+    assert!(
+        r.stdout.contains("jobs: dropped by a later Hydra schema"),
+        "{}",
+        r.stdout
+    );
+    run_on(&db, &["backfill"]).expect_code(0);
+    run_on(&db, &["finalize"]).expect_code(0);
     db.exec("UPDATE SchemaVersion SET version = 80");
     let r = run_on(&db, &["upgrade", "--simulate-host", "--yes"]);
     r.expect_code(0);
