@@ -37,13 +37,23 @@ impl Dsn {
                 fail(
                     Exit::Config,
                     format!(
-                        "cannot parse the database DSN ({e}); give a libpq URL \
+                        "cannot parse the database DSN ({}); give a libpq URL \
                          (postgresql://user@host/db), a keyword string (host=... dbname=...), \
-                         or Hydra's DBI string (dbi:Pg:dbname=hydra;user=hydra;)"
+                         or Hydra's DBI string (dbi:Pg:dbname=hydra;user=hydra;)",
+                        crate::db::error_text(&e)
                     ),
                 )
             })?
         };
+        if config.get_ssl_mode() == postgres::config::SslMode::Require {
+            return Err(fail(
+                Exit::Config,
+                "sslmode=require: hydra-upgrade connects without TLS (it has no TLS \
+                 implementation). Connect over the Unix socket of the database host (as \
+                 Hydra's own dbi on NixOS does) or over a trusted network with sslmode=disable \
+                 or prefer.",
+            ));
+        }
         fill_defaults(&mut config);
         config.application_name("hydra-upgrade");
         if config.get_connect_timeout().is_none() {
@@ -100,9 +110,16 @@ fn parse_dbi(rest: &str) -> Result<postgres::Config> {
         )));
     };
     let mut config = postgres::Config::new();
-    for part in params.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+    for (n, part) in params.split(';').map(str::trim).enumerate() {
+        if part.is_empty() {
+            continue;
+        }
         let Some((key, value)) = part.split_once('=') else {
-            return Err(malformed(format!("{part:?} has no '='")));
+            // Not echoed: it may be the end of a password that contains a ';'.
+            return Err(malformed(format!(
+                "part {} (counting from 1 between ';') has no '='",
+                n + 1
+            )));
         };
         let value = value.trim();
         match key.trim().to_ascii_lowercase().as_str() {
@@ -280,6 +297,47 @@ mod tests {
             let err = Dsn::parse(bad).unwrap_err();
             assert_eq!(crate::exit::exit_of(&err), Exit::Config, "{bad}");
         }
+    }
+
+    #[test]
+    fn a_malformed_dbi_part_is_not_echoed() {
+        // A password with a ';' splits into a part without '='.
+        let err = Dsn::parse("dbi:Pg:dbname=h;password=Sup3r;SecretPw").unwrap_err();
+        let text = format!("{err:#}");
+        assert!(!text.contains("SecretPw"), "{text}");
+        assert!(text.contains("part 3"), "{text}");
+    }
+
+    #[test]
+    fn a_malformed_dsn_says_which_option_is_wrong() {
+        let err = Dsn::parse("host=/tmp frob=1").unwrap_err();
+        assert_eq!(crate::exit::exit_of(&err), Exit::Config);
+        assert!(format!("{err:#}").contains("frob"), "{err:#}");
+        // The reason names options, never their values.
+        for bad in [
+            "postgresql://u:s3cret@db:notaport/h",
+            "postgresql://u:s3cret@db/h?frob=1",
+            "host=db password=s3cret port=x",
+            "host=db password='s3cret",
+            "host=db password=s3cret sslmode=verify-full",
+        ] {
+            let err = Dsn::parse(bad).unwrap_err();
+            assert!(!format!("{err:#}").contains("s3cret"), "{bad}: {err:#}");
+        }
+    }
+
+    #[test]
+    fn sslmode_require_is_refused_as_unsupported() {
+        for dsn in [
+            "dbi:Pg:dbname=h;host=db;sslmode=require",
+            "postgresql://u@db/h?sslmode=require",
+            "host=db dbname=h sslmode=require",
+        ] {
+            let err = Dsn::parse(dsn).unwrap_err();
+            assert_eq!(crate::exit::exit_of(&err), Exit::Config, "{dsn}");
+            assert!(format!("{err:#}").contains("without TLS"), "{err:#}");
+        }
+        assert!(Dsn::parse("host=db dbname=h sslmode=prefer").is_ok());
     }
 
     #[test]

@@ -169,6 +169,12 @@ pub fn run(cli: Cli) -> Result<Exit> {
             Ok(Exit::Ok)
         }
         Command::Rehearse(args) => {
+            if cli.global.db.is_some() {
+                out.warn(
+                    "rehearse never touches the database --db names; it rehearses on synthetic \
+                     data, or on a copy of that database with --from-db",
+                );
+            }
             let interrupt = Interrupt::install()?;
             let opts = flow_options(&args.backfill, &config, args.stock_final);
             let r = rehearse::run(args, &opts, &out, &interrupt)?;

@@ -78,6 +78,45 @@ fn server_account() -> Result<Option<(String, u32, u32)>> {
     ))
 }
 
+/// Where the throwaway cluster of a server run as another account (`name`) goes: the
+/// temporary directory if that account can enter it and every directory above it, else
+/// `/tmp` (a root-only `TMPDIR`, as a `nix develop` shell may set, would make initdb
+/// fail with "Permission denied").
+fn base_dir_for(name: &str, uid: u32, gid: u32) -> Result<PathBuf> {
+    let tmp = std::env::temp_dir();
+    for candidate in [tmp.clone(), PathBuf::from("/tmp")] {
+        if enterable_by(&candidate, uid, gid) {
+            return Ok(candidate);
+        }
+    }
+    Err(fail(
+        Exit::Environment,
+        format!(
+            "the server of the throwaway cluster runs as `{name}` (initdb refuses root), and \
+             that account can enter neither {} nor /tmp. Set TMPDIR to a directory it can \
+             enter, e.g. `TMPDIR=/var/tmp`.",
+            tmp.display()
+        ),
+    ))
+}
+
+/// Can `uid`/`gid` traverse `dir` and every directory above it (search permission)?
+fn enterable_by(dir: &Path, uid: u32, gid: u32) -> bool {
+    dir.ancestors().all(|d| match std::fs::metadata(d) {
+        Ok(m) if m.is_dir() => {
+            let bit = if m.uid() == uid {
+                0o100
+            } else if m.gid() == gid {
+                0o010
+            } else {
+                0o001
+            };
+            m.mode() & bit != 0
+        }
+        _ => false,
+    })
+}
+
 pub struct PgCluster {
     dir: TempDir,
     bin: PathBuf,
@@ -92,10 +131,19 @@ impl PgCluster {
     pub fn start(settings: &[&str]) -> Result<PgCluster> {
         let bin = find_bindir()?;
         let account = server_account()?;
+        let base = match &account {
+            Some((name, uid, gid)) => base_dir_for(name, *uid, *gid)?,
+            None => std::env::temp_dir(),
+        };
         let dir = tempfile::Builder::new()
             .prefix("hydra-upgrade-pg.")
-            .tempdir()
-            .context("creating a temporary directory for PostgreSQL")?;
+            .tempdir_in(&base)
+            .with_context(|| {
+                format!(
+                    "creating a temporary directory for PostgreSQL in {}",
+                    base.display()
+                )
+            })?;
         if let Some((_, uid, gid)) = &account {
             std::os::unix::fs::chown(dir.path(), Some(*uid), Some(*gid))
                 .context("handing the temporary directory to the server account")?;
@@ -259,5 +307,33 @@ impl Drop for PgCluster {
         if let Err(e) = self.stop() {
             eprintln!("warning: stopping the throwaway PostgreSQL failed: {e:#}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_private_directory_is_not_enterable_by_another_account() {
+        // An account that owns nothing here (not the one running the test).
+        let other = if unsafe_free_euid() == 65_000 {
+            65_001
+        } else {
+            65_000
+        };
+        let private = tempfile::Builder::new().tempdir_in("/tmp").unwrap();
+        std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(!enterable_by(private.path(), other, other));
+        std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        assert!(enterable_by(private.path(), other, other));
+        assert!(enterable_by(Path::new("/tmp"), other, other));
+    }
+
+    fn unsafe_free_euid() -> u32 {
+        std::fs::metadata("/proc/self")
+            .map(|m| m.uid())
+            .unwrap_or(0)
     }
 }

@@ -8,7 +8,9 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::cli::RehearseArgs;
+use crate::db::Db;
 use crate::dsn::Dsn;
+use crate::exit::{Exit, exit_of, fail};
 use crate::host::simulated::SimulatedHost;
 use crate::interrupt::Interrupt;
 use crate::pg_cluster::PgCluster;
@@ -94,7 +96,69 @@ fn dump(cluster: &PgCluster, source: &Dsn, file: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Rehearse the whole upgrade on a throwaway cluster (removed when this returns).
 pub fn run(
+    args: &RehearseArgs,
+    opts: &upgrade::Options,
+    out: &Out,
+    interrupt: &Interrupt,
+) -> Result<Rehearsal> {
+    check_source(args)?;
+    rehearse(args, opts, out, interrupt).map_err(|e| {
+        if exit_of(&e) == Exit::Interrupted {
+            // The engine's own advice (re-run to resume) does not hold here: the copy it
+            // would resume on is gone.
+            fail(
+                Exit::Interrupted,
+                "rehearsal interrupted; its throwaway copy was removed and production was not \
+                 touched. Run `hydra-upgrade rehearse` again to start over.",
+            )
+        } else {
+            e
+        }
+    })
+}
+
+/// Before a throwaway cluster is started and anything is copied: the dump file exists,
+/// the live database answers and is a Hydra database (with the exit code of each case).
+fn check_source(args: &RehearseArgs) -> Result<()> {
+    if let Some(file) = &args.from_dump {
+        if !file.exists() {
+            return Err(fail(
+                Exit::Config,
+                format!(
+                    "--from-dump {}: no such file or directory. Give a pg_dump of Hydra's \
+                     database (custom, directory, tar or plain SQL format).",
+                    file.display()
+                ),
+            ));
+        }
+    }
+    if let Some(from) = &args.from_db {
+        let source = Dsn::parse(from)?;
+        let mut db = Db::connect(&source)?;
+        status::detect(&mut db, false).map_err(|e| not_hydra_names("--from-db", e))?;
+    }
+    Ok(())
+}
+
+/// A "not a Hydra database" error that names where the database came from (`detect`'s
+/// own message points at `--db`).
+fn not_hydra_names(origin: &str, e: anyhow::Error) -> anyhow::Error {
+    if exit_of(&e) == Exit::NotHydra {
+        fail(
+            Exit::NotHydra,
+            format!(
+                "{origin} is not a Hydra database (no SchemaVersion, Jobsets or Builds table): \
+                 it must name the database Hydra itself uses, or a dump of it."
+            ),
+        )
+    } else {
+        e
+    }
+}
+
+fn rehearse(
     args: &RehearseArgs,
     opts: &upgrade::Options,
     out: &Out,
@@ -136,7 +200,13 @@ pub fn run(
         "synthetic".to_owned()
     };
     let load_seconds = load.elapsed().as_secs_f64();
-    let start = status::detect(&mut db, false)?;
+    let start = status::detect(&mut db, false).map_err(|e| {
+        if let Some(file) = &args.from_dump {
+            not_hydra_names(&format!("the dump {}", file.display()), e)
+        } else {
+            not_hydra_names("--from-db", e)
+        }
+    })?;
     out.say(&status::render(&start));
     let counts = db.client().query_one(
         "SELECT (SELECT count(*) FROM builds), (SELECT count(*) FROM jobs)",

@@ -302,6 +302,33 @@ fn rehearse_on_a_copy_of_a_database_and_of_a_dump() {
 }
 
 #[test]
+fn rehearse_checks_its_source_before_copying_it() {
+    let r = run(&["rehearse", "--from-dump", "/nonexistent/hydra.dump"]);
+    r.expect_code(3);
+    assert!(r.stderr.contains("no such file"), "{}", r.stderr);
+    assert!(
+        !r.stderr.contains("starting a throwaway"),
+        "nothing is started for a missing file: {}",
+        r.stderr
+    );
+    // Nothing listens on this socket directory.
+    let r = run(&[
+        "rehearse",
+        "--from-db",
+        "host=/nonexistent dbname=hydra user=hydra",
+    ]);
+    r.expect_code(4);
+    let empty = empty_db();
+    let r = run(&["rehearse", "--from-db", &empty.dsn]);
+    r.expect_code(5);
+    assert!(
+        r.stderr.contains("--from-db is not a Hydra database"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
 fn simulated_upgrade_from_58_to_65() {
     let db = hydra_at(58);
     let digest = db.digest_without_jobset_id();

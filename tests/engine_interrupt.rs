@@ -162,3 +162,28 @@ fn a_lost_connection_exits_with_the_connect_code_and_a_rerun_finishes() {
     run_on(&db, &["backfill"]).expect_code(0);
     assert_eq!(db.wrong_or_null(), 0);
 }
+
+#[test]
+fn an_interrupted_rehearsal_says_its_copy_is_gone_and_production_untouched() {
+    let handle = spawn(&[
+        "rehearse",
+        "--builds",
+        "20000",
+        "--batch-size",
+        "10",
+        "--max-batch-size",
+        "10",
+        "--pause-ms",
+        "20",
+    ]);
+    std::thread::sleep(Duration::from_secs(5));
+    signal(&handle, "-INT");
+    let out = handle.wait().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("rehearsal interrupted"), "{stderr}");
+    assert!(
+        !stderr.contains("again to continue"),
+        "no advice to resume what is gone: {stderr}"
+    );
+}

@@ -200,6 +200,11 @@ pub fn run_on(db: &TestDb, args: &[&str]) -> Run {
 }
 
 /// Start the binary in the background (for interrupt tests).
+/// Start the binary with these arguments only.
+pub fn spawn(args: &[&str]) -> duct::Handle {
+    command(args).start().expect("starting hydra-upgrade")
+}
+
 pub fn spawn_on(db: &TestDb, args: &[&str]) -> duct::Handle {
     let mut full = vec!["--db".to_owned(), db.dsn.clone()];
     full.extend(args.iter().map(|s| s.to_string()));
