@@ -122,17 +122,17 @@ pub fn run(
 /// Before a throwaway cluster is started and anything is copied: the dump file exists,
 /// the live database answers and is a Hydra database (with the exit code of each case).
 fn check_source(args: &RehearseArgs) -> Result<()> {
-    if let Some(file) = &args.from_dump {
-        if !file.exists() {
-            return Err(fail(
-                Exit::Config,
-                format!(
-                    "--from-dump {}: no such file or directory. Give a pg_dump of Hydra's \
-                     database (custom, directory, tar or plain SQL format).",
-                    file.display()
-                ),
-            ));
-        }
+    if let Some(file) = &args.from_dump
+        && !file.exists()
+    {
+        return Err(fail(
+            Exit::Config,
+            format!(
+                "--from-dump {}: no such file or directory. Give a pg_dump of Hydra's \
+                 database (custom, directory, tar or plain SQL format).",
+                file.display()
+            ),
+        ));
     }
     if let Some(from) = &args.from_db {
         let source = Dsn::parse(from)?;
