@@ -181,6 +181,26 @@ pub fn exit_of(err: &anyhow::Error) -> Exit {
     }
 }
 
+/// Tell the admin why the command failed (on stderr; with `--json` also as a last JSON
+/// line on stdout: `{"event":"error","exit":N,"message":..,"hint":..}`), and return its
+/// exit code.
+pub fn report(err: &anyhow::Error, json: bool) -> Exit {
+    let code = exit_of(err);
+    let message = format!("{err:#}");
+    eprintln!("hydra-upgrade: error: {message}");
+    let hint = hint(code);
+    if let Some(hint) = hint {
+        eprintln!("hydra-upgrade: hint: {hint}");
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"event": "error", "exit": code.code(), "message": message, "hint": hint})
+        );
+    }
+    code
+}
+
 /// What the admin can do next, for failure classes whose message comes from PostgreSQL.
 pub fn hint(exit: Exit) -> Option<&'static str> {
     match exit {

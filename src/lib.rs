@@ -34,8 +34,10 @@ use exit::{Exit, fail};
 use interrupt::Interrupt;
 use progress::Out;
 
-fn print_json(value: &impl Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+/// A `--json` document, on one line: after JSON-lines events (backfill, upgrade) the
+/// final report is one more line, so line-by-line readers get it whole.
+pub(crate) fn print_json(value: &impl Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string(value)?);
     Ok(())
 }
 
@@ -140,11 +142,18 @@ pub fn run(cli: Cli) -> Result<Exit> {
                 status::Stage::BeforeMigration => {
                     return Err(fail(
                         Exit::WrongPhase,
-                        "finalize needs the migration package's schema (61) and a complete backfill",
+                        format!(
+                            "finalize needs the migration package's schema (61) and a complete \
+                             backfill; this database is at schema {}. {}",
+                            s.schema_version, s.next_step
+                        ),
                     ));
                 }
                 status::Stage::Migration => {}
             }
+            // First the lock: while a backfill runs, "another hydra-upgrade is working"
+            // (exit 8, naming it) says more than the rows it has not reached yet.
+            db.take_upgrade_lock()?;
             let v = verify::run(&mut db)?;
             if !v.clean {
                 return Err(fail(

@@ -3,20 +3,14 @@ use std::process::ExitCode;
 use hydra_upgrade::{cli::Cli, exit};
 
 fn main() -> ExitCode {
-    match run() {
+    let cli = Cli::parse_with_exit_codes();
+    let json = cli.global.json;
+    match run(cli) {
         Ok(code) => code,
-        Err(err) => {
-            eprintln!("hydra-upgrade: error: {err:#}");
-            let code = exit::exit_of(&err);
-            if let Some(hint) = exit::hint(code) {
-                eprintln!("hydra-upgrade: hint: {hint}");
-            }
-            code.into()
-        }
+        Err(err) => exit::report(&err, json).into(),
     }
 }
 
-fn run() -> anyhow::Result<ExitCode> {
-    let cli = Cli::parse_with_exit_codes();
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     hydra_upgrade::run(cli).map(ExitCode::from)
 }

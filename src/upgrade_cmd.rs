@@ -284,7 +284,7 @@ fn confirm(yes: bool) -> Result<()> {
 
 fn print_report(r: &upgrade::Report, out: &Out, json: bool, host: &str) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(r)?);
+        crate::print_json(r)?;
         return Ok(());
     }
     for (step, secs) in &r.steps {
@@ -361,12 +361,7 @@ fn dry_run(
             .iter()
             .map(|(s, c)| serde_json::json!({"step": s, "commands": c}))
             .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({"dry_run": true, "status": s, "steps": doc})
-            )?
-        );
+        crate::print_json(&serde_json::json!({"dry_run": true, "status": s, "steps": doc}))?;
     } else {
         println!(
             "dry run: schema {} ({:?}); `hydra-upgrade upgrade` would run, in order:",

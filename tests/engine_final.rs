@@ -116,6 +116,32 @@ fn finalize_is_refused_while_null_rows_remain() {
 }
 
 #[test]
+fn finalize_names_the_stage_and_a_running_backfill() {
+    let db = hydra_at(57);
+    let r = run_on(&db, &["finalize"]);
+    r.expect_code(9);
+    assert!(r.stderr.contains("at schema 57"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("switch to the migration package"),
+        "{}",
+        r.stderr
+    );
+    // A backfill at work (its advisory lock held) with rows still NULL: finalize says
+    // who is working (exit 8) rather than what is left (exit 7).
+    let db = hydra_at(61);
+    let mut backfill = db.connect();
+    backfill.take_upgrade_lock().unwrap();
+    let r = run_on(&db, &["finalize"]);
+    r.expect_code(8);
+    assert!(
+        r.stderr
+            .contains("another hydra-upgrade is already working"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
 fn finalize_waits_out_a_conflicting_lock_with_short_retries() {
     let db = hydra_at(61);
     run_on(&db, &["backfill"]).expect_code(0);
@@ -257,8 +283,7 @@ fn rehearse_runs_the_whole_upgrade_on_synthetic_data() {
     );
     let j = run(&[&["--json", "rehearse"], SMALL].concat());
     j.expect_code(0);
-    let start = j.stdout.rfind("\n{\n").unwrap() + 1;
-    let doc: serde_json::Value = serde_json::from_str(&j.stdout[start..]).unwrap();
+    let (_, doc) = j.json_lines();
     assert_eq!(doc["builds"], 2000);
     assert_eq!(doc["upgrade"]["final_status"]["schema_version"], 65);
 }

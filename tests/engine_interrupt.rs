@@ -89,8 +89,7 @@ fn interrupt_and_resume(strategy: &str, sig: &str, delay: Duration) {
         "the re-run resumed:\n{}",
         r.stdout
     );
-    let start = r.stdout.rfind("\n{\n").unwrap() + 1;
-    let report: serde_json::Value = serde_json::from_str(&r.stdout[start..]).unwrap();
+    let (_, report) = r.json_lines();
     let redone: i64 = report["tables"]
         .as_array()
         .unwrap()

@@ -202,6 +202,22 @@ fn malformed_dbi_string_is_a_config_error() {
 }
 
 #[test]
+fn with_json_a_failure_ends_in_an_error_line() {
+    let r = run(&["--json", "--db", "host=/nonexistent dbname=hydra", "status"]);
+    r.expect_code(4);
+    let (_, last) = r.json_lines();
+    assert_eq!(last["event"], "error");
+    assert_eq!(last["exit"], 4);
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot connect to the database"),
+        "{last}"
+    );
+}
+
+#[test]
 fn no_database_given_is_a_config_error() {
     let r = run(&["status"]);
     r.expect_code(3);

@@ -981,14 +981,9 @@ fn json_mode_gives_events_and_a_final_report() {
     let f = Fake::new(61);
     let r = f.run(&["--json"]);
     r.expect_code(0);
-    let start = r.stdout.rfind("\n{\n").unwrap() + 1;
-    let doc: serde_json::Value = serde_json::from_str(&r.stdout[start..]).unwrap();
+    let (events, doc) = r.json_lines();
     assert_eq!(doc["final_status"]["schema_version"], 65);
     assert_eq!(doc["switches"][0]["phase"], "final");
-    let events: Vec<serde_json::Value> = r.stdout[..start]
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     assert!(
         events
             .iter()

@@ -153,6 +153,24 @@ pub struct Run {
 }
 
 impl Run {
+    /// With `--json`: the events (every line but the last) and the final document (the
+    /// last line).
+    pub fn json_lines(&self) -> (Vec<serde_json::Value>, serde_json::Value) {
+        let mut lines: Vec<serde_json::Value> = self
+            .stdout
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}\n{}", self.stdout))
+            })
+            .collect();
+        let last = lines
+            .pop()
+            .unwrap_or_else(|| panic!("no JSON output:\n{}", self.stderr));
+        (lines, last)
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.stdout)
             .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", self.stdout))
