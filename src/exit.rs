@@ -149,24 +149,7 @@ pub fn exit_of(err: &anyhow::Error) -> Exit {
     {
         return f.exit;
     }
-    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
-    let lost = err.chain().any(|e| {
-        // The server closed the session (57P01 admin shutdown, ...), or the socket broke
-        // under a statement (reset, broken pipe, EOF).
-        let closed = e.downcast_ref::<postgres::Error>().is_some_and(|e| {
-            e.is_closed()
-                || e.as_db_error()
-                    .is_some_and(|d| d.code().code().starts_with("57P"))
-        });
-        let io = e.downcast_ref::<std::io::Error>().is_some_and(|e| {
-            matches!(
-                e.kind(),
-                ConnectionReset | BrokenPipe | ConnectionAborted | UnexpectedEof
-            )
-        });
-        closed || io
-    });
-    if lost {
+    if lost_connection(err) {
         return Exit::Connect;
     }
     let denied = err.chain().any(|e| {
@@ -181,6 +164,27 @@ pub fn exit_of(err: &anyhow::Error) -> Exit {
     }
 }
 
+/// Did the database connection break under a statement (not: could not be opened)?
+fn lost_connection(err: &anyhow::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    err.chain().any(|e| {
+        // The server closed the session (57P01 admin shutdown, ...), or the socket broke
+        // under a statement (reset, broken pipe, EOF).
+        let closed = e.downcast_ref::<postgres::Error>().is_some_and(|e| {
+            e.is_closed()
+                || e.as_db_error()
+                    .is_some_and(|d| d.code().code().starts_with("57P"))
+        });
+        let io = e.downcast_ref::<std::io::Error>().is_some_and(|e| {
+            matches!(
+                e.kind(),
+                ConnectionReset | BrokenPipe | ConnectionAborted | UnexpectedEof
+            )
+        });
+        closed || io
+    })
+}
+
 /// Tell the admin why the command failed (on stderr; with `--json` also as a last JSON
 /// line on stdout: `{"event":"error","exit":N,"message":..,"hint":..}`), and return its
 /// exit code.
@@ -188,7 +192,14 @@ pub fn report(err: &anyhow::Error, json: bool) -> Exit {
     let code = exit_of(err);
     let message = format!("{err:#}");
     eprintln!("hydra-upgrade: error: {message}");
-    let hint = hint(code);
+    let hint = if code == Exit::Connect && lost_connection(err) {
+        Some(
+            "the connection to the database broke midway; every committed batch is kept. \
+             Once the server answers again, run the same command to continue where it stopped.",
+        )
+    } else {
+        hint(code)
+    };
     if let Some(hint) = hint {
         eprintln!("hydra-upgrade: hint: {hint}");
     }

@@ -158,6 +158,10 @@ fn a_lost_connection_exits_with_the_connect_code_and_a_rerun_finishes() {
     let out = handle.wait().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(
+        stderr.contains("broke midway; every committed batch is kept"),
+        "{stderr}"
+    );
     run_on(&db, &["backfill"]).expect_code(0);
     assert_eq!(db.wrong_or_null(), 0);
 }
