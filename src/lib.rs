@@ -94,6 +94,13 @@ pub fn run(cli: Cli) -> Result<Exit> {
             };
             if done {
                 out.say("nothing to backfill: both jobset_id columns are NOT NULL already");
+                if json {
+                    // The report a script reads last: no table walked.
+                    print_json(&backfill::Report {
+                        tables: Vec::new(),
+                        seconds: 0.0,
+                    })?;
+                }
                 return Ok(Exit::Ok);
             }
             let opts = backfill::Options::from_args(args, &config);
@@ -137,6 +144,9 @@ pub fn run(cli: Cli) -> Result<Exit> {
             match s.stage {
                 status::Stage::Final => {
                     out.say("nothing to do: the schema is at 65 or later");
+                    if json {
+                        print_json(&finalize::Report::default())?;
+                    }
                     return Ok(Exit::Ok);
                 }
                 status::Stage::BeforeMigration => {

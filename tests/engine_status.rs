@@ -157,6 +157,11 @@ fn final_and_later_schemas_have_nothing_to_do() {
     assert!(r.stdout.contains("nothing to do"), "{}", r.stdout);
     let r = run_on(&db, &["backfill"]);
     r.expect_code(0);
+    // With --json the last line is still a report (no table walked, no step taken).
+    let (_, report) = run_on(&db, &["--json", "backfill"]).json_lines();
+    assert_eq!(report["tables"], serde_json::json!([]));
+    let (_, report) = run_on(&db, &["--json", "finalize"]).json_lines();
+    assert_eq!(report["blocking_steps"], serde_json::json!([]));
     run_on(&db, &["verify"]).expect_code(0);
     // Schema 67 drops Jobs: every command still says there is nothing left to do.
     db.exec("DROP TABLE jobs CASCADE; UPDATE SchemaVersion SET version = 67");
