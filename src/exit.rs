@@ -89,10 +89,8 @@ impl Exit {
         (Exit::Privilege, "the database role lacks a privilege"),
         (Exit::Interrupted, "interrupted; re-run to resume"),
     ];
-}
 
-impl Exit {
-    /// The exit codes for `--help`, one per line.
+    /// The exit codes for `--help`, one per line (from [`Exit::ALL`]).
     pub fn help_text() -> String {
         let mut s = String::from("Exit codes (README.md, \"Exit codes\"):");
         for (exit, what) in Exit::ALL {

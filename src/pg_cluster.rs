@@ -318,22 +318,21 @@ mod tests {
     #[test]
     fn a_private_directory_is_not_enterable_by_another_account() {
         // An account that owns nothing here (not the one running the test).
-        let other = if unsafe_free_euid() == 65_000 {
-            65_001
-        } else {
-            65_000
-        };
-        let private = tempfile::Builder::new().tempdir_in("/tmp").unwrap();
-        std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-        assert!(!enterable_by(private.path(), other, other));
-        std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-        assert!(enterable_by(private.path(), other, other));
-        assert!(enterable_by(Path::new("/tmp"), other, other));
-    }
-
-    fn unsafe_free_euid() -> u32 {
-        std::fs::metadata("/proc/self")
+        let me = std::fs::metadata("/proc/self")
             .map(|m| m.uid())
-            .unwrap_or(0)
+            .unwrap_or(0);
+        let other = if me == 65_000 { 65_001 } else { 65_000 };
+        let parent = std::env::temp_dir();
+        let dir = tempfile::Builder::new().tempdir_in(&parent).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(!enterable_by(dir.path(), other, other));
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        // Enterable once searchable by others, if everything above it is (a build
+        // sandbox's private TMPDIR is not).
+        assert_eq!(
+            enterable_by(dir.path(), other, other),
+            enterable_by(&parent, other, other)
+        );
+        assert!(!enterable_by(&dir.path().join("missing"), other, other));
     }
 }

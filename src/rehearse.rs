@@ -136,8 +136,15 @@ fn check_source(args: &RehearseArgs) -> Result<()> {
     }
     if let Some(from) = &args.from_db {
         let source = Dsn::parse(from)?;
-        let mut db = Db::connect(&source)?;
-        status::detect(&mut db, false).map_err(|e| not_hydra_names("--from-db", e))?;
+        match Db::connect(&source) {
+            Ok(mut db) => {
+                status::detect(&mut db, false).map_err(|e| not_hydra_names("--from-db", e))?;
+            }
+            // A server too old for the upgrade itself can still be copied into the
+            // throwaway cluster and rehearsed on (pg_dump reads servers back to 9.2).
+            Err(e) if exit_of(&e) == Exit::UnsupportedServer => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }
