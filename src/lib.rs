@@ -58,7 +58,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
     match &cli.command {
         Command::Status { exact } => {
             let mut db = connect()?;
-            let s = status::detect(&mut db, *exact)?;
+            let s = status::detect_with(&mut db, *exact, Some(status::STATUS_LOCK_WAIT))?;
             if json {
                 print_json(&s)?
             } else {

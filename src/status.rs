@@ -2,7 +2,10 @@
 //! state of the jobset_id columns and final indexes, NULL rows left, and the next step.
 //! Refuses databases that are not Hydra, and catalogs that contradict `SchemaVersion`.
 
+use std::time::Duration;
+
 use anyhow::{Context, Result};
+use postgres::GenericClient;
 use serde::Serialize;
 
 use crate::backfill::state;
@@ -31,7 +34,8 @@ pub enum Stage {
 pub struct Column {
     pub exists: bool,
     pub nullable: bool,
-    /// NULL rows left; `None` when the column does not exist.
+    /// NULL rows left; `None` when the column does not exist, or when its table was
+    /// locked and `status` did not wait (see `Status::counts_blocked_by`).
     pub null_rows: Option<i64>,
     /// Whether `null_rows` is an exact count or an estimate.
     pub exact: bool,
@@ -52,6 +56,9 @@ pub struct Status {
     /// Tables whose autoanalyze hydra-upgrade holds off (a backfill running, or one
     /// killed outright; the next backfill or finalize resets it).
     pub autoanalyze_held_off: Vec<crate::backfill::Table>,
+    /// Sessions whose lock on Jobs or Builds kept `status` from counting NULL rows (an
+    /// ACCESS EXCLUSIVE lock: `hydra-init`'s own `SET NOT NULL` scan holds one throughout).
+    pub counts_blocked_by: Vec<String>,
     pub next_step: String,
 }
 
@@ -65,8 +72,19 @@ impl Status {
 /// 1 % page sample.
 const EXACT_BELOW_BYTES: i64 = 64 << 20;
 
+/// How long the `status` command waits for a lock on Jobs or Builds to count NULL rows.
+pub const STATUS_LOCK_WAIT: Duration = Duration::from_secs(3);
+
 /// Read the catalog: is this Hydra, what version, do the pieces agree?
 pub fn detect(db: &mut Db, exact: bool) -> Result<Status> {
+    detect_with(db, exact, None)
+}
+
+/// As [`detect`]; with `lock_wait`, a NULL count that would wait longer than that for a
+/// lock on its table is left unknown, and the sessions holding it are named, instead of
+/// waiting for them (for the `status` command: an admin asking what is going on while
+/// `hydra-init` scans Builds under an ACCESS EXCLUSIVE lock).
+pub fn detect_with(db: &mut Db, exact: bool, lock_wait: Option<Duration>) -> Result<Status> {
     let client = db.client();
     let has = |c: &mut postgres::Client, name: &str| -> Result<bool> {
         Ok(c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])?
@@ -167,7 +185,8 @@ pub fn detect(db: &mut Db, exact: bool) -> Result<Status> {
     } else {
         Stage::Final
     };
-    let count = |c: &mut postgres::Client, table: &str, col: Option<bool>| -> Result<Column> {
+    let mut counts_blocked_by = Vec::new();
+    let mut count = |c: &mut postgres::Client, table: &str, col: Option<bool>| -> Result<Column> {
         Ok(match col {
             None => Column {
                 exists: false,
@@ -182,12 +201,18 @@ pub fn detect(db: &mut Db, exact: bool) -> Result<Status> {
                 exact: true,
             },
             Some(true) => {
-                let (n, is_exact) = count_nulls(c, table, exact)?;
+                let counted = match lock_wait {
+                    None => Some(count_nulls(c, table, exact)?),
+                    Some(wait) => count_nulls_waiting(c, table, exact, wait)?,
+                };
+                if counted.is_none() {
+                    counts_blocked_by.extend(lock_holders(c, table)?);
+                }
                 Column {
                     exists: true,
                     nullable: true,
-                    null_rows: Some(n),
-                    exact: is_exact,
+                    null_rows: counted.map(|(n, _)| n),
+                    exact: counted.is_some_and(|(_, is_exact)| is_exact),
                 }
             }
         })
@@ -212,6 +237,7 @@ pub fn detect(db: &mut Db, exact: bool) -> Result<Status> {
         backfill_progress,
         running,
         autoanalyze_held_off,
+        counts_blocked_by,
         next_step: String::new(),
     };
     status.next_step = next_step(&status);
@@ -232,7 +258,50 @@ fn column(c: &mut postgres::Client, table: &str, col: &str) -> Result<Option<boo
 /// page sample. A sample that finds no NULL row cannot tell "none" from "a few": then the
 /// count is exact (a full scan, but only once the backfill is about done, when `verify`
 /// scans anyway).
-fn count_nulls(c: &mut postgres::Client, table: &str, exact: bool) -> Result<(i64, bool)> {
+/// [`count_nulls`], giving up (`None`) when its table stays locked for `wait`.
+fn count_nulls_waiting(
+    c: &mut postgres::Client,
+    table: &str,
+    exact: bool,
+    wait: Duration,
+) -> Result<Option<(i64, bool)>> {
+    let mut tx = c.transaction()?;
+    tx.batch_execute(&format!("SET LOCAL lock_timeout = {}", wait.as_millis()))?;
+    match count_nulls(&mut tx, table, exact) {
+        Ok(counted) => {
+            tx.commit()?;
+            Ok(Some(counted))
+        }
+        Err(e)
+            if crate::db::sqlstate(&e) == Some(postgres::error::SqlState::LOCK_NOT_AVAILABLE) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The sessions holding a lock on `table` that conflicts with reading it.
+fn lock_holders(c: &mut postgres::Client, table: &str) -> Result<Vec<String>> {
+    let rows = c.query(
+        "SELECT a.pid, coalesce(nullif(a.application_name, ''), a.backend_type, ''),
+                left(regexp_replace(coalesce(a.query, ''), '\\s+', ' ', 'g'), 80),
+                coalesce(extract(epoch FROM now() - a.xact_start)::bigint, 0)
+           FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+          WHERE l.relation = to_regclass($1) AND l.granted AND l.mode = 'AccessExclusiveLock'",
+        &[&table],
+    )?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let (pid, app, query, secs): (i32, String, String, i64) =
+                (r.get(0), r.get(1), r.get(2), r.get(3));
+            format!("{table}: pid {pid} ({app}) for {secs}s: {query}")
+        })
+        .collect())
+}
+
+fn count_nulls(c: &mut impl GenericClient, table: &str, exact: bool) -> Result<(i64, bool)> {
     let bytes: i64 = c
         .query_one("SELECT pg_relation_size(to_regclass($1))", &[&table])?
         .get(0);
@@ -266,6 +335,14 @@ fn count_nulls(c: &mut postgres::Client, table: &str, exact: bool) -> Result<(i6
 }
 
 fn next_step(s: &Status) -> String {
+    let uncounted = [&s.jobs_jobset_id, &s.builds_jobset_id]
+        .iter()
+        .any(|c| c.exists && c.nullable && c.null_rows.is_none());
+    if uncounted {
+        return "next: a session holds a lock on the table (see \"locked by\"; during an \
+                upgrade step, hydra-init's): run `hydra-upgrade status` again when it ends."
+            .into();
+    }
     match s.stage {
         Stage::BeforeMigration => format!(
             "next: switch to the migration package (pkgs.hydra-migration); its hydra-init adds \
@@ -295,11 +372,10 @@ pub fn render(s: &Status) -> String {
     let col = |c: &Column| match (c.exists, c.nullable, c.null_rows) {
         (false, _, _) => "absent".to_owned(),
         (true, false, _) => "NOT NULL".to_owned(),
-        (true, true, n) => format!(
-            "nullable, {}{} NULL rows",
-            if c.exact { "" } else { "~" },
-            n.unwrap_or(0)
-        ),
+        (true, true, None) => "nullable, NULL rows not counted (table locked)".to_owned(),
+        (true, true, Some(n)) => {
+            format!("nullable, {}{n} NULL rows", if c.exact { "" } else { "~" })
+        }
     };
     let mut out = format!(
         "database:          {}\nschema version:    {}\nstage:             {:?}\nJobsets.id:        {}\nJobs.jobset_id:    {}\nBuilds.jobset_id:  {}\n",
@@ -340,6 +416,9 @@ pub fn render(s: &Status) -> String {
                 "; a backfill was killed: the next backfill or finalize resets it"
             }
         ));
+    }
+    for who in &s.counts_blocked_by {
+        out.push_str(&format!("locked by:         {who}\n"));
     }
     out.push_str(&s.next_step);
     out.push('\n');

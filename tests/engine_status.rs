@@ -207,6 +207,44 @@ fn malformed_dbi_string_is_a_config_error() {
 }
 
 #[test]
+fn status_does_not_wait_behind_a_lock_on_builds_and_names_its_holder() {
+    let db = hydra_at(61);
+    let mut holder = db.connect();
+    let c = holder.client();
+    // As hydra-init's upgrade-63 holds it for its whole SET NOT NULL scan.
+    c.batch_execute("BEGIN; LOCK TABLE builds IN ACCESS EXCLUSIVE MODE;")
+        .unwrap();
+    let pid = holder.backend_pid().unwrap();
+    let r = run_on(&db, &["status"]);
+    r.expect_code(0);
+    assert!(
+        r.stdout.contains("NULL rows not counted (table locked)"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout
+            .contains(&format!("locked by:         builds: pid {pid}")),
+        "{}",
+        r.stdout
+    );
+    let j = run_on(&db, &["status", "--json"]).json();
+    assert!(j["builds_jobset_id"]["null_rows"].is_null(), "{j}");
+    assert!(
+        j["jobs_jobset_id"]["null_rows"].as_i64().unwrap() > 0,
+        "{j}"
+    );
+    assert_eq!(j["counts_blocked_by"].as_array().unwrap().len(), 1, "{j}");
+    holder.client().batch_execute("COMMIT").unwrap();
+    let j = run_on(&db, &["status", "--json"]).json();
+    assert!(
+        j["builds_jobset_id"]["null_rows"].as_i64().unwrap() > 0,
+        "{j}"
+    );
+    assert_eq!(j["counts_blocked_by"], serde_json::json!([]));
+}
+
+#[test]
 fn with_json_a_failure_ends_in_an_error_line() {
     let r = run(&["--json", "--db", "host=/nonexistent dbname=hydra", "status"]);
     r.expect_code(4);
