@@ -254,10 +254,6 @@ fn column(c: &mut postgres::Client, table: &str, col: &str) -> Result<Option<boo
     Ok(row.map(|r| r.get(0)))
 }
 
-/// NULL jobset_id rows: exact for small tables or on request, else estimated from a 1 %
-/// page sample. A sample that finds no NULL row cannot tell "none" from "a few": then the
-/// count is exact (a full scan, but only once the backfill is about done, when `verify`
-/// scans anyway).
 /// [`count_nulls`], giving up (`None`) when its table stays locked for `wait`.
 fn count_nulls_waiting(
     c: &mut postgres::Client,
@@ -301,6 +297,10 @@ fn lock_holders(c: &mut postgres::Client, table: &str) -> Result<Vec<String>> {
         .collect())
 }
 
+/// NULL jobset_id rows: exact for small tables or on request, else estimated from a 1 %
+/// page sample. A sample that finds no NULL row cannot tell "none" from "a few": then the
+/// count is exact (a full scan, but only once the backfill is about done, when `verify`
+/// scans anyway).
 fn count_nulls(c: &mut impl GenericClient, table: &str, exact: bool) -> Result<(i64, bool)> {
     let bytes: i64 = c
         .query_one("SELECT pg_relation_size(to_regclass($1))", &[&table])?
