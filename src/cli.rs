@@ -42,15 +42,28 @@ pub struct Global {
     #[arg(long, global = true)]
     pub json: bool,
 
-    /// Configuration file written by the NixOS module.
-    #[arg(
-        long,
-        global = true,
-        value_name = "PATH",
-        env = "HYDRA_UPGRADE_CONFIG",
-        default_value = "/etc/hydra-upgrade/config.json"
-    )]
-    pub config: PathBuf,
+    /// Configuration file written by the NixOS module. Default: $HYDRA_UPGRADE_CONFIG when
+    /// set and not empty, else /etc/hydra-upgrade/config.json.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+}
+
+/// Where the configuration file is when `--config` is not given.
+pub const DEFAULT_CONFIG: &str = "/etc/hydra-upgrade/config.json";
+
+impl Global {
+    /// `--config`, else a non-empty `$HYDRA_UPGRADE_CONFIG`, else [`DEFAULT_CONFIG`] (an
+    /// empty variable counts as unset, as libpq treats its own).
+    pub fn config_path(&self) -> PathBuf {
+        self.config
+            .clone()
+            .or_else(|| {
+                std::env::var_os("HYDRA_UPGRADE_CONFIG")
+                    .filter(|v| !v.is_empty())
+                    .map(PathBuf::from)
+            })
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG))
+    }
 }
 
 #[derive(Debug, Subcommand)]

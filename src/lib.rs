@@ -52,7 +52,7 @@ fn flow_options(b: &cli::BackfillArgs, config: &Config, stock_final: bool) -> up
 
 pub fn run(cli: Cli) -> Result<Exit> {
     let out = Out::new(cli.global.json);
-    let config = Config::load(&cli.global.config)?;
+    let config = Config::load(&cli.global.config_path())?;
     let json = cli.global.json;
     let connect = || -> Result<Db> { Db::connect(&config.dsn(cli.global.db.as_deref())?) };
     match &cli.command {

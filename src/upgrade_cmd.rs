@@ -123,7 +123,7 @@ fn backfill_argv(args: &UpgradeArgs, global: &Global) -> Result<Vec<String>> {
     let mut v = vec![
         exe.display().to_string(),
         "--config".into(),
-        global.config.display().to_string(),
+        global.config_path().display().to_string(),
         "backfill".into(),
     ];
     let mut opt = |name: &str, value: Option<String>| {
@@ -501,7 +501,7 @@ mod tests {
         let global = Global {
             db: Some("postgresql://u:secret@h/db".into()),
             json: false,
-            config: "/etc/hydra-upgrade/config.json".into(),
+            config: Some("/etc/hydra-upgrade/config.json".into()),
         };
         let argv = backfill_argv(&a, &global).unwrap().join(" ");
         assert!(

@@ -261,6 +261,25 @@ fn with_json_a_failure_ends_in_an_error_line() {
 }
 
 #[test]
+fn an_empty_hydra_upgrade_config_counts_as_unset() {
+    let db = hydra_at(57);
+    let out = duct::cmd(BIN, ["--db", &db.dsn, "status"])
+        .env("HYDRA_UPGRADE_CONFIG", "")
+        .env_remove("HYDRA_DBI")
+        .stdout_capture()
+        .stderr_capture()
+        .unchecked()
+        .run()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn no_database_given_is_a_config_error() {
     let r = run(&["status"]);
     r.expect_code(3);
