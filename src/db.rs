@@ -174,6 +174,13 @@ impl Db {
     }
 }
 
+/// Does a table or index of this name exist (on the search path)?
+pub fn relation_exists(c: &mut impl postgres::GenericClient, name: &str) -> Result<bool> {
+    Ok(c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+        .with_context(|| format!("looking up {name}"))?
+        .get(0))
+}
+
 /// A readable text for a postgres error: the server's message and SQLSTATE when there is
 /// one, else the client-side cause.
 pub fn error_text(e: &postgres::Error) -> String {

@@ -190,14 +190,7 @@ pub fn report(err: &anyhow::Error, json: bool) -> Exit {
     let code = exit_of(err);
     let message = format!("{err:#}");
     eprintln!("hydra-upgrade: error: {message}");
-    let hint = if code == Exit::Connect && lost_connection(err) {
-        Some(
-            "the connection to the database broke midway; every committed batch is kept. \
-             Once the server answers again, run the same command to continue where it stopped.",
-        )
-    } else {
-        hint(code)
-    };
+    let hint = hint(err, code);
     if let Some(hint) = hint {
         eprintln!("hydra-upgrade: hint: {hint}");
     }
@@ -210,9 +203,14 @@ pub fn report(err: &anyhow::Error, json: bool) -> Exit {
     code
 }
 
-/// What the admin can do next, for failure classes whose message comes from PostgreSQL.
-pub fn hint(exit: Exit) -> Option<&'static str> {
+/// What the admin can do next, for failures whose message comes from PostgreSQL (or
+/// from the broken socket) rather than from us.
+fn hint(err: &anyhow::Error, exit: Exit) -> Option<&'static str> {
     match exit {
+        Exit::Connect if lost_connection(err) => Some(
+            "the connection to the database broke midway; every committed batch is kept. \
+             Once the server answers again, run the same command to continue where it stopped.",
+        ),
         Exit::Privilege => Some(
             "connect as the role that owns Hydra's tables (`hydra` on NixOS, where root \
              reaches it through the hydra-users ident map; elsewhere put user=... in the DSN). \

@@ -359,10 +359,7 @@ pub fn run(db: &mut Db, opts: &Options, out: &Out) -> Result<Report> {
             "rename indexes + SchemaVersion 65",
             |tx| {
                 for (temp, real, _) in TEMP_INDEXES {
-                    let exists: bool = tx
-                        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&temp])?
-                        .get(0);
-                    if exists {
+                    if db::relation_exists(tx, temp)? {
                         tx.batch_execute(&format!("ALTER INDEX {temp} RENAME TO {real}"))?;
                     }
                 }

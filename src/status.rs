@@ -9,7 +9,7 @@ use postgres::GenericClient;
 use serde::Serialize;
 
 use crate::backfill::state;
-use crate::db::Db;
+use crate::db::{Db, relation_exists};
 use crate::exit::{Exit, fail};
 use crate::hydra_schema::{FINAL_VERSION, MIGRATION_VERSION};
 
@@ -86,11 +86,10 @@ pub fn detect(db: &mut Db, exact: bool) -> Result<Status> {
 /// `hydra-init` scans Builds under an ACCESS EXCLUSIVE lock).
 pub fn detect_with(db: &mut Db, exact: bool, lock_wait: Option<Duration>) -> Result<Status> {
     let client = db.client();
-    let has = |c: &mut postgres::Client, name: &str| -> Result<bool> {
-        Ok(c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])?
-            .get(0))
-    };
-    if !has(client, "schemaversion")? || !has(client, "jobsets")? || !has(client, "builds")? {
+    if !relation_exists(client, "schemaversion")?
+        || !relation_exists(client, "jobsets")?
+        || !relation_exists(client, "builds")?
+    {
         return Err(fail(
             Exit::NotHydra,
             "this database is not a Hydra database (no SchemaVersion, Jobsets or Builds table). \
@@ -113,7 +112,7 @@ pub fn detect_with(db: &mut Db, exact: bool, lock_wait: Option<Duration>) -> Res
             ),
         ));
     };
-    let jobs_exists = has(client, "jobs")?;
+    let jobs_exists = relation_exists(client, "jobs")?;
     let jobsets_id = column(client, "jobsets", "id")?.is_some();
     let jobs_col = if jobs_exists {
         column(client, "jobs", "jobset_id")?

@@ -63,11 +63,7 @@ pub fn run(db: &mut Db) -> Result<Verification> {
     let mut tables = Vec::new();
     let mut dropped = Vec::new();
     for table in Table::ALL {
-        let exists: bool = db
-            .client()
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table.name()])?
-            .get(0);
-        if !exists {
+        if !crate::db::relation_exists(db.client(), table.name())? {
             dropped.push(table);
             continue;
         }
