@@ -5,6 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use hydra_upgrade::db::Db;
 use hydra_upgrade::pg_cluster::SUPERUSER;
 
 fn schema_dump(db: &TestDb) -> String {
@@ -141,15 +142,23 @@ fn finalize_names_the_stage_and_a_running_backfill() {
     );
 }
 
-#[test]
-fn finalize_waits_out_a_conflicting_lock_with_short_retries() {
+/// A backfilled database, and Hydra's queue runner in the middle of a transaction on
+/// Builds (its lock conflicts with every write-blocking step of finalize on Builds).
+fn backfilled_with_a_builds_writer_mid_transaction() -> (TestDb, Db) {
     let db = hydra_at(61);
     run_on(&db, &["backfill"]).expect_code(0);
     let mut holder = db.connect();
-    let c = holder.client();
-    // Hydra's queue runner in the middle of a transaction on Builds.
-    c.batch_execute("BEGIN; UPDATE builds SET priority = priority WHERE id = 1;")
+    holder
+        .client()
+        .batch_execute("BEGIN; UPDATE builds SET priority = priority WHERE id = 1;")
         .unwrap();
+    (db, holder)
+}
+
+#[test]
+fn finalize_waits_out_a_conflicting_lock_with_short_retries() {
+    let (db, mut holder) = backfilled_with_a_builds_writer_mid_transaction();
+    let c = holder.client();
     let handle = spawn_on(&db, &["finalize", "--lock-timeout-ms", "100"]);
     std::thread::sleep(Duration::from_millis(1_500));
     c.batch_execute("COMMIT").unwrap();
@@ -175,12 +184,8 @@ fn finalize_waits_out_a_conflicting_lock_with_short_retries() {
 
 #[test]
 fn finalize_gives_up_with_exit_14_when_the_lock_stays_taken() {
-    let db = hydra_at(61);
-    run_on(&db, &["backfill"]).expect_code(0);
-    let mut holder = db.connect();
+    let (db, mut holder) = backfilled_with_a_builds_writer_mid_transaction();
     let c = holder.client();
-    c.batch_execute("BEGIN; UPDATE builds SET priority = priority WHERE id = 1;")
-        .unwrap();
     let r = run_on(
         &db,
         &["finalize", "--lock-timeout-ms", "100", "--max-retries", "1"],
