@@ -2,8 +2,9 @@
 //! under the `SCHED_IDLE` policy while our backfill runs. That policy is meant to let any
 //! other process woken on their CPU run first, and Linux counts a CPU running only such
 //! processes as free when it places a woken process; so if Hydra's writes waited for a
-//! CPU *behind our backfill*, this should shorten that wait. A diagnostic, as `--nice-ours` and `--pin-ours` are; `chrt` on the server
-//! process needs root or the cluster's user.
+//! CPU *behind our backfill*, this should shorten that wait. A diagnostic, as
+//! `--nice-ours` and `--pin-ours` are; `chrt` on the server process needs root or the
+//! cluster's user.
 
 use anyhow::{Context, Result};
 
