@@ -729,6 +729,16 @@ struct Writer {
     start: Instant,
 }
 
+impl Writer {
+    /// Ask the writer to stop after its current operation; [`stop_writer`] then collects
+    /// it. Set the moment the measured work ends, so that what the bench reads afterwards
+    /// (the count of rows left NULL is a parallel scan of Builds) is not counted as
+    /// happening during it.
+    fn signal_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
 fn start_writer(cluster: &PgCluster, dbname: &str, pause_ms: u64, seed: u64) -> Writer {
     let dsn = cluster.dsn(dbname);
     let stop = Arc::new(AtomicBool::new(false));
@@ -753,12 +763,15 @@ fn stop_writer(w: Writer, db: &mut Db) -> Result<WriterSummary> {
 }
 
 fn stop_writer_with_stats(w: Writer, db: &mut Db) -> Result<(WriterSummary, WriterStats)> {
-    w.stop.store(true, Ordering::SeqCst);
-    let seconds = w.start.elapsed().as_secs_f64();
+    w.signal_stop();
     let stats = w
         .handle
         .join()
         .map_err(|_| anyhow::anyhow!("the writer thread panicked"))??;
+    // From its start to the end of its last operation.
+    let seconds = stats.ops.last().map_or(0.0, |op| {
+        op.start.duration_since(w.start).as_secs_f64() + op.latency_us as f64 / 1e6
+    });
     let lost = workload::lost_updates(db, &stats)?;
     let summary = WriterSummary {
         seconds,
@@ -910,7 +923,9 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
         .then(|| wal_trace::Sampler::start(cluster.dsn(&name)));
     let w = start_writer(cluster, &name, args.writer_pause_ms, 3_000 + run as u64);
     let backfill = measure_backfill(cluster, &mut db, "per-page + writer", false, |db| {
-        ours(db, StrategyChoice::PerPage, args)
+        let note = ours(db, StrategyChoice::PerPage, args);
+        w.signal_stop();
+        note
     })?;
     let (during, stats) = stop_writer_with_stats(w, &mut db)?;
     let wal_trace = match sampler {
@@ -1007,7 +1022,11 @@ fn run_disk_control(
         &mut other,
         "per-page, another database",
         false,
-        |db| ours(db, StrategyChoice::PerPage, args),
+        |db| {
+            let note = ours(db, StrategyChoice::PerPage, args);
+            w.signal_stop();
+            note
+        },
     );
     let ours_elsewhere = stop_writer(w, &mut db)?;
     let ours_elsewhere_backfill = elsewhere?;
