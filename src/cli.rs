@@ -136,6 +136,15 @@ pub struct BackfillArgs {
     /// on their pages (HOT). 0 never waits.
     #[arg(long, value_name = "MS", default_value_t = 2_000)]
     pub horizon_wait_ms: u64,
+    /// Keep this tool and its PostgreSQL server process on one CPU (`auto`: of those both
+    /// may use, the one serving the fewest device interrupts), so that Hydra's processes
+    /// keep the others: on a machine with few CPUs they otherwise wait, a scheduler tick
+    /// at a time, on the CPU the backfill is about to take back. Only with PostgreSQL on
+    /// this machine, 2 or more CPUs, and the right to set the server process's CPUs (root
+    /// or the server's user); else the backfill runs unpinned and says why. `off`, or a
+    /// CPU number.
+    #[arg(long, value_name = "auto|off|CPU", default_value = "auto")]
+    pub pin_cpu: crate::backfill::one_cpu::PinCpu,
 }
 
 impl BackfillArgs {

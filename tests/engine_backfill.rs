@@ -618,3 +618,101 @@ fn autoanalyze_is_held_off_during_the_walk_only() {
         "{autovacuum_analyze_threshold=5000}"
     );
 }
+
+/// `Cpus_allowed_list` of a process (its main thread), as `/proc/PID/status` gives it.
+fn allowed_cpus(pid: u32) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|v| v.trim().to_owned())
+}
+
+#[test]
+fn the_backfill_keeps_itself_and_its_server_process_on_one_cpu() {
+    let db = hydra_at(61);
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    if cpus < 2 {
+        let r = run_on(&db, &["--json", "backfill"]);
+        r.expect_code(0);
+        let (events, _) = r.json_lines();
+        let why = events.iter().find(|e| e["event"] == "not_pinned");
+        assert!(why.is_some_and(|e| e["why"].as_str().unwrap().contains("CPU(s) usable")));
+        return;
+    }
+    // A session on the first Jobs row holds the backfill at its first batch, where it
+    // is looked at.
+    let mut holder = db.connect();
+    let c = holder.client();
+    c.batch_execute("BEGIN; SELECT 1 FROM jobs ORDER BY project, jobset, name LIMIT 1 FOR UPDATE;")
+        .unwrap();
+    let handle = spawn_on(&db, &["--json", "backfill", "--lock-timeout-ms", "60000"]);
+    let ours = handle.pids()[0];
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let server = loop {
+        let pid = db.query_i64(&format!(
+            "SELECT coalesce(max(pid), 0)::bigint FROM pg_stat_activity
+              WHERE datname = '{}' AND wait_event_type = 'Lock'",
+            db.name
+        ));
+        if pid != 0 {
+            break pid as u32;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backfill never waited for the row"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let cpu = allowed_cpus(server).unwrap();
+    let seen_ours = allowed_cpus(ours);
+    c.batch_execute("COMMIT").unwrap();
+    let out = handle.wait().unwrap();
+    let r = Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    r.expect_code(0);
+    assert!(
+        cpu.parse::<usize>().is_ok(),
+        "the server process {server} may run on CPUs {cpu}, not one"
+    );
+    assert_eq!(
+        seen_ours.as_deref(),
+        Some(cpu.as_str()),
+        "this tool on its CPU too"
+    );
+    let (events, _) = r.json_lines();
+    let pinned = events
+        .iter()
+        .find(|e| e["event"] == "pinned")
+        .unwrap_or_else(|| panic!("no pinned event:\n{}", r.stdout));
+    assert_eq!(pinned["cpu"].to_string(), cpu);
+    assert_eq!(pinned["server_pid"], server);
+    assert_eq!(db.wrong_or_null(), 0);
+
+    // Off: neither pinned nor a word about it.
+    let db = hydra_at(61);
+    let r = run_on(&db, &["--json", "backfill", "--pin-cpu", "off"]);
+    r.expect_code(0);
+    let (events, _) = r.json_lines();
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["event"] == "pinned" || e["event"] == "not_pinned"),
+        "{}",
+        r.stdout
+    );
+    // A CPU neither may use: a warning, and the backfill runs unpinned.
+    let db = hydra_at(61);
+    let r = run_on(&db, &["backfill", "--pin-cpu", "4096"]);
+    r.expect_code(0);
+    assert!(
+        r.stderr
+            .contains("warning: backfill: not kept on one CPU: CPU 4096 is not one both"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(db.wrong_or_null(), 0);
+}

@@ -8,6 +8,7 @@
 
 pub mod autoanalyze;
 pub mod keyset;
+pub mod one_cpu;
 pub mod per_page;
 pub mod state;
 
@@ -24,6 +25,7 @@ use crate::db::{self, Db};
 use crate::exit::{Exit, fail};
 use crate::interrupt::Interrupt;
 use crate::progress::Out;
+use one_cpu::PinCpu;
 use state::{PHASE_DONE, PHASE_KEYS, PHASE_PAGES, TableProgress};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -67,6 +69,8 @@ pub struct Options {
     /// Before a per-page round, wait up to this long for sessions whose snapshot predates
     /// the previous round (an autovacuum ANALYZE, a short report) to end.
     pub horizon_wait: Duration,
+    /// Keep this tool and its server process on one CPU ([`one_cpu`]).
+    pub pin_cpu: PinCpu,
 }
 
 impl Options {
@@ -87,6 +91,7 @@ impl Options {
             max_retries: a.max_retries,
             horizon_age: Duration::from_secs(a.horizon_age_secs),
             horizon_wait: Duration::from_millis(a.horizon_wait_ms),
+            pin_cpu: a.pin_cpu,
         }
     }
 }
@@ -419,6 +424,8 @@ pub fn run(db: &mut Db, opts: &Options, out: &Out, interrupt: &Interrupt) -> Res
     db.set_timeouts(opts.lock_timeout, opts.statement_timeout)?;
     db.async_commit()?;
     state::ensure(db)?;
+    // Held until the walk ends, then both processes get their CPUs back.
+    let _pinned = pin_to_one_cpu(db, opts.pin_cpu, out)?;
     let mut walked = Vec::new();
     for table in Table::ALL {
         match run_table(db, table, opts, out, interrupt) {
@@ -449,6 +456,33 @@ pub fn run(db: &mut Db, opts: &Options, out: &Out, interrupt: &Interrupt) -> Res
         tables,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+fn pin_to_one_cpu(db: &mut Db, choice: PinCpu, out: &Out) -> Result<Option<one_cpu::Pinned>> {
+    match one_cpu::pin(db, choice)? {
+        Ok(p) => {
+            out.event(
+                "pinned",
+                &format!(
+                    "backfill: this tool and PostgreSQL's server process (pid {}) share CPU {}; \
+                     Hydra keeps the others",
+                    p.server_pid, p.cpu
+                ),
+                json!({"cpu": p.cpu, "server_pid": p.server_pid}),
+            );
+            Ok(Some(p))
+        }
+        Err(why) => {
+            let message = format!("backfill: not kept on one CPU: {why}");
+            match choice {
+                PinCpu::Off => {}
+                // Asked for by number: worth a warning.
+                PinCpu::Cpu(_) => out.warn(&message),
+                PinCpu::Auto => out.event("not_pinned", &message, json!({"why": why})),
+            }
+            Ok(None)
+        }
+    }
 }
 
 fn choose(db: &mut Db, table: Table, opts: &Options, out: &Out) -> Result<(&'static str, String)> {

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use crate::backfill;
+use crate::backfill::{self, one_cpu::PinCpu};
 use crate::cli::StrategyChoice;
 use crate::db::Db;
 use crate::exec::Cmd;
@@ -138,6 +138,10 @@ pub struct BenchArgs {
     /// CPUs with it (see `src/bench/pin.rs`).
     #[arg(long)]
     pub pin_ours: bool,
+    /// Our backfill's `--pin-cpu` (`auto`, `off` or a CPU number); `--pin-ours` turns it
+    /// off, as it places the processes itself.
+    #[arg(long, value_name = "auto|off|CPU", default_value = "auto")]
+    pub pin_cpu: crate::backfill::one_cpu::PinCpu,
     /// Run our backfill's server process and its client (a bench thread) under the
     /// `SCHED_IDLE` policy (`chrt --idle`; needs root or the cluster's user), to see
     /// whether Hydra's writes wait for a CPU behind our backfill (see
@@ -373,6 +377,8 @@ pub struct Bench {
     pub writer_secs: u64,
     pub ours_target_batch_ms: u64,
     pub ours_pause_ms: u64,
+    /// Our backfill's `--pin-cpu`.
+    pub ours_pin_cpu: String,
     /// `--nice-ours`, when given.
     pub ours_nice: Option<i32>,
     /// `--pin-ours`.
@@ -427,6 +433,11 @@ pub fn ours_options(strategy: StrategyChoice, args: &BenchArgs) -> backfill::Opt
         strategy,
         target_batch: Duration::from_millis(args.target_batch_ms),
         pause: Duration::from_millis(args.pause_ms),
+        pin_cpu: if args.pin_ours {
+            PinCpu::Off
+        } else {
+            args.pin_cpu
+        },
         ..backfill::Options::from_args(&defaults, &crate::config::Config::default())
     }
 }
@@ -1114,6 +1125,8 @@ fn run_memory(cluster: &PgCluster, args: &BenchArgs) -> Result<Option<MemoryRun>
         args.target_batch_ms.to_string(),
         "--pause-ms".to_owned(),
         args.pause_ms.to_string(),
+        "--pin-cpu".to_owned(),
+        args.pin_cpu.to_string(),
     ];
     let cmd = Cmd::new(time)
         .arg("-v")
@@ -1312,6 +1325,9 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
         writer_secs: args.writer_secs,
         ours_target_batch_ms: args.target_batch_ms,
         ours_pause_ms: args.pause_ms,
+        ours_pin_cpu: ours_options(StrategyChoice::PerPage, args)
+            .pin_cpu
+            .to_string(),
         ours_nice: args.nice_ours,
         ours_pinned: args.pin_ours,
         ours_sched_idle: args.idle_ours,
@@ -1689,9 +1705,10 @@ pub fn render(b: &Bench) -> String {
     push(
         &mut s,
         format!(
-            "ours: CLI defaults (lock_timeout 2 s, statement_timeout 120 s), --target-batch-ms {} --pause-ms {}; Jobs always keyset{}{}{}",
+            "ours: CLI defaults (lock_timeout 2 s, statement_timeout 120 s), --target-batch-ms {} --pause-ms {} --pin-cpu {}; Jobs always keyset{}{}{}",
             b.ours_target_batch_ms,
             b.ours_pause_ms,
+            b.ours_pin_cpu,
             b.ours_nice
                 .map(|n| format!("; its server process at niceness {n}"))
                 .unwrap_or_default(),
