@@ -4,7 +4,8 @@
 //! sweep, or by keyset alone. Every batch is one short transaction under `lock_timeout`
 //! and `statement_timeout`, retried with capped backoff on lock timeout, deadlock and
 //! serialization failure; its size adapts towards a target time. Progress is committed in
-//! the database, so a re-run continues; one backfill at a time (advisory lock).
+//! the database, so a re-run continues; one backfill at a time (advisory lock). Where it
+//! can, it keeps itself and its server process on one CPU ([`one_cpu`]).
 
 pub mod autoanalyze;
 pub mod keyset;

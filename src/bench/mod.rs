@@ -141,7 +141,7 @@ pub struct BenchArgs {
     /// Our backfill's `--pin-cpu` (`auto`, `off` or a CPU number); `--pin-ours` turns it
     /// off, as it places the processes itself.
     #[arg(long, value_name = "auto|off|CPU", default_value = "auto")]
-    pub pin_cpu: crate::backfill::one_cpu::PinCpu,
+    pub pin_cpu: PinCpu,
     /// Run our backfill's server process and its client (a bench thread) under the
     /// `SCHED_IDLE` policy (`chrt --idle`; needs root or the cluster's user), to see
     /// whether Hydra's writes wait for a CPU behind our backfill (see
