@@ -69,11 +69,9 @@ fn a_row_lock_held_past_every_retry_ends_the_backfill_with_exit_14() {
     );
     c.batch_execute("COMMIT").unwrap();
     r.expect_code(14);
-    assert!(
-        r.stderr
-            .contains("still failed after 1 retries because of lock contention"),
-        "{}",
-        r.stderr
+    assert_contains(
+        &r.stderr,
+        "still failed after 1 retries because of lock contention",
     );
     // The re-run the message suggests finishes the job.
     run_on(&db, &["backfill"]).expect_code(0);
@@ -111,11 +109,9 @@ fn auto_picks_keyset_when_an_index_contains_jobset_id() {
     db.exec("CREATE INDEX test_idx ON builds (jobset_id)");
     let r = run_on(&db, &["backfill"]);
     r.expect_code(0);
-    assert!(
-        r.stderr
-            .contains("builds: strategy keyset (auto: index test_idx contains jobset_id"),
-        "{}",
-        r.stderr
+    assert_contains(
+        &r.stderr,
+        "builds: strategy keyset (auto: index test_idx contains jobset_id",
     );
     assert_eq!(db.wrong_or_null(), 0);
 }
@@ -132,8 +128,8 @@ fn auto_warns_about_an_old_snapshot_and_names_its_pid() {
     let r = run_on(&db, &["backfill", "--horizon-age-secs", "1"]);
     c.batch_execute("ROLLBACK").unwrap();
     r.expect_code(0);
-    assert!(r.stderr.contains(&format!("pid {pid}")), "{}", r.stderr);
-    assert!(r.stderr.contains("strategy keyset (auto:"), "{}", r.stderr);
+    assert_contains(&r.stderr, &format!("pid {pid}"));
+    assert_contains(&r.stderr, "strategy keyset (auto:");
     assert_eq!(db.wrong_or_null(), 0);
 }
 
@@ -150,25 +146,12 @@ fn orphans_are_skipped_reported_and_fail_verify() {
     );
     let r = run_on(&db, &["backfill"]);
     r.expect_code(0);
-    assert!(
-        r.stderr.contains("3 NULL rows match no jobset (orphans)"),
-        "{}",
-        r.stderr
-    );
+    assert_contains(&r.stderr, "3 NULL rows match no jobset (orphans)");
     let v = run_on(&db, &["verify"]);
     v.expect_code(7);
-    assert!(
-        v.stdout
-            .contains("builds: 0 NULL rows to fill, 3 orphan rows"),
-        "{}",
-        v.stdout
-    );
-    assert!(
-        v.stdout.contains("project-1:gone:orphan-job"),
-        "{}",
-        v.stdout
-    );
-    assert!(v.stdout.contains("(project-1:gone)"), "{}", v.stdout);
+    assert_contains(&v.stdout, "builds: 0 NULL rows to fill, 3 orphan rows");
+    assert_contains(&v.stdout, "project-1:gone:orphan-job");
+    assert_contains(&v.stdout, "(project-1:gone)");
     let j = run_on(&db, &["verify", "--json"]);
     j.expect_code(7);
     assert_eq!(j.json()["tables"][1]["orphans"], 3);
@@ -197,11 +180,9 @@ fn null_rows_from_an_older_writer_are_caught_by_verify() {
     assert!(stats.ops.iter().all(|op| op.cpu_wait_us.is_some()));
     let v = run_on(&db, &["verify"]);
     v.expect_code(7);
-    assert!(
-        v.stdout
-            .contains(&format!("builds: {} NULL rows to fill", stats.inserts)),
-        "{}",
-        v.stdout
+    assert_contains(
+        &v.stdout,
+        &format!("builds: {} NULL rows to fill", stats.inserts),
     );
     // a new backfill run picks them up
     run_on(&db, &["backfill"]).expect_code(0);
@@ -215,11 +196,9 @@ fn a_second_backfill_is_refused_while_one_runs() {
     holder.take_upgrade_lock().unwrap();
     let r = run_on(&db, &["backfill"]);
     r.expect_code(8);
-    assert!(
-        r.stderr
-            .contains("another hydra-upgrade is already working on this database: pid"),
-        "{}",
-        r.stderr
+    assert_contains(
+        &r.stderr,
+        "another hydra-upgrade is already working on this database: pid",
     );
     assert_eq!(
         db.query_i64("SELECT count(*) FROM builds WHERE jobset_id IS NOT NULL"),
@@ -228,11 +207,7 @@ fn a_second_backfill_is_refused_while_one_runs() {
     );
     let s = run_on(&db, &["status"]);
     s.expect_code(0);
-    assert!(
-        s.stdout.contains("running now:       hydra-upgrade pid"),
-        "{}",
-        s.stdout
-    );
+    assert_contains(&s.stdout, "running now:       hydra-upgrade pid");
 }
 
 #[test]
@@ -554,12 +529,10 @@ fn a_role_that_may_only_read_gets_exit_16_and_a_hint() {
     run(&["--db", &dsn, "status"]).expect_code(0);
     let r = run(&["--db", &dsn, "backfill"]);
     r.expect_code(16);
-    assert!(r.stderr.contains("permission denied"), "{}", r.stderr);
-    assert!(
-        r.stderr
-            .contains("hint: connect as the role that owns Hydra's tables"),
-        "{}",
-        r.stderr
+    assert_contains(&r.stderr, "permission denied");
+    assert_contains(
+        &r.stderr,
+        "hint: connect as the role that owns Hydra's tables",
     );
     assert_eq!(
         db.query_i64("SELECT count(*) FROM builds WHERE jobset_id IS NOT NULL"),
@@ -607,11 +580,9 @@ fn autoanalyze_is_held_off_during_the_walk_only() {
     db.exec("ALTER TABLE builds SET (autovacuum_analyze_threshold = 5000)");
     let r = run_on(&db, &["backfill", "--strategy", "per-page"]);
     r.expect_code(0);
-    assert!(
-        r.stderr
-            .contains("builds: autovacuum_analyze_threshold is set (5000)"),
-        "{}",
-        r.stderr
+    assert_contains(
+        &r.stderr,
+        "builds: autovacuum_analyze_threshold is set (5000)",
     );
     assert_eq!(
         reloptions(&db, "builds"),
@@ -708,11 +679,9 @@ fn the_backfill_keeps_itself_and_its_server_process_on_one_cpu() {
     let db = hydra_at(61);
     let r = run_on(&db, &["backfill", "--pin-cpu", "4096"]);
     r.expect_code(0);
-    assert!(
-        r.stderr
-            .contains("warning: backfill: not kept on one CPU: CPU 4096 is not one both"),
-        "{}",
-        r.stderr
+    assert_contains(
+        &r.stderr,
+        "warning: backfill: not kept on one CPU: CPU 4096 is not one both",
     );
     assert_eq!(db.wrong_or_null(), 0);
 }

@@ -43,7 +43,7 @@ fn finalize_produces_the_catalog_of_hydras_own_upgrade_files() {
     ours.exec("ALTER TABLE builds SET (autovacuum_analyze_threshold = 2000000000)");
     let r = run_on(&ours, &["finalize"]);
     r.expect_code(0);
-    assert!(r.stdout.contains("schema is 65"), "{}", r.stdout);
+    assert_contains(&r.stdout, "schema is 65");
     assert_eq!(ours.version(), 65);
     // What finalize says about SET NOT NULL's scan matches the server (.ci/older-postgres).
     let scans = ours.connect().server_version().unwrap() < 120_000;
@@ -103,12 +103,7 @@ fn finalize_is_refused_while_null_rows_remain() {
     let db = hydra_at(61);
     let r = run_on(&db, &["finalize"]);
     r.expect_code(7);
-    assert!(
-        r.stderr
-            .contains("finalize is refused while rows are left: jobs:"),
-        "{}",
-        r.stderr
-    );
+    assert_contains(&r.stderr, "finalize is refused while rows are left: jobs:");
     assert_eq!(db.version(), 61);
     assert_eq!(
         db.query_i64("SELECT count(*) FROM pg_constraint WHERE conname LIKE 'hydra_upgrade%'"),
@@ -121,12 +116,8 @@ fn finalize_names_the_stage_and_a_running_backfill() {
     let db = hydra_at(57);
     let r = run_on(&db, &["finalize"]);
     r.expect_code(9);
-    assert!(r.stderr.contains("at schema 57"), "{}", r.stderr);
-    assert!(
-        r.stderr.contains("switch to the migration package"),
-        "{}",
-        r.stderr
-    );
+    assert_contains(&r.stderr, "at schema 57");
+    assert_contains(&r.stderr, "switch to the migration package");
     // A backfill at work (its advisory lock held) with rows still NULL: finalize says
     // who is working (exit 8) rather than what is left (exit 7).
     let db = hydra_at(61);
@@ -134,12 +125,7 @@ fn finalize_names_the_stage_and_a_running_backfill() {
     backfill.take_upgrade_lock().unwrap();
     let r = run_on(&db, &["finalize"]);
     r.expect_code(8);
-    assert!(
-        r.stderr
-            .contains("another hydra-upgrade is already working"),
-        "{}",
-        r.stderr
-    );
+    assert_contains(&r.stderr, "another hydra-upgrade is already working");
 }
 
 /// A backfilled database, and Hydra's queue runner in the middle of a transaction on
@@ -192,11 +178,7 @@ fn finalize_gives_up_with_exit_14_when_the_lock_stays_taken() {
     );
     c.batch_execute("COMMIT").unwrap();
     r.expect_code(14);
-    assert!(
-        r.stderr.contains("could not get its short lock in 2 tries"),
-        "{}",
-        r.stderr
-    );
+    assert_contains(&r.stderr, "could not get its short lock in 2 tries");
     assert!(db.version() < 65, "nothing is claimed done");
     // With the lock gone, the same command finishes.
     run_on(&db, &["finalize"]).expect_code(0);
@@ -214,11 +196,9 @@ fn finalize_resumes_after_an_invalid_leftover_index() {
     );
     let r = run_on(&db, &["finalize"]);
     r.expect_code(0);
-    assert!(
-        r.stderr
-            .contains("dropping the invalid leftover index hydra_upgrade_tmp_64"),
-        "{}",
-        r.stderr
+    assert_contains(
+        &r.stderr,
+        "dropping the invalid leftover index hydra_upgrade_tmp_64",
     );
     let def = db.query_string("SELECT pg_get_indexdef('indexfinishedsuccessfulbuilds'::regclass)");
     assert!(
@@ -274,18 +254,11 @@ fn rehearse_runs_the_whole_upgrade_on_synthetic_data() {
         "{}",
         stock.stdout
     );
-    assert!(
-        stock
-            .stdout
-            .contains("longest lock blocking Hydra's writes in the final phase"),
-        "{}",
-        stock.stdout
+    assert_contains(
+        &stock.stdout,
+        "longest lock blocking Hydra's writes in the final phase",
     );
-    assert!(
-        stock.stdout.contains("final schema version: 65"),
-        "{}",
-        stock.stdout
-    );
+    assert_contains(&stock.stdout, "final schema version: 65");
     let j = run(&[&["--json", "rehearse"], SMALL].concat());
     j.expect_code(0);
     let (_, doc) = j.json_lines();
@@ -299,17 +272,11 @@ fn rehearse_on_a_copy_of_a_database_and_of_a_dump() {
     let before = db.digest_without_jobset_id();
     let r = run(&["rehearse", "--from-db", &db.dsn]);
     r.expect_code(0);
-    assert!(
-        r.stdout
-            .contains(&format!("rehearsal on copy of dbname={}", db.name)),
-        "{}",
-        r.stdout
+    assert_contains(
+        &r.stdout,
+        &format!("rehearsal on copy of dbname={}", db.name),
     );
-    assert!(
-        r.stdout.contains("final schema version: 65"),
-        "{}",
-        r.stdout
-    );
+    assert_contains(&r.stdout, "final schema version: 65");
     assert_eq!(db.version(), 60, "the source is only read");
     assert_eq!(db.digest_without_jobset_id(), before);
 
@@ -324,18 +291,14 @@ fn rehearse_on_a_copy_of_a_database_and_of_a_dump() {
         .unwrap();
     let r = run(&["rehearse", "--from-dump", file.to_str().unwrap()]);
     r.expect_code(0);
-    assert!(
-        r.stdout.contains("final schema version: 65"),
-        "{}",
-        r.stdout
-    );
+    assert_contains(&r.stdout, "final schema version: 65");
 }
 
 #[test]
 fn rehearse_checks_its_source_before_copying_it() {
     let r = run(&["rehearse", "--from-dump", "/nonexistent/hydra.dump"]);
     r.expect_code(3);
-    assert!(r.stderr.contains("no such file"), "{}", r.stderr);
+    assert_contains(&r.stderr, "no such file");
     assert!(
         !r.stderr.contains("starting a throwaway"),
         "nothing is started for a missing file: {}",
@@ -351,11 +314,7 @@ fn rehearse_checks_its_source_before_copying_it() {
     let empty = empty_db();
     let r = run(&["rehearse", "--from-db", &empty.dsn]);
     r.expect_code(5);
-    assert!(
-        r.stderr.contains("--from-db is not a Hydra database"),
-        "{}",
-        r.stderr
-    );
+    assert_contains(&r.stderr, "--from-db is not a Hydra database");
 }
 
 #[test]

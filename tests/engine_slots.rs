@@ -12,10 +12,6 @@ fn a_logical_slot_does_not_turn_auto_to_keyset() {
     let r = run_on(&db, &["backfill"]);
     db.exec("SELECT pg_drop_replication_slot('hu_test_slot')");
     r.expect_code(0);
-    assert!(
-        r.stderr.contains("builds: strategy per-page"),
-        "{}",
-        r.stderr
-    );
+    assert_contains(&r.stderr, "builds: strategy per-page");
     assert!(!r.stderr.contains("replication slot"), "{}", r.stderr);
 }

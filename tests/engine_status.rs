@@ -8,12 +8,8 @@ fn status_before_migration_names_the_next_step() {
     let db = hydra_at(57);
     let r = run_on(&db, &["status"]);
     r.expect_code(0);
-    assert!(r.stdout.contains("schema version:    57"), "{}", r.stdout);
-    assert!(
-        r.stdout.contains("next: switch to the migration package"),
-        "{}",
-        r.stdout
-    );
+    assert_contains(&r.stdout, "schema version:    57");
+    assert_contains(&r.stdout, "next: switch to the migration package");
 
     let j = run_on(&db, &["status", "--json"]).json();
     assert_eq!(j["schema_version"], 57);
@@ -81,13 +77,10 @@ fn status_names_autoanalyze_left_held_off_by_a_killed_backfill() {
     db.exec("ALTER TABLE builds SET (autovacuum_analyze_threshold = 2000000000)");
     let r = run_on(&db, &["status"]);
     r.expect_code(0);
-    assert!(
-        r.stdout.contains(
-            "autoanalyze of builds held off by hydra-upgrade; a backfill was killed: \
-             the next backfill or finalize resets it"
-        ),
-        "{}",
-        r.stdout
+    assert_contains(
+        &r.stdout,
+        "autoanalyze of builds held off by hydra-upgrade; a backfill was killed: \
+             the next backfill or finalize resets it",
     );
     let j = run_on(&db, &["status", "--json"]).expect_code(0).json();
     assert_eq!(j["autoanalyze_held_off"], serde_json::json!(["builds"]));
@@ -120,7 +113,7 @@ fn a_database_that_is_not_hydra_is_refused() {
     let db = empty_db();
     let r = run_on(&db, &["status"]);
     r.expect_code(5);
-    assert!(r.stderr.contains("not a Hydra database"), "{}", r.stderr);
+    assert_contains(&r.stderr, "not a Hydra database");
 }
 
 #[test]
@@ -129,12 +122,8 @@ fn version_61_without_the_columns_is_a_contradiction() {
     db.exec("UPDATE SchemaVersion SET version = 61");
     let r = run_on(&db, &["status"]);
     r.expect_code(6);
-    assert!(
-        r.stderr.contains("contradicts SchemaVersion 61"),
-        "{}",
-        r.stderr
-    );
-    assert!(r.stderr.contains("Jobsets.id is missing"), "{}", r.stderr);
+    assert_contains(&r.stderr, "contradicts SchemaVersion 61");
+    assert_contains(&r.stderr, "Jobsets.id is missing");
     // backfill refuses the same way and changes nothing
     run_on(&db, &["backfill"]).expect_code(6);
     assert_eq!(db.version(), 61);
@@ -154,7 +143,7 @@ fn final_and_later_schemas_have_nothing_to_do() {
     db.upgrade_to(65);
     let r = run_on(&db, &["status"]);
     r.expect_code(0);
-    assert!(r.stdout.contains("nothing to do"), "{}", r.stdout);
+    assert_contains(&r.stdout, "nothing to do");
     let r = run_on(&db, &["backfill"]);
     r.expect_code(0);
     // With --json the last line is still a report (no table walked, no step taken).
@@ -171,11 +160,7 @@ fn final_and_later_schemas_have_nothing_to_do() {
     assert_eq!(r.json()["dropped"], serde_json::json!(["jobs"]));
     let r = run_on(&db, &["verify"]);
     r.expect_code(0);
-    assert!(
-        r.stdout.contains("jobs: dropped by a later Hydra schema"),
-        "{}",
-        r.stdout
-    );
+    assert_contains(&r.stdout, "jobs: dropped by a later Hydra schema");
     run_on(&db, &["backfill"]).expect_code(0);
     run_on(&db, &["finalize"]).expect_code(0);
     db.exec("UPDATE SchemaVersion SET version = 80");
@@ -189,11 +174,7 @@ fn backfill_before_migration_is_the_wrong_phase() {
     let db = hydra_at(57);
     let r = run_on(&db, &["backfill"]);
     r.expect_code(9);
-    assert!(
-        r.stderr.contains("switch to the migration package first"),
-        "{}",
-        r.stderr
-    );
+    assert_contains(&r.stderr, "switch to the migration package first");
     run_on(&db, &["verify"]).expect_code(9);
 }
 
@@ -201,7 +182,7 @@ fn backfill_before_migration_is_the_wrong_phase() {
 fn malformed_dbi_string_is_a_config_error() {
     let r = run(&["--db", "dbi:Pg:dbname=hydra;user", "status"]);
     r.expect_code(3);
-    assert!(r.stderr.contains("malformed DBI string"), "{}", r.stderr);
+    assert_contains(&r.stderr, "malformed DBI string");
     let r = run(&["--db", "dbi:SQLite:dbname=x", "status"]);
     r.expect_code(3);
 }
@@ -217,17 +198,8 @@ fn status_does_not_wait_behind_a_lock_on_builds_and_names_its_holder() {
     let pid = holder.backend_pid().unwrap();
     let r = run_on(&db, &["status"]);
     r.expect_code(0);
-    assert!(
-        r.stdout.contains("NULL rows not counted (table locked)"),
-        "{}",
-        r.stdout
-    );
-    assert!(
-        r.stdout
-            .contains(&format!("locked by:         builds: pid {pid}")),
-        "{}",
-        r.stdout
-    );
+    assert_contains(&r.stdout, "NULL rows not counted (table locked)");
+    assert_contains(&r.stdout, &format!("locked by:         builds: pid {pid}"));
     let j = run_on(&db, &["status", "--json"]).json();
     assert!(j["builds_jobset_id"]["null_rows"].is_null(), "{j}");
     assert!(
@@ -283,7 +255,7 @@ fn an_empty_hydra_upgrade_config_counts_as_unset() {
 fn no_database_given_is_a_config_error() {
     let r = run(&["status"]);
     r.expect_code(3);
-    assert!(r.stderr.contains("HYDRA_DBI"), "{}", r.stderr);
+    assert_contains(&r.stderr, "HYDRA_DBI");
 }
 
 #[test]
@@ -313,7 +285,7 @@ fn unreachable_server_is_a_connect_error() {
         "status",
     ]);
     r.expect_code(4);
-    assert!(r.stderr.contains("cannot connect"), "{}", r.stderr);
+    assert_contains(&r.stderr, "cannot connect");
 }
 
 #[test]
@@ -337,11 +309,7 @@ fn wrong_password_is_refused_and_never_echoed() {
     );
     let r = run(&["--db", &dsn, "status"]);
     r.expect_code(4);
-    assert!(
-        r.stderr.contains("password authentication failed"),
-        "{}",
-        r.stderr
-    );
+    assert_contains(&r.stderr, "password authentication failed");
     assert!(
         !r.stderr.contains(secret) && !r.stdout.contains(secret),
         "password echoed:\n{}",

@@ -41,10 +41,6 @@ fn a_plain_vacuum_is_not_taken_for_an_old_snapshot() {
     locker.client().batch_execute("ROLLBACK").unwrap();
     vacuum.join().unwrap().unwrap();
     r.expect_code(0);
-    assert!(
-        r.stderr.contains("builds: strategy per-page"),
-        "{}",
-        r.stderr
-    );
+    assert_contains(&r.stderr, "builds: strategy per-page");
     assert!(!r.stderr.contains("holds a snapshot"), "{}", r.stderr);
 }

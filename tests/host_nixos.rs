@@ -303,12 +303,8 @@ fn full_upgrade_from_58_to_65_with_explicit_systems() {
     f.assert_final();
     assert_eq!(f.profile(), "final", "switch mode sets the system profile");
     assert_eq!(f.db.digest_without_jobset_id(), digest);
-    assert!(
-        r.stdout.contains("upgrade complete: schema 65"),
-        "{}",
-        r.stdout
-    );
-    assert!(r.stderr.contains("pin the final Hydra"), "{}", r.stderr);
+    assert_contains(&r.stdout, "upgrade complete: schema 65");
+    assert_contains(&r.stderr, "pin the final Hydra");
     // nixos-rebuild's order: profile, then activation under systemd-run; backfill in its unit
     let c = f.calls();
     let m = f.system("migration").display().to_string();
@@ -412,7 +408,7 @@ fn a_flake_without_the_attributes_is_a_config_error() {
     let args = f.args(&["--flake", "/etc/nixos", "--yes"]);
     let r = f.run_raw(&args, &[]);
     r.expect_code(3);
-    assert!(r.stderr.contains("--flake .#hydra"), "{}", r.stderr);
+    assert_contains(&r.stderr, "--flake .#hydra");
     assert_eq!(f.db.version(), 58);
 }
 
@@ -442,16 +438,8 @@ fn a_failed_switch_rolls_back_and_exits_10() {
     f.inject("migration", "fail-switch");
     let r = f.run(&[]);
     r.expect_code(10);
-    assert!(
-        r.stderr.contains("Rolled back: the host runs"),
-        "{}",
-        r.stderr
-    );
-    assert!(
-        r.stderr.contains("switch-to-configuration failed"),
-        "{}",
-        r.stderr
-    );
+    assert_contains(&r.stderr, "Rolled back: the host runs");
+    assert_contains(&r.stderr, "switch-to-configuration failed");
     assert_eq!(f.current(), "original");
     assert_eq!(f.profile(), "original");
     assert_eq!(f.db.version(), 58);
@@ -460,11 +448,9 @@ fn a_failed_switch_rolls_back_and_exits_10() {
     std::fs::remove_file(f.system("migration").join("fail-switch")).unwrap();
     let r = f.run_raw(&f.args(&["--yes"]), &[]);
     r.expect_code(0);
-    assert!(
-        r.stderr
-            .contains("using the phase systems remembered in the state file"),
-        "{}",
-        r.stderr
+    assert_contains(
+        &r.stderr,
+        "using the phase systems remembered in the state file",
     );
     f.assert_final();
 }
@@ -475,16 +461,10 @@ fn a_failed_hydra_init_rolls_back_with_its_journal() {
     f.inject("migration", "fail-init");
     let r = f.run(&[]);
     r.expect_code(10);
-    assert!(
-        r.stderr.contains("last journal lines of hydra-init"),
-        "{}",
-        r.stderr
-    );
-    assert!(
-        r.stderr
-            .contains("schema upgrade failed: injected failure in migration"),
-        "{}",
-        r.stderr
+    assert_contains(&r.stderr, "last journal lines of hydra-init");
+    assert_contains(
+        &r.stderr,
+        "schema upgrade failed: injected failure in migration",
     );
     assert_eq!(f.current(), "original");
     assert!(
@@ -499,12 +479,8 @@ fn an_unhealthy_hydra_after_the_final_switch_rolls_back_to_the_migration_system(
     f.inject("final", "unhealthy");
     let r = f.run(&[]);
     r.expect_code(10);
-    assert!(
-        r.stderr.contains("hydra-server.service is failed"),
-        "{}",
-        r.stderr
-    );
-    assert!(r.stderr.contains("injected crash in final"), "{}", r.stderr);
+    assert_contains(&r.stderr, "hydra-server.service is failed");
+    assert_contains(&r.stderr, "injected crash in final");
     assert_eq!(f.current(), "migration");
     assert_eq!(f.profile(), "migration");
     assert_eq!(f.db.version(), 65, "the database keeps what was committed");
@@ -520,12 +496,10 @@ fn a_failed_rollback_exits_11() {
     f.inject("original", "fail-switch");
     let r = f.run(&[]);
     r.expect_code(11);
-    assert!(r.stderr.contains("Rolling back to"), "{}", r.stderr);
-    assert!(
-        r.stderr
-            .contains("roll back by hand: `nix-env -p /nix/var/nix/profiles/system --set"),
-        "{}",
-        r.stderr
+    assert_contains(&r.stderr, "Rolling back to");
+    assert_contains(
+        &r.stderr,
+        "roll back by hand: `nix-env -p /nix/var/nix/profiles/system --set",
     );
 }
 
@@ -555,12 +529,8 @@ fn null_rows_right_before_the_final_switch_refuse_it() {
         ],
     );
     r.expect_code(7);
-    assert!(
-        r.stderr.contains("the final switch is refused"),
-        "{}",
-        r.stderr
-    );
-    assert!(r.stderr.contains("builds: 1 NULL"), "{}", r.stderr);
+    assert_contains(&r.stderr, "the final switch is refused");
+    assert_contains(&r.stderr, "builds: 1 NULL");
     assert_eq!(f.current(), "migration");
     assert_eq!(f.db.version(), 61);
     assert!(!f.calls().contains("switch-to-configuration switch final"));
@@ -613,7 +583,7 @@ fn without_a_terminal_and_without_yes_it_refuses() {
     a.extend(f.systems_args());
     let r = f.run_raw(&a, &[]);
     r.expect_code(13);
-    assert!(r.stderr.contains("run again with --yes"), "{}", r.stderr);
+    assert_contains(&r.stderr, "run again with --yes");
     assert_eq!(f.db.version(), 58);
     assert_eq!(f.current(), "original");
 }
@@ -630,12 +600,12 @@ fn preflight_refuses_a_path_that_is_not_a_nixos_system() {
     ]);
     let r = f.run_raw(&a, &[]);
     r.expect_code(3);
-    assert!(r.stderr.contains("is not a NixOS system"), "{}", r.stderr);
+    assert_contains(&r.stderr, "is not a NixOS system");
     assert_eq!(f.db.version(), 58);
     // no systems at all
     let r = f.run_raw(&f.args(&["--yes"]), &[]);
     r.expect_code(3);
-    assert!(r.stderr.contains("--flake REF"), "{}", r.stderr);
+    assert_contains(&r.stderr, "--flake REF");
 }
 
 #[test]
@@ -715,11 +685,7 @@ fn killed_during_the_migration_switch_then_resumed() {
     let _ = h.wait();
     let r = f.run(&[]);
     r.expect_code(0);
-    assert!(
-        r.stderr.contains("finishing that switch first"),
-        "{}",
-        r.stderr
-    );
+    assert_contains(&r.stderr, "finishing that switch first");
     f.assert_final();
 }
 
@@ -791,12 +757,9 @@ fn an_ssh_drop_during_the_backfill_leaves_it_running_and_a_rerun_follows_it() {
     );
     let r = f.run(&SLOW_BACKFILL);
     r.expect_code(0);
-    assert!(
-        r.stderr.contains(
-            "hydra-upgrade-backfill.service, started by an earlier run, is still running"
-        ),
-        "{}",
-        r.stderr
+    assert_contains(
+        &r.stderr,
+        "hydra-upgrade-backfill.service, started by an earlier run, is still running",
     );
     f.assert_final();
     let _ = h.wait();
@@ -864,11 +827,7 @@ fn ctrl_c_during_an_activation_does_not_roll_back_and_a_rerun_finishes_the_switc
     assert_eq!(f.current(), "migration");
     let r = f.run(&[]);
     r.expect_code(0);
-    assert!(
-        r.stderr.contains("already runs the migration system"),
-        "{}",
-        r.stderr
-    );
+    assert_contains(&r.stderr, "already runs the migration system");
     f.assert_final();
     assert_eq!(
         f.calls()
@@ -884,11 +843,7 @@ fn a_system_that_never_starts_hydra_init_is_rolled_back() {
     f.inject("migration", "no-init");
     let r = f.run(&[]);
     r.expect_code(10);
-    assert!(
-        r.stderr.contains("hydra-init.service stayed inactive"),
-        "{}",
-        r.stderr
-    );
+    assert_contains(&r.stderr, "hydra-init.service stayed inactive");
     assert_eq!(f.current(), "original");
     assert_eq!(f.db.version(), 58);
 }
@@ -963,12 +918,8 @@ fn a_host_already_on_a_failing_migration_system_is_not_rolled_back_to_itself() {
     .unwrap();
     let r = f.run(&[]);
     r.expect_code(11);
-    assert!(r.stderr.contains("nothing to roll back to"), "{}", r.stderr);
-    assert!(
-        r.stderr.contains("schema upgrade failed: by hand"),
-        "{}",
-        r.stderr
-    );
+    assert_contains(&r.stderr, "nothing to roll back to");
+    assert_contains(&r.stderr, "schema upgrade failed: by hand");
     assert!(
         !f.calls().contains("switch-to-configuration"),
         "{}",

@@ -144,6 +144,16 @@ pub fn fill_builds_where(condition: &str) -> String {
     )
 }
 
+/// `haystack` (a command's stdout or stderr) contains `needle`; if not, the failure shows
+/// all of it.
+#[track_caller]
+pub fn assert_contains(haystack: &str, needle: &str) {
+    assert!(
+        haystack.contains(needle),
+        "{needle:?} not found in:\n{haystack}"
+    );
+}
+
 /// What one run of the binary did.
 #[derive(Debug)]
 pub struct Run {
