@@ -10,6 +10,7 @@ use common::*;
 use hydra_upgrade::backfill::Table;
 use hydra_upgrade::backfill::keyset::{self, Cursor};
 use hydra_upgrade::backfill::per_page::{self, Listing};
+use hydra_upgrade::bench::pin::allowed_cpus;
 use hydra_upgrade::dsn::Dsn;
 use hydra_upgrade::workload::{self, WriterSpec};
 
@@ -590,15 +591,6 @@ fn autoanalyze_is_held_off_during_the_walk_only() {
     );
 }
 
-/// `Cpus_allowed_list` of a process (its main thread), as `/proc/PID/status` gives it.
-fn allowed_cpus(pid: u32) -> Option<String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .map(|v| v.trim().to_owned())
-}
-
 #[test]
 fn the_backfill_keeps_itself_and_its_server_process_on_one_cpu() {
     let db = hydra_at(61);
@@ -636,7 +628,7 @@ fn the_backfill_keeps_itself_and_its_server_process_on_one_cpu() {
         std::thread::sleep(Duration::from_millis(20));
     };
     let cpu = allowed_cpus(server).unwrap();
-    let seen_ours = allowed_cpus(ours);
+    let seen_ours = allowed_cpus(ours).ok();
     c.batch_execute("COMMIT").unwrap();
     let out = handle.wait().unwrap();
     let r = Run {

@@ -67,7 +67,7 @@ impl Pinned {
 
 /// The CPUs `pid` may run on, as `taskset -c` takes them (`Cpus_allowed_list` of
 /// `/proc/PID/status`).
-fn allowed_cpus(pid: u32) -> Result<String> {
+pub fn allowed_cpus(pid: u32) -> Result<String> {
     let path = format!("/proc/{pid}/status");
     let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     cpus_allowed_list(&status).with_context(|| format!("no Cpus_allowed_list in {path}"))
