@@ -113,6 +113,10 @@ pub struct BenchArgs {
     /// Our backfill's pause between transactions (`--pause-ms`).
     #[arg(long, default_value_t = 0)]
     pub pause_ms: u64,
+    /// Our backfill's largest batch (`--max-batch-size`, heap pages for per-page), by
+    /// default the command line's.
+    #[arg(long, value_name = "N")]
+    pub max_batch_size: Option<u64>,
     /// An extra server setting `name=value` (repeatable; overrides the defaults), for
     /// experiments such as `autovacuum=off`.
     #[arg(long, value_name = "NAME=VALUE")]
@@ -377,6 +381,8 @@ pub struct Bench {
     pub writer_secs: u64,
     pub ours_target_batch_ms: u64,
     pub ours_pause_ms: u64,
+    /// Our backfill's `--max-batch-size`.
+    pub ours_max_batch: u64,
     /// Our backfill's `--pin-cpu`.
     pub ours_pin_cpu: String,
     /// `--nice-ours`, when given.
@@ -433,6 +439,10 @@ pub fn ours_options(strategy: StrategyChoice, args: &BenchArgs) -> backfill::Opt
         strategy,
         target_batch: Duration::from_millis(args.target_batch_ms),
         pause: Duration::from_millis(args.pause_ms),
+        max_batch: args
+            .max_batch_size
+            .unwrap_or(defaults.max_batch_size)
+            .max(1),
         pin_cpu: if args.pin_ours {
             PinCpu::Off
         } else {
@@ -1325,6 +1335,7 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
         writer_secs: args.writer_secs,
         ours_target_batch_ms: args.target_batch_ms,
         ours_pause_ms: args.pause_ms,
+        ours_max_batch: ours_options(StrategyChoice::PerPage, args).max_batch,
         ours_pin_cpu: ours_options(StrategyChoice::PerPage, args)
             .pin_cpu
             .to_string(),
@@ -1705,9 +1716,10 @@ pub fn render(b: &Bench) -> String {
     push(
         &mut s,
         format!(
-            "ours: CLI defaults (lock_timeout 2 s, statement_timeout 120 s), --target-batch-ms {} --pause-ms {} --pin-cpu {}; Jobs always keyset{}{}{}",
+            "ours: CLI defaults (lock_timeout 2 s, statement_timeout 120 s), --target-batch-ms {} --pause-ms {} --max-batch-size {} --pin-cpu {}; Jobs always keyset{}{}{}",
             b.ours_target_batch_ms,
             b.ours_pause_ms,
+            b.ours_max_batch,
             b.ours_pin_cpu,
             b.ours_nice
                 .map(|n| format!("; its server process at niceness {n}"))
