@@ -122,6 +122,7 @@ let
       strategy = cfg.backfill.strategy;
       target_batch_ms = cfg.backfill.targetBatchMs;
       pause_ms = cfg.backfill.pauseMs;
+      pin_cpu = toString cfg.backfill.pinCpu;
     };
   } // optionalAttrs canBuildPhases {
     migration_system = "${migrationSystem}";
@@ -254,6 +255,19 @@ in
         default = 0;
         example = 20;
         description = "Pause between backfill transactions, in milliseconds (throttle for a busy server).";
+      };
+
+      pinCpu = mkOption {
+        type = types.either (types.enum [ "auto" "off" ]) types.ints.unsigned;
+        default = "auto";
+        example = "off";
+        description = ''
+          Keep the backfill and its PostgreSQL server process on one CPU while it runs, so
+          that Hydra's processes keep the others (hydra-upgrade backfill --pin-cpu): "auto"
+          takes the CPU serving the fewest device interrupts, a number names the CPU, "off"
+          leaves the scheduler alone. Applies only when PostgreSQL runs on this machine and
+          there are at least two CPUs; otherwise the backfill runs unpinned and logs why.
+        '';
       };
     };
 

@@ -142,9 +142,9 @@ pub struct BackfillArgs {
     /// at a time, on the CPU the backfill is about to take back. Only with PostgreSQL on
     /// this machine, 2 or more CPUs, and the right to set the server process's CPUs (root
     /// or the server's user); else the backfill runs unpinned and says why. `off`, or a
-    /// CPU number.
-    #[arg(long, value_name = "auto|off|CPU", default_value = "auto")]
-    pub pin_cpu: crate::backfill::one_cpu::PinCpu,
+    /// CPU number. Default: the configuration file's `backfill.pin_cpu`, else `auto`.
+    #[arg(long, value_name = "auto|off|CPU")]
+    pub pin_cpu: Option<crate::backfill::one_cpu::PinCpu>,
 }
 
 impl BackfillArgs {

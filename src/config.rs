@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use serde::Deserialize;
 
+use crate::backfill::one_cpu::PinCpu;
 use crate::cli::StrategyChoice;
 use crate::dsn::Dsn;
 use crate::exit::{Exit, fail};
@@ -18,6 +19,8 @@ pub struct BackfillConfig {
     pub strategy: Option<StrategyChoice>,
     pub target_batch_ms: Option<u64>,
     pub pause_ms: Option<u64>,
+    /// `backfill --pin-cpu`: `"auto"`, `"off"` or a CPU number (as a string).
+    pub pin_cpu: Option<PinCpu>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

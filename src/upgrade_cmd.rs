@@ -153,6 +153,7 @@ fn backfill_argv(args: &UpgradeArgs, global: &Global) -> Result<Vec<String>> {
     opt("max-retries", Some(b.max_retries.to_string()));
     opt("horizon-age-secs", Some(b.horizon_age_secs.to_string()));
     opt("horizon-wait-ms", Some(b.horizon_wait_ms.to_string()));
+    opt("pin-cpu", b.pin_cpu.map(|p| p.to_string()));
     Ok(v)
 }
 
@@ -495,6 +496,8 @@ mod tests {
             "per-page",
             "--pause-ms",
             "5",
+            "--pin-cpu",
+            "off",
             "--db",
             "postgresql://u:secret@h/db",
         ]);
@@ -510,6 +513,7 @@ mod tests {
         );
         assert!(argv.contains("--strategy per-page"), "{argv}");
         assert!(argv.contains("--pause-ms 5"), "{argv}");
+        assert!(argv.contains("--pin-cpu off"), "{argv}");
         assert!(!argv.contains("secret"), "{argv}");
     }
 }

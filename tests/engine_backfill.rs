@@ -677,3 +677,60 @@ fn the_backfill_keeps_itself_and_its_server_process_on_one_cpu() {
     );
     assert_eq!(db.wrong_or_null(), 0);
 }
+
+#[test]
+fn the_configuration_file_chooses_the_cpu_pinning_and_the_command_line_overrides_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.json");
+    let path = config.to_str().unwrap();
+    let write = |pin: &str| {
+        std::fs::write(
+            &config,
+            serde_json::json!({ "backfill": { "pin_cpu": pin } }).to_string(),
+        )
+        .unwrap()
+    };
+
+    // "off" in the file: neither pinned nor a word about it.
+    write("off");
+    let db = hydra_at(61);
+    let r = run_on(&db, &["--config", path, "--json", "backfill"]);
+    r.expect_code(0);
+    let (events, _) = r.json_lines();
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["event"] == "pinned" || e["event"] == "not_pinned"),
+        "{}",
+        r.stdout
+    );
+    // The command line wins over the file: a CPU neither may use is warned about.
+    let db = hydra_at(61);
+    let r = run_on(&db, &["--config", path, "backfill", "--pin-cpu", "4096"]);
+    r.expect_code(0);
+    assert_contains(
+        &r.stderr,
+        "warning: backfill: not kept on one CPU: CPU 4096",
+    );
+    // A CPU number from the file is used as one.
+    write("4096");
+    let db = hydra_at(61);
+    let r = run_on(&db, &["--config", path, "backfill"]);
+    r.expect_code(0);
+    assert_contains(
+        &r.stderr,
+        "warning: backfill: not kept on one CPU: CPU 4096",
+    );
+    assert_eq!(db.wrong_or_null(), 0);
+
+    // A value that is none of them: the configuration error, naming the file and the value.
+    write("first");
+    let db = hydra_at(61);
+    let r = run_on(&db, &["--config", path, "backfill"]);
+    r.expect_code(3);
+    assert_contains(&r.stderr, path);
+    assert_contains(
+        &r.stderr,
+        "expected auto, off or a CPU number, not \"first\"",
+    );
+}

@@ -39,7 +39,7 @@ let
   # --- the main case: nixos-20.09-like nixpkgs, Hydra before the change -------------
   mainEval = hostEval [{
     specialisation.mine = { configuration = { }; };
-    services.hydra-upgrade.backfill = { strategy = "per-page"; pauseMs = 5; };
+    services.hydra-upgrade.backfill = { strategy = "per-page"; pauseMs = 5; pinCpu = 1; };
   }];
   main = mainEval.config;
   top = main.system.build.toplevel;
@@ -94,7 +94,9 @@ let
     "config: state dir, URL, backfill knobs" =
       settings.state_dir == "/var/lib/hydra-upgrade"
       && settings.hydra_url == "http://localhost:3000"
-      && settings.backfill == { strategy = "per-page"; target_batch_ms = 20; pause_ms = 5; };
+      && settings.backfill == { strategy = "per-page"; target_batch_ms = 20; pause_ms = 5; pin_cpu = "1"; };
+    "config: CPU pinning is auto by default" =
+      (builtins.fromJSON noGuard.system.build.hydraUpgradeConfig.text).backfill.pin_cpu == "auto";
     "config has only keys the tool accepts" = lib.all (k: lib.elem k allowedKeys) (lib.attrNames settings);
     "activation installs the config file and GC roots" =
       let t = main.system.activationScripts.hydra-upgrade.text; in

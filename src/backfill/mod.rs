@@ -92,7 +92,7 @@ impl Options {
             max_retries: a.max_retries,
             horizon_age: Duration::from_secs(a.horizon_age_secs),
             horizon_wait: Duration::from_millis(a.horizon_wait_ms),
-            pin_cpu: a.pin_cpu,
+            pin_cpu: a.pin_cpu.or(cfg.pin_cpu).unwrap_or(PinCpu::Auto),
         }
     }
 }

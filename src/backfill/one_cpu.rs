@@ -26,8 +26,10 @@ use nix::unistd::Pid;
 use crate::db::Db;
 
 /// `--pin-cpu`: `auto` (of the CPUs both processes may use, the one that serves the fewest
-/// device interrupts), `off`, or a CPU number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// device interrupts), `off`, or a CPU number. In the configuration file a string of the
+/// same form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub enum PinCpu {
     Auto,
     Off,
@@ -56,6 +58,14 @@ impl FromStr for PinCpu {
                 .map(PinCpu::Cpu)
                 .map_err(|_| format!("expected auto, off or a CPU number, not {n:?}")),
         }
+    }
+}
+
+impl TryFrom<String> for PinCpu {
+    type Error = String;
+
+    fn try_from(s: String) -> std::result::Result<PinCpu, String> {
+        s.parse()
     }
 }
 
