@@ -310,6 +310,9 @@ pub struct WriterSummary {
     /// operation waited on the disk or for its turn on a CPU. `None` where not measured.
     pub cpu_wait_p99_ms: Option<f64>,
     pub p99_without_cpu_waits_ms: Option<f64>,
+    /// Every operation's latency in ms, in the order they ran; in the medians, every
+    /// run's operations pooled (so a percentile over them counts each run's tail).
+    pub latencies_ms: Vec<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -809,6 +812,11 @@ fn stop_writer_with_stats(w: Writer, db: &mut Db) -> Result<(WriterSummary, Writ
         over_100ms: stats.count_over_ms(100),
         cpu_wait_p99_ms: stats.cpu_wait_percentile_ms(99.0),
         p99_without_cpu_waits_ms: stats.percentile_ms_without_cpu_waits(99.0),
+        latencies_ms: stats
+            .ops
+            .iter()
+            .map(|op| op.latency_us as f64 / 1000.0)
+            .collect(),
     };
     Ok((summary, stats))
 }
@@ -1461,6 +1469,7 @@ fn median_writer(rs: &[&WriterSummary]) -> WriterSummary {
         over_100ms: median(rs.iter().map(|r| r.over_100ms as f64).collect()) as u64,
         cpu_wait_p99_ms: median_of_measured(rs.iter().map(|r| r.cpu_wait_p99_ms)),
         p99_without_cpu_waits_ms: median_of_measured(rs.iter().map(|r| r.p99_without_cpu_waits_ms)),
+        latencies_ms: rs.iter().flat_map(|r| r.latencies_ms.clone()).collect(),
     }
 }
 
@@ -1922,6 +1931,26 @@ pub fn render(b: &Bench) -> String {
                 w.during.p99_ms / w.idle.p99_ms.max(1e-9)
             ),
         );
+        if b.runs.len() > 1 {
+            // With a few hundred operations a run (100k builds) a run's p99 is its second
+            // or third slowest operation, and a median of three of them swings by more
+            // than the effects measured; all runs' operations together are a steadier
+            // reading of the same percentile. Shown beside the medians, not instead.
+            let pooled = |w: &WriterSummary| workload::percentile(w.latencies_ms.clone(), 99.0);
+            let (idle, during) = (pooled(&w.idle), pooled(&w.during));
+            push(
+                &mut s,
+                format!(
+                    "  all {} runs' operations pooled ({} alone, {} during): p99 {:.2} -> {:.2} ms, {:.2} x",
+                    b.runs.len(),
+                    w.idle.latencies_ms.len(),
+                    w.during.latencies_ms.len(),
+                    idle,
+                    during,
+                    during / idle.max(1e-9)
+                ),
+            );
+        }
         if let Some(t) = &w.wal_trace {
             push(
                 &mut s,
