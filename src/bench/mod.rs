@@ -435,17 +435,16 @@ fn engine_out() -> Out {
 }
 
 /// Our backfill options: the command line's defaults, with the strategy forced and the
-/// bench's `--target-batch-ms` / `--pause-ms`.
+/// bench's `--target-batch-ms` / `--pause-ms` / `--max-batch-size`.
 pub fn ours_options(strategy: StrategyChoice, args: &BenchArgs) -> backfill::Options {
-    let defaults = crate::cli::BackfillArgs::defaults();
+    let mut defaults = crate::cli::BackfillArgs::defaults();
+    if let Some(n) = args.max_batch_size {
+        defaults.max_batch_size = n;
+    }
     backfill::Options {
         strategy,
         target_batch: Duration::from_millis(args.target_batch_ms),
         pause: Duration::from_millis(args.pause_ms),
-        max_batch: args
-            .max_batch_size
-            .unwrap_or(defaults.max_batch_size)
-            .max(1),
         pin_cpu: if args.pin_ours {
             PinCpu::Off
         } else {
@@ -1336,6 +1335,7 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
         None
     };
     let medians = medians(&runs, &backfill_list, &final_list);
+    let ours = ours_options(StrategyChoice::PerPage, args);
     let mut bench = Bench {
         spec: spec(args),
         runs_requested: runs_n,
@@ -1343,10 +1343,8 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
         writer_secs: args.writer_secs,
         ours_target_batch_ms: args.target_batch_ms,
         ours_pause_ms: args.pause_ms,
-        ours_max_batch: ours_options(StrategyChoice::PerPage, args).max_batch,
-        ours_pin_cpu: ours_options(StrategyChoice::PerPage, args)
-            .pin_cpu
-            .to_string(),
+        ours_max_batch: ours.max_batch,
+        ours_pin_cpu: ours.pin_cpu.to_string(),
         ours_nice: args.nice_ours,
         ours_pinned: args.pin_ours,
         ours_sched_idle: args.idle_ours,
