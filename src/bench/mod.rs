@@ -136,6 +136,12 @@ pub struct BenchArgs {
     /// the cluster's user or root), to see whether Hydra's writes wait for a CPU.
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub nice_ours: Option<i32>,
+    /// Run the cluster's WAL writer at this niceness while our backfill runs, back to 0
+    /// after (`renice`; below 0 needs root): our asynchronous commits leave their WAL to
+    /// it, and Hydra's commits wait for it when it holds the WAL write lock, to see
+    /// whether its waits for a CPU reach Hydra's writes.
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub nice_walwriter: Option<i32>,
     /// Run our backfill's server process alone on the first CPU, every other process of
     /// the cluster and the bench (the writer's client) on the others (`taskset`; needs
     /// root or the cluster's user), to see whether Hydra's writes suffer from sharing
@@ -390,6 +396,8 @@ pub struct Bench {
     pub ours_pin_cpu: String,
     /// `--nice-ours`, when given.
     pub ours_nice: Option<i32>,
+    /// `--nice-walwriter`, when given.
+    pub walwriter_nice: Option<i32>,
     /// `--pin-ours`.
     pub ours_pinned: bool,
     /// `--idle-ours`.
@@ -664,10 +672,23 @@ fn ours(db: &mut Db, strategy: StrategyChoice, args: &BenchArgs) -> Result<Strin
     // `--idle-ours`, `--pin-ours`).
     let pid = db.backend_pid()?;
     if let Some(n) = args.nice_ours {
-        Cmd::new("renice")
-            .args(["-n", &n.to_string(), "-p", &pid.to_string()])
-            .run()?;
+        renice(pid, n)?;
     }
+    let walwriter = match args.nice_walwriter {
+        Some(n) => {
+            let pid: i32 = db
+                .client()
+                .query_one(
+                    "SELECT pid FROM pg_stat_activity WHERE backend_type = 'walwriter'",
+                    &[],
+                )
+                .context("finding the WAL writer's process (--nice-walwriter)")?
+                .get(0);
+            renice(pid, n)?;
+            Some(pid)
+        }
+        None => None,
+    };
     let idled = if args.idle_ours {
         Some(idle::ours(pid)?)
     } else {
@@ -690,6 +711,9 @@ fn ours(db: &mut Db, strategy: StrategyChoice, args: &BenchArgs) -> Result<Strin
     if let Some(i) = idled {
         i.undo()?;
     }
+    if let Some(pid) = walwriter {
+        renice(pid, 0)?;
+    }
     let report = report?;
     Ok(report
         .tables
@@ -706,6 +730,14 @@ fn ours(db: &mut Db, strategy: StrategyChoice, args: &BenchArgs) -> Result<Strin
         })
         .collect::<Vec<_>>()
         .join("; "))
+}
+
+/// `pid` at niceness `n`.
+fn renice(pid: i32, n: i32) -> Result<()> {
+    Cmd::new("renice")
+        .args(["-n", &n.to_string(), "-p", &pid.to_string()])
+        .run()?;
+    Ok(())
 }
 
 fn run_backfill_contender(
@@ -1346,6 +1378,7 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
         ours_max_batch: ours.max_batch,
         ours_pin_cpu: ours.pin_cpu.to_string(),
         ours_nice: args.nice_ours,
+        walwriter_nice: args.nice_walwriter,
         ours_pinned: args.pin_ours,
         ours_sched_idle: args.idle_ours,
         machine,
@@ -1723,13 +1756,16 @@ pub fn render(b: &Bench) -> String {
     push(
         &mut s,
         format!(
-            "ours: CLI defaults (lock_timeout 2 s, statement_timeout 120 s), --target-batch-ms {} --pause-ms {} --max-batch-size {} --pin-cpu {}; Jobs always keyset{}{}{}",
+            "ours: CLI defaults (lock_timeout 2 s, statement_timeout 120 s), --target-batch-ms {} --pause-ms {} --max-batch-size {} --pin-cpu {}; Jobs always keyset{}{}{}{}",
             b.ours_target_batch_ms,
             b.ours_pause_ms,
             b.ours_max_batch,
             b.ours_pin_cpu,
             b.ours_nice
                 .map(|n| format!("; its server process at niceness {n}"))
+                .unwrap_or_default(),
+            b.walwriter_nice
+                .map(|n| format!("; the WAL writer at niceness {n} while it runs"))
                 .unwrap_or_default(),
             if b.ours_pinned {
                 "; its server process alone on CPU 0, the rest of the cluster and the writer's client on the others"
