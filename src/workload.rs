@@ -154,6 +154,14 @@ fn run_delay_us(schedstat: &str) -> Option<u64> {
     Some(ns / 1000)
 }
 
+/// How long server process `pid` has run on a CPU and waited, runnable, for one (µs, the
+/// first two fields of its `schedstat`); `None` where that cannot be read.
+pub fn server_cpu_us(pid: i32) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(server_schedstat(pid)?).ok()?;
+    let mut fields = text.split_whitespace().map(|f| f.parse::<u64>().ok());
+    Some((fields.next()?? / 1000, fields.next()?? / 1000))
+}
+
 /// The `schedstat` file of server process `pid`, when the server runs on this machine
 /// (as the tests' and the benchmark's throwaway clusters do).
 fn server_schedstat(pid: i32) -> Option<PathBuf> {

@@ -329,6 +329,26 @@ pub struct WriterRun {
     pub backfill: BackfillRun,
     /// With `--wal-trace`.
     pub wal_trace: Option<wal_trace::WalTrace>,
+    /// The cluster's WAL writer during our backfill, where its `schedstat` can be read.
+    pub walwriter: Option<ProcessCpu>,
+}
+
+/// A server process's time on a CPU and time runnable but waiting for one, over a span.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct ProcessCpu {
+    pub on_cpu_ms: f64,
+    pub cpu_wait_ms: f64,
+}
+
+impl ProcessCpu {
+    /// Between two [`workload::server_cpu_us`] readings.
+    fn between(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Option<ProcessCpu> {
+        let ((run0, wait0), (run1, wait1)) = (before?, after?);
+        Some(ProcessCpu {
+            on_cpu_ms: run1.saturating_sub(run0) as f64 / 1000.0,
+            cpu_wait_ms: wait1.saturating_sub(wait0) as f64 / 1000.0,
+        })
+    }
 }
 
 /// The writer alone, next to a plain file writer, next to a busy CPU, next to a session
@@ -981,12 +1001,26 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
     let sampler = args
         .wal_trace
         .then(|| wal_trace::Sampler::start(cluster.dsn(&name)));
+    // Our asynchronous commits leave their WAL to the WAL writer, and a Hydra commit that
+    // finds it holding the WAL write lock waits for it: its own waits for a CPU.
+    let walwriter_pid: i32 = db
+        .client()
+        .query_one(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'walwriter'",
+            &[],
+        )
+        .context("finding the WAL writer's process")?
+        .get(0);
     let w = start_writer(cluster, &name, args.writer_pause_ms, 3_000 + run as u64);
+    let walwriter_before = workload::server_cpu_us(walwriter_pid);
+    let mut walwriter_after = None;
     let backfill = measure_backfill(cluster, &mut db, "per-page + writer", false, |db| {
         let note = ours(db, StrategyChoice::PerPage, args);
+        walwriter_after = workload::server_cpu_us(walwriter_pid);
         w.signal_stop();
         note
     })?;
+    let walwriter = ProcessCpu::between(walwriter_before, walwriter_after);
     let (during, stats) = stop_writer_with_stats(w, &mut db)?;
     let wal_trace = match sampler {
         Some(s) => {
@@ -1000,7 +1034,7 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
         None => None,
     };
     say(&format!(
-        "  during: {} ops, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, {} errors, {} lost updates; backfill {:.2}s HOT {:.1} %",
+        "  during: {} ops, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, {} errors, {} lost updates; backfill {:.2}s HOT {:.1} %{}",
         during.ops,
         during.p50_ms,
         during.p99_ms,
@@ -1008,7 +1042,13 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
         during.errors,
         during.lost_updates,
         backfill.seconds,
-        100.0 * backfill.hot_share
+        100.0 * backfill.hot_share,
+        walwriter
+            .map(|c| format!(
+                "; WAL writer {:.0} ms on a CPU, {:.0} ms waiting for one",
+                c.on_cpu_ms, c.cpu_wait_ms
+            ))
+            .unwrap_or_default()
     ));
     drop(db);
     drop_db(cluster, &name)?;
@@ -1017,6 +1057,7 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
         during,
         backfill,
         wal_trace,
+        walwriter,
     })
 }
 
@@ -1595,6 +1636,13 @@ fn medians(runs: &[Run], backfill_list: &[&str], final_list: &[&str]) -> Medians
             &writer_runs.iter().map(|w| &w.backfill).collect::<Vec<_>>(),
         ),
         wal_trace: median_wal_trace(writer_runs.iter().filter_map(|w| w.wal_trace.as_ref())),
+        walwriter: {
+            let cpu: Vec<ProcessCpu> = writer_runs.iter().filter_map(|w| w.walwriter).collect();
+            (!cpu.is_empty()).then(|| ProcessCpu {
+                on_cpu_ms: median(cpu.iter().map(|c| c.on_cpu_ms).collect()),
+                cpu_wait_ms: median(cpu.iter().map(|c| c.cpu_wait_ms).collect()),
+            })
+        },
     });
     let disk_runs: Vec<&DiskControlRun> = runs
         .iter()
@@ -1982,6 +2030,39 @@ pub fn render(b: &Bench) -> String {
                     idle,
                     during,
                     during / idle.max(1e-9)
+                ),
+            );
+        }
+        if let Some(c) = w.walwriter {
+            let per_run: Vec<String> = b
+                .runs
+                .iter()
+                .filter_map(|r| r.writer.as_ref())
+                .filter_map(|r| {
+                    r.walwriter.map(|c| {
+                        format!(
+                            "{:.0}/{:.0} ({:.2} x)",
+                            c.on_cpu_ms,
+                            c.cpu_wait_ms,
+                            r.during.p99_ms / r.idle.p99_ms.max(1e-9)
+                        )
+                    })
+                })
+                .collect();
+            push(
+                &mut s,
+                format!(
+                    "  the WAL writer during ours: {:.0} ms on a CPU, {:.0} ms runnable waiting for one{}",
+                    c.on_cpu_ms,
+                    c.cpu_wait_ms,
+                    if per_run.len() > 1 {
+                        format!(
+                            " (medians; per run, with the writer's p99 ratio: {})",
+                            per_run.join(", ")
+                        )
+                    } else {
+                        String::new()
+                    }
                 ),
             );
         }
