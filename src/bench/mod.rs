@@ -142,6 +142,12 @@ pub struct BenchArgs {
     /// whether its waits for a CPU reach Hydra's writes.
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub nice_walwriter: Option<i32>,
+    /// Keep the cluster's WAL writer on these CPUs (as `taskset -c` takes them, e.g. `1`)
+    /// while our backfill runs, back on its own after (needs root or the cluster's
+    /// user): with the backfill pinned to CPU 0, `1` keeps it off our CPU, `0` puts it on
+    /// it.
+    #[arg(long, value_name = "CPUS")]
+    pub walwriter_cpus: Option<String>,
     /// Run our backfill's server process alone on the first CPU, every other process of
     /// the cluster and the bench (the writer's client) on the others (`taskset`; needs
     /// root or the cluster's user), to see whether Hydra's writes suffer from sharing
@@ -418,6 +424,8 @@ pub struct Bench {
     pub ours_nice: Option<i32>,
     /// `--nice-walwriter`, when given.
     pub walwriter_nice: Option<i32>,
+    /// `--walwriter-cpus`, when given.
+    pub walwriter_cpus: Option<String>,
     /// `--pin-ours`.
     pub ours_pinned: bool,
     /// `--idle-ours`.
@@ -696,17 +704,14 @@ fn ours(db: &mut Db, strategy: StrategyChoice, args: &BenchArgs) -> Result<Strin
     }
     let walwriter = match args.nice_walwriter {
         Some(n) => {
-            let pid: i32 = db
-                .client()
-                .query_one(
-                    "SELECT pid FROM pg_stat_activity WHERE backend_type = 'walwriter'",
-                    &[],
-                )
-                .context("finding the WAL writer's process (--nice-walwriter)")?
-                .get(0);
+            let pid = walwriter_pid(db)?;
             renice(pid, n)?;
             Some(pid)
         }
+        None => None,
+    };
+    let walwriter_placed = match &args.walwriter_cpus {
+        Some(cpus) => Some(pin::only(walwriter_pid(db)? as u32, cpus)?),
         None => None,
     };
     let idled = if args.idle_ours {
@@ -734,6 +739,9 @@ fn ours(db: &mut Db, strategy: StrategyChoice, args: &BenchArgs) -> Result<Strin
     if let Some(pid) = walwriter {
         renice(pid, 0)?;
     }
+    if let Some(p) = walwriter_placed {
+        p.undo();
+    }
     let report = report?;
     Ok(report
         .tables
@@ -750,6 +758,18 @@ fn ours(db: &mut Db, strategy: StrategyChoice, args: &BenchArgs) -> Result<Strin
         })
         .collect::<Vec<_>>()
         .join("; "))
+}
+
+/// The cluster's WAL writer.
+fn walwriter_pid(db: &mut Db) -> Result<i32> {
+    Ok(db
+        .client()
+        .query_one(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'walwriter'",
+            &[],
+        )
+        .context("finding the WAL writer's process")?
+        .get(0))
 }
 
 /// `pid` at niceness `n`.
@@ -1003,14 +1023,7 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
         .then(|| wal_trace::Sampler::start(cluster.dsn(&name)));
     // Our asynchronous commits leave their WAL to the WAL writer, and a Hydra commit that
     // finds it holding the WAL write lock waits for it: its own waits for a CPU.
-    let walwriter_pid: i32 = db
-        .client()
-        .query_one(
-            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'walwriter'",
-            &[],
-        )
-        .context("finding the WAL writer's process")?
-        .get(0);
+    let walwriter_pid = walwriter_pid(&mut db)?;
     let w = start_writer(cluster, &name, args.writer_pause_ms, 3_000 + run as u64);
     let walwriter_before = workload::server_cpu_us(walwriter_pid);
     let mut walwriter_after = None;
@@ -1420,6 +1433,7 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
         ours_pin_cpu: ours.pin_cpu.to_string(),
         ours_nice: args.nice_ours,
         walwriter_nice: args.nice_walwriter,
+        walwriter_cpus: args.walwriter_cpus.clone(),
         ours_pinned: args.pin_ours,
         ours_sched_idle: args.idle_ours,
         machine,
@@ -1804,7 +1818,7 @@ pub fn render(b: &Bench) -> String {
     push(
         &mut s,
         format!(
-            "ours: CLI defaults (lock_timeout 2 s, statement_timeout 120 s), --target-batch-ms {} --pause-ms {} --max-batch-size {} --pin-cpu {}; Jobs always keyset{}{}{}{}",
+            "ours: CLI defaults (lock_timeout 2 s, statement_timeout 120 s), --target-batch-ms {} --pause-ms {} --max-batch-size {} --pin-cpu {}; Jobs always keyset{}{}{}{}{}",
             b.ours_target_batch_ms,
             b.ours_pause_ms,
             b.ours_max_batch,
@@ -1814,6 +1828,10 @@ pub fn render(b: &Bench) -> String {
                 .unwrap_or_default(),
             b.walwriter_nice
                 .map(|n| format!("; the WAL writer at niceness {n} while it runs"))
+                .unwrap_or_default(),
+            b.walwriter_cpus
+                .as_ref()
+                .map(|c| format!("; the WAL writer on CPUs {c} while it runs"))
                 .unwrap_or_default(),
             if b.ours_pinned {
                 "; its server process alone on CPU 0, the rest of the cluster and the writer's client on the others"

@@ -48,6 +48,13 @@ pub fn apart(db: &mut Db, ours: i32) -> Result<Pinned> {
     Ok(pinned)
 }
 
+/// Process `pid` on `cpus` alone (`--walwriter-cpus`), until [`Pinned::undo`].
+pub fn only(pid: u32, cpus: &str) -> Result<Pinned> {
+    let mut pinned = Pinned { before: Vec::new() };
+    pinned.pin(pid, cpus)?;
+    Ok(pinned)
+}
+
 impl Pinned {
     /// `pid` (all its threads, for the bench itself) on `cpus`, remembering its CPUs.
     fn pin(&mut self, pid: u32, cpus: &str) -> Result<()> {
