@@ -150,16 +150,20 @@ fn cpu_wait_us(schedstat: &Path) -> Option<u64> {
 
 /// `run_delay` (ns, the second of the three fields of a `schedstat` file), in µs.
 fn run_delay_us(schedstat: &str) -> Option<u64> {
-    let ns: u64 = schedstat.split_whitespace().nth(1)?.parse().ok()?;
-    Some(ns / 1000)
+    schedstat_us(schedstat).map(|(_, waited)| waited)
 }
 
-/// How long server process `pid` has run on a CPU and waited, runnable, for one (µs, the
-/// first two fields of its `schedstat`); `None` where that cannot be read.
-pub fn server_cpu_us(pid: i32) -> Option<(u64, u64)> {
-    let text = std::fs::read_to_string(server_schedstat(pid)?).ok()?;
-    let mut fields = text.split_whitespace().map(|f| f.parse::<u64>().ok());
+/// The time on a CPU and `run_delay` (ns, the first two fields of a `schedstat` file),
+/// in µs.
+fn schedstat_us(schedstat: &str) -> Option<(u64, u64)> {
+    let mut fields = schedstat.split_whitespace().map(|f| f.parse::<u64>().ok());
     Some((fields.next()?? / 1000, fields.next()?? / 1000))
+}
+
+/// How long server process `pid` has run on a CPU and waited, runnable, for one (µs);
+/// `None` where that cannot be read.
+pub fn server_cpu_us(pid: i32) -> Option<(u64, u64)> {
+    schedstat_us(&std::fs::read_to_string(server_schedstat(pid)?).ok()?)
 }
 
 /// The `schedstat` file of server process `pid`, when the server runs on this machine
@@ -298,6 +302,10 @@ mod tests {
     #[test]
     fn run_delay_is_the_second_schedstat_field() {
         assert_eq!(run_delay_us("233212591 54317155 1811\n"), Some(54_317));
+        assert_eq!(
+            schedstat_us("233212591 54317155 1811\n"),
+            Some((233_212, 54_317))
+        );
         assert_eq!(run_delay_us("233212591\n"), None);
         assert_eq!(run_delay_us(""), None);
     }
