@@ -158,6 +158,9 @@ pub struct BenchArgs {
     /// off, as it places the processes itself.
     #[arg(long, value_name = "auto|off|CPU", default_value = "auto")]
     pub pin_cpu: PinCpu,
+    /// Our backfill's `--cpu-slice-ms` (0 keeps the kernel's time slice).
+    #[arg(long, value_name = "MS", default_value_t = backfill::cpu_slice::DEFAULT_MS)]
+    pub cpu_slice_ms: u64,
     /// Run our backfill's server process and its client (a bench thread) under the
     /// `SCHED_IDLE` policy (`chrt --idle`; needs root or the cluster's user), to see
     /// whether Hydra's writes wait for a CPU behind our backfill (see
@@ -420,6 +423,8 @@ pub struct Bench {
     pub ours_max_batch: u64,
     /// Our backfill's `--pin-cpu`.
     pub ours_pin_cpu: String,
+    /// Our backfill's `--cpu-slice-ms`.
+    pub ours_cpu_slice_ms: u64,
     /// `--nice-ours`, when given.
     pub ours_nice: Option<i32>,
     /// `--nice-walwriter`, when given.
@@ -486,6 +491,7 @@ pub fn ours_options(strategy: StrategyChoice, args: &BenchArgs) -> backfill::Opt
         } else {
             args.pin_cpu
         },
+        cpu_slice: Duration::from_millis(args.cpu_slice_ms),
         ..backfill::Options::from_args(&defaults, &crate::config::Config::default())
     }
 }
@@ -1230,6 +1236,8 @@ fn run_memory(cluster: &PgCluster, args: &BenchArgs) -> Result<Option<MemoryRun>
         args.pause_ms.to_string(),
         "--pin-cpu".to_owned(),
         args.pin_cpu.to_string(),
+        "--cpu-slice-ms".to_owned(),
+        args.cpu_slice_ms.to_string(),
     ];
     let cmd = Cmd::new(time)
         .arg("-v")
@@ -1431,6 +1439,7 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
         ours_pause_ms: args.pause_ms,
         ours_max_batch: ours.max_batch,
         ours_pin_cpu: ours.pin_cpu.to_string(),
+        ours_cpu_slice_ms: args.cpu_slice_ms,
         ours_nice: args.nice_ours,
         walwriter_nice: args.nice_walwriter,
         walwriter_cpus: args.walwriter_cpus.clone(),
@@ -1818,11 +1827,12 @@ pub fn render(b: &Bench) -> String {
     push(
         &mut s,
         format!(
-            "ours: CLI defaults (lock_timeout 2 s, statement_timeout 120 s), --target-batch-ms {} --pause-ms {} --max-batch-size {} --pin-cpu {}; Jobs always keyset{}{}{}{}{}",
+            "ours: CLI defaults (lock_timeout 2 s, statement_timeout 120 s), --target-batch-ms {} --pause-ms {} --max-batch-size {} --pin-cpu {} --cpu-slice-ms {}; Jobs always keyset{}{}{}{}{}",
             b.ours_target_batch_ms,
             b.ours_pause_ms,
             b.ours_max_batch,
             b.ours_pin_cpu,
+            b.ours_cpu_slice_ms,
             b.ours_nice
                 .map(|n| format!("; its server process at niceness {n}"))
                 .unwrap_or_default(),
