@@ -145,15 +145,6 @@ pub struct BackfillArgs {
     /// CPU number. Default: the configuration file's `backfill.pin_cpu`, else `auto`.
     #[arg(long, value_name = "auto|off|CPU")]
     pub pin_cpu: Option<crate::backfill::one_cpu::PinCpu>,
-    /// The scheduler time slice (Linux 6.12 or later) asked for this tool and its
-    /// PostgreSQL server process while the backfill runs: a long one lets a woken Hydra
-    /// process take the CPU from the backfill at once instead of at the scheduler's next
-    /// tick. 0.1 to 100 ms (clamped); 0 keeps the kernel's. Needs PostgreSQL on this
-    /// machine and the right to change its server process's scheduling (root or the
-    /// server's user); else the backfill runs with the kernel's slice and says why.
-    /// Default: the configuration file's `backfill.cpu_slice_ms`, else 100.
-    #[arg(long, value_name = "MS")]
-    pub cpu_slice_ms: Option<u64>,
 }
 
 impl BackfillArgs {

@@ -21,8 +21,6 @@ pub struct BackfillConfig {
     pub pause_ms: Option<u64>,
     /// `backfill --pin-cpu`: `"auto"`, `"off"` or a CPU number (as a string).
     pub pin_cpu: Option<PinCpu>,
-    /// `backfill --cpu-slice-ms`.
-    pub cpu_slice_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -5,11 +5,9 @@
 //! and `statement_timeout`, retried with capped backoff on lock timeout, deadlock and
 //! serialization failure; its size adapts towards a target time. Progress is committed in
 //! the database, so a re-run continues; one backfill at a time (advisory lock). Where it
-//! can, it keeps itself and its server process on one CPU ([`one_cpu`]) and asks the
-//! scheduler to let Hydra's woken processes go first ([`cpu_slice`]).
+//! can, it keeps itself and its server process on one CPU ([`one_cpu`]).
 
 pub mod autoanalyze;
-pub mod cpu_slice;
 pub mod keyset;
 pub mod one_cpu;
 pub mod per_page;
@@ -74,9 +72,6 @@ pub struct Options {
     pub horizon_wait: Duration,
     /// Keep this tool and its server process on one CPU ([`one_cpu`]).
     pub pin_cpu: PinCpu,
-    /// The scheduler time slice asked for this tool and its server process
-    /// ([`cpu_slice`]); zero leaves the kernel's.
-    pub cpu_slice: Duration,
 }
 
 impl Options {
@@ -98,11 +93,6 @@ impl Options {
             horizon_age: Duration::from_secs(a.horizon_age_secs),
             horizon_wait: Duration::from_millis(a.horizon_wait_ms),
             pin_cpu: a.pin_cpu.or(cfg.pin_cpu).unwrap_or(PinCpu::Auto),
-            cpu_slice: Duration::from_millis(
-                a.cpu_slice_ms
-                    .or(cfg.cpu_slice_ms)
-                    .unwrap_or(cpu_slice::DEFAULT_MS),
-            ),
         }
     }
 }
@@ -437,7 +427,6 @@ pub fn run(db: &mut Db, opts: &Options, out: &Out, interrupt: &Interrupt) -> Res
     state::ensure(db)?;
     // Held until the walk ends, then both processes get their CPUs back.
     let _pinned = pin_to_one_cpu(db, opts.pin_cpu, out)?;
-    let _sliced = long_slice(db, opts.cpu_slice, out)?;
     let mut walked = Vec::new();
     for table in Table::ALL {
         match run_table(db, table, opts, out, interrupt) {
@@ -492,35 +481,6 @@ fn pin_to_one_cpu(db: &mut Db, choice: PinCpu, out: &Out) -> Result<Option<one_c
                 PinCpu::Cpu(_) => out.warn(&message),
                 PinCpu::Auto => out.event("not_pinned", &message, json!({"why": why})),
             }
-            Ok(None)
-        }
-    }
-}
-
-fn long_slice(db: &mut Db, slice: Duration, out: &Out) -> Result<Option<cpu_slice::Sliced>> {
-    if slice.is_zero() {
-        return Ok(None);
-    }
-    match cpu_slice::set(db, slice)? {
-        Ok(s) => {
-            out.event(
-                "sliced",
-                &format!(
-                    "backfill: this tool and PostgreSQL's server process (pid {}) run with a \
-                     {} ms time slice, so Hydra's woken processes go first",
-                    s.server_pid,
-                    s.slice.as_secs_f64() * 1e3
-                ),
-                json!({"slice_ms": s.slice.as_secs_f64() * 1e3, "server_pid": s.server_pid}),
-            );
-            Ok(Some(s))
-        }
-        Err(why) => {
-            out.event(
-                "not_sliced",
-                &format!("backfill: the kernel's time slice kept: {why}"),
-                json!({"why": why}),
-            );
             Ok(None)
         }
     }

@@ -17,6 +17,7 @@
 pub mod disk_control;
 pub mod idle;
 pub mod pin;
+pub mod slice;
 pub mod stock;
 pub mod wal_trace;
 pub mod wal_volume;
@@ -158,9 +159,18 @@ pub struct BenchArgs {
     /// off, as it places the processes itself.
     #[arg(long, value_name = "auto|off|CPU", default_value = "auto")]
     pub pin_cpu: PinCpu,
-    /// Our backfill's `--cpu-slice-ms` (0 keeps the kernel's time slice).
-    #[arg(long, value_name = "MS", default_value_t = backfill::cpu_slice::DEFAULT_MS)]
-    pub cpu_slice_ms: u64,
+    /// Run our backfill's server process and its client (a bench thread) with this
+    /// scheduler time slice (Linux 6.12 or later, 0.1-100 ms; needs root or the
+    /// cluster's user), to see whether Hydra's woken processes wait behind them for the
+    /// scheduler's tick (see `src/bench/slice.rs`).
+    #[arg(long, value_name = "MS")]
+    pub slice_ours: Option<f64>,
+    /// How often the writer-with-backfill runs (and disk-control's "ours in another db")
+    /// sample the other sessions holding the xmin horizon, in ms; 0: not at all. The
+    /// sampler's session shares the CPUs with the writer there, and the writer's idle
+    /// baseline has no sampler.
+    #[arg(long, value_name = "MS", default_value_t = HORIZON_SAMPLE_MS)]
+    pub writer_horizon_ms: u64,
     /// Run our backfill's server process and its client (a bench thread) under the
     /// `SCHED_IDLE` policy (`chrt --idle`; needs root or the cluster's user), to see
     /// whether Hydra's writes wait for a CPU behind our backfill (see
@@ -423,8 +433,10 @@ pub struct Bench {
     pub ours_max_batch: u64,
     /// Our backfill's `--pin-cpu`.
     pub ours_pin_cpu: String,
-    /// Our backfill's `--cpu-slice-ms`.
-    pub ours_cpu_slice_ms: u64,
+    /// `--slice-ours`, when given.
+    pub ours_slice_ms: Option<f64>,
+    /// `--writer-horizon-ms`.
+    pub writer_horizon_ms: u64,
     /// `--nice-ours`, when given.
     pub ours_nice: Option<i32>,
     /// `--nice-walwriter`, when given.
@@ -491,7 +503,6 @@ pub fn ours_options(strategy: StrategyChoice, args: &BenchArgs) -> backfill::Opt
         } else {
             args.pin_cpu
         },
-        cpu_slice: Duration::from_millis(args.cpu_slice_ms),
         ..backfill::Options::from_args(&defaults, &crate::config::Config::default())
     }
 }
@@ -592,7 +603,10 @@ fn builds_stats(db: &mut Db) -> Result<(i64, i64, i64, i64, i64)> {
     Ok((r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
 }
 
-/// Samples, every 50 ms, which other sessions of the cluster hold an xmin (a snapshot or
+/// How often the horizon sampler looks, unless `--writer-horizon-ms` says otherwise.
+const HORIZON_SAMPLE_MS: u64 = 50;
+
+/// Samples, every `every` (50 ms unless told), which other sessions of the cluster hold an xmin (a snapshot or
 /// transaction that keeps dead row versions from being pruned). A plain VACUUM's xmin
 /// does not keep them (see `per_page::PLAIN_VACUUM`) and is left out, as the backfill
 /// leaves it out.
@@ -601,7 +615,7 @@ struct HorizonSampler {
     handle: std::thread::JoinHandle<Result<Vec<(String, u64)>>>,
 }
 
-fn start_sampler(cluster: &PgCluster, exclude_pid: i32) -> Result<HorizonSampler> {
+fn start_sampler(cluster: &PgCluster, exclude_pid: i32, every: Duration) -> Result<HorizonSampler> {
     let mut db = cluster.connect("postgres")?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);
@@ -630,14 +644,17 @@ fn start_sampler(cluster: &PgCluster, exclude_pid: i32) -> Result<HorizonSampler
                 };
                 *seen.entry(what).or_default() += 1;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(every);
         }
         Ok(seen.into_iter().collect())
     });
     Ok(HorizonSampler { stop, handle })
 }
 
-fn stop_sampler(s: HorizonSampler) -> Result<Vec<(String, u64)>> {
+fn stop_sampler(s: Option<HorizonSampler>) -> Result<Vec<(String, u64)>> {
+    let Some(s) = s else {
+        return Ok(Vec::new());
+    };
     s.stop.store(true, Ordering::SeqCst);
     s.handle
         .join()
@@ -660,12 +677,16 @@ fn measure_backfill(
     db: &mut Db,
     contender: &str,
     wal_stats: bool,
+    horizon_every_ms: u64,
     work: impl FnOnce(&mut Db) -> Result<String>,
 ) -> Result<BackfillRun> {
     let before = builds_stats(db)?;
     let wal_start = wal_volume::position(db)?;
     let pid = db.backend_pid()?;
-    let sampler = start_sampler(cluster, pid)?;
+    let sampler = match horizon_every_ms {
+        0 => None,
+        ms => Some(start_sampler(cluster, pid, Duration::from_millis(ms))?),
+    };
     let t0 = Instant::now();
     let note = work(db);
     let seconds = t0.elapsed().as_secs_f64();
@@ -703,7 +724,7 @@ fn measure_backfill(
 
 fn ours(db: &mut Db, strategy: StrategyChoice, args: &BenchArgs) -> Result<String> {
     // Our server process, for the diagnostics that move it (`--nice-ours`,
-    // `--idle-ours`, `--pin-ours`).
+    // `--idle-ours`, `--slice-ours`, `--pin-ours`).
     let pid = db.backend_pid()?;
     if let Some(n) = args.nice_ours {
         renice(pid, n)?;
@@ -725,6 +746,10 @@ fn ours(db: &mut Db, strategy: StrategyChoice, args: &BenchArgs) -> Result<Strin
     } else {
         None
     };
+    let sliced = match args.slice_ours {
+        Some(ms) => Some(slice::ours(pid, Duration::from_secs_f64(ms / 1e3))?),
+        None => None,
+    };
     let pinned = if args.pin_ours {
         Some(pin::apart(db, pid)?)
     } else {
@@ -741,6 +766,9 @@ fn ours(db: &mut Db, strategy: StrategyChoice, args: &BenchArgs) -> Result<Strin
     }
     if let Some(i) = idled {
         i.undo()?;
+    }
+    if let Some(s) = sliced {
+        s.undo();
     }
     if let Some(pid) = walwriter {
         renice(pid, 0)?;
@@ -801,6 +829,7 @@ fn run_backfill_contender(
         &mut db,
         contender,
         wal_stats,
+        HORIZON_SAMPLE_MS,
         |db| match contender {
             "offline" => stock::offline(db).map(|_| String::new()),
             "stock" => stock::stock(db)
@@ -1033,12 +1062,19 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
     let w = start_writer(cluster, &name, args.writer_pause_ms, 3_000 + run as u64);
     let walwriter_before = workload::server_cpu_us(walwriter_pid);
     let mut walwriter_after = None;
-    let backfill = measure_backfill(cluster, &mut db, "per-page + writer", false, |db| {
-        let note = ours(db, StrategyChoice::PerPage, args);
-        walwriter_after = workload::server_cpu_us(walwriter_pid);
-        w.signal_stop();
-        note
-    })?;
+    let backfill = measure_backfill(
+        cluster,
+        &mut db,
+        "per-page + writer",
+        false,
+        args.writer_horizon_ms,
+        |db| {
+            let note = ours(db, StrategyChoice::PerPage, args);
+            walwriter_after = workload::server_cpu_us(walwriter_pid);
+            w.signal_stop();
+            note
+        },
+    )?;
     let walwriter = ProcessCpu::between(walwriter_before, walwriter_after);
     let (during, stats) = stop_writer_with_stats(w, &mut db)?;
     let wal_trace = match sampler {
@@ -1142,6 +1178,7 @@ fn run_disk_control(
         &mut other,
         "per-page, another database",
         false,
+        args.writer_horizon_ms,
         |db| {
             let note = ours(db, StrategyChoice::PerPage, args);
             w.signal_stop();
@@ -1236,8 +1273,6 @@ fn run_memory(cluster: &PgCluster, args: &BenchArgs) -> Result<Option<MemoryRun>
         args.pause_ms.to_string(),
         "--pin-cpu".to_owned(),
         args.pin_cpu.to_string(),
-        "--cpu-slice-ms".to_owned(),
-        args.cpu_slice_ms.to_string(),
     ];
     let cmd = Cmd::new(time)
         .arg("-v")
@@ -1439,7 +1474,8 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
         ours_pause_ms: args.pause_ms,
         ours_max_batch: ours.max_batch,
         ours_pin_cpu: ours.pin_cpu.to_string(),
-        ours_cpu_slice_ms: args.cpu_slice_ms,
+        ours_slice_ms: args.slice_ours,
+        writer_horizon_ms: args.writer_horizon_ms,
         ours_nice: args.nice_ours,
         walwriter_nice: args.nice_walwriter,
         walwriter_cpus: args.walwriter_cpus.clone(),
@@ -1827,12 +1863,19 @@ pub fn render(b: &Bench) -> String {
     push(
         &mut s,
         format!(
-            "ours: CLI defaults (lock_timeout 2 s, statement_timeout 120 s), --target-batch-ms {} --pause-ms {} --max-batch-size {} --pin-cpu {} --cpu-slice-ms {}; Jobs always keyset{}{}{}{}{}",
+            "ours: CLI defaults (lock_timeout 2 s, statement_timeout 120 s), --target-batch-ms {} --pause-ms {} --max-batch-size {} --pin-cpu {}; Jobs always keyset{}{}{}{}{}{}{}",
             b.ours_target_batch_ms,
             b.ours_pause_ms,
             b.ours_max_batch,
             b.ours_pin_cpu,
-            b.ours_cpu_slice_ms,
+            b.ours_slice_ms
+                .map(|ms| format!("; its server process and client with a {ms} ms time slice"))
+                .unwrap_or_default(),
+            match b.writer_horizon_ms {
+                HORIZON_SAMPLE_MS => String::new(),
+                0 => "; no horizon sampler next to the writer".to_owned(),
+                ms => format!("; the horizon sampled every {ms} ms next to the writer"),
+            },
             b.ours_nice
                 .map(|n| format!("; its server process at niceness {n}"))
                 .unwrap_or_default(),
