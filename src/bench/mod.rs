@@ -1968,10 +1968,15 @@ pub fn render(b: &Bench) -> String {
                     .iter()
                     .map(|(k, n)| format!("{k} x{n}"))
                     .collect();
+                let every = if r.contender == "per-page + writer" {
+                    b.writer_horizon_ms
+                } else {
+                    HORIZON_SAMPLE_MS
+                };
                 push(
                     &mut s,
                     format!(
-                        "  {}: other sessions seen holding the xmin horizon (samples every 50 ms, all runs): {}",
+                        "  {}: other sessions seen holding the xmin horizon (samples every {every} ms, all runs): {}",
                         label(&r.contender),
                         list.join("; ")
                     ),
