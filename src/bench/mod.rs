@@ -606,10 +606,10 @@ fn builds_stats(db: &mut Db) -> Result<(i64, i64, i64, i64, i64)> {
 /// How often the horizon sampler looks, unless `--writer-horizon-ms` says otherwise.
 const HORIZON_SAMPLE_MS: u64 = 50;
 
-/// Samples, every `every` (50 ms unless told), which other sessions of the cluster hold an xmin (a snapshot or
-/// transaction that keeps dead row versions from being pruned). A plain VACUUM's xmin
-/// does not keep them (see `per_page::PLAIN_VACUUM`) and is left out, as the backfill
-/// leaves it out.
+/// Samples, every `every` (50 ms unless told), which other sessions of the cluster hold
+/// an xmin (a snapshot or transaction that keeps dead row versions from being pruned). A
+/// plain VACUUM's xmin does not keep them (see `per_page::PLAIN_VACUUM`) and is left out,
+/// as the backfill leaves it out.
 struct HorizonSampler {
     stop: Arc<AtomicBool>,
     handle: std::thread::JoinHandle<Result<Vec<(String, u64)>>>,

@@ -97,14 +97,21 @@ pub fn ours(pid: i32, slice: Duration) -> Result<Sliced> {
         client_tid,
     };
     for tid in [pid, client_tid] {
-        let got = set_slice(tid, want)
-            .with_context(|| format!("setting the time slice of thread {tid}"))?;
-        if got.runtime != want {
-            bail!(
-                "thread {tid} kept a {} ns time slice, not the {want} ns asked: custom slices \
-                 need Linux 6.12 or later, and 100 us to 100 ms",
-                got.runtime
-            );
+        let kept = set_slice(tid, want)
+            .with_context(|| format!("setting the time slice of thread {tid}"))
+            .and_then(|got| {
+                if got.runtime != want {
+                    bail!(
+                        "thread {tid} kept a {} ns time slice, not the {want} ns asked: \
+                         custom slices need Linux 6.12 or later, and 100 us to 100 ms",
+                        got.runtime
+                    );
+                }
+                Ok(())
+            });
+        if let Err(e) = kept {
+            sliced.undo();
+            return Err(e);
         }
     }
     Ok(sliced)
