@@ -211,8 +211,10 @@ pub struct BackfillRun {
     /// With `--wal-stats`, our per-page backfill's WAL by resource manager.
     pub wal_kinds: Vec<wal_volume::WalKind>,
     /// Other sessions seen holding back the xmin horizon (which stops pruning, so HOT
-    /// updates) while the contender ran: (what, samples taken every 50 ms).
+    /// updates) while the contender ran: (what, samples taken every `horizon_every_ms`).
     pub horizon_holders: Vec<(String, u64)>,
+    /// How often those samples were taken (0: not sampled).
+    pub horizon_every_ms: u64,
 }
 
 impl BackfillRun {
@@ -719,6 +721,7 @@ fn measure_backfill(
         wal_bytes: wal_end - wal_start,
         wal_kinds,
         horizon_holders,
+        horizon_every_ms,
     })
 }
 
@@ -1539,6 +1542,7 @@ fn median_backfill(name: &str, rs: &[&BackfillRun]) -> BackfillRun {
             }
             all.into_iter().collect()
         },
+        horizon_every_ms: rs.first().map_or(0, |r| r.horizon_every_ms),
     }
 }
 
@@ -1968,16 +1972,12 @@ pub fn render(b: &Bench) -> String {
                     .iter()
                     .map(|(k, n)| format!("{k} x{n}"))
                     .collect();
-                let every = if r.contender == "per-page + writer" {
-                    b.writer_horizon_ms
-                } else {
-                    HORIZON_SAMPLE_MS
-                };
                 push(
                     &mut s,
                     format!(
-                        "  {}: other sessions seen holding the xmin horizon (samples every {every} ms, all runs): {}",
+                        "  {}: other sessions seen holding the xmin horizon (samples every {} ms, all runs): {}",
                         label(&r.contender),
+                        r.horizon_every_ms,
                         list.join("; ")
                     ),
                 );
