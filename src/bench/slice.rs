@@ -14,34 +14,20 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-/// `struct sched_attr` as far as `SCHED_ATTR_SIZE_VER0` (48 bytes), all that a normal
-/// process's policy uses.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-struct SchedAttr {
-    size: u32,
-    policy: u32,
-    flags: u64,
-    nice: i32,
-    priority: u32,
-    runtime: u64,
-    deadline: u64,
-    period: u64,
-}
+/// `libc::sched_attr` is the kernel's first version (`SCHED_ATTR_SIZE_VER0`, 48 bytes),
+/// all that a normal process's policy uses.
+const ATTR_SIZE: u32 = std::mem::size_of::<libc::sched_attr>() as u32;
 
-const SCHED_OTHER: u32 = 0;
-const SCHED_BATCH: u32 = 3;
-
-fn get(tid: i32) -> std::io::Result<SchedAttr> {
-    let mut attr = SchedAttr::default();
-    let size = std::mem::size_of::<SchedAttr>() as u32;
-    // SAFETY: `attr` is a valid, writable `sched_attr` of `size` bytes.
+fn get(tid: i32) -> std::io::Result<libc::sched_attr> {
+    // SAFETY: `sched_attr` is plain integers, for which all zeroes is a valid value.
+    let mut attr: libc::sched_attr = unsafe { std::mem::zeroed() };
+    // SAFETY: `attr` is a valid, writable `sched_attr` of `ATTR_SIZE` bytes.
     let r = unsafe {
         libc::syscall(
             libc::SYS_sched_getattr,
             tid,
-            &mut attr as *mut SchedAttr,
-            size,
+            &mut attr as *mut libc::sched_attr,
+            ATTR_SIZE,
             0u32,
         )
     };
@@ -54,23 +40,23 @@ fn get(tid: i32) -> std::io::Result<SchedAttr> {
 
 /// `tid`'s slice, keeping its policy and niceness; 0 is the kernel's default. Returns
 /// the attributes read back.
-fn set_slice(tid: i32, slice_ns: u64) -> std::io::Result<SchedAttr> {
+fn set_slice(tid: i32, slice_ns: u64) -> std::io::Result<libc::sched_attr> {
     let mut attr = get(tid)?;
-    if attr.policy != SCHED_OTHER && attr.policy != SCHED_BATCH {
+    let policy = attr.sched_policy as i32;
+    if policy != libc::SCHED_OTHER && policy != libc::SCHED_BATCH {
         return Err(std::io::Error::other(format!(
-            "it runs under scheduling policy {}, not a normal one",
-            attr.policy
+            "it runs under scheduling policy {policy}, not a normal one"
         )));
     }
-    attr.size = std::mem::size_of::<SchedAttr>() as u32;
-    attr.flags = 0;
-    attr.runtime = slice_ns;
+    attr.size = ATTR_SIZE;
+    attr.sched_flags = 0;
+    attr.sched_runtime = slice_ns;
     // SAFETY: `attr` is a valid `sched_attr` of `attr.size` bytes, read from the kernel.
     let r = unsafe {
         libc::syscall(
             libc::SYS_sched_setattr,
             tid,
-            &attr as *const SchedAttr,
+            &attr as *const libc::sched_attr,
             0u32,
         )
     };
@@ -100,11 +86,11 @@ pub fn ours(pid: i32, slice: Duration) -> Result<Sliced> {
         let kept = set_slice(tid, want)
             .with_context(|| format!("setting the time slice of thread {tid}"))
             .and_then(|got| {
-                if got.runtime != want {
+                if got.sched_runtime != want {
                     bail!(
                         "thread {tid} kept a {} ns time slice, not the {want} ns asked: \
                          custom slices need Linux 6.12 or later, and 100 us to 100 ms",
-                        got.runtime
+                        got.sched_runtime
                     );
                 }
                 Ok(())
@@ -131,7 +117,7 @@ mod tests {
 
     #[test]
     fn the_struct_is_the_kernels_first_version() {
-        assert_eq!(std::mem::size_of::<SchedAttr>(), 48);
+        assert_eq!(ATTR_SIZE, 48);
     }
 
     #[test]
@@ -142,14 +128,18 @@ mod tests {
             let me = unsafe { libc::gettid() };
             let before = get(me).expect("sched_getattr on this thread");
             let after = set_slice(me, 5_000_000).expect("sched_setattr on this thread");
-            assert_eq!((after.policy, after.nice), (before.policy, before.nice));
+            assert_eq!(
+                (after.sched_policy, after.sched_nice),
+                (before.sched_policy, before.sched_nice)
+            );
             // Kept (Linux 6.12 on), or taken and ignored by an older kernel.
             assert!(
-                after.runtime == 5_000_000 || after.runtime == before.runtime,
-                "{after:?}"
+                after.sched_runtime == 5_000_000 || after.sched_runtime == before.sched_runtime,
+                "{}",
+                after.sched_runtime
             );
             let back = set_slice(me, 0).expect("back to the default");
-            assert_eq!(back.runtime, before.runtime);
+            assert_eq!(back.sched_runtime, before.sched_runtime);
         })
         .join()
         .unwrap();
