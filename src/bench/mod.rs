@@ -342,6 +342,13 @@ pub struct WriterSummary {
     pub latencies_ms: Vec<f64>,
 }
 
+impl WriterSummary {
+    /// This p99 as a multiple of `baseline`'s (the writer alone).
+    pub fn p99_over(&self, baseline: &WriterSummary) -> f64 {
+        self.p99_ms / baseline.p99_ms.max(1e-9)
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct WriterRun {
     pub idle: WriterSummary,
@@ -2086,7 +2093,7 @@ pub fn render(b: &Bench) -> String {
             &mut s,
             format!(
                 "p99 during / alone: {:.2}\n{CPU_WAIT_LEGEND}",
-                w.during.p99_ms / w.idle.p99_ms.max(1e-9)
+                w.during.p99_over(&w.idle)
             ),
         );
         if b.runs.len() > 1 {
@@ -2120,7 +2127,7 @@ pub fn render(b: &Bench) -> String {
                             "{:.0}/{:.0} ({:.2} x)",
                             c.on_cpu_ms,
                             c.cpu_wait_ms,
-                            r.during.p99_ms / r.idle.p99_ms.max(1e-9)
+                            r.during.p99_over(&r.idle)
                         )
                     })
                 })
@@ -2213,7 +2220,7 @@ pub fn render(b: &Bench) -> String {
                 ],
             ),
         );
-        let ratio = |x: &WriterSummary| x.p99_ms / d.idle.p99_ms.max(1e-9);
+        let ratio = |x: &WriterSummary| x.p99_over(&d.idle);
         push(
             &mut s,
             format!(
@@ -2278,7 +2285,7 @@ pub fn render(b: &Bench) -> String {
         );
     }
     if let Some(w) = &m.writer {
-        let r = w.during.p99_ms / w.idle.p99_ms.max(1e-9);
+        let r = w.during.p99_over(&w.idle);
         let ok = r <= 2.0 && w.during.errors == 0 && w.during.lost_updates == 0;
         push(
             &mut s,
