@@ -16,6 +16,7 @@
 
 pub mod disk_control;
 pub mod idle;
+pub mod nice;
 pub mod pin;
 pub mod slice;
 pub mod stock;
@@ -133,12 +134,14 @@ pub struct BenchArgs {
     /// (see `src/bench/wal_volume.rs`; needs `pg_waldump` next to `postgres`).
     #[arg(long)]
     pub wal_stats: bool,
-    /// Run our backfill's server process at this niceness (`renice`; raising it needs
-    /// the cluster's user or root), to see whether Hydra's writes wait for a CPU.
+    /// Run our backfill's server process at this niceness, and its autogroup too where
+    /// the kernel groups by session (see `src/bench/nice.rs`; raising it needs the
+    /// cluster's user or root), to see whether Hydra's writes wait for a CPU.
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub nice_ours: Option<i32>,
-    /// Run the cluster's WAL writer at this niceness while our backfill runs, back to 0
-    /// after (`renice`; below 0 needs root): our asynchronous commits leave their WAL to
+    /// Run the cluster's WAL writer at this niceness while our backfill runs, and its
+    /// autogroup too (see `src/bench/nice.rs`), back to 0 after (below 0 needs root):
+    /// our asynchronous commits leave their WAL to
     /// it, and Hydra's commits wait for it when it holds the WAL write lock, to see
     /// whether its waits for a CPU reach Hydra's writes.
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
@@ -190,6 +193,9 @@ pub struct Machine {
     pub memory_gib: f64,
     pub postgres: String,
     pub settings: Vec<(String, String)>,
+    /// `kernel.sched_autogroup_enabled`: the kernel weighs sessions, not processes, and
+    /// every PostgreSQL server process leads a session of its own.
+    pub autogroups: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -558,6 +564,7 @@ fn machine(db: &mut Db) -> Result<Machine> {
         memory_gib: mem_kb / 1_048_576.0,
         postgres,
         settings,
+        autogroups: nice::autogroups_on(),
     })
 }
 
@@ -737,12 +744,12 @@ fn ours(db: &mut Db, strategy: StrategyChoice, args: &BenchArgs) -> Result<Strin
     // `--idle-ours`, `--slice-ours`, `--pin-ours`).
     let pid = db.backend_pid()?;
     if let Some(n) = args.nice_ours {
-        renice(pid, n)?;
+        nice::set(pid, n)?;
     }
     let walwriter = match args.nice_walwriter {
         Some(n) => {
             let pid = walwriter_pid(db)?;
-            renice(pid, n)?;
+            nice::set(pid, n)?;
             Some(pid)
         }
         None => None,
@@ -781,7 +788,7 @@ fn ours(db: &mut Db, strategy: StrategyChoice, args: &BenchArgs) -> Result<Strin
         s.undo();
     }
     if let Some(pid) = walwriter {
-        renice(pid, 0)?;
+        nice::set(pid, 0)?;
     }
     if let Some(p) = walwriter_placed {
         p.undo();
@@ -814,14 +821,6 @@ fn walwriter_pid(db: &mut Db) -> Result<i32> {
         )
         .context("finding the WAL writer's process")?
         .get(0))
-}
-
-/// `pid` at niceness `n`.
-fn renice(pid: i32, n: i32) -> Result<()> {
-    Cmd::new("renice")
-        .args(["-n", &n.to_string(), "-p", &pid.to_string()])
-        .run()?;
-    Ok(())
 }
 
 fn run_backfill_contender(
@@ -1845,8 +1844,16 @@ pub fn render(b: &Bench) -> String {
     push(
         &mut s,
         format!(
-            "machine: {} CPUs ({}), {:.1} GiB RAM; {}",
-            b.machine.cpus, b.machine.cpu_model, b.machine.memory_gib, b.machine.postgres
+            "machine: {} CPUs ({}), {:.1} GiB RAM, {}; {}",
+            b.machine.cpus,
+            b.machine.cpu_model,
+            b.machine.memory_gib,
+            if b.machine.autogroups {
+                "autogroups on (the kernel weighs sessions, not processes)"
+            } else {
+                "autogroups off"
+            },
+            b.machine.postgres
         ),
     );
     push(
