@@ -4,7 +4,9 @@
 //! processes as free when it places a woken process; so if Hydra's writes waited for a
 //! CPU *behind our backfill*, this should shorten that wait. A diagnostic, as
 //! `--nice-ours` and `--pin-ours` are; `chrt` on the server process needs root or the
-//! cluster's user.
+//! cluster's user. Where the kernel groups processes by session (see `nice.rs`), the
+//! policy only weighs our server process inside its own session's group, which keeps its
+//! normal weight; `--nice-ours 19` lowers that too.
 
 use anyhow::{Context, Result};
 
