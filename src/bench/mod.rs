@@ -141,9 +141,9 @@ pub struct BenchArgs {
     pub nice_ours: Option<i32>,
     /// Run the cluster's WAL writer at this niceness while our backfill runs, and its
     /// autogroup too (see `src/bench/nice.rs`), back to 0 after (below 0 needs root):
-    /// our asynchronous commits leave their WAL to
-    /// it, and Hydra's commits wait for it when it holds the WAL write lock, to see
-    /// whether its waits for a CPU reach Hydra's writes.
+    /// our asynchronous commits leave their WAL to it, and Hydra's commits wait for it
+    /// when it holds the WAL write lock, to see whether its waits for a CPU reach
+    /// Hydra's writes.
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub nice_walwriter: Option<i32>,
     /// Keep the cluster's WAL writer on these CPUs (as `taskset -c` takes them, e.g. `1`)

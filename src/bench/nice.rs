@@ -10,7 +10,7 @@
 //! niceness (what counts where the kernel does not group by session, or where a CPU cgroup
 //! puts the whole server in one group) and, when the process leads its session so that its
 //! autogroup holds nothing else, the autogroup's. Raising either needs root or the
-//! cluster's user; lowering them, root.
+//! cluster's user; lowering the process's own, or the autogroup's below 0, needs root.
 
 use anyhow::{Context, Result};
 
