@@ -8,7 +8,7 @@
 //! policy only weighs our server process inside its own session's group, which keeps its
 //! normal weight; `--nice-ours 19` lowers that too.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use crate::exec::Cmd;
 
@@ -21,11 +21,8 @@ pub struct Idled {
 /// process keeps it until its session ends (each contender's session ends with it).
 pub fn ours(pid: i32) -> Result<Idled> {
     chrt("--idle", &pid.to_string())?;
-    let me = std::fs::read_link("/proc/thread-self").context("reading /proc/thread-self")?;
-    let client_tid = me
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .with_context(|| format!("no thread id in {}", me.display()))?;
+    // SAFETY: gettid has no preconditions.
+    let client_tid = unsafe { libc::gettid() }.to_string();
     chrt("--idle", &client_tid)?;
     Ok(Idled { client_tid })
 }

@@ -18,6 +18,7 @@ pub mod disk_control;
 pub mod idle;
 pub mod nice;
 pub mod pin;
+pub mod proc_stat;
 pub mod slice;
 pub mod stock;
 pub mod wal_trace;

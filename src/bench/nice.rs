@@ -14,6 +14,7 @@
 
 use anyhow::{Context, Result};
 
+use super::proc_stat;
 use crate::exec::Cmd;
 
 /// Whether the kernel weighs sessions against each other (autogroups) rather than
@@ -38,18 +39,9 @@ pub fn set(pid: i32, n: i32) -> Result<()> {
     Ok(())
 }
 
-/// Whether `pid` is its session's leader (field 6 of `/proc/PID/stat`, after the
-/// parenthesised command name, which may itself hold spaces and parentheses).
+/// Whether `pid` is its session's leader.
 fn leads_its_session(pid: i32) -> Result<bool> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    Ok(session_of(&stat) == Some(pid))
-}
-
-fn session_of(stat: &str) -> Option<i32> {
-    let (_, after_comm) = stat.rsplit_once(')')?;
-    // state, ppid, pgrp, session
-    after_comm.split_whitespace().nth(3)?.parse().ok()
+    Ok(proc_stat::field(pid as u32, 3, "session")? == i64::from(pid))
 }
 
 #[cfg(test)]
@@ -57,18 +49,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_session_is_read_after_the_command_name() {
-        let stat = "4242 (postgres: hydra (x) ) S 100 4242 4243 0 -1 4194560 1 0 0 0";
-        assert_eq!(session_of(stat), Some(4243));
-        assert_eq!(session_of("garbage"), None);
-    }
-
-    #[test]
-    fn this_process_is_in_a_session() {
-        let me = std::process::id() as i32;
-        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-        let session = session_of(&stat).unwrap();
-        assert!(session > 0);
-        assert_eq!(leads_its_session(me).unwrap(), session == me);
+    fn this_process_leads_its_session_or_not() {
+        let me = std::process::id();
+        let session = proc_stat::field(me, 3, "session").unwrap();
+        assert_eq!(
+            leads_its_session(me as i32).unwrap(),
+            session == i64::from(me)
+        );
     }
 }

@@ -6,6 +6,7 @@
 
 use anyhow::{Context, Result, bail};
 
+use super::proc_stat;
 use crate::db::Db;
 use crate::exec::Cmd;
 
@@ -97,14 +98,10 @@ fn taskset(cpus: &str, pid: u32, all_threads: bool) -> Result<()> {
     Ok(())
 }
 
-/// The parent of `pid` (field 4 of `/proc/PID/stat`, after the parenthesised name).
+/// The parent of `pid`.
 fn parent(pid: u32) -> Result<u32> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    stat.rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-        .and_then(|p| p.parse().ok())
-        .with_context(|| format!("no parent pid in {path}: {stat}"))
+    let ppid = proc_stat::field(pid, 1, "parent pid")?;
+    u32::try_from(ppid).with_context(|| format!("parent pid {ppid} of {pid}"))
 }
 
 #[cfg(test)]
