@@ -124,6 +124,11 @@ pub struct BenchArgs {
     /// experiments such as `autovacuum=off`.
     #[arg(long, value_name = "NAME=VALUE")]
     pub pg_setting: Vec<String>,
+    /// A setting `name=value` for our backfill's session only (repeatable; `set_config`
+    /// before the walk), for experiments with what a session may set itself, such as
+    /// `backend_flush_after=32`.
+    #[arg(long, value_name = "NAME=VALUE")]
+    pub ours_setting: Vec<String>,
     /// While the writer runs during our backfill, sample the WAL insert and flush
     /// positions and the writer backend's wait event every 5 ms, and compare the writer's
     /// slow operations (over 2 x its idle p99) with the others: WAL written while they
@@ -463,6 +468,8 @@ pub struct Bench {
     pub ours_pinned: bool,
     /// `--idle-ours`.
     pub ours_sched_idle: bool,
+    /// `--ours-setting`, as given.
+    pub ours_settings: Vec<String>,
     pub machine: Machine,
     pub template: Template,
     pub runs: Vec<Run>,
@@ -740,10 +747,24 @@ fn measure_backfill(
     })
 }
 
+/// `--ours-setting name=value` on our backfill's session, for this session only.
+fn set_for_session(db: &mut Db, setting: &str) -> Result<()> {
+    let (name, value) = setting
+        .split_once('=')
+        .with_context(|| format!("--ours-setting {setting:?}: expected NAME=VALUE"))?;
+    db.client()
+        .query_one("SELECT set_config($1, $2, false)", &[&name, &value])
+        .with_context(|| format!("setting {name} = {value} for our backfill's session"))?;
+    Ok(())
+}
+
 fn ours(db: &mut Db, strategy: StrategyChoice, args: &BenchArgs) -> Result<String> {
     // Our server process, for the diagnostics that move it (`--nice-ours`,
     // `--idle-ours`, `--slice-ours`, `--pin-ours`).
     let pid = db.backend_pid()?;
+    for setting in &args.ours_setting {
+        set_for_session(db, setting)?;
+    }
     if let Some(n) = args.nice_ours {
         nice::set(pid, n)?;
     }
@@ -1491,6 +1512,7 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
         walwriter_cpus: args.walwriter_cpus.clone(),
         ours_pinned: args.pin_ours,
         ours_sched_idle: args.idle_ours,
+        ours_settings: args.ours_setting.clone(),
         machine,
         template,
         runs,
@@ -1882,7 +1904,7 @@ pub fn render(b: &Bench) -> String {
     push(
         &mut s,
         format!(
-            "ours: CLI defaults (lock_timeout 2 s, statement_timeout 120 s), --target-batch-ms {} --pause-ms {} --max-batch-size {} --pin-cpu {}; Jobs always keyset{}{}{}{}{}{}{}",
+            "ours: CLI defaults (lock_timeout 2 s, statement_timeout 120 s), --target-batch-ms {} --pause-ms {} --max-batch-size {} --pin-cpu {}; Jobs always keyset{}{}{}{}{}{}{}{}",
             b.ours_target_batch_ms,
             b.ours_pause_ms,
             b.ours_max_batch,
@@ -1914,6 +1936,11 @@ pub fn render(b: &Bench) -> String {
                 "; its server process and client thread under SCHED_IDLE"
             } else {
                 ""
+            },
+            if b.ours_settings.is_empty() {
+                String::new()
+            } else {
+                format!("; its session with {}", b.ours_settings.join(" "))
             }
         ),
     );
