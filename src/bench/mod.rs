@@ -530,7 +530,9 @@ pub fn ours_options(strategy: StrategyChoice, args: &BenchArgs) -> backfill::Opt
     }
 }
 
-fn machine(db: &mut Db) -> Result<Machine> {
+/// The machine and the server, with the settings every table prints and those the command
+/// line changed (`--pg-setting`), so a table says what it ran with.
+fn machine(db: &mut Db, pg_settings: &[String]) -> Result<Machine> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu_model = cpuinfo
         .lines()
@@ -548,7 +550,10 @@ fn machine(db: &mut Db) -> Result<Machine> {
         .unwrap_or(0.0);
     let c = db.client();
     let postgres: String = c.query_one("SELECT version()", &[])?.get(0);
-    let mut settings = Vec::new();
+    let mut settings: Vec<(String, String)> = Vec::new();
+    let changed = pg_settings
+        .iter()
+        .map(|s| s.split_once('=').map_or(s.as_str(), |(name, _)| name.trim()));
     for name in [
         "fsync",
         "synchronous_commit",
@@ -560,7 +565,13 @@ fn machine(db: &mut Db) -> Result<Machine> {
         "maintenance_work_mem",
         "work_mem",
         "autovacuum",
-    ] {
+    ]
+    .into_iter()
+    .chain(changed)
+    {
+        if settings.iter().any(|(n, _)| n == name) {
+            continue;
+        }
         let v: String = c.query_one("SELECT current_setting($1)", &[&name])?.get(0);
         settings.push((name.to_owned(), v));
     }
@@ -1429,7 +1440,7 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
     let mut settings: Vec<&str> = SETTINGS.to_vec();
     settings.extend(args.pg_setting.iter().map(String::as_str));
     let cluster = PgCluster::start(&settings)?.share_until_exit(std::process::id())?;
-    let machine = machine(&mut cluster.connect("postgres")?)?;
+    let machine = machine(&mut cluster.connect("postgres")?, &args.pg_setting)?;
     say(&format!(
         "{} CPUs, {:.1} GiB; {}",
         machine.cpus, machine.memory_gib, machine.postgres
