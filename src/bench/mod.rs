@@ -551,9 +551,10 @@ fn machine(db: &mut Db, pg_settings: &[String]) -> Result<Machine> {
     let c = db.client();
     let postgres: String = c.query_one("SELECT version()", &[])?.get(0);
     let mut settings: Vec<(String, String)> = Vec::new();
-    let changed = pg_settings
-        .iter()
-        .map(|s| s.split_once('=').map_or(s.as_str(), |(name, _)| name.trim()));
+    let changed = pg_settings.iter().map(|s| {
+        s.split_once('=')
+            .map_or(s.as_str(), |(name, _)| name.trim())
+    });
     for name in [
         "fsync",
         "synchronous_commit",
