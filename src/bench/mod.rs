@@ -1441,7 +1441,14 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
     let mut settings: Vec<&str> = SETTINGS.to_vec();
     settings.extend(args.pg_setting.iter().map(String::as_str));
     let cluster = PgCluster::start(&settings)?.share_until_exit(std::process::id())?;
-    let machine = machine(&mut cluster.connect("postgres")?, &args.pg_setting)?;
+    let mut postgres = cluster.connect("postgres")?;
+    let machine = machine(&mut postgres, &args.pg_setting)?;
+    // A mistyped `--ours-setting` fails here, not after the template (14 minutes at 10M).
+    for setting in &args.ours_setting {
+        set_for_session(&mut postgres, setting)
+            .context("checking --ours-setting before building the template")?;
+    }
+    drop(postgres);
     say(&format!(
         "{} CPUs, {:.1} GiB; {}",
         machine.cpus, machine.memory_gib, machine.postgres
