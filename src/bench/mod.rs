@@ -16,6 +16,7 @@
 
 pub mod disk_control;
 pub mod idle;
+pub mod idle_group;
 pub mod nice;
 pub mod pin;
 pub mod proc_stat;
@@ -186,6 +187,12 @@ pub struct BenchArgs {
     /// `src/bench/idle.rs`).
     #[arg(long)]
     pub idle_ours: bool,
+    /// Run our backfill's server process and its client (a bench thread) in a CPU control
+    /// group of their own marked idle (`cpu.idle`; a cgroup v1 `cpu` hierarchy and root),
+    /// which, unlike `--idle-ours`, is idle where it meets Hydra's processes' groups (see
+    /// `src/bench/idle_group.rs`).
+    #[arg(long)]
+    pub idle_group_ours: bool,
     /// disk-control's rate, of its file and of its WAL session; by default the WAL rate
     /// of this run's per-page backfill next to the writer (else 50 MB/s).
     #[arg(long, value_name = "MB")]
@@ -468,6 +475,8 @@ pub struct Bench {
     pub ours_pinned: bool,
     /// `--idle-ours`.
     pub ours_sched_idle: bool,
+    /// `--idle-group-ours`.
+    pub ours_idle_group: bool,
     /// `--ours-setting`, as given.
     pub ours_settings: Vec<String>,
     pub machine: Machine,
@@ -772,7 +781,7 @@ fn set_for_session(db: &mut Db, setting: &str) -> Result<()> {
 
 fn ours(db: &mut Db, strategy: StrategyChoice, args: &BenchArgs) -> Result<String> {
     // Our server process, for the diagnostics that move it (`--nice-ours`,
-    // `--idle-ours`, `--slice-ours`, `--pin-ours`).
+    // `--idle-ours`, `--idle-group-ours`, `--slice-ours`, `--pin-ours`).
     let pid = db.backend_pid()?;
     for setting in &args.ours_setting {
         set_for_session(db, setting)?;
@@ -797,6 +806,11 @@ fn ours(db: &mut Db, strategy: StrategyChoice, args: &BenchArgs) -> Result<Strin
     } else {
         None
     };
+    let grouped = if args.idle_group_ours {
+        Some(idle_group::ours(pid)?)
+    } else {
+        None
+    };
     let sliced = match args.slice_ours {
         Some(ms) => Some(slice::ours(pid, Duration::from_secs_f64(ms / 1e3))?),
         None => None,
@@ -817,6 +831,9 @@ fn ours(db: &mut Db, strategy: StrategyChoice, args: &BenchArgs) -> Result<Strin
     }
     if let Some(i) = idled {
         i.undo()?;
+    }
+    if let Some(g) = grouped {
+        g.undo()?;
     }
     if let Some(s) = sliced {
         s.undo();
@@ -1531,6 +1548,7 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
         walwriter_cpus: args.walwriter_cpus.clone(),
         ours_pinned: args.pin_ours,
         ours_sched_idle: args.idle_ours,
+        ours_idle_group: args.idle_group_ours,
         ours_settings: args.ours_setting.clone(),
         machine,
         template,
@@ -1923,7 +1941,7 @@ pub fn render(b: &Bench) -> String {
     push(
         &mut s,
         format!(
-            "ours: CLI defaults (lock_timeout 2 s, statement_timeout 120 s), --target-batch-ms {} --pause-ms {} --max-batch-size {} --pin-cpu {}; Jobs always keyset{}{}{}{}{}{}{}{}",
+            "ours: CLI defaults (lock_timeout 2 s, statement_timeout 120 s), --target-batch-ms {} --pause-ms {} --max-batch-size {} --pin-cpu {}; Jobs always keyset{}{}{}{}{}{}{}{}{}",
             b.ours_target_batch_ms,
             b.ours_pause_ms,
             b.ours_max_batch,
@@ -1953,6 +1971,11 @@ pub fn render(b: &Bench) -> String {
             },
             if b.ours_sched_idle {
                 "; its server process and client thread under SCHED_IDLE"
+            } else {
+                ""
+            },
+            if b.ours_idle_group {
+                "; its server process and client thread in an idle CPU group"
             } else {
                 ""
             },
