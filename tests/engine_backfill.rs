@@ -678,6 +678,135 @@ fn the_backfill_keeps_itself_and_its_server_process_on_one_cpu() {
     assert_eq!(db.wrong_or_null(), 0);
 }
 
+/// Whether this machine lets the backfill make an idle CPU group: root, and a cgroup v1
+/// hierarchy with the `cpu` controller (this test's own reading, independent of the
+/// tool's; a cgroup v2 machine is judged by the tool alone).
+fn idle_groups_expected() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    root && mountinfo.lines().any(|l| {
+        l.split_once(" - ").is_some_and(|(_, fs)| {
+            let f: Vec<&str> = fs.split(' ').collect();
+            f[0] == "cgroup" && f.get(2).is_some_and(|o| o.split(',').any(|o| o == "cpu"))
+        })
+    })
+}
+
+/// The backfill's server process, found waiting for the row `holder` locks.
+fn server_waiting_for_a_row(db: &TestDb) -> i32 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let pid = db.query_i64(&format!(
+            "SELECT coalesce(max(pid), 0)::bigint FROM pg_stat_activity
+              WHERE datname = '{}' AND wait_event_type = 'Lock'",
+            db.name
+        ));
+        if pid != 0 {
+            return pid as i32;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backfill never waited for the row"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_backfill_runs_its_server_process_in_an_idle_cpu_group() {
+    let db = hydra_at(61);
+    let mut holder = db.connect();
+    let c = holder.client();
+    c.batch_execute("BEGIN; SELECT 1 FROM jobs ORDER BY project, jobset, name LIMIT 1 FOR UPDATE;")
+        .unwrap();
+    let handle = spawn_on(&db, &["--json", "backfill", "--lock-timeout-ms", "60000"]);
+    let ours = handle.pids()[0];
+    let server = server_waiting_for_a_row(&db);
+    let seen = std::fs::read_to_string(format!("/proc/{server}/cgroup")).unwrap();
+    c.batch_execute("COMMIT").unwrap();
+    let out = handle.wait().unwrap();
+    let r = Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    r.expect_code(0);
+    assert_eq!(db.wrong_or_null(), 0);
+    let (events, _) = r.json_lines();
+    if !idle_groups_expected() {
+        let why = events.iter().find(|e| e["event"] == "not_idle_group");
+        assert!(
+            why.is_some_and(|e| !e["why"].as_str().unwrap().is_empty()),
+            "neither an idle group nor why not:\n{}",
+            r.stdout
+        );
+        return;
+    }
+    let grouped = events
+        .iter()
+        .find(|e| e["event"] == "idle_group")
+        .unwrap_or_else(|| panic!("no idle_group event:\n{}", r.stdout));
+    assert_eq!(grouped["server_pid"], server);
+    let dir = std::path::PathBuf::from(grouped["group"].as_str().unwrap());
+    let name = format!("hydra-upgrade-backfill-{ours}");
+    assert!(dir.ends_with(&name), "{}", dir.display());
+    // While the walk ran, the server process was in that group ...
+    assert!(
+        seen.lines()
+            .any(|l| l.contains(":cpu") && l.ends_with(&format!("/{name}"))),
+        "{seen}"
+    );
+    // ... and the group is gone after it, with the process moved back first (rmdir
+    // refuses a group that still holds one).
+    assert!(!dir.exists(), "{} left behind", dir.display());
+}
+
+#[test]
+fn a_starved_server_process_leaves_its_idle_cpu_group() {
+    if !idle_groups_expected() {
+        // Covered by the test above: without idle groups the backfill says why.
+        return;
+    }
+    let db = hydra_at(61);
+    let mut holder = db.connect();
+    let c = holder.client();
+    c.batch_execute("BEGIN; SELECT 1 FROM jobs ORDER BY project, jobset, name LIMIT 1 FOR UPDATE;")
+        .unwrap();
+    let handle = spawn_on(&db, &["--json", "backfill", "--lock-timeout-ms", "60000"]);
+    let server = server_waiting_for_a_row(&db);
+    // Every CPU busy at the normal weight: the idle group's process gets next to none.
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let busy: Vec<duct::Handle> = (0..cpus)
+        .map(|_| {
+            duct::cmd!("sh", "-c", "while :; do :; done")
+                .unchecked()
+                .start()
+                .unwrap()
+        })
+        .collect();
+    c.batch_execute("COMMIT").unwrap();
+    let out = handle.wait();
+    for b in &busy {
+        b.kill().unwrap();
+    }
+    let out = out.unwrap();
+    let r = Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    r.expect_code(0);
+    assert_eq!(db.wrong_or_null(), 0);
+    let (events, _) = r.json_lines();
+    let left = events
+        .iter()
+        .find(|e| e["event"] == "left_idle_group")
+        .unwrap_or_else(|| panic!("the starved process stayed in its group:\n{}", r.stdout));
+    assert_eq!(left["server_pid"], server);
+    assert!(left["waiting_share"].as_f64().unwrap() > 0.5, "{left}");
+}
+
 #[test]
 fn the_configuration_file_chooses_the_cpu_pinning_and_the_command_line_overrides_it() {
     let dir = tempfile::tempdir().unwrap();
