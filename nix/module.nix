@@ -123,7 +123,6 @@ let
       target_batch_ms = cfg.backfill.targetBatchMs;
       pause_ms = cfg.backfill.pauseMs;
       pin_cpu = toString cfg.backfill.pinCpu;
-      idle_group = cfg.backfill.idleGroup;
     };
   } // optionalAttrs canBuildPhases {
     migration_system = "${migrationSystem}";
@@ -270,23 +269,6 @@ in
           there are at least two CPUs; otherwise the backfill runs unpinned and logs why.
         '';
       };
-
-      idleGroup = mkOption {
-        type = types.enum [ "auto" "off" ];
-        default = "auto";
-        example = "off";
-        description = ''
-          Run the backfill's PostgreSQL server process in a CPU control group of its own
-          marked idle (cpu.idle, Linux 5.15 or later), so that Hydra's processes woken on
-          its CPU run first (hydra-upgrade backfill --idle-group). If the process then waits
-          for a CPU more than half the time (every CPU busy, e.g. with local builds), it
-          goes back to its own group for the rest of the backfill. Needs the cpu controller
-          where the group goes: next to postgresql.service, in system.slice, which systemd
-          enables when a unit there sets a CPU weight, as this module's units do
-          (CPUWeight=100, the default weight, set explicitly).
-          Otherwise the backfill runs without and logs why.
-        '';
-      };
     };
 
     internal = {
@@ -352,10 +334,6 @@ in
           # SIGTERM lets the tool finish the open batch and exit 130; re-running resumes.
           KillMode = "mixed";
           TimeoutStopSec = "10min";
-          # The default weight, set explicitly: a unit with a CPU weight of its own makes
-          # systemd enable the cpu controller in system.slice, where the backfill puts its
-          # server process into an idle group (backfill.idleGroup).
-          CPUWeight = 100;
         };
       };
 

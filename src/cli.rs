@@ -145,14 +145,6 @@ pub struct BackfillArgs {
     /// CPU number. Default: the configuration file's `backfill.pin_cpu`, else `auto`.
     #[arg(long, value_name = "auto|off|CPU")]
     pub pin_cpu: Option<crate::backfill::one_cpu::PinCpu>,
-    /// Run the PostgreSQL server process in a CPU control group of its own marked idle
-    /// (`cpu.idle`, Linux 5.15 or later), so that any of Hydra's processes woken on its
-    /// CPU runs first; it takes the CPU whenever they leave it. Only with PostgreSQL on
-    /// this machine, a `cpu` controller where its group goes (cgroup v1, or v2 with `cpu`
-    /// enabled) and the right to create groups (root); else the backfill runs without and
-    /// says why. Default: the configuration file's `backfill.idle_group`, else `auto`.
-    #[arg(long, value_name = "auto|off")]
-    pub idle_group: Option<crate::backfill::idle_group::IdleGroup>,
 }
 
 impl BackfillArgs {

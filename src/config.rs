@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use serde::Deserialize;
 
-use crate::backfill::idle_group::IdleGroup;
 use crate::backfill::one_cpu::PinCpu;
 use crate::cli::StrategyChoice;
 use crate::dsn::Dsn;
@@ -22,8 +21,6 @@ pub struct BackfillConfig {
     pub pause_ms: Option<u64>,
     /// `backfill --pin-cpu`: `"auto"`, `"off"` or a CPU number (as a string).
     pub pin_cpu: Option<PinCpu>,
-    /// `backfill --idle-group`: `"auto"` or `"off"`.
-    pub idle_group: Option<IdleGroup>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -154,7 +154,6 @@ fn backfill_argv(args: &UpgradeArgs, global: &Global) -> Result<Vec<String>> {
     opt("horizon-age-secs", Some(b.horizon_age_secs.to_string()));
     opt("horizon-wait-ms", Some(b.horizon_wait_ms.to_string()));
     opt("pin-cpu", b.pin_cpu.map(|p| p.to_string()));
-    opt("idle-group", b.idle_group.map(|g| g.to_string()));
     Ok(v)
 }
 

@@ -5,11 +5,9 @@
 //! and `statement_timeout`, retried with capped backoff on lock timeout, deadlock and
 //! serialization failure; its size adapts towards a target time. Progress is committed in
 //! the database, so a re-run continues; one backfill at a time (advisory lock). Where it
-//! can, it keeps itself and its server process on one CPU ([`one_cpu`]) and the server
-//! process in an idle CPU control group ([`idle_group`]).
+//! can, it keeps itself and its server process on one CPU ([`one_cpu`]).
 
 pub mod autoanalyze;
-pub mod idle_group;
 pub mod keyset;
 pub mod one_cpu;
 pub mod per_page;
@@ -28,7 +26,6 @@ use crate::db::{self, Db};
 use crate::exit::{Exit, fail};
 use crate::interrupt::Interrupt;
 use crate::progress::Out;
-use idle_group::IdleGroup;
 use one_cpu::PinCpu;
 use state::{PHASE_DONE, PHASE_KEYS, PHASE_PAGES, TableProgress};
 
@@ -75,8 +72,6 @@ pub struct Options {
     pub horizon_wait: Duration,
     /// Keep this tool and its server process on one CPU ([`one_cpu`]).
     pub pin_cpu: PinCpu,
-    /// Put the server process in an idle CPU control group ([`idle_group`]).
-    pub idle_group: IdleGroup,
 }
 
 impl Options {
@@ -98,7 +93,6 @@ impl Options {
             horizon_age: Duration::from_secs(a.horizon_age_secs),
             horizon_wait: Duration::from_millis(a.horizon_wait_ms),
             pin_cpu: a.pin_cpu.or(cfg.pin_cpu).unwrap_or(PinCpu::Auto),
-            idle_group: a.idle_group.or(cfg.idle_group).unwrap_or(IdleGroup::Auto),
         }
     }
 }
@@ -431,11 +425,8 @@ pub fn run(db: &mut Db, opts: &Options, out: &Out, interrupt: &Interrupt) -> Res
     db.set_timeouts(opts.lock_timeout, opts.statement_timeout)?;
     db.async_commit()?;
     state::ensure(db)?;
-    // Held until the walk ends, then both processes get their CPUs back and the server
-    // process its group.
-    let server = one_cpu::local_server(db)?;
-    let _pinned = pin_to_one_cpu(&server, opts.pin_cpu, out);
-    let _grouped = into_idle_group(&server, opts.idle_group, out);
+    // Held until the walk ends, then both processes get their CPUs back.
+    let _pinned = pin_to_one_cpu(db, opts.pin_cpu, out)?;
     let mut walked = Vec::new();
     for table in Table::ALL {
         match run_table(db, table, opts, out, interrupt) {
@@ -468,12 +459,8 @@ pub fn run(db: &mut Db, opts: &Options, out: &Out, interrupt: &Interrupt) -> Res
     })
 }
 
-fn pin_to_one_cpu(
-    server: &std::result::Result<i32, String>,
-    choice: PinCpu,
-    out: &Out,
-) -> Option<one_cpu::Pinned> {
-    match server.clone().and_then(|pid| one_cpu::pin(pid, choice)) {
+fn pin_to_one_cpu(db: &mut Db, choice: PinCpu, out: &Out) -> Result<Option<one_cpu::Pinned>> {
+    match one_cpu::pin(db, choice)? {
         Ok(p) => {
             out.event(
                 "pinned",
@@ -484,7 +471,7 @@ fn pin_to_one_cpu(
                 ),
                 json!({"cpu": p.cpu, "server_pid": p.server_pid}),
             );
-            Some(p)
+            Ok(Some(p))
         }
         Err(why) => {
             let message = format!("backfill: not kept on one CPU: {why}");
@@ -494,40 +481,7 @@ fn pin_to_one_cpu(
                 PinCpu::Cpu(_) => out.warn(&message),
                 PinCpu::Auto => out.event("not_pinned", &message, json!({"why": why})),
             }
-            None
-        }
-    }
-}
-
-fn into_idle_group(
-    server: &std::result::Result<i32, String>,
-    choice: IdleGroup,
-    out: &Out,
-) -> Option<idle_group::Grouped> {
-    if choice == IdleGroup::Off {
-        return None;
-    }
-    match server.clone().and_then(|pid| idle_group::enter(pid, *out)) {
-        Ok(g) => {
-            out.event(
-                "idle_group",
-                &format!(
-                    "backfill: PostgreSQL's server process (pid {}) runs in the idle CPU group \
-                     {}: any other process woken on its CPU runs first",
-                    g.server_pid,
-                    g.dir.display()
-                ),
-                json!({"group": g.dir, "server_pid": g.server_pid}),
-            );
-            Some(g)
-        }
-        Err(why) => {
-            out.event(
-                "not_idle_group",
-                &format!("backfill: no idle CPU group: {why}"),
-                json!({"why": why}),
-            );
-            None
+            Ok(None)
         }
     }
 }

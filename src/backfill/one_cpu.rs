@@ -87,10 +87,11 @@ impl Drop for Pinned {
     }
 }
 
-/// Our session's server process, if it runs on this machine and is visible from here;
-/// else why not (`Err` only for a failed query). What [`pin`] and the idle group
-/// ([`super::idle_group`]) act on.
-pub fn local_server(db: &mut Db) -> Result<std::result::Result<i32, String>> {
+/// Pin, or say why not (`Err` only for a failed query).
+pub fn pin(db: &mut Db, choice: PinCpu) -> Result<std::result::Result<Pinned, String>> {
+    if choice == PinCpu::Off {
+        return Ok(Err("--pin-cpu off".into()));
+    }
     let row = db
         .client()
         .query_one(
@@ -99,27 +100,23 @@ pub fn local_server(db: &mut Db) -> Result<std::result::Result<i32, String>> {
         )
         .context("reading the session's server process id, user and database")?;
     let (pid, user, dbname): (i32, String, String) = (row.get(0), row.get(1), row.get(2));
-    Ok(server_process(pid, &user, &dbname))
+    Ok(pin_process(pid, &user, &dbname, choice))
 }
 
-fn server_process(pid: i32, user: &str, dbname: &str) -> std::result::Result<i32, String> {
+fn pin_process(
+    pid: i32,
+    user: &str,
+    dbname: &str,
+    choice: PinCpu,
+) -> std::result::Result<Pinned, String> {
     let title = std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
         .unwrap_or_default();
-    if is_our_server_process(&title, user, dbname) {
-        Ok(pid)
-    } else {
-        Err(format!(
+    if !is_our_server_process(&title, user, dbname) {
+        return Err(format!(
             "PostgreSQL's server process for this session (pid {pid}) is not on this machine, \
              or not visible from here"
-        ))
-    }
-}
-
-/// Pin server process `pid` (from [`local_server`]) and this thread, or say why not.
-pub fn pin(pid: i32, choice: PinCpu) -> std::result::Result<Pinned, String> {
-    if choice == PinCpu::Off {
-        return Err("--pin-cpu off".into());
+        ));
     }
     let server = Pid::from_raw(pid);
     let server_before =
@@ -266,7 +263,8 @@ LOC:   99999999          1          1   Local timer interrupts
     #[test]
     fn a_process_that_is_not_a_server_process_is_left_alone() {
         // This test's own process: not a PostgreSQL server process.
-        let why = server_process(std::process::id() as i32, "hydra", "hydra").unwrap_err();
+        let why =
+            pin_process(std::process::id() as i32, "hydra", "hydra", PinCpu::Auto).unwrap_err();
         assert!(why.contains("not on this machine"), "{why}");
     }
 }

@@ -16,6 +16,7 @@
 
 pub mod disk_control;
 pub mod idle;
+pub mod idle_group;
 pub mod nice;
 pub mod pin;
 pub mod proc_stat;
@@ -32,7 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use crate::backfill::{self, idle_group::IdleGroup, one_cpu::PinCpu};
+use crate::backfill::{self, one_cpu::PinCpu};
 use crate::cli::StrategyChoice;
 use crate::db::Db;
 use crate::exec::Cmd;
@@ -168,9 +169,6 @@ pub struct BenchArgs {
     /// off, as it places the processes itself.
     #[arg(long, value_name = "auto|off|CPU", default_value = "auto")]
     pub pin_cpu: PinCpu,
-    /// Our backfill's `--idle-group` (`auto` or `off`).
-    #[arg(long, value_name = "auto|off", default_value = "auto")]
-    pub idle_group: IdleGroup,
     /// Run our backfill's server process and its client (a bench thread) with this
     /// scheduler time slice (Linux 6.12 or later, 0.1-100 ms; needs root or the
     /// cluster's user), to see whether Hydra's woken processes wait behind them for the
@@ -189,6 +187,12 @@ pub struct BenchArgs {
     /// `src/bench/idle.rs`).
     #[arg(long)]
     pub idle_ours: bool,
+    /// Run our backfill's server process and its client (a bench thread) in a CPU control
+    /// group of their own marked idle (`cpu.idle`; a cgroup v1 `cpu` hierarchy and root),
+    /// which, unlike `--idle-ours`, is idle where it meets Hydra's processes' groups (see
+    /// `src/bench/idle_group.rs`).
+    #[arg(long)]
+    pub idle_group_ours: bool,
     /// disk-control's rate, of its file and of its WAL session; by default the WAL rate
     /// of this run's per-page backfill next to the writer (else 50 MB/s).
     #[arg(long, value_name = "MB")]
@@ -471,8 +475,8 @@ pub struct Bench {
     pub ours_pinned: bool,
     /// `--idle-ours`.
     pub ours_sched_idle: bool,
-    /// Our backfill's `--idle-group`.
-    pub ours_idle_group: String,
+    /// `--idle-group-ours`.
+    pub ours_idle_group: bool,
     /// `--ours-setting`, as given.
     pub ours_settings: Vec<String>,
     pub machine: Machine,
@@ -531,7 +535,6 @@ pub fn ours_options(strategy: StrategyChoice, args: &BenchArgs) -> backfill::Opt
         } else {
             args.pin_cpu
         },
-        idle_group: args.idle_group,
         ..backfill::Options::from_args(&defaults, &crate::config::Config::default())
     }
 }
@@ -778,7 +781,7 @@ fn set_for_session(db: &mut Db, setting: &str) -> Result<()> {
 
 fn ours(db: &mut Db, strategy: StrategyChoice, args: &BenchArgs) -> Result<String> {
     // Our server process, for the diagnostics that move it (`--nice-ours`,
-    // `--idle-ours`, `--slice-ours`, `--pin-ours`).
+    // `--idle-ours`, `--idle-group-ours`, `--slice-ours`, `--pin-ours`).
     let pid = db.backend_pid()?;
     for setting in &args.ours_setting {
         set_for_session(db, setting)?;
@@ -803,6 +806,11 @@ fn ours(db: &mut Db, strategy: StrategyChoice, args: &BenchArgs) -> Result<Strin
     } else {
         None
     };
+    let grouped = if args.idle_group_ours {
+        Some(idle_group::ours(pid)?)
+    } else {
+        None
+    };
     let sliced = match args.slice_ours {
         Some(ms) => Some(slice::ours(pid, Duration::from_secs_f64(ms / 1e3))?),
         None => None,
@@ -823,6 +831,9 @@ fn ours(db: &mut Db, strategy: StrategyChoice, args: &BenchArgs) -> Result<Strin
     }
     if let Some(i) = idled {
         i.undo()?;
+    }
+    if let Some(g) = grouped {
+        g.undo()?;
     }
     if let Some(s) = sliced {
         s.undo();
@@ -1322,8 +1333,6 @@ fn run_memory(cluster: &PgCluster, args: &BenchArgs) -> Result<Option<MemoryRun>
         args.pause_ms.to_string(),
         "--pin-cpu".to_owned(),
         args.pin_cpu.to_string(),
-        "--idle-group".to_owned(),
-        args.idle_group.to_string(),
     ];
     let cmd = Cmd::new(time)
         .arg("-v")
@@ -1539,7 +1548,7 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
         walwriter_cpus: args.walwriter_cpus.clone(),
         ours_pinned: args.pin_ours,
         ours_sched_idle: args.idle_ours,
-        ours_idle_group: ours.idle_group.to_string(),
+        ours_idle_group: args.idle_group_ours,
         ours_settings: args.ours_setting.clone(),
         machine,
         template,
@@ -1932,12 +1941,11 @@ pub fn render(b: &Bench) -> String {
     push(
         &mut s,
         format!(
-            "ours: CLI defaults (lock_timeout 2 s, statement_timeout 120 s), --target-batch-ms {} --pause-ms {} --max-batch-size {} --pin-cpu {} --idle-group {}; Jobs always keyset{}{}{}{}{}{}{}{}",
+            "ours: CLI defaults (lock_timeout 2 s, statement_timeout 120 s), --target-batch-ms {} --pause-ms {} --max-batch-size {} --pin-cpu {}; Jobs always keyset{}{}{}{}{}{}{}{}{}",
             b.ours_target_batch_ms,
             b.ours_pause_ms,
             b.ours_max_batch,
             b.ours_pin_cpu,
-            b.ours_idle_group,
             b.ours_slice_ms
                 .map(|ms| format!("; its server process and client with a {ms} ms time slice"))
                 .unwrap_or_default(),
@@ -1963,6 +1971,11 @@ pub fn render(b: &Bench) -> String {
             },
             if b.ours_sched_idle {
                 "; its server process and client thread under SCHED_IDLE"
+            } else {
+                ""
+            },
+            if b.ours_idle_group {
+                "; its server process and client thread in an idle CPU group"
             } else {
                 ""
             },

@@ -211,15 +211,11 @@ pub fn nix_copy(dest: &str, paths: &[&Path]) -> Cmd {
 /// (through `/bin/sh`, which every NixOS system has, to send its stdout to stderr):
 /// it keeps running when the terminal or SSH session goes away; its progress goes to the
 /// journal and, while we wait, to our stderr. The database DSN reaches it through an
-/// `EnvironmentFile` (mode 0600), never through a command line. Its CPU weight is set to
-/// the default, 100, explicitly: a unit with a weight of its own makes systemd enable the
-/// `cpu` controller for the groups of its slice (`system.slice`), where `backfill
-/// --idle-group` puts PostgreSQL's server process.
+/// `EnvironmentFile` (mode 0600), never through a command line.
 pub fn backfill_unit(env_file: &Path, argv: &[String]) -> Cmd {
     transient_unit(BACKFILL_UNIT)
         .arg("-p")
         .arg(format!("EnvironmentFile={}", env_file.display()))
-        .args(["-p", "CPUWeight=100"])
         .arg("--")
         // Its stdout goes to stderr, so that ours stays one JSON stream with --json.
         .args(["/bin/sh", "-c", "exec \"$@\" >&2", BACKFILL_UNIT])
