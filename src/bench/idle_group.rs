@@ -11,7 +11,9 @@
 //! processes counts as free when the kernel places a woken process, and any normal
 //! process woken there preempts ours at once. (Processes in a control group other than
 //! the root one are not grouped by session.) Whether Hydra's writes, which have only
-//! the CPU ours leaves them on this machine, then get both is what this asks.
+//! the CPU ours leaves them on this machine, then get both is what this asks (on this
+//! machine they waited less for a CPU and were no faster: BENCHMARKS, "An idle CPU
+//! group for our server process").
 //!
 //! Needs a cgroup v1 hierarchy with the `cpu` controller (whose `tasks` file moves single
 //! threads) and the right to write it (root). Both threads go back to the groups they
