@@ -13,6 +13,10 @@
 //!   committed asynchronously every 1 MB;
 //! - both: that stream and the busy thread at once, as our backfill's server process is
 //!   on a CPU nearly all the time while it streams its WAL;
+//! - memory: one thread that keeps a CPU busy updating one word in each 64-byte line of a
+//!   buffer far larger than the CPU caches, as our walk goes through Builds' pages: what
+//!   the busy thread, working in its registers, leaves out (caches emptied, memory
+//!   bandwidth taken), alone and next to the WAL stream;
 //! - ours in another database: our per-page backfill of a copy of the template in another
 //!   database of the same cluster: the same server work, WAL, buffer pool and disk as
 //!   next to the writer, but none of the pages, rows or locks the writer touches.
@@ -196,5 +200,54 @@ impl CpuLoad {
             .join()
             .map_err(|_| anyhow::anyhow!("the busy thread panicked"))?;
         Ok(())
+    }
+}
+
+/// One thread updating a word in every 64-byte line of a `MEMORY_LOAD_MIB` buffer, round
+/// and round, until stopped: a busy CPU that also empties the caches and takes memory
+/// bandwidth.
+pub struct MemoryLoad {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<(u64, f64)>,
+}
+
+/// Far larger than the caches of any CPU this runs on.
+pub const MEMORY_LOAD_MIB: usize = 512;
+
+impl MemoryLoad {
+    /// Start, once the buffer is allocated and touched (the kernel's page faults are
+    /// not part of the load).
+    pub fn start() -> MemoryLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let (ready, wait) = std::sync::mpsc::channel();
+        let handle = std::thread::spawn(move || {
+            let words = MEMORY_LOAD_MIB << 20 >> 3;
+            let mut buf = vec![1u64; words];
+            let _ = ready.send(());
+            let start = Instant::now();
+            let mut lines = 0u64;
+            while !flag.load(Ordering::Relaxed) {
+                for w in buf.iter_mut().step_by(8) {
+                    *w = std::hint::black_box(w.wrapping_add(1));
+                }
+                lines += (words / 8) as u64;
+            }
+            (lines * 64, start.elapsed().as_secs_f64())
+        });
+        // An error here means the thread died; `stop` reports it.
+        let _ = wait.recv();
+        MemoryLoad { stop, handle }
+    }
+
+    /// Stop; the rate at which it went through memory, in MB/s (each line read and
+    /// written back).
+    pub fn stop(self) -> Result<f64> {
+        self.stop.store(true, Ordering::SeqCst);
+        let (bytes, seconds) = self
+            .handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("the memory thread panicked"))?;
+        Ok(mb(bytes as i64) / seconds.max(1e-9))
     }
 }

@@ -419,6 +419,13 @@ pub struct DiskControlRun {
     /// without the rest of a backfill's work in the server.
     pub cpu_and_wal_stream: WriterSummary,
     pub achieved_cpu_and_wal_stream_mb_per_s: f64,
+    /// Next to a busy CPU that goes through memory (`disk_control::MemoryLoad`), and the
+    /// rate at which it did.
+    pub memory: WriterSummary,
+    pub memory_mb_per_s: f64,
+    /// Next to that and the WAL stream at once.
+    pub memory_and_wal_stream: WriterSummary,
+    pub achieved_memory_and_wal_stream_mb_per_s: f64,
     /// Next to our per-page backfill running in another database of the cluster.
     pub ours_elsewhere: WriterSummary,
     pub ours_elsewhere_backfill: BackfillRun,
@@ -1190,9 +1197,10 @@ fn run_disk_control(
     let mut db = clone_db(cluster, TEMPLATE, &name)?;
     let file = disk_control::FileLoad::prepare(&cluster.socket_dir().join("disk-control.dat"))?;
     say(&format!(
-        "run {}: controls: writer alone for {} s, then as long next to a file written at {mb_per_s:.1} MB/s, next to a busy CPU, next to a session writing {mb_per_s:.1} MB/s of WAL in 1 MB bursts, then streamed in 8 kB messages, then that stream next to the busy CPU, then next to our backfill of another database",
+        "run {}: controls: writer alone for {} s, then as long next to a file written at {mb_per_s:.1} MB/s, next to a busy CPU, next to a session writing {mb_per_s:.1} MB/s of WAL in 1 MB bursts, then streamed in 8 kB messages, then that stream next to the busy CPU, next to a thread going through {} MiB of memory, that thread next to the stream, then next to our backfill of another database",
         run + 1,
-        args.writer_secs
+        args.writer_secs,
+        disk_control::MEMORY_LOAD_MIB
     ));
     let mut measure =
         |seed: u64| writer_for_a_while(cluster, &name, &mut db, args, seed + run as u64);
@@ -1227,6 +1235,16 @@ fn run_disk_control(
     busy.stop()?;
     let achieved_cpu_and_wal_stream_mb_per_s = stream.stop()?;
     let cpu_and_wal_stream = during_both?;
+    let memory_load = disk_control::MemoryLoad::start();
+    let during_memory = measure(11_000);
+    let memory_mb_per_s = memory_load.stop()?;
+    let memory = during_memory?;
+    let stream = disk_control::wal_stream_load(wal_session()?, mb_per_s);
+    let memory_load = disk_control::MemoryLoad::start();
+    let during_memory_and_stream = measure(12_000);
+    memory_load.stop()?;
+    let achieved_memory_and_wal_stream_mb_per_s = stream.stop()?;
+    let memory_and_wal_stream = during_memory_and_stream?;
     // Our backfill itself, in another database of the cluster: the same server work, WAL,
     // buffer pool and disk as next to the writer, but none of the pages, rows or locks
     // the writer touches.
@@ -1252,13 +1270,15 @@ fn run_disk_control(
     drop(db);
     drop_db(cluster, &name)?;
     say(&format!(
-        "  p99 alone {:.2} ms, next to the file ({achieved_mb_per_s:.1} MB/s) {:.2} ms, next to a busy CPU {:.2} ms, next to WAL in bursts ({achieved_wal_mb_per_s:.1} MB/s) {:.2} ms, streamed ({achieved_wal_stream_mb_per_s:.1} MB/s) {:.2} ms, streamed next to a busy CPU ({achieved_cpu_and_wal_stream_mb_per_s:.1} MB/s) {:.2} ms, next to ours in another database ({:.1} s, {:.1} MB/s of WAL) {:.2} ms",
+        "  p99 alone {:.2} ms, next to the file ({achieved_mb_per_s:.1} MB/s) {:.2} ms, next to a busy CPU {:.2} ms, next to WAL in bursts ({achieved_wal_mb_per_s:.1} MB/s) {:.2} ms, streamed ({achieved_wal_stream_mb_per_s:.1} MB/s) {:.2} ms, streamed next to a busy CPU ({achieved_cpu_and_wal_stream_mb_per_s:.1} MB/s) {:.2} ms, next to the memory thread ({memory_mb_per_s:.0} MB/s) {:.2} ms, it and the stream ({achieved_memory_and_wal_stream_mb_per_s:.1} MB/s) {:.2} ms, next to ours in another database ({:.1} s, {:.1} MB/s of WAL) {:.2} ms",
         idle.p99_ms,
         file.p99_ms,
         cpu.p99_ms,
         wal.p99_ms,
         wal_stream.p99_ms,
         cpu_and_wal_stream.p99_ms,
+        memory.p99_ms,
+        memory_and_wal_stream.p99_ms,
         ours_elsewhere_backfill.seconds,
         ours_elsewhere_backfill.wal_mb_per_s(),
         ours_elsewhere.p99_ms
@@ -1276,6 +1296,10 @@ fn run_disk_control(
         achieved_wal_stream_mb_per_s,
         cpu_and_wal_stream,
         achieved_cpu_and_wal_stream_mb_per_s,
+        memory,
+        memory_mb_per_s,
+        memory_and_wal_stream,
+        achieved_memory_and_wal_stream_mb_per_s,
         ours_elsewhere,
         ours_elsewhere_backfill,
     })
@@ -1794,6 +1818,12 @@ fn medians(runs: &[Run], backfill_list: &[&str], final_list: &[&str]) -> Medians
         achieved_wal_stream_mb_per_s: rate(|d| d.achieved_wal_stream_mb_per_s),
         cpu_and_wal_stream: summary(|d| &d.cpu_and_wal_stream),
         achieved_cpu_and_wal_stream_mb_per_s: rate(|d| d.achieved_cpu_and_wal_stream_mb_per_s),
+        memory: summary(|d| &d.memory),
+        memory_mb_per_s: rate(|d| d.memory_mb_per_s),
+        memory_and_wal_stream: summary(|d| &d.memory_and_wal_stream),
+        achieved_memory_and_wal_stream_mb_per_s: rate(|d| {
+            d.achieved_memory_and_wal_stream_mb_per_s
+        }),
         ours_elsewhere: summary(|d| &d.ours_elsewhere),
         ours_elsewhere_backfill: median_backfill(
             "per-page, another database",
@@ -2288,6 +2318,17 @@ pub fn render(b: &Bench) -> String {
                         &d.cpu_and_wal_stream,
                     ),
                     (
+                        format!("next to memory, {:.0} MB/s", d.memory_mb_per_s),
+                        &d.memory,
+                    ),
+                    (
+                        format!(
+                            "memory + WAL, {:.1} MB/s",
+                            d.achieved_memory_and_wal_stream_mb_per_s
+                        ),
+                        &d.memory_and_wal_stream,
+                    ),
+                    (
                         format!(
                             "ours in another db, {:.1} MB/s",
                             d.ours_elsewhere_backfill.wal_mb_per_s()
@@ -2301,7 +2342,7 @@ pub fn render(b: &Bench) -> String {
         push(
             &mut s,
             format!(
-                "p99 / alone: {:.2} next to the file (a file by the WAL overwritten at {:.1} MB/s, fdatasync every MB; {}), {:.2} next to one thread keeping a CPU busy, {:.2} next to a session writing as much WAL and nothing else (pg_logical_emit_message, 1 MB bursts), {:.2} next to the same WAL as a steady stream of 8 kB messages, {:.2} next to that stream and the busy thread at once, {:.2} next to our per-page backfill of a copy in another database of the cluster ({:.1} s)",
+                "p99 / alone: {:.2} next to the file (a file by the WAL overwritten at {:.1} MB/s, fdatasync every MB; {}), {:.2} next to one thread keeping a CPU busy, {:.2} next to a session writing as much WAL and nothing else (pg_logical_emit_message, 1 MB bursts), {:.2} next to the same WAL as a steady stream of 8 kB messages, {:.2} next to that stream and the busy thread at once, {:.2} next to a thread going through {} MiB of memory ({:.0} MB/s), {:.2} next to it and the stream at once, {:.2} next to our per-page backfill of a copy in another database of the cluster ({:.1} s)",
                 ratio(&d.file),
                 d.mb_per_s,
                 d.rate_source,
@@ -2309,6 +2350,10 @@ pub fn render(b: &Bench) -> String {
                 ratio(&d.wal),
                 ratio(&d.wal_stream),
                 ratio(&d.cpu_and_wal_stream),
+                ratio(&d.memory),
+                disk_control::MEMORY_LOAD_MIB,
+                d.memory_mb_per_s,
+                ratio(&d.memory_and_wal_stream),
                 ratio(&d.ours_elsewhere),
                 d.ours_elsewhere_backfill.seconds
             ),
