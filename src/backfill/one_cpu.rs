@@ -172,7 +172,7 @@ fn pin_process(
 /// its WAL to reach the disk, and the process is woken where the disk's interrupt lands:
 /// on a 2-CPU machine whose disk interrupts all go to one CPU, our pair on that CPU left
 /// Hydra's writes slower than on the other (BENCHMARKS).
-fn quietest(cpus: &[usize], interrupts: &str) -> usize {
+pub fn quietest(cpus: &[usize], interrupts: &str) -> usize {
     let mut lines = interrupts.lines();
     let columns: Vec<Option<usize>> = lines
         .next()

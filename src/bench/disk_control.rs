@@ -16,7 +16,8 @@
 //! - memory: one thread that keeps a CPU busy updating one word in each 64-byte line of a
 //!   buffer far larger than the CPU caches, as our walk goes through Builds' pages: what
 //!   the busy thread, working in its registers, leaves out (caches emptied, memory
-//!   bandwidth taken), alone and next to the WAL stream;
+//!   bandwidth taken), alone and next to the WAL stream; kept, as our pinned pair is, on
+//!   the CPU our backfill's `--pin-cpu auto` takes;
 //! - ours in another database: our per-page backfill of a copy of the template in another
 //!   database of the same cluster: the same server work, WAL, buffer pool and disk as
 //!   next to the writer, but none of the pages, rows or locks the writer touches.
@@ -205,7 +206,9 @@ impl CpuLoad {
 
 /// One thread updating a word in every 64-byte line of a `MEMORY_LOAD_MIB` buffer, round
 /// and round, until stopped: a busy CPU that also empties the caches and takes memory
-/// bandwidth.
+/// bandwidth. It keeps to the CPU our backfill's `--pin-cpu auto` would take (the one
+/// serving the fewest device interrupts), so that it loads the machine as our pinned pair
+/// does and leaves the other CPUs to the writer.
 pub struct MemoryLoad {
     stop: Arc<AtomicBool>,
     handle: JoinHandle<(u64, f64)>,
@@ -222,6 +225,7 @@ impl MemoryLoad {
         let flag = Arc::clone(&stop);
         let (ready, wait) = std::sync::mpsc::channel();
         let handle = std::thread::spawn(move || {
+            pin_to_the_quietest_cpu();
             let words = MEMORY_LOAD_MIB << 20 >> 3;
             let mut buf = vec![1u64; words];
             let _ = ready.send(());
@@ -249,5 +253,29 @@ impl MemoryLoad {
             .join()
             .map_err(|_| anyhow::anyhow!("the memory thread panicked"))?;
         Ok(mb(bytes as i64) / seconds.max(1e-9))
+    }
+}
+
+/// The calling thread on the CPU `backfill --pin-cpu auto` would take, if it may; as it is
+/// otherwise (a control still measures, only less like our pinned pair).
+fn pin_to_the_quietest_cpu() {
+    use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+    use nix::unistd::Pid;
+    let Ok(allowed) = sched_getaffinity(Pid::from_raw(0)) else {
+        return;
+    };
+    let cpus: Vec<usize> = (0..CpuSet::count())
+        .filter(|&c| allowed.is_set(c).unwrap_or(false))
+        .collect();
+    if cpus.len() < 2 {
+        return;
+    }
+    let interrupts = std::fs::read_to_string("/proc/interrupts").unwrap_or_default();
+    let mut one = CpuSet::new();
+    if one
+        .set(crate::backfill::one_cpu::quietest(&cpus, &interrupts))
+        .is_ok()
+    {
+        let _ = sched_setaffinity(Pid::from_raw(0), &one);
     }
 }
