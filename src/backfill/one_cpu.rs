@@ -142,10 +142,7 @@ fn pin_process(
                 "CPU {c} is not one both this tool and the server process may use ({both:?})"
             ));
         }
-        _ => quietest(
-            &both,
-            &std::fs::read_to_string("/proc/interrupts").unwrap_or_default(),
-        ),
+        _ => auto_cpu(&both),
     };
     let mut one = CpuSet::new();
     one.set(cpu).map_err(|e| format!("CPU {cpu}: {e}"))?;
@@ -167,12 +164,21 @@ fn pin_process(
     })
 }
 
+/// The CPU `auto` takes of `cpus` (not empty): [`quietest`] by this machine's
+/// `/proc/interrupts`.
+pub fn auto_cpu(cpus: &[usize]) -> usize {
+    quietest(
+        cpus,
+        &std::fs::read_to_string("/proc/interrupts").unwrap_or_default(),
+    )
+}
+
 /// Of `cpus`, the one that has served the fewest device interrupts (the numbered lines
 /// of `/proc/interrupts`: disks, network), the lowest on a tie. A Hydra commit waits for
 /// its WAL to reach the disk, and the process is woken where the disk's interrupt lands:
 /// on a 2-CPU machine whose disk interrupts all go to one CPU, our pair on that CPU left
 /// Hydra's writes slower than on the other (BENCHMARKS).
-pub fn quietest(cpus: &[usize], interrupts: &str) -> usize {
+fn quietest(cpus: &[usize], interrupts: &str) -> usize {
     let mut lines = interrupts.lines();
     let columns: Vec<Option<usize>> = lines
         .next()

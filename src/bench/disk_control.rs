@@ -131,7 +131,8 @@ pub fn wal_stream_load(mut db: Db, mb_per_s: f64) -> Load {
     })
 }
 
-/// A thread doing `chunk` bytes of work at a time, paced to a rate in MB/s, until stopped.
+/// A thread doing work until stopped, which reports its rate in MB/s: `chunk` bytes at a
+/// time paced to a rate ([`Load::paced`]), or as fast as it goes ([`unpaced`]).
 pub struct Load {
     stop: Arc<AtomicBool>,
     handle: JoinHandle<Result<(u64, f64)>>,
@@ -204,56 +205,46 @@ impl CpuLoad {
     }
 }
 
+/// Far larger than the caches of any CPU this runs on.
+pub const MEMORY_LOAD_MIB: usize = 512;
+
 /// One thread updating a word in every 64-byte line of a `MEMORY_LOAD_MIB` buffer, round
 /// and round, until stopped: a busy CPU that also empties the caches and takes memory
 /// bandwidth. It keeps to the CPU our backfill's `--pin-cpu auto` would take (the one
 /// serving the fewest device interrupts), so that it loads the machine as our pinned pair
-/// does and leaves the other CPUs to the writer.
-pub struct MemoryLoad {
-    stop: Arc<AtomicBool>,
-    handle: JoinHandle<(u64, f64)>,
+/// does and leaves the other CPUs to the writer. Started once the buffer is allocated and
+/// touched (the kernel's page faults are not part of the load); its rate is the bytes of
+/// the lines it went through (each read and written back).
+pub fn memory_load() -> Load {
+    let (ready, wait) = std::sync::mpsc::channel();
+    let load = unpaced(move |stop| {
+        pin_to_the_quietest_cpu();
+        let words = MEMORY_LOAD_MIB << 20 >> 3;
+        let mut buf = vec![1u64; words];
+        let _ = ready.send(());
+        let t0 = Instant::now();
+        let mut lines = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            for w in buf.iter_mut().step_by(8) {
+                *w = std::hint::black_box(w.wrapping_add(1));
+            }
+            lines += (words / 8) as u64;
+        }
+        (lines * 64, t0.elapsed().as_secs_f64())
+    });
+    // An error here means the thread died; `stop` reports it.
+    let _ = wait.recv();
+    load
 }
 
-/// Far larger than the caches of any CPU this runs on.
-pub const MEMORY_LOAD_MIB: usize = 512;
-
-impl MemoryLoad {
-    /// Start, once the buffer is allocated and touched (the kernel's page faults are
-    /// not part of the load).
-    pub fn start() -> MemoryLoad {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let (ready, wait) = std::sync::mpsc::channel();
-        let handle = std::thread::spawn(move || {
-            pin_to_the_quietest_cpu();
-            let words = MEMORY_LOAD_MIB << 20 >> 3;
-            let mut buf = vec![1u64; words];
-            let _ = ready.send(());
-            let start = Instant::now();
-            let mut lines = 0u64;
-            while !flag.load(Ordering::Relaxed) {
-                for w in buf.iter_mut().step_by(8) {
-                    *w = std::hint::black_box(w.wrapping_add(1));
-                }
-                lines += (words / 8) as u64;
-            }
-            (lines * 64, start.elapsed().as_secs_f64())
-        });
-        // An error here means the thread died; `stop` reports it.
-        let _ = wait.recv();
-        MemoryLoad { stop, handle }
-    }
-
-    /// Stop; the rate at which it went through memory, in MB/s (each line read and
-    /// written back).
-    pub fn stop(self) -> Result<f64> {
-        self.stop.store(true, Ordering::SeqCst);
-        let (bytes, seconds) = self
-            .handle
-            .join()
-            .map_err(|_| anyhow::anyhow!("the memory thread panicked"))?;
-        Ok(mb(bytes as i64) / seconds.max(1e-9))
-    }
+/// A thread running `work` as fast as it goes until its flag is set; `work` returns the
+/// bytes it did and in how many seconds (its own clock, so that it can leave out its
+/// preparation).
+fn unpaced(work: impl FnOnce(&AtomicBool) -> (u64, f64) + Send + 'static) -> Load {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    let handle = std::thread::spawn(move || Ok(work(&flag)));
+    Load { stop, handle }
 }
 
 /// The calling thread on the CPU `backfill --pin-cpu auto` would take, if it may; as it is
@@ -270,12 +261,8 @@ fn pin_to_the_quietest_cpu() {
     if cpus.len() < 2 {
         return;
     }
-    let interrupts = std::fs::read_to_string("/proc/interrupts").unwrap_or_default();
     let mut one = CpuSet::new();
-    if one
-        .set(crate::backfill::one_cpu::quietest(&cpus, &interrupts))
-        .is_ok()
-    {
+    if one.set(crate::backfill::one_cpu::auto_cpu(&cpus)).is_ok() {
         let _ = sched_setaffinity(Pid::from_raw(0), &one);
     }
 }

@@ -419,7 +419,7 @@ pub struct DiskControlRun {
     /// without the rest of a backfill's work in the server.
     pub cpu_and_wal_stream: WriterSummary,
     pub achieved_cpu_and_wal_stream_mb_per_s: f64,
-    /// Next to a busy CPU that goes through memory (`disk_control::MemoryLoad`), and the
+    /// Next to a busy CPU that goes through memory (`disk_control::memory_load`), and the
     /// rate at which it did.
     pub memory: WriterSummary,
     pub memory_mb_per_s: f64,
@@ -1235,12 +1235,12 @@ fn run_disk_control(
     busy.stop()?;
     let achieved_cpu_and_wal_stream_mb_per_s = stream.stop()?;
     let cpu_and_wal_stream = during_both?;
-    let memory_load = disk_control::MemoryLoad::start();
+    let memory_load = disk_control::memory_load();
     let during_memory = measure(11_000);
     let memory_mb_per_s = memory_load.stop()?;
     let memory = during_memory?;
     let stream = disk_control::wal_stream_load(wal_session()?, mb_per_s);
-    let memory_load = disk_control::MemoryLoad::start();
+    let memory_load = disk_control::memory_load();
     let during_memory_and_stream = measure(12_000);
     memory_load.stop()?;
     let achieved_memory_and_wal_stream_mb_per_s = stream.stop()?;
