@@ -17,7 +17,8 @@
 //!   buffer far larger than the CPU caches, as our walk goes through Builds' pages: what
 //!   the busy thread, working in its registers, leaves out (caches emptied, memory
 //!   bandwidth taken), alone and next to the WAL stream; kept, as our pinned pair is, on
-//!   the CPU our backfill's `--pin-cpu auto` takes;
+//!   the CPU our backfill's `--pin-cpu auto` takes; and, with `--memory-rates`, the same
+//!   thread held to given rates of memory traffic, busy in its registers in between;
 //! - ours in another database: our per-page backfill of a copy of the template in another
 //!   database of the same cluster: the same server work, WAL, buffer pool and disk as
 //!   next to the writer, but none of the pages, rows or locks the writer touches.
@@ -187,9 +188,7 @@ impl CpuLoad {
         let handle = std::thread::spawn(move || {
             let mut x = 1u64;
             while !flag.load(Ordering::Relaxed) {
-                for _ in 0..10_000 {
-                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
-                }
+                x = spin(x, 10_000);
             }
             x
         });
@@ -205,8 +204,21 @@ impl CpuLoad {
     }
 }
 
+/// `rounds` steps of a random-number generator, in registers only: CPU time without memory
+/// traffic.
+fn spin(mut x: u64, rounds: u32) -> u64 {
+    for _ in 0..rounds {
+        x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+    }
+    x
+}
+
 /// Far larger than the caches of any CPU this runs on.
 pub const MEMORY_LOAD_MIB: usize = 512;
+
+/// The memory thread goes through its buffer this much at a time between looks at its
+/// clock and its stop flag.
+const MEMORY_CHUNK: usize = 64 << 10;
 
 /// One thread updating a word in every 64-byte line of a `MEMORY_LOAD_MIB` buffer, round
 /// and round, until stopped: a busy CPU that also empties the caches and takes memory
@@ -215,22 +227,38 @@ pub const MEMORY_LOAD_MIB: usize = 512;
 /// does and leaves the other CPUs to the writer. Started once the buffer is allocated and
 /// touched (the kernel's page faults are not part of the load); its rate is the bytes of
 /// the lines it went through (each read and written back).
-pub fn memory_load() -> Load {
+///
+/// With `mb_per_s` it goes through memory at that rate only, and between its 64 kB chunks
+/// it spins in its registers instead of sleeping: as busy a CPU as without a rate (as our
+/// backfill's server process is on its CPU nearly all the time), with less memory traffic.
+pub fn memory_load(mb_per_s: Option<f64>) -> Load {
     let (ready, wait) = std::sync::mpsc::channel();
     let load = unpaced(move |stop| {
         pin_to_the_quietest_cpu();
-        let words = MEMORY_LOAD_MIB << 20 >> 3;
-        let mut buf = vec![1u64; words];
+        let mut buf = vec![1u64; MEMORY_LOAD_MIB << 20 >> 3];
         let _ = ready.send(());
         let t0 = Instant::now();
-        let mut lines = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            for w in buf.iter_mut().step_by(8) {
-                *w = std::hint::black_box(w.wrapping_add(1));
+        let mut bytes = 0u64;
+        let mut x = 1u64;
+        'load: loop {
+            for chunk in buf.chunks_mut(MEMORY_CHUNK >> 3) {
+                if stop.load(Ordering::Relaxed) {
+                    break 'load;
+                }
+                for w in chunk.iter_mut().step_by(8) {
+                    *w = std::hint::black_box(w.wrapping_add(1));
+                }
+                bytes += MEMORY_CHUNK as u64;
+                if let Some(rate) = mb_per_s {
+                    let due = Duration::from_secs_f64(bytes as f64 / (rate * 1_048_576.0));
+                    while t0.elapsed() < due && !stop.load(Ordering::Relaxed) {
+                        x = spin(x, 1_000);
+                    }
+                }
             }
-            lines += (words / 8) as u64;
         }
-        (lines * 64, t0.elapsed().as_secs_f64())
+        std::hint::black_box(x);
+        (bytes, t0.elapsed().as_secs_f64())
     });
     // An error here means the thread died; `stop` reports it.
     let _ = wait.recv();

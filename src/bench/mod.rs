@@ -197,6 +197,11 @@ pub struct BenchArgs {
     /// of this run's per-page backfill next to the writer (else 50 MB/s).
     #[arg(long, value_name = "MB")]
     pub disk_mb_per_s: Option<f64>,
+    /// disk-control's memory thread again at each of these rates (MB/s, comma-separated),
+    /// busy in its registers between its chunks, after the row where it goes as fast as
+    /// it can: how much memory traffic next to a busy CPU it takes to slow the writer.
+    #[arg(long, value_name = "MB,...", value_delimiter = ',')]
+    pub memory_rates: Vec<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -426,9 +431,19 @@ pub struct DiskControlRun {
     /// Next to that and the WAL stream at once.
     pub memory_and_wal_stream: WriterSummary,
     pub achieved_memory_and_wal_stream_mb_per_s: f64,
+    /// Next to the memory thread held to each rate of `--memory-rates`.
+    pub memory_paced: Vec<PacedMemory>,
     /// Next to our per-page backfill running in another database of the cluster.
     pub ours_elsewhere: WriterSummary,
     pub ours_elsewhere_backfill: BackfillRun,
+}
+
+/// The writer next to disk-control's memory thread held to a rate.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PacedMemory {
+    pub mb_per_s: f64,
+    pub achieved_mb_per_s: f64,
+    pub writer: WriterSummary,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -1235,16 +1250,27 @@ fn run_disk_control(
     busy.stop()?;
     let achieved_cpu_and_wal_stream_mb_per_s = stream.stop()?;
     let cpu_and_wal_stream = during_both?;
-    let memory_load = disk_control::memory_load();
+    let memory_load = disk_control::memory_load(None);
     let during_memory = measure(11_000);
     let memory_mb_per_s = memory_load.stop()?;
     let memory = during_memory?;
     let stream = disk_control::wal_stream_load(wal_session()?, mb_per_s);
-    let memory_load = disk_control::memory_load();
+    let memory_load = disk_control::memory_load(None);
     let during_memory_and_stream = measure(12_000);
     memory_load.stop()?;
     let achieved_memory_and_wal_stream_mb_per_s = stream.stop()?;
     let memory_and_wal_stream = during_memory_and_stream?;
+    let mut memory_paced = Vec::new();
+    for (i, &rate) in args.memory_rates.iter().enumerate() {
+        let memory_load = disk_control::memory_load(Some(rate));
+        let during = measure(13_000 + 100 * i as u64);
+        let achieved_mb_per_s = memory_load.stop()?;
+        memory_paced.push(PacedMemory {
+            mb_per_s: rate,
+            achieved_mb_per_s,
+            writer: during?,
+        });
+    }
     // Our backfill itself, in another database of the cluster: the same server work, WAL,
     // buffer pool and disk as next to the writer, but none of the pages, rows or locks
     // the writer touches.
@@ -1300,6 +1326,7 @@ fn run_disk_control(
         memory_mb_per_s,
         memory_and_wal_stream,
         achieved_memory_and_wal_stream_mb_per_s,
+        memory_paced,
         ours_elsewhere,
         ours_elsewhere_backfill,
     })
@@ -1468,7 +1495,19 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
             );
         }
     }
+    if let Some(r) = args
+        .memory_rates
+        .iter()
+        .find(|r| !(r.is_finite() && **r > 0.0))
+    {
+        bail!("--memory-rates takes rates above 0 MB/s, not {r}");
+    }
     let wants = |c: &str| args.contenders.iter().any(|x| x == c);
+    if !args.memory_rates.is_empty() && (!wants("disk-control") || args.skip_writer) {
+        bail!(
+            "--memory-rates adds rows to disk-control: add it to --contenders, without --skip-writer"
+        );
+    }
     let backfill_list: Vec<&str> = ["offline", "stock", "per-page", "keyset"]
         .into_iter()
         .filter(|c| wants(c))
@@ -1824,6 +1863,16 @@ fn medians(runs: &[Run], backfill_list: &[&str], final_list: &[&str]) -> Medians
         achieved_memory_and_wal_stream_mb_per_s: rate(|d| {
             d.achieved_memory_and_wal_stream_mb_per_s
         }),
+        memory_paced: (0..disk_runs[0].memory_paced.len())
+            .map(|i| {
+                let at: Vec<&PacedMemory> = disk_runs.iter().map(|d| &d.memory_paced[i]).collect();
+                PacedMemory {
+                    mb_per_s: at[0].mb_per_s,
+                    achieved_mb_per_s: median(at.iter().map(|p| p.achieved_mb_per_s).collect()),
+                    writer: median_writer(&at.iter().map(|p| &p.writer).collect::<Vec<_>>()),
+                }
+            })
+            .collect(),
         ours_elsewhere: summary(|d| &d.ours_elsewhere),
         ours_elsewhere_backfill: median_backfill(
             "per-page, another database",
@@ -2288,57 +2337,79 @@ pub fn render(b: &Bench) -> String {
         s.push('\n');
     }
     if let Some(d) = &m.disk_control {
-        push(
-            &mut s,
-            writer_rows(
-                "controls (writer, no backfill)",
-                &[
-                    (format!("alone, {} s", b.writer_secs), &d.idle),
-                    (
-                        format!("next to a file, {:.1} MB/s", d.achieved_mb_per_s),
-                        &d.file,
-                    ),
-                    ("next to one busy CPU".to_owned(), &d.cpu),
-                    (
-                        format!("next to WAL bursts, {:.1} MB/s", d.achieved_wal_mb_per_s),
-                        &d.wal,
-                    ),
-                    (
-                        format!(
-                            "next to streamed WAL, {:.1} MB/s",
-                            d.achieved_wal_stream_mb_per_s
-                        ),
-                        &d.wal_stream,
-                    ),
-                    (
-                        format!(
-                            "next to both, {:.1} MB/s",
-                            d.achieved_cpu_and_wal_stream_mb_per_s
-                        ),
-                        &d.cpu_and_wal_stream,
-                    ),
-                    (
-                        format!("next to memory, {:.0} MB/s", d.memory_mb_per_s),
-                        &d.memory,
-                    ),
-                    (
-                        format!(
-                            "memory + WAL, {:.1} MB/s",
-                            d.achieved_memory_and_wal_stream_mb_per_s
-                        ),
-                        &d.memory_and_wal_stream,
-                    ),
-                    (
-                        format!(
-                            "ours in another db, {:.1} MB/s",
-                            d.ours_elsewhere_backfill.wal_mb_per_s()
-                        ),
-                        &d.ours_elsewhere,
-                    ),
-                ],
+        let mut rows = vec![
+            (format!("alone, {} s", b.writer_secs), &d.idle),
+            (
+                format!("next to a file, {:.1} MB/s", d.achieved_mb_per_s),
+                &d.file,
             ),
-        );
+            ("next to one busy CPU".to_owned(), &d.cpu),
+            (
+                format!("next to WAL bursts, {:.1} MB/s", d.achieved_wal_mb_per_s),
+                &d.wal,
+            ),
+            (
+                format!(
+                    "next to streamed WAL, {:.1} MB/s",
+                    d.achieved_wal_stream_mb_per_s
+                ),
+                &d.wal_stream,
+            ),
+            (
+                format!(
+                    "next to both, {:.1} MB/s",
+                    d.achieved_cpu_and_wal_stream_mb_per_s
+                ),
+                &d.cpu_and_wal_stream,
+            ),
+            (
+                format!("next to memory, {:.0} MB/s", d.memory_mb_per_s),
+                &d.memory,
+            ),
+            (
+                format!(
+                    "memory + WAL, {:.1} MB/s",
+                    d.achieved_memory_and_wal_stream_mb_per_s
+                ),
+                &d.memory_and_wal_stream,
+            ),
+        ];
+        rows.extend(d.memory_paced.iter().map(|p| {
+            (
+                format!("memory held to {:.0} MB/s", p.achieved_mb_per_s),
+                &p.writer,
+            )
+        }));
+        rows.push((
+            format!(
+                "ours in another db, {:.1} MB/s",
+                d.ours_elsewhere_backfill.wal_mb_per_s()
+            ),
+            &d.ours_elsewhere,
+        ));
+        push(&mut s, writer_rows("controls (writer, no backfill)", &rows));
         let ratio = |x: &WriterSummary| x.p99_over(&d.idle);
+        if !d.memory_paced.is_empty() {
+            let paced: Vec<String> = d
+                .memory_paced
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{:.2} at {:.0} MB/s (asked {:.0})",
+                        ratio(&p.writer),
+                        p.achieved_mb_per_s,
+                        p.mb_per_s
+                    )
+                })
+                .collect();
+            push(
+                &mut s,
+                format!(
+                    "p99 / alone next to the memory thread held to a rate, busy in its registers in between: {}",
+                    paced.join(", ")
+                ),
+            );
+        }
         push(
             &mut s,
             format!(
