@@ -18,7 +18,8 @@
 //!   the busy thread, working in its registers, leaves out (caches emptied, memory
 //!   bandwidth taken), alone and next to the WAL stream; kept, as our pinned pair is, on
 //!   the CPU our backfill's `--pin-cpu auto` takes; and, with `--memory-rates`, the same
-//!   thread held to given rates of memory traffic, busy in its registers in between;
+//!   thread held to given rates of memory traffic, busy in its registers in between, alone
+//!   and next to the WAL stream;
 //! - ours in another database: our per-page backfill of a copy of the template in another
 //!   database of the same cluster: the same server work, WAL, buffer pool and disk as
 //!   next to the writer, but none of the pages, rows or locks the writer touches.

@@ -198,8 +198,9 @@ pub struct BenchArgs {
     #[arg(long, value_name = "MB")]
     pub disk_mb_per_s: Option<f64>,
     /// disk-control's memory thread again at each of these rates (MB/s, comma-separated),
-    /// busy in its registers between its chunks, after the row where it goes as fast as
-    /// it can: how much memory traffic next to a busy CPU it takes to slow the writer.
+    /// busy in its registers between its chunks, alone and next to the WAL stream, after
+    /// the rows where it goes as fast as it can: how much memory traffic next to a busy
+    /// CPU it takes to slow the writer.
     #[arg(long, value_name = "MB,...", value_delimiter = ',')]
     pub memory_rates: Vec<f64>,
 }
@@ -438,12 +439,15 @@ pub struct DiskControlRun {
     pub ours_elsewhere_backfill: BackfillRun,
 }
 
-/// The writer next to disk-control's memory thread held to a rate.
+/// The writer next to disk-control's memory thread held to a rate, alone and next to the
+/// WAL stream at our backfill's rate.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct PacedMemory {
     pub mb_per_s: f64,
     pub achieved_mb_per_s: f64,
     pub writer: WriterSummary,
+    pub with_wal_stream: WriterSummary,
+    pub achieved_wal_stream_mb_per_s: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -1265,10 +1269,18 @@ fn run_disk_control(
         let memory_load = disk_control::memory_load(Some(rate));
         let during = measure(13_000 + 100 * i as u64);
         let achieved_mb_per_s = memory_load.stop()?;
+        let writer = during?;
+        let stream = disk_control::wal_stream_load(wal_session()?, mb_per_s);
+        let memory_load = disk_control::memory_load(Some(rate));
+        let during = measure(13_050 + 100 * i as u64);
+        memory_load.stop()?;
+        let achieved_wal_stream_mb_per_s = stream.stop()?;
         memory_paced.push(PacedMemory {
             mb_per_s: rate,
             achieved_mb_per_s,
-            writer: during?,
+            writer,
+            with_wal_stream: during?,
+            achieved_wal_stream_mb_per_s,
         });
     }
     // Our backfill itself, in another database of the cluster: the same server work, WAL,
@@ -1870,6 +1882,12 @@ fn medians(runs: &[Run], backfill_list: &[&str], final_list: &[&str]) -> Medians
                     mb_per_s: at[0].mb_per_s,
                     achieved_mb_per_s: median(at.iter().map(|p| p.achieved_mb_per_s).collect()),
                     writer: median_writer(&at.iter().map(|p| &p.writer).collect::<Vec<_>>()),
+                    with_wal_stream: median_writer(
+                        &at.iter().map(|p| &p.with_wal_stream).collect::<Vec<_>>(),
+                    ),
+                    achieved_wal_stream_mb_per_s: median(
+                        at.iter().map(|p| p.achieved_wal_stream_mb_per_s).collect(),
+                    ),
                 }
             })
             .collect(),
@@ -2374,12 +2392,16 @@ pub fn render(b: &Bench) -> String {
                 &d.memory_and_wal_stream,
             ),
         ];
-        rows.extend(d.memory_paced.iter().map(|p| {
-            (
+        for p in &d.memory_paced {
+            rows.push((
                 format!("memory held to {:.0} MB/s", p.achieved_mb_per_s),
                 &p.writer,
-            )
-        }));
+            ));
+            rows.push((
+                format!("  + WAL, {:.1} MB/s", p.achieved_wal_stream_mb_per_s),
+                &p.with_wal_stream,
+            ));
+        }
         rows.push((
             format!(
                 "ours in another db, {:.1} MB/s",
@@ -2395,10 +2417,11 @@ pub fn render(b: &Bench) -> String {
                 .iter()
                 .map(|p| {
                     format!(
-                        "{:.2} at {:.0} MB/s (asked {:.0})",
+                        "{:.2} at {:.0} MB/s (asked {:.0}), {:.2} with the WAL stream",
                         ratio(&p.writer),
                         p.achieved_mb_per_s,
-                        p.mb_per_s
+                        p.mb_per_s,
+                        ratio(&p.with_wal_stream)
                     )
                 })
                 .collect();
