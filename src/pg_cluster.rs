@@ -129,6 +129,12 @@ pub const SUPERUSER: &str = "postgres";
 impl PgCluster {
     /// initdb and start a cluster. `settings` are extra `name=value` server settings.
     pub fn start(settings: &[&str]) -> Result<PgCluster> {
+        PgCluster::start_with(&[], settings)
+    }
+
+    /// [`PgCluster::start`] with extra `initdb` arguments, for what only initdb sets
+    /// (e.g. `--wal-segsize`).
+    pub fn start_with(initdb_args: &[&str], settings: &[&str]) -> Result<PgCluster> {
         let bin = find_bindir()?;
         let account = server_account()?;
         let base = match &account {
@@ -168,6 +174,7 @@ impl PgCluster {
                 "--locale=C",
                 "--no-sync",
             ])
+            .args(initdb_args)
             .run()
             .context("initdb of the throwaway cluster")?;
         let mut opts = format!(

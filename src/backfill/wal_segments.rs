@@ -1,0 +1,173 @@
+//! Whether PostgreSQL has WAL segments ready for the WAL our walk writes.
+//!
+//! A walk writes about as much WAL as the table and its indexes take (each page's first
+//! change after a checkpoint is logged whole: 794 MB of WAL for 743 MB of Builds at 1M
+//! builds, BENCHMARKS.md). PostgreSQL writes WAL into 16 MB segment files that it recycles
+//! at checkpoints; when none is ready, it creates the next one while it holds the WAL
+//! write lock, and with `wal_init_zero = on` (the default) it first fills the file with
+//! zeros and syncs it. Every commit of Hydra's that needs its WAL flushed meanwhile waits:
+//! in the benchmark with no segment ready (`wal_recycle = off`) Hydra's writes waited about
+//! 15 ms twice a second during the backfill, a p99 of 9 x its idle one (BENCHMARKS.md,
+//! "WAL segments"). A Hydra that writes little WAL between checkpoints keeps few segments
+//! (`min_wal_size`, 80 MB by default), so the first checkpoints of a backfill are the ones
+//! that find too few: each later checkpoint recycles what the walk used before it.
+//!
+//! The check only tells the admin; it changes nothing. Looking into `pg_wal` needs
+//! superuser or `pg_monitor`; without it the check says it could not look.
+
+use anyhow::Result;
+use postgres::error::SqlState;
+use serde_json::json;
+
+use super::Table;
+use crate::db::Db;
+use crate::progress::Out;
+
+/// What `pg_wal` holds ahead of the WAL insert position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ready {
+    pub segment_bytes: i64,
+    /// Bytes left in the segment being written.
+    pub rest_of_current: i64,
+    /// Whole segments named after the current one: recycled or preallocated.
+    pub segments_ahead: i64,
+    /// `wal_init_zero` (PostgreSQL 12+; older servers always zero-fill).
+    pub zero_filled: bool,
+}
+
+impl Ready {
+    pub fn bytes(&self) -> i64 {
+        self.rest_of_current + self.segments_ahead * self.segment_bytes
+    }
+
+    /// How many segments PostgreSQL would create for `expected` bytes of WAL if no
+    /// checkpoint recycled any meanwhile.
+    pub fn to_create(&self, expected: i64) -> i64 {
+        let short = expected - self.bytes();
+        if short <= 0 || self.segment_bytes <= 0 {
+            0
+        } else {
+            (short + self.segment_bytes - 1) / self.segment_bytes
+        }
+    }
+}
+
+/// From this many new segments on, the walk is warned about: fewer are a few short waits
+/// of Hydra's commits (15 ms each on the benchmark's disk); 8 of 16 MB are 128 MB of WAL,
+/// about 4 s of a backfill's walk there.
+pub const MANY_NEW_SEGMENTS: i64 = 8;
+
+const READY: &str = "
+    SELECT pg_size_bytes(current_setting('wal_segment_size')),
+           (pg_walfile_name_offset(pg_current_wal_insert_lsn())).file_offset::bigint,
+           (SELECT count(*) FROM pg_ls_waldir() w
+             WHERE w.name ~ '^[0-9A-F]{24}$'
+               AND w.name > pg_walfile_name(pg_current_wal_insert_lsn())),
+           coalesce(current_setting('wal_init_zero', true), 'on') = 'on'";
+
+/// `None` when this role may not look into `pg_wal`.
+pub fn ready(db: &mut Db) -> Result<Option<Ready>> {
+    let row = match db.client().query_one(READY, &[]) {
+        Ok(row) => row,
+        Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => return Ok(None),
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context("looking at the WAL segments in pg_wal"));
+        }
+    };
+    let segment_bytes: i64 = row.get(0);
+    let offset: i64 = row.get(1);
+    Ok(Some(Ready {
+        segment_bytes,
+        rest_of_current: segment_bytes - offset,
+        segments_ahead: row.get(2),
+        zero_filled: row.get(3),
+    }))
+}
+
+/// Before `table` is walked: say how much WAL is coming and how much room `pg_wal` has
+/// for it, with a warning when PostgreSQL will have to zero-fill new segments while
+/// Hydra's commits wait. `remaining` is the share of the table still to walk.
+pub fn check(db: &mut Db, table: Table, remaining: f64, out: &Out) -> Result<()> {
+    let name = table.name();
+    let size: i64 = db
+        .client()
+        .query_one("SELECT pg_total_relation_size(to_regclass($1))", &[&name])?
+        .get(0);
+    let expected = (size as f64 * remaining.clamp(0.0, 1.0)) as i64;
+    let Some(ready) = ready(db)? else {
+        out.event(
+            "wal_segments",
+            &format!(
+                "{name}: about {} MB of WAL to write; how many WAL segments are ready is \
+                 unknown: looking into pg_wal needs superuser or the pg_monitor role",
+                mb(expected)
+            ),
+            json!({"table": name, "expected_bytes": expected, "ready_bytes": null}),
+        );
+        return Ok(());
+    };
+    let to_create = ready.to_create(expected);
+    let data = json!({
+        "table": name,
+        "expected_bytes": expected,
+        "ready_bytes": ready.bytes(),
+        "segment_bytes": ready.segment_bytes,
+        "segments_ahead": ready.segments_ahead,
+        "segments_to_create": to_create,
+        "zero_filled": ready.zero_filled,
+    });
+    let summary = format!(
+        "{name}: about {} MB of WAL to write, {} MB of WAL segments ready in pg_wal",
+        mb(expected),
+        mb(ready.bytes())
+    );
+    out.event("wal_segments", &summary, data);
+    if to_create >= MANY_NEW_SEGMENTS && ready.zero_filled {
+        out.warn(&format!(
+            "{name}: PostgreSQL will create up to {to_create} new WAL segments of {} MB while \
+             the walk runs, until checkpoints recycle enough of them; it fills each with \
+             zeros and syncs it while holding the WAL write lock, and Hydra's commits wait \
+             meanwhile (about 15 ms for a 16 MB segment on the benchmark's disk). Where \
+             pg_wal is on a copy-on-write filesystem (ZFS, btrfs), PostgreSQL's \
+             wal_init_zero = off and wal_recycle = off avoid most of it; see the README, \
+             \"WAL segments\"",
+            mb(ready.segment_bytes)
+        ));
+    }
+    Ok(())
+}
+
+fn mb(bytes: i64) -> i64 {
+    bytes / (1 << 20)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEG: i64 = 16 << 20;
+
+    fn ready(rest: i64, ahead: i64) -> Ready {
+        Ready {
+            segment_bytes: SEG,
+            rest_of_current: rest,
+            segments_ahead: ahead,
+            zero_filled: true,
+        }
+    }
+
+    #[test]
+    fn nothing_to_create_when_the_ready_segments_hold_the_wal() {
+        assert_eq!(ready(SEG / 2, 4).to_create(4 * SEG), 0);
+        assert_eq!(ready(SEG / 2, 4).to_create(4 * SEG + SEG / 2), 0);
+        assert_eq!(ready(SEG, 0).to_create(0), 0);
+    }
+
+    #[test]
+    fn one_segment_for_each_started_16_mb_beyond_them() {
+        assert_eq!(ready(SEG / 2, 4).to_create(4 * SEG + SEG / 2 + 1), 1);
+        assert_eq!(ready(SEG / 2, 4).to_create(6 * SEG + SEG / 2), 2);
+        // A quiet Hydra's pg_wal (min_wal_size 80 MB) against 1M builds' 743 MB.
+        assert_eq!(ready(SEG, 4).to_create(743 << 20), 42);
+    }
+}

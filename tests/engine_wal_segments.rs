@@ -1,0 +1,180 @@
+//! Before walking Builds, the backfill says how much WAL is coming and how much room
+//! `pg_wal` has for it, and warns when PostgreSQL will zero-fill new segments while
+//! Hydra's commits wait (src/backfill/wal_segments.rs).
+
+mod common;
+
+use common::*;
+use hydra_upgrade::backfill::wal_segments;
+use hydra_upgrade::hydra_schema;
+use hydra_upgrade::pg_cluster::{PgCluster, SUPERUSER};
+use hydra_upgrade::synth;
+use serde_json::Value;
+
+/// The `wal_segments` event of a `--json backfill` run, and whether a warning about new
+/// segments came with it.
+fn wal_event(r: &Run) -> (Value, bool) {
+    let (events, _) = r.json_lines();
+    let event = events
+        .iter()
+        .find(|e| e["event"] == "wal_segments")
+        .unwrap_or_else(|| panic!("no wal_segments event:\n{}", r.stdout))
+        .clone();
+    let warned = events.iter().any(|e| {
+        e["event"] == "warning"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("new WAL segments"))
+    });
+    (event, warned)
+}
+
+#[test]
+fn a_small_walk_gets_the_figures_and_no_warning() {
+    let db = hydra_at(61);
+    let size = db.query_i64("SELECT pg_total_relation_size('builds')");
+    let r = run_on(&db, &["--json", "backfill"]);
+    r.expect_code(0);
+    let (e, warned) = wal_event(&r);
+    assert_eq!(e["table"], "builds");
+    assert_eq!(e["expected_bytes"].as_i64(), Some(size), "{e}");
+    let segment = e["segment_bytes"].as_i64().unwrap();
+    assert_eq!(segment, 16 << 20, "{e}");
+    let ready = e["ready_bytes"].as_i64().unwrap();
+    // At least the rest of the segment being written; whole segments beyond it.
+    assert!(ready > 0, "{e}");
+    assert!(
+        ready - e["segments_ahead"].as_i64().unwrap() * segment <= segment,
+        "{e}"
+    );
+    assert_eq!(e["zero_filled"], true, "{e}");
+    // The fixture's Builds (13 MB) needs at most one new segment, not worth a warning.
+    assert!(e["segments_to_create"].as_i64().unwrap() <= 1, "{e}");
+    assert!(!warned, "{}", r.stdout);
+    assert_eq!(db.wrong_or_null(), 0);
+}
+
+/// A cluster of 1 MB segments that keeps at most a few (`max_wal_size = 4MB`) and, from
+/// PostgreSQL 12 on, recycles none (`wal_recycle = off`): Builds of 24,000 builds (about
+/// 26 MB) needs more new segments than the warning's threshold.
+#[test]
+fn too_few_segments_ready_are_warned_about_unless_they_are_not_zero_filled() {
+    let version = cluster()
+        .connect("postgres")
+        .unwrap()
+        .server_version()
+        .unwrap();
+    if version < 110_000 {
+        // initdb --wal-segsize came with PostgreSQL 11: with 16 MB segments the fixture
+        // would have to be 200 MB. What 10 can show: the figures, always zero-filled.
+        eprintln!("PostgreSQL 10: only the figures are checked (no --wal-segsize)");
+        let db = hydra_at(61);
+        let r = run_on(&db, &["--json", "backfill"]);
+        r.expect_code(0);
+        let (e, _) = wal_event(&r);
+        assert_eq!(e["zero_filled"], true, "{e}");
+        assert_eq!(e["segment_bytes"].as_i64(), Some(16 << 20), "{e}");
+        return;
+    }
+    let mut settings = vec!["fsync=off", "min_wal_size=2MB", "max_wal_size=4MB"];
+    if version >= 120_000 {
+        settings.push("wal_recycle=off");
+    }
+    let cluster = PgCluster::start_with(&["--wal-segsize=1"], &settings).expect("a second cluster");
+    cluster.create_database("walseg", None).unwrap();
+    {
+        let mut db = cluster.connect("walseg").unwrap();
+        synth::generate(
+            &mut db,
+            &synth::Spec {
+                builds: 24_000,
+                ..SPEC
+            },
+        )
+        .unwrap();
+        hydra_schema::apply_steps(&mut db, 61).unwrap();
+    }
+    cluster.create_database("walseg2", Some("walseg")).unwrap();
+
+    let backfill_on = |name: &str| {
+        let dsn = cluster.dsn_string(name, SUPERUSER);
+        let r = run(&["--db", &dsn, "--json", "backfill"]);
+        r.expect_code(0);
+        r
+    };
+    let r = backfill_on("walseg");
+    let (e, warned) = wal_event(&r);
+    assert_eq!(e["segment_bytes"].as_i64(), Some(1 << 20), "{e}");
+    // One preallocated at most; before 12, a few recycled too, within max_wal_size.
+    let most_ahead = if version >= 120_000 { 1 } else { 4 };
+    assert!(e["segments_ahead"].as_i64().unwrap() <= most_ahead, "{e}");
+    assert!(
+        e["segments_to_create"].as_i64().unwrap() >= wal_segments::MANY_NEW_SEGMENTS,
+        "{e}"
+    );
+    assert!(warned, "no warning:\n{}", r.stdout);
+    assert_contains(&r.stdout, "wal_init_zero = off");
+    if version < 120_000 {
+        // wal_init_zero came with PostgreSQL 12; before, new segments are always
+        // zero-filled.
+        assert_eq!(e["zero_filled"], true, "{e}");
+        return;
+    }
+
+    // The same with new segments not zero-filled: the figures, no warning.
+    let mut db = cluster.connect("postgres").unwrap();
+    // One statement each: several in one call run as one transaction, which ALTER
+    // SYSTEM refuses.
+    for sql in [
+        "ALTER SYSTEM SET wal_init_zero = off",
+        "SELECT pg_reload_conf()",
+    ] {
+        db.client().batch_execute(sql).unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while cluster
+        .connect("postgres")
+        .unwrap()
+        .client()
+        .query_one("SELECT current_setting('wal_init_zero')", &[])
+        .unwrap()
+        .get::<_, String>(0)
+        != "off"
+    {
+        assert!(std::time::Instant::now() < deadline, "reload not seen");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let r = backfill_on("walseg2");
+    let (e, warned) = wal_event(&r);
+    assert!(
+        e["segments_to_create"].as_i64().unwrap() >= wal_segments::MANY_NEW_SEGMENTS,
+        "{e}"
+    );
+    assert_eq!(e["zero_filled"], false, "{e}");
+    assert!(!warned, "{}", r.stdout);
+}
+
+#[test]
+fn a_role_that_may_not_look_into_pg_wal_still_backfills() {
+    let db = hydra_at(61);
+    // Hydra's own role on NixOS: owns its database and tables, no superuser, no
+    // pg_monitor.
+    db.exec(&format!(
+        "DO $$ BEGIN CREATE ROLE hu_owner LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         ALTER DATABASE {} OWNER TO hu_owner;
+         DO $$ DECLARE t text; BEGIN
+           FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = 'public' LOOP
+             EXECUTE format('ALTER TABLE %I OWNER TO hu_owner', t);
+           END LOOP;
+         END $$",
+        db.name
+    ));
+    let dsn = cluster().dsn_string(&db.name, "hu_owner");
+    let r = run(&["--db", &dsn, "--json", "backfill"]);
+    r.expect_code(0);
+    let (e, warned) = wal_event(&r);
+    assert_eq!(e["ready_bytes"], Value::Null, "{e}");
+    assert_contains(e["message"].as_str().unwrap(), "pg_monitor");
+    assert!(!warned, "{}", r.stdout);
+    assert_eq!(db.wrong_or_null(), 0);
+}
