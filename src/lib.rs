@@ -70,8 +70,13 @@ pub fn run(cli: Cli) -> Result<Exit> {
             let mut db = connect()?;
             let s = status::detect(&mut db, false)?;
             let steps = upgrade::plan(&s, false, "the host");
+            let wal = upgrade::wal_outlook(&mut db, &s)?;
             if json {
-                print_json(&serde_json::json!({"status": s, "plan": steps}))?;
+                print_json(&serde_json::json!({
+                    "status": s,
+                    "plan": steps,
+                    "wal_segments": wal.map(|o| o.data()),
+                }))?;
             } else {
                 println!(
                     "schema {} ({:?}); `hydra-upgrade upgrade` would:",
@@ -79,6 +84,12 @@ pub fn run(cli: Cli) -> Result<Exit> {
                 );
                 for (i, st) in steps.iter().enumerate() {
                     println!("{:>2}. {:<17} {}", i + 1, st.step, st.description);
+                }
+                if let Some(o) = wal {
+                    println!("backfill's WAL: {}", o.summary());
+                    if let Some(w) = o.warning() {
+                        println!("warning: {w}");
+                    }
                 }
             }
             Ok(Exit::Ok)

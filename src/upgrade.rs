@@ -90,6 +90,20 @@ pub fn plan(s: &Status, stock_final: bool, host: &str) -> Vec<PlannedStep> {
     steps
 }
 
+/// What the backfill's walk of Builds will ask of `pg_wal`, when the plan still has one
+/// (`backfill::wal_segments`).
+pub fn wal_outlook(db: &mut Db, s: &Status) -> Result<Option<backfill::wal_segments::Outlook>> {
+    if s.stage == Stage::Final {
+        return Ok(None);
+    }
+    let saved = backfill::state::read_all(db)?;
+    let remaining = backfill::wal_segments::remaining(saved.iter().find(|p| p.table == "builds"));
+    if remaining <= 0.0 {
+        return Ok(None);
+    }
+    backfill::wal_segments::outlook(db, backfill::Table::Builds, remaining).map(Some)
+}
+
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Report {
     pub steps: Vec<(String, f64)>,

@@ -102,6 +102,15 @@ fn too_few_segments_ready_are_warned_about_unless_they_are_not_zero_filled() {
         r.expect_code(0);
         r
     };
+    // `plan` says it before anything is done.
+    let dsn = cluster.dsn_string("walseg", SUPERUSER);
+    let plan = run(&["--db", &dsn, "plan"]);
+    plan.expect_code(0);
+    assert_contains(&plan.stdout, "backfill's WAL: builds: about");
+    assert_contains(
+        &plan.stdout,
+        "warning: builds: PostgreSQL will create up to",
+    );
     let r = backfill_on("walseg");
     let (e, warned) = wal_event(&r);
     assert_eq!(e["segment_bytes"].as_i64(), Some(1 << 20), "{e}");
@@ -155,6 +164,27 @@ fn too_few_segments_ready_are_warned_about_unless_they_are_not_zero_filled() {
 }
 
 #[test]
+fn plan_tells_the_same_before_the_backfill_and_nothing_after_it() {
+    let db = hydra_at(61);
+    let size = db.query_i64("SELECT pg_total_relation_size('builds')");
+    let plan = run_on(&db, &["--json", "plan"]);
+    plan.expect_code(0);
+    let e = &plan.json()["wal_segments"];
+    assert_eq!(e["table"], "builds", "{e}");
+    assert_eq!(e["expected_bytes"].as_i64(), Some(size), "{e}");
+    assert!(e["ready_bytes"].as_i64().unwrap() > 0, "{e}");
+    let text = run_on(&db, &["plan"]);
+    text.expect_code(0);
+    assert_contains(&text.stdout, "backfill's WAL: builds: about");
+
+    run_on(&db, &["backfill"]).expect_code(0);
+    let plan = run_on(&db, &["--json", "plan"]);
+    plan.expect_code(0);
+    assert_eq!(plan.json()["wal_segments"], Value::Null, "{}", plan.stdout);
+    assert!(!run_on(&db, &["plan"]).stdout.contains("backfill's WAL"));
+}
+
+#[test]
 fn a_role_that_may_not_look_into_pg_wal_still_backfills() {
     let db = hydra_at(61);
     // Hydra's own role on NixOS: owns its database and tables, no superuser, no
@@ -170,6 +200,9 @@ fn a_role_that_may_not_look_into_pg_wal_still_backfills() {
         db.name
     ));
     let dsn = cluster().dsn_string(&db.name, "hu_owner");
+    let plan = run(&["--db", &dsn, "plan"]);
+    plan.expect_code(0);
+    assert_contains(&plan.stdout, "needs superuser or the pg_monitor role");
     let r = run(&["--db", &dsn, "--json", "backfill"]);
     r.expect_code(0);
     let (e, warned) = wal_event(&r);

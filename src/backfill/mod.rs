@@ -579,15 +579,7 @@ fn run_table(
     };
     let rows_before = progress.rows_updated;
     if table == Table::Builds {
-        // The share of the table still to walk; a per-page walk's keys phase is its
-        // sweep for rows moved meanwhile, a few pages' worth.
-        let remaining = match (progress.strategy.as_str(), progress.phase.as_str()) {
-            (_, PHASE_PAGES) | ("keyset", PHASE_KEYS) if progress.total > 0 => {
-                1.0 - progress.position as f64 / progress.total as f64
-            }
-            (_, PHASE_PAGES) | ("keyset", PHASE_KEYS) => 1.0,
-            _ => 0.0,
-        };
+        let remaining = wal_segments::remaining(Some(&progress));
         if remaining > 0.0 {
             wal_segments::check(db, table, remaining, out)?;
         }

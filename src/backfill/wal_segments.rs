@@ -17,9 +17,10 @@
 
 use anyhow::Result;
 use postgres::error::SqlState;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::Table;
+use super::state::{PHASE_KEYS, PHASE_PAGES, TableProgress};
 use crate::db::Db;
 use crate::progress::Out;
 
@@ -84,55 +85,108 @@ pub fn ready(db: &mut Db) -> Result<Option<Ready>> {
     }))
 }
 
-/// Before `table` is walked: say how much WAL is coming and how much room `pg_wal` has
-/// for it, with a warning when PostgreSQL will have to zero-fill new segments while
-/// Hydra's commits wait. `remaining` is the share of the table still to walk.
-pub fn check(db: &mut Db, table: Table, remaining: f64, out: &Out) -> Result<()> {
-    let name = table.name();
-    let size: i64 = db
-        .client()
-        .query_one("SELECT pg_total_relation_size(to_regclass($1))", &[&name])?
-        .get(0);
-    let expected = (size as f64 * remaining.clamp(0.0, 1.0)) as i64;
-    let Some(ready) = ready(db)? else {
-        out.event(
-            "wal_segments",
-            &format!(
+/// What a walk of a table will ask of `pg_wal`.
+#[derive(Debug, Clone, Copy)]
+pub struct Outlook {
+    pub table: Table,
+    /// About how much WAL the walk will write.
+    pub expected: i64,
+    /// `None` when this role may not look into `pg_wal`.
+    pub ready: Option<Ready>,
+}
+
+impl Outlook {
+    pub fn summary(&self) -> String {
+        let name = self.table.name();
+        match &self.ready {
+            Some(ready) => format!(
+                "{name}: about {} MB of WAL to write, {} MB of WAL segments ready in pg_wal",
+                mb(self.expected),
+                mb(ready.bytes())
+            ),
+            None => format!(
                 "{name}: about {} MB of WAL to write; how many WAL segments are ready is \
                  unknown: looking into pg_wal needs superuser or the pg_monitor role",
-                mb(expected)
+                mb(self.expected)
             ),
-            json!({"table": name, "expected_bytes": expected, "ready_bytes": null}),
-        );
-        return Ok(());
+        }
+    }
+
+    /// What the admin should know when PostgreSQL will zero-fill many new segments.
+    pub fn warning(&self) -> Option<String> {
+        let ready = self.ready?;
+        let to_create = ready.to_create(self.expected);
+        (to_create >= MANY_NEW_SEGMENTS && ready.zero_filled).then(|| {
+            format!(
+                "{}: PostgreSQL will create up to {to_create} new WAL segments of {} MB while \
+                 the walk runs, until checkpoints recycle enough of them; it fills each with \
+                 zeros and syncs it while holding the WAL write lock, and Hydra's commits wait \
+                 meanwhile (about 15 ms for a 16 MB segment on the benchmark's disk). Where \
+                 pg_wal is on a copy-on-write filesystem (ZFS, btrfs), PostgreSQL's \
+                 wal_init_zero = off and wal_recycle = off avoid most of it; see the README, \
+                 \"WAL segments\"",
+                self.table.name(),
+                mb(ready.segment_bytes)
+            )
+        })
+    }
+
+    pub fn data(&self) -> Value {
+        let mut data = json!({
+            "table": self.table.name(),
+            "expected_bytes": self.expected,
+            "ready_bytes": self.ready.map(|r| r.bytes()),
+        });
+        if let Some(r) = &self.ready {
+            data["segment_bytes"] = r.segment_bytes.into();
+            data["segments_ahead"] = r.segments_ahead.into();
+            data["segments_to_create"] = r.to_create(self.expected).into();
+            data["zero_filled"] = r.zero_filled.into();
+        }
+        data
+    }
+}
+
+/// The share of a table a walk still has to go through, from its saved progress (none:
+/// all of it); a per-page walk's keys phase is its sweep for rows moved meanwhile, a few
+/// pages' worth.
+pub fn remaining(progress: Option<&TableProgress>) -> f64 {
+    let Some(p) = progress else {
+        return 1.0;
     };
-    let to_create = ready.to_create(expected);
-    let data = json!({
-        "table": name,
-        "expected_bytes": expected,
-        "ready_bytes": ready.bytes(),
-        "segment_bytes": ready.segment_bytes,
-        "segments_ahead": ready.segments_ahead,
-        "segments_to_create": to_create,
-        "zero_filled": ready.zero_filled,
-    });
-    let summary = format!(
-        "{name}: about {} MB of WAL to write, {} MB of WAL segments ready in pg_wal",
-        mb(expected),
-        mb(ready.bytes())
-    );
-    out.event("wal_segments", &summary, data);
-    if to_create >= MANY_NEW_SEGMENTS && ready.zero_filled {
-        out.warn(&format!(
-            "{name}: PostgreSQL will create up to {to_create} new WAL segments of {} MB while \
-             the walk runs, until checkpoints recycle enough of them; it fills each with \
-             zeros and syncs it while holding the WAL write lock, and Hydra's commits wait \
-             meanwhile (about 15 ms for a 16 MB segment on the benchmark's disk). Where \
-             pg_wal is on a copy-on-write filesystem (ZFS, btrfs), PostgreSQL's \
-             wal_init_zero = off and wal_recycle = off avoid most of it; see the README, \
-             \"WAL segments\"",
-            mb(ready.segment_bytes)
-        ));
+    match (p.strategy.as_str(), p.phase.as_str()) {
+        (_, PHASE_PAGES) | ("keyset", PHASE_KEYS) if p.total > 0 => {
+            (1.0 - p.position as f64 / p.total as f64).clamp(0.0, 1.0)
+        }
+        (_, PHASE_PAGES) | ("keyset", PHASE_KEYS) => 1.0,
+        _ => 0.0,
+    }
+}
+
+/// What walking the `remaining` share of `table` will ask of `pg_wal`.
+pub fn outlook(db: &mut Db, table: Table, remaining: f64) -> Result<Outlook> {
+    let size: i64 = db
+        .client()
+        .query_one(
+            "SELECT pg_total_relation_size(to_regclass($1))",
+            &[&table.name()],
+        )?
+        .get(0);
+    Ok(Outlook {
+        table,
+        expected: (size as f64 * remaining.clamp(0.0, 1.0)) as i64,
+        ready: ready(db)?,
+    })
+}
+
+/// Before a walk: say how much WAL is coming and how much room `pg_wal` has for it, and
+/// warn when PostgreSQL will have to zero-fill many new segments while Hydra's commits
+/// wait.
+pub fn check(db: &mut Db, table: Table, remaining: f64, out: &Out) -> Result<()> {
+    let o = outlook(db, table, remaining)?;
+    out.event("wal_segments", &o.summary(), o.data());
+    if let Some(w) = o.warning() {
+        out.warn(&w);
     }
     Ok(())
 }
@@ -169,5 +223,28 @@ mod tests {
         assert_eq!(ready(SEG / 2, 4).to_create(6 * SEG + SEG / 2), 2);
         // A quiet Hydra's pg_wal (min_wal_size 80 MB) against 1M builds' 743 MB.
         assert_eq!(ready(SEG, 4).to_create(743 << 20), 42);
+    }
+
+    #[test]
+    fn the_rest_of_a_walk_from_its_saved_progress() {
+        let saved = |strategy: &str, phase: &str, position: i64, total: i64| {
+            let mut p = TableProgress::new("builds", strategy, phase, total);
+            p.position = position;
+            p
+        };
+        assert_eq!(remaining(None), 1.0);
+        assert_eq!(
+            remaining(Some(&saved("per-page", PHASE_PAGES, 250, 1000))),
+            0.75
+        );
+        assert_eq!(remaining(Some(&saved("per-page", PHASE_PAGES, 0, 0))), 1.0);
+        // The sweep after a page walk, and a finished walk.
+        assert_eq!(remaining(Some(&saved("per-page", PHASE_KEYS, 10, 0))), 0.0);
+        assert_eq!(remaining(Some(&saved("per-page", "done", 1000, 1000))), 0.0);
+        assert_eq!(
+            remaining(Some(&saved("keyset", PHASE_KEYS, 500, 1000))),
+            0.5
+        );
+        assert_eq!(remaining(Some(&saved("keyset", PHASE_KEYS, 0, 0))), 1.0);
     }
 }
