@@ -20,6 +20,7 @@ pub mod idle_group;
 pub mod nice;
 pub mod pin;
 pub mod proc_stat;
+pub mod quiet_wal;
 pub mod slice;
 pub mod stock;
 pub mod wal_trace;
@@ -203,6 +204,11 @@ pub struct BenchArgs {
     /// CPU it takes to slow the writer.
     #[arg(long, value_name = "MB,...", value_delimiter = ',')]
     pub memory_rates: Vec<f64>,
+    /// Before each writer run, leave the copy's cluster with no more WAL segments ready
+    /// than `min_wal_size` keeps, as a quiet Hydra has (see `src/bench/quiet_wal.rs`):
+    /// our walk then creates most of its segments.
+    #[arg(long)]
+    pub quiet_wal: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -384,6 +390,11 @@ pub struct WriterRun {
     pub wal_trace: Option<wal_trace::WalTrace>,
     /// The cluster's WAL writer during our backfill, where its `schedstat` can be read.
     pub walwriter: Option<ProcessCpu>,
+    /// WAL segments ready in `pg_wal` (named after the one being written) as our backfill
+    /// started.
+    pub wal_segments_ahead: i64,
+    /// With `--quiet-wal`: the segments ahead before and after emptying.
+    pub quiet_wal: Option<(i64, i64)>,
 }
 
 /// A server process's time on a CPU and time runnable but waiting for one, over a span.
@@ -1123,6 +1134,16 @@ fn writer_for_a_while(
 fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<WriterRun> {
     let name = format!("bench_writer_{run}");
     let mut db = clone_db(cluster, TEMPLATE, &name)?;
+    let quiet_wal = if args.quiet_wal {
+        let (before, after) = quiet_wal::empty(&mut db)?;
+        say(&format!(
+            "run {}: pg_wal emptied of ready segments: {before} -> {after} ahead",
+            run + 1
+        ));
+        Some((before, after))
+    } else {
+        None
+    };
     say(&format!(
         "run {}: writer alone for {} s",
         run + 1,
@@ -1145,6 +1166,7 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
     // Our asynchronous commits leave their WAL to the WAL writer, and a Hydra commit that
     // finds it holding the WAL write lock waits for it: its own waits for a CPU.
     let walwriter_pid = walwriter_pid(&mut db)?;
+    let wal_segments_ahead = quiet_wal::segments_ahead(&mut db)?;
     let w = start_writer(cluster, &name, args.writer_pause_ms, 3_000 + run as u64);
     let walwriter_before = workload::server_cpu_us(walwriter_pid);
     let mut walwriter_after = None;
@@ -1198,6 +1220,8 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
         during,
         backfill,
         wal_trace,
+        wal_segments_ahead,
+        quiet_wal,
         walwriter,
     })
 }
@@ -1847,6 +1871,14 @@ fn medians(runs: &[Run], backfill_list: &[&str], final_list: &[&str]) -> Medians
                 cpu_wait_ms: median(cpu.iter().map(|c| c.cpu_wait_ms).collect()),
             })
         },
+        wal_segments_ahead: median_i(writer_runs.iter().map(|w| w.wal_segments_ahead).collect()),
+        quiet_wal: writer_runs[0].quiet_wal.map(|_| {
+            let q: Vec<(i64, i64)> = writer_runs.iter().filter_map(|w| w.quiet_wal).collect();
+            (
+                median_i(q.iter().map(|x| x.0).collect()),
+                median_i(q.iter().map(|x| x.1).collect()),
+            )
+        }),
     });
     let disk_runs: Vec<&DiskControlRun> = runs
         .iter()
@@ -2290,6 +2322,18 @@ pub fn render(b: &Bench) -> String {
                 ),
             );
         }
+        push(
+            &mut s,
+            format!(
+                "  WAL segments ready in pg_wal as ours started: {} (median){}",
+                w.wal_segments_ahead,
+                w.quiet_wal
+                    .map(|(before, after)| format!(
+                        "; --quiet-wal had left {after} of {before} before the writer's idle run"
+                    ))
+                    .unwrap_or_default()
+            ),
+        );
         if let Some(c) = w.walwriter {
             let per_run: Vec<String> = b
                 .runs
