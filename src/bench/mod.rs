@@ -209,6 +209,11 @@ pub struct BenchArgs {
     /// our walk then creates most of its segments.
     #[arg(long)]
     pub quiet_wal: bool,
+    /// Before each writer run (after `--quiet-wal`), have PostgreSQL create and keep this
+    /// many MB of WAL segments (`min_wal_size` for the run, set back after), as an admin
+    /// can before a backfill (see `src/bench/quiet_wal.rs`).
+    #[arg(long, value_name = "MB")]
+    pub prepare_wal: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -395,6 +400,8 @@ pub struct WriterRun {
     pub wal_segments_ahead: i64,
     /// With `--quiet-wal`: the segments ahead before and after emptying.
     pub quiet_wal: Option<(i64, i64)>,
+    /// With `--prepare-wal`: the segments ahead before and after preparing them.
+    pub prepared_wal: Option<(i64, i64)>,
 }
 
 /// A server process's time on a CPU and time runnable but waiting for one, over a span.
@@ -1144,6 +1151,19 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
     } else {
         None
     };
+    let prepared_wal = match args.prepare_wal {
+        Some(mb) => {
+            let started = std::time::Instant::now();
+            let (before, after) = quiet_wal::prepare(&mut db, mb)?;
+            say(&format!(
+                "run {}: {mb} MB of WAL segments prepared in {:.1} s: {before} -> {after} ahead",
+                run + 1,
+                started.elapsed().as_secs_f64()
+            ));
+            Some((before, after))
+        }
+        None => None,
+    };
     say(&format!(
         "run {}: writer alone for {} s",
         run + 1,
@@ -1213,6 +1233,9 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
             ))
             .unwrap_or_default()
     ));
+    if prepared_wal.is_some() {
+        quiet_wal::reset_min_wal_size(&mut db)?;
+    }
     drop(db);
     drop_db(cluster, &name)?;
     Ok(WriterRun {
@@ -1222,6 +1245,7 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
         wal_trace,
         wal_segments_ahead,
         quiet_wal,
+        prepared_wal,
         walwriter,
     })
 }
@@ -1673,6 +1697,17 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// Each half's median, when every run has the pair.
+fn median_pair(pairs: impl Iterator<Item = Option<(i64, i64)>>) -> Option<(i64, i64)> {
+    let pairs: Vec<(i64, i64)> = pairs.collect::<Option<_>>()?;
+    (!pairs.is_empty()).then(|| {
+        (
+            median_i(pairs.iter().map(|p| p.0).collect()),
+            median_i(pairs.iter().map(|p| p.1).collect()),
+        )
+    })
+}
+
 fn median_i(v: Vec<i64>) -> i64 {
     median(v.into_iter().map(|x| x as f64).collect()).round() as i64
 }
@@ -1872,13 +1907,8 @@ fn medians(runs: &[Run], backfill_list: &[&str], final_list: &[&str]) -> Medians
             })
         },
         wal_segments_ahead: median_i(writer_runs.iter().map(|w| w.wal_segments_ahead).collect()),
-        quiet_wal: writer_runs[0].quiet_wal.map(|_| {
-            let q: Vec<(i64, i64)> = writer_runs.iter().filter_map(|w| w.quiet_wal).collect();
-            (
-                median_i(q.iter().map(|x| x.0).collect()),
-                median_i(q.iter().map(|x| x.1).collect()),
-            )
-        }),
+        quiet_wal: median_pair(writer_runs.iter().map(|w| w.quiet_wal)),
+        prepared_wal: median_pair(writer_runs.iter().map(|w| w.prepared_wal)),
     });
     let disk_runs: Vec<&DiskControlRun> = runs
         .iter()
@@ -2325,11 +2355,16 @@ pub fn render(b: &Bench) -> String {
         push(
             &mut s,
             format!(
-                "  WAL segments ready in pg_wal as ours started: {} (median){}",
+                "  WAL segments ready in pg_wal as ours started: {} (median){}{}",
                 w.wal_segments_ahead,
                 w.quiet_wal
                     .map(|(before, after)| format!(
                         "; --quiet-wal had left {after} of {before} before the writer's idle run"
+                    ))
+                    .unwrap_or_default(),
+                w.prepared_wal
+                    .map(|(before, after)| format!(
+                        "; --prepare-wal had brought {before} to {after}"
                     ))
                     .unwrap_or_default()
             ),

@@ -55,3 +55,70 @@ pub fn empty(db: &mut Db) -> Result<(i64, i64)> {
         segments_ahead(db)?
     )
 }
+
+/// `--prepare-wal MB`: what an admin can do before a backfill on a quiet Hydra (README,
+/// "WAL segments"): keep `mb` of segments (`min_wal_size`, set for the whole server and
+/// reloaded), have PostgreSQL create them now (a switch to a new segment after a little
+/// WAL, over and over: each creation holds Hydra's commits as it will during the walk,
+/// but all of them in a few seconds), then a checkpoint, which recycles them as ready
+/// segments. The segments ahead before and after. [`reset_min_wal_size`] undoes the
+/// setting.
+pub fn prepare(db: &mut Db, mb: u64) -> Result<(i64, i64)> {
+    let before = segments_ahead(db)?;
+    set_min_wal_size(db, Some(mb))?;
+    let segment: i64 = db
+        .client()
+        .query_one(
+            "SELECT pg_size_bytes(current_setting('wal_segment_size'))",
+            &[],
+        )?
+        .get(0);
+    let want = (mb as i64) << 20;
+    let mut created = 0;
+    while created < want {
+        db.client().batch_execute(
+            "SELECT pg_logical_emit_message(false, 'hydra-upgrade-bench', 'prepare');
+             SELECT pg_switch_wal()",
+        )?;
+        created += segment;
+    }
+    db.client().batch_execute("CHECKPOINT")?;
+    Ok((before, segments_ahead(db)?))
+}
+
+/// `min_wal_size` back to the server's own.
+pub fn reset_min_wal_size(db: &mut Db) -> Result<()> {
+    set_min_wal_size(db, None)
+}
+
+fn set_min_wal_size(db: &mut Db, mb: Option<u64>) -> Result<()> {
+    let sql = match mb {
+        Some(mb) => format!("ALTER SYSTEM SET min_wal_size = '{mb}MB'"),
+        None => "ALTER SYSTEM RESET min_wal_size".to_owned(),
+    };
+    // One statement each: ALTER SYSTEM refuses to run inside a transaction block.
+    db.client().batch_execute(&sql)?;
+    db.client().batch_execute("SELECT pg_reload_conf()")?;
+    // Every process reads its configuration again when it next gets to it; the
+    // checkpointer, which uses this setting, at once.
+    let Some(mb) = mb else {
+        return Ok(());
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let now: String = db
+            .client()
+            .query_one(
+                "SELECT setting FROM pg_settings WHERE name = 'min_wal_size'",
+                &[],
+            )?
+            .get(0);
+        if now == mb.to_string() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("min_wal_size is still {now} MB 10 s after a reload (wanted {mb})");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
