@@ -121,10 +121,11 @@ impl Outlook {
                 "{}: PostgreSQL will create up to {to_create} new WAL segments of {} MB while \
                  the walk runs, until checkpoints recycle enough of them; it fills each with \
                  zeros and syncs it while holding the WAL write lock, and Hydra's commits wait \
-                 meanwhile (about 15 ms for a 16 MB segment on the benchmark's disk). Where \
-                 pg_wal is on a copy-on-write filesystem (ZFS, btrfs), PostgreSQL's \
-                 wal_init_zero = off and wal_recycle = off avoid most of it; see the README, \
-                 \"WAL segments\"",
+                 meanwhile (about 15 ms for a 16 MB segment on the benchmark's disk). A \
+                 superuser can have PostgreSQL create and keep them before the backfill, in \
+                 seconds (and keep checkpoints out of the walk); where pg_wal is on a \
+                 copy-on-write filesystem (ZFS, btrfs), wal_init_zero = off and wal_recycle = \
+                 off avoid most of it. How: the README, \"WAL segments\"",
                 self.table.name(),
                 mb(ready.segment_bytes)
             )
