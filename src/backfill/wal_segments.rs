@@ -9,10 +9,13 @@
 //! in the benchmark with no segment ready (`wal_recycle = off`) Hydra's writes waited about
 //! 15 ms twice a second during the backfill, a p99 of 9 x its idle one (BENCHMARKS.md,
 //! "WAL segments"). A Hydra that writes little WAL between checkpoints keeps few segments
-//! (`min_wal_size`, 80 MB by default), so the first checkpoints of a backfill are the ones
-//! that find too few: each later checkpoint recycles what the walk used before it.
+//! (`min_wal_size`, 80 MB by default), so a backfill creates nearly all of its segments
+//! until a checkpoint recycles what it wrote; at the default `max_wal_size` the first is
+//! requested after about 540 MB of WAL, so a million builds' backfill ran its whole walk
+//! so (10.3 x, BENCHMARKS.md, "A quiet Hydra's `pg_wal`").
 //!
-//! The check only tells the admin; it changes nothing. Looking into `pg_wal` needs
+//! The check only tells the admin (the README's "WAL segments" shows the steps that
+//! brought that back to 1.74 x); it changes no setting. Looking into `pg_wal` needs
 //! superuser or `pg_monitor`; without it the check says it could not look.
 
 use anyhow::Result;

@@ -1563,6 +1563,12 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
         bail!("--memory-rates takes rates above 0 MB/s, not {r}");
     }
     let wants = |c: &str| args.contenders.iter().any(|x| x == c);
+    if (args.quiet_wal || args.prepare_wal.is_some()) && (!wants("writer") || args.skip_writer) {
+        bail!(
+            "--quiet-wal and --prepare-wal act before the writer's runs: add writer to \
+             --contenders, without --skip-writer"
+        );
+    }
     if !args.memory_rates.is_empty() && (!wants("disk-control") || args.skip_writer) {
         bail!(
             "--memory-rates adds rows to disk-control: add it to --contenders, without --skip-writer"
