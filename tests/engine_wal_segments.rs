@@ -51,6 +51,17 @@ fn a_small_walk_gets_the_figures_and_no_warning() {
     // The fixture's Builds (13 MB) needs at most one new segment, not worth a warning.
     assert!(e["segments_to_create"].as_i64().unwrap() <= 1, "{e}");
     assert!(!warned, "{}", r.stdout);
+    // max_wal_size 1 GB over 1 + checkpoint_completion_target (0.9 from PostgreSQL 14,
+    // 0.5 before), over 2 + it before 11: a checkpoint after 410-683 MiB, far beyond this
+    // walk.
+    let after = e["checkpoint_after_bytes"].as_i64().unwrap();
+    assert!((409 << 20..=683 << 20).contains(&after), "{e}");
+    assert_eq!(e["checkpoint_in_walk"], false, "{e}");
+    assert!(
+        !r.stdout.contains("a checkpoint will be requested"),
+        "{}",
+        r.stdout
+    );
     assert_eq!(db.wrong_or_null(), 0);
 }
 
@@ -111,6 +122,10 @@ fn too_few_segments_ready_are_warned_about_unless_they_are_not_zero_filled() {
         &plan.stdout,
         "warning: builds: PostgreSQL will create up to",
     );
+    assert_contains(
+        &plan.stdout,
+        "warning: builds: a checkpoint will be requested",
+    );
     let r = backfill_on("walseg");
     let (e, warned) = wal_event(&r);
     assert_eq!(e["segment_bytes"].as_i64(), Some(1 << 20), "{e}");
@@ -123,6 +138,9 @@ fn too_few_segments_ready_are_warned_about_unless_they_are_not_zero_filled() {
     );
     assert!(warned, "no warning:\n{}", r.stdout);
     assert_contains(&r.stdout, "wal_init_zero = off");
+    // max_wal_size 4 MB: a checkpoint after about 2 MB of the walk's 26.
+    assert_eq!(e["checkpoint_in_walk"], true, "{e}");
+    assert_contains(&r.stdout, "a checkpoint will be requested during the walk");
     if version < 120_000 {
         // wal_init_zero came with PostgreSQL 12; before, new segments are always
         // zero-filled.
