@@ -21,26 +21,29 @@ use crate::db::Db;
 const MIN_ROUNDS: usize = 40;
 const MAX_ROUNDS: usize = 4_000;
 
-/// Segments named after the one being written.
-pub fn segments_ahead(db: &mut Db) -> Result<i64> {
+/// What `pg_wal` holds ahead of the WAL being written (the engine's own reading).
+fn ready(db: &mut Db) -> Result<wal_segments::Ready> {
     match wal_segments::ready(db)? {
-        Some(r) => Ok(r.segments_ahead),
+        Some(r) => Ok(r),
         None => bail!("looking into pg_wal needs superuser or pg_monitor"),
     }
+}
+
+/// Segments named after the one being written.
+pub fn segments_ahead(db: &mut Db) -> Result<i64> {
+    Ok(ready(db)?.segments_ahead)
 }
 
 /// Use up the ready segments until at most as many as `min_wal_size` keeps are left;
 /// the segments ahead before and after.
 pub fn empty(db: &mut Db) -> Result<(i64, i64)> {
-    let before = segments_ahead(db)?;
-    let keep: i64 = db
+    let start = ready(db)?;
+    let before = start.segments_ahead;
+    let min_wal_size: i64 = db
         .client()
-        .query_one(
-            "SELECT pg_size_bytes(current_setting('min_wal_size'))
-                    / pg_size_bytes(current_setting('wal_segment_size'))",
-            &[],
-        )?
+        .query_one("SELECT pg_size_bytes(current_setting('min_wal_size'))", &[])?
         .get(0);
+    let keep = min_wal_size / start.segment_bytes;
     for round in 0..MAX_ROUNDS {
         let ahead = segments_ahead(db)?;
         if round >= MIN_ROUNDS && ahead <= keep {
@@ -64,15 +67,9 @@ pub fn empty(db: &mut Db) -> Result<(i64, i64)> {
 /// segments. The segments ahead before and after. [`reset_min_wal_size`] undoes the
 /// setting.
 pub fn prepare(db: &mut Db, mb: u64) -> Result<(i64, i64)> {
-    let before = segments_ahead(db)?;
+    let start = ready(db)?;
     set_min_wal_size(db, Some(mb))?;
-    let segment: i64 = db
-        .client()
-        .query_one(
-            "SELECT pg_size_bytes(current_setting('wal_segment_size'))",
-            &[],
-        )?
-        .get(0);
+    let segment = start.segment_bytes;
     let want = (mb as i64) << 20;
     let mut created = 0;
     while created < want {
@@ -83,7 +80,7 @@ pub fn prepare(db: &mut Db, mb: u64) -> Result<(i64, i64)> {
         created += segment;
     }
     db.client().batch_execute("CHECKPOINT")?;
-    Ok((before, segments_ahead(db)?))
+    Ok((start.segments_ahead, segments_ahead(db)?))
 }
 
 /// `min_wal_size` back to the server's own.
