@@ -87,7 +87,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
                 }
                 if let Some(o) = wal {
                     println!("backfill's WAL: {}", o.summary());
-                    for w in [o.warning(), o.checkpoint_warning()].into_iter().flatten() {
+                    for w in o.warnings() {
                         println!("warning: {w}");
                     }
                 }

@@ -135,7 +135,7 @@ impl Outlook {
 
     /// What the admin should know when a checkpoint will fall inside the walk: its writes
     /// hold Hydra's commits up as well.
-    pub fn checkpoint_warning(&self) -> Option<String> {
+    fn checkpoint_warning(&self) -> Option<String> {
         self.checkpoint_in_walk().then(|| {
             format!(
                 "{}: a checkpoint will be requested during the walk: PostgreSQL asks for one \
@@ -152,7 +152,7 @@ impl Outlook {
     }
 
     /// What the admin should know when PostgreSQL will zero-fill many new segments.
-    pub fn warning(&self) -> Option<String> {
+    fn warning(&self) -> Option<String> {
         let ready = self.ready?;
         let to_create = ready.to_create(self.expected);
         (to_create >= MANY_NEW_SEGMENTS && ready.zero_filled).then(|| {
@@ -169,6 +169,14 @@ impl Outlook {
                 mb(ready.segment_bytes)
             )
         })
+    }
+
+    /// Every warning of this outlook, for `backfill` and `plan` alike.
+    pub fn warnings(&self) -> Vec<String> {
+        [self.warning(), self.checkpoint_warning()]
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     pub fn data(&self) -> Value {
@@ -229,7 +237,7 @@ pub fn outlook(db: &mut Db, table: Table, remaining: f64) -> Result<Outlook> {
 pub fn check(db: &mut Db, table: Table, remaining: f64, out: &Out) -> Result<()> {
     let o = outlook(db, table, remaining)?;
     out.event("wal_segments", &o.summary(), o.data());
-    for w in [o.warning(), o.checkpoint_warning()].into_iter().flatten() {
+    for w in o.warnings() {
         out.warn(&w);
     }
     Ok(())
