@@ -88,6 +88,26 @@ pub enum Command {
     Rehearse(RehearseArgs),
     /// Run the whole upgrade, in order, to the end.
     Upgrade(UpgradeArgs),
+    /// WAL segments for the backfill, as a PostgreSQL superuser: `prepare` before it,
+    /// `reset` after.
+    Wal {
+        #[command(subcommand)]
+        action: WalAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WalAction {
+    /// Raise min_wal_size, max_wal_size and checkpoint_timeout for the backfill (ALTER
+    /// SYSTEM, recorded in postgresql.auto.conf), and have PostgreSQL create the WAL
+    /// segments the backfill will write into now, one at a time.
+    Prepare {
+        /// Pause after each segment: Hydra's commits wait while one is created.
+        #[arg(long, value_name = "MS", default_value_t = 100)]
+        pause_ms: u64,
+    },
+    /// Put back what `wal prepare` changed, where nobody changed it since.
+    Reset,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]

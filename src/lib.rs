@@ -22,6 +22,7 @@ pub mod synth;
 pub mod upgrade;
 pub mod upgrade_cmd;
 pub mod verify;
+pub mod wal_prepare;
 pub mod workload;
 
 use anyhow::Result;
@@ -218,6 +219,36 @@ pub fn run(cli: Cli) -> Result<Exit> {
         Command::Upgrade(args) => {
             let opts = flow_options(&args.backfill, &config, args.stock_final);
             upgrade_cmd::run(args, &cli.global, &config, &opts, &out)
+        }
+        Command::Wal { action } => {
+            let mut db = connect()?;
+            match action {
+                cli::WalAction::Prepare { pause_ms } => {
+                    let interrupt = Interrupt::install()?;
+                    let opts = wal_prepare::Options {
+                        pause: std::time::Duration::from_millis(*pause_ms),
+                    };
+                    let r = wal_prepare::prepare(&mut db, &opts, &out, &interrupt)?;
+                    if json {
+                        print_json(&r)?;
+                    } else {
+                        println!(
+                            "wal prepare: {} MB of WAL segments ready for about {} MB of WAL, in {:.1}s; \
+                             after the upgrade: `hydra-upgrade wal reset`",
+                            r.ready_after_bytes >> 20,
+                            r.expected_bytes >> 20,
+                            r.seconds
+                        );
+                    }
+                }
+                cli::WalAction::Reset => {
+                    let r = wal_prepare::reset(&mut db, &out)?;
+                    if json {
+                        print_json(&r)?;
+                    }
+                }
+            }
+            Ok(Exit::Ok)
         }
     }
 }

@@ -127,7 +127,9 @@ pub struct PgCluster {
 pub const SUPERUSER: &str = "postgres";
 
 impl PgCluster {
-    /// initdb and start a cluster. `settings` are extra `name=value` server settings.
+    /// initdb and start a cluster. `settings` are extra `name=value` server settings,
+    /// written into its `postgresql.conf` as an admin's are: `ALTER SYSTEM` overrides
+    /// them, as on a production server.
     pub fn start(settings: &[&str]) -> Result<PgCluster> {
         PgCluster::start_with(&[], settings)
     }
@@ -177,13 +179,23 @@ impl PgCluster {
             .args(initdb_args)
             .run()
             .context("initdb of the throwaway cluster")?;
-        let mut opts = format!(
+        let mut conf = String::from("\n# hydra-upgrade's throwaway cluster\n");
+        for s in settings {
+            let (name, value) = s
+                .split_once('=')
+                .with_context(|| format!("server setting {s:?} is not name=value"))?;
+            conf.push_str(&format!("{name} = '{}'\n", value.replace('\'', "''")));
+        }
+        let conf_path = cluster.data().join("postgresql.conf");
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&conf_path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, conf.as_bytes()))
+            .with_context(|| format!("adding the server settings to {}", conf_path.display()))?;
+        let opts = format!(
             "-c listen_addresses= -c unix_socket_directories={} -c max_connections=60",
             cluster.socket_dir().display()
         );
-        for s in settings {
-            opts.push_str(&format!(" -c {s}"));
-        }
         let log = cluster.dir.path().join("server.log");
         let started = cluster
             .tool("pg_ctl")

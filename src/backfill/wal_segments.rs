@@ -16,8 +16,8 @@
 //!
 //! It also says when the walk alone writes enough WAL for PostgreSQL to request a
 //! checkpoint during it, whose writes hold Hydra's commits up too (3.0 x at 1M with
-//! segments ready). The check only tells the admin (the README's "WAL segments" shows the
-//! steps that brought both back to 1.74 x); it changes no setting. Looking into `pg_wal` needs
+//! segments ready). The check only tells the admin; it changes no setting.
+//! `hydra-upgrade wal prepare` (src/wal_prepare.rs) does, for a superuser. Looking into `pg_wal` needs
 //! superuser or `pg_monitor`; without it the check says it could not look.
 
 use anyhow::Result;
@@ -143,7 +143,8 @@ impl Outlook {
                  checkpoint_completion_target), and the walk writes about {} MB. Hydra's \
                  commits wait behind its writes (at 1M builds in the benchmark the writer's \
                  p99 rose 3.0 x its idle one, against 1.7-2.0 x with none). A superuser can \
-                 raise max_wal_size for the backfill; see the README, \"WAL segments\"",
+                 raise max_wal_size for the backfill: `hydra-upgrade wal prepare` (README, \
+                 \"WAL segments\")",
                 self.table.name(),
                 mb(self.checkpoint_after),
                 mb(self.expected)
@@ -161,10 +162,11 @@ impl Outlook {
                  the walk runs, until checkpoints recycle enough of them; it fills each with \
                  zeros and syncs it while holding the WAL write lock, and Hydra's commits wait \
                  meanwhile (about 15 ms for a 16 MB segment on the benchmark's disk). A \
-                 superuser can have PostgreSQL create and keep them before the backfill, in \
-                 seconds (and keep checkpoints out of the walk); where pg_wal is on a \
-                 copy-on-write filesystem (ZFS, btrfs), wal_init_zero = off and wal_recycle = \
-                 off avoid most of it. How: the README, \"WAL segments\"",
+                 superuser can have PostgreSQL create and keep them before the backfill, one \
+                 at a time, and keep checkpoints out of the walk: `hydra-upgrade wal \
+                 prepare`; where pg_wal is on a copy-on-write filesystem (ZFS, btrfs), \
+                 wal_init_zero = off and wal_recycle = off avoid most of it. See the README, \
+                 \"WAL segments\"",
                 self.table.name(),
                 mb(ready.segment_bytes)
             )

@@ -44,6 +44,7 @@ use crate::interrupt::Interrupt;
 use crate::pg_cluster::{PgCluster, SUPERUSER};
 use crate::progress::{Mode, Out};
 use crate::synth;
+use crate::wal_prepare;
 use crate::workload::{self, WriterSpec, WriterStats};
 
 /// Server settings of the benchmark cluster: durable like production (fsync on,
@@ -209,11 +210,12 @@ pub struct BenchArgs {
     /// our walk then creates most of its segments.
     #[arg(long)]
     pub quiet_wal: bool,
-    /// Before each writer run (after `--quiet-wal`), have PostgreSQL create and keep this
-    /// many MB of WAL segments (`min_wal_size` for the run, set back after), as an admin
-    /// can before a backfill (see `src/bench/quiet_wal.rs`).
-    #[arg(long, value_name = "MB")]
-    pub prepare_wal: Option<u64>,
+    /// Before each writer run (after `--quiet-wal`), `hydra-upgrade wal prepare` (the
+    /// tool's own code, src/wal_prepare.rs: settings raised for the backfill, segments
+    /// created one at a time, 100 ms apart), and `wal reset` after the run. (Until
+    /// `b833e5f`'s successors, `--prepare-wal MB`: the bench's own loop.)
+    #[arg(long)]
+    pub prepare_wal: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -400,7 +402,7 @@ pub struct WriterRun {
     pub wal_segments_ahead: i64,
     /// With `--quiet-wal`: the segments ahead before and after emptying.
     pub quiet_wal: Option<(i64, i64)>,
-    /// With `--prepare-wal`: the segments ahead before and after preparing them.
+    /// With `--prepare-wal`: the segments ahead before and after `wal prepare`.
     pub prepared_wal: Option<(i64, i64)>,
 }
 
@@ -1151,18 +1153,28 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
     } else {
         None
     };
-    let prepared_wal = match args.prepare_wal {
-        Some(mb) => {
-            let started = std::time::Instant::now();
-            let (before, after) = quiet_wal::prepare(&mut db, mb)?;
-            say(&format!(
-                "run {}: {mb} MB of WAL segments prepared in {:.1} s: {before} -> {after} ahead",
-                run + 1,
-                started.elapsed().as_secs_f64()
-            ));
-            Some((before, after))
-        }
-        None => None,
+    let prepared_wal = if args.prepare_wal {
+        let before = quiet_wal::segments_ahead(&mut db)?;
+        let r = wal_prepare::prepare(
+            &mut db,
+            &wal_prepare::Options {
+                pause: Duration::from_millis(100),
+            },
+            &engine_out(),
+            &Interrupt::default(),
+        )?;
+        let after = quiet_wal::segments_ahead(&mut db)?;
+        say(&format!(
+            "run {}: wal prepare: {} MB kept for {} MB of WAL, {} switches in {:.1} s: {before} -> {after} ahead",
+            run + 1,
+            r.keep_bytes >> 20,
+            r.expected_bytes >> 20,
+            r.segments_switched,
+            r.seconds
+        ));
+        Some((before, after))
+    } else {
+        None
     };
     say(&format!(
         "run {}: writer alone for {} s",
@@ -1234,7 +1246,7 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
             .unwrap_or_default()
     ));
     if prepared_wal.is_some() {
-        quiet_wal::reset_min_wal_size(&mut db)?;
+        wal_prepare::reset(&mut db, &engine_out())?;
     }
     drop(db);
     drop_db(cluster, &name)?;
@@ -1563,7 +1575,7 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
         bail!("--memory-rates takes rates above 0 MB/s, not {r}");
     }
     let wants = |c: &str| args.contenders.iter().any(|x| x == c);
-    if (args.quiet_wal || args.prepare_wal.is_some()) && (!wants("writer") || args.skip_writer) {
+    if (args.quiet_wal || args.prepare_wal) && (!wants("writer") || args.skip_writer) {
         bail!(
             "--quiet-wal and --prepare-wal act before the writer's runs: add writer to \
              --contenders, without --skip-writer"
@@ -2370,7 +2382,7 @@ pub fn render(b: &Bench) -> String {
                     .unwrap_or_default(),
                 w.prepared_wal
                     .map(|(before, after)| format!(
-                        "; --prepare-wal had brought {before} to {after}"
+                        "; --prepare-wal (wal prepare) had brought {before} to {after}"
                     ))
                     .unwrap_or_default()
             ),

@@ -1,0 +1,252 @@
+//! `hydra-upgrade wal prepare` readies the WAL segments the backfill writes into and keeps
+//! checkpoints out of its walk; `wal reset` puts back exactly what it changed
+//! (src/wal_prepare.rs). On a cluster of its own: both change server settings.
+
+mod common;
+
+use common::*;
+use hydra_upgrade::hydra_schema;
+use hydra_upgrade::pg_cluster::{PgCluster, SUPERUSER};
+use hydra_upgrade::synth;
+use hydra_upgrade::wal_prepare::RECORD;
+use serde_json::Value;
+
+/// A cluster that keeps the fewest segments PostgreSQL allows (two for `min_wal_size`,
+/// three for `max_wal_size`): of 1 MB from PostgreSQL 11 on (`initdb --wal-segsize`, which
+/// 10 lacks: 16 MB there), with two Hydra databases of 24,000 builds (Builds about 26 MB)
+/// at schema 61.
+fn small_wal_cluster() -> (PgCluster, i64) {
+    let version = cluster()
+        .connect("postgres")
+        .unwrap()
+        .server_version()
+        .unwrap();
+    let (initdb, segment_mb): (&[&str], i64) = if version >= 110_000 {
+        (&["--wal-segsize=1"], 1)
+    } else {
+        (&[], 16)
+    };
+    let min = format!("min_wal_size={}MB", 2 * segment_mb);
+    let max = format!("max_wal_size={}MB", 3 * segment_mb);
+    let cluster = PgCluster::start_with(initdb, &["fsync=off", &min, &max]).expect("a cluster");
+    cluster.create_database("walprep", None).unwrap();
+    {
+        let mut db = cluster.connect("walprep").unwrap();
+        synth::generate(
+            &mut db,
+            &synth::Spec {
+                builds: 24_000,
+                ..SPEC
+            },
+        )
+        .unwrap();
+        hydra_schema::apply_steps(&mut db, 61).unwrap();
+    }
+    cluster
+        .create_database("walprep2", Some("walprep"))
+        .unwrap();
+    (cluster, segment_mb)
+}
+
+fn sql_i64(cluster: &PgCluster, sql: &str) -> i64 {
+    cluster
+        .connect("postgres")
+        .unwrap()
+        .client()
+        .query_one(sql, &[])
+        .unwrap()
+        .get(0)
+}
+
+fn setting(cluster: &PgCluster, name: &str) -> i64 {
+    sql_i64(
+        cluster,
+        &format!("SELECT setting::bigint FROM pg_settings WHERE name = '{name}'"),
+    )
+}
+
+/// `postgresql.auto.conf`'s entries, as written there.
+fn auto_conf(cluster: &PgCluster) -> Vec<(String, String)> {
+    cluster
+        .connect("postgres")
+        .unwrap()
+        .client()
+        .query(
+            "SELECT name, setting FROM pg_file_settings
+              WHERE sourcefile LIKE '%postgresql.auto.conf' ORDER BY name",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// ALTER SYSTEM as an admin would, reloaded and in effect.
+fn admin_sets(cluster: &PgCluster, name: &str, value: &str, in_effect: i64) {
+    let mut db = cluster.connect("postgres").unwrap();
+    for sql in [
+        format!("ALTER SYSTEM SET {name} = '{value}'"),
+        "SELECT pg_reload_conf()".to_owned(),
+    ] {
+        db.client().batch_execute(&sql).unwrap();
+    }
+    wait_until(cluster, name, in_effect);
+}
+
+fn wait_until(cluster: &PgCluster, name: &str, value: i64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while setting(cluster, name) != value {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} is not {value} 10 s after a reload"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn tool(cluster: &PgCluster, db: &str, args: &[&str]) -> Run {
+    let dsn = cluster.dsn_string(db, SUPERUSER);
+    let mut argv = vec!["--db", dsn.as_str()];
+    argv.extend_from_slice(args);
+    run(&argv)
+}
+
+#[test]
+fn prepare_readies_the_walk_and_reset_puts_back_what_it_changed() {
+    let (cluster, segment_mb) = small_wal_cluster();
+    // An admin's own setting in postgresql.auto.conf, which reset must give back.
+    admin_sets(&cluster, "checkpoint_timeout", "7min", 420);
+    let conf_min = setting(&cluster, "min_wal_size");
+    let conf_max = setting(&cluster, "max_wal_size");
+
+    // Before: the backfill would create most of its segments, with a checkpoint inside.
+    let plan = tool(&cluster, "walprep", &["plan"]);
+    plan.expect_code(0);
+    assert_contains(&plan.stdout, "a checkpoint will be requested");
+
+    let r = tool(
+        &cluster,
+        "walprep",
+        &["--json", "wal", "prepare", "--pause-ms", "1"],
+    );
+    r.expect_code(0);
+    let (events, report) = r.json_lines();
+    let expected = report["expected_bytes"].as_i64().unwrap();
+    // Jobs' and Builds' sizes: the WAL their walks write, about.
+    let tables: i64 = cluster
+        .connect("walprep")
+        .unwrap()
+        .client()
+        .query_one(
+            "SELECT (pg_total_relation_size('builds') + pg_total_relation_size('jobs'))::bigint",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(expected, tables, "{report}");
+    let changed: Vec<&str> = report["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["setting"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        changed,
+        ["min_wal_size", "max_wal_size", "checkpoint_timeout"],
+        "{report}"
+    );
+    assert!(
+        events.iter().any(|e| e["event"] == "wal_settings"),
+        "{}",
+        r.stdout
+    );
+    // What pg_wal keeps and has ready now holds the walk's WAL.
+    let keep = report["keep_bytes"].as_i64().unwrap();
+    assert!(keep >= expected, "{report}");
+    assert!(setting(&cluster, "min_wal_size") << 20 >= keep, "{report}");
+    assert!(
+        report["ready_after_bytes"].as_i64().unwrap() >= expected,
+        "{report}"
+    );
+    assert_eq!(setting(&cluster, "checkpoint_timeout"), 1800);
+    assert_eq!(report["warnings"], Value::Array(vec![]), "{report}");
+    // The record: what was there before, and what was written.
+    let auto = auto_conf(&cluster);
+    let record = &auto.iter().find(|(n, _)| n == RECORD).expect("a record").1;
+    let record: Value = serde_json::from_str(record).unwrap();
+    assert_eq!(record["before"]["checkpoint_timeout"], "7min", "{record}");
+    assert_eq!(record["before"]["min_wal_size"], Value::Null, "{record}");
+    assert_eq!(record["set"]["checkpoint_timeout"], "1800s", "{record}");
+
+    // The backfill then finds no segment to create and no checkpoint in its way.
+    let b = tool(&cluster, "walprep", &["--json", "backfill"]);
+    b.expect_code(0);
+    let (events, _) = b.json_lines();
+    let e = events
+        .iter()
+        .find(|e| e["event"] == "wal_segments")
+        .expect("a wal_segments event");
+    assert_eq!(e["segments_to_create"].as_i64(), Some(0), "{e}");
+    assert_eq!(e["checkpoint_in_walk"], false, "{e}");
+    assert!(
+        !events.iter().any(|e| e["event"] == "warning"),
+        "{}",
+        b.stdout
+    );
+
+    let reset = tool(&cluster, "walprep", &["--json", "wal", "reset"]);
+    reset.expect_code(0);
+    let restored = &reset.json_lines().1["restored"];
+    assert_eq!(restored.as_array().unwrap().len(), 3, "{restored}");
+    wait_until(&cluster, "checkpoint_timeout", 420);
+    assert_eq!(setting(&cluster, "min_wal_size"), conf_min);
+    assert_eq!(setting(&cluster, "max_wal_size"), conf_max);
+    assert_eq!(
+        auto_conf(&cluster),
+        [("checkpoint_timeout".to_owned(), "7min".to_owned())]
+    );
+    assert!(conf_min <= 2 * segment_mb);
+    let again = tool(&cluster, "walprep", &["wal", "reset"]);
+    again.expect_code(0);
+    assert_contains(&again.stderr, "nothing to reset");
+    // With nothing left to backfill there is nothing to prepare.
+    let nothing = tool(&cluster, "walprep", &["wal", "prepare"]);
+    nothing.expect_code(0);
+    assert_contains(&nothing.stderr, "nothing to prepare");
+    assert_eq!(auto_conf(&cluster).len(), 1);
+}
+
+#[test]
+fn reset_leaves_a_setting_changed_after_prepare_alone() {
+    let (cluster, _) = small_wal_cluster();
+    tool(&cluster, "walprep2", &["wal", "prepare", "--pause-ms", "0"]).expect_code(0);
+    let raised = setting(&cluster, "max_wal_size");
+    // The admin raises max_wal_size further meanwhile.
+    admin_sets(&cluster, "max_wal_size", "3GB", 3072);
+    assert!(raised < 3072);
+    let r = tool(&cluster, "walprep2", &["wal", "reset"]);
+    r.expect_code(0);
+    assert_contains(&r.stderr, "max_wal_size was changed after `wal prepare`");
+    wait_until(&cluster, "checkpoint_timeout", 300);
+    assert_eq!(setting(&cluster, "max_wal_size"), 3072);
+    assert_eq!(
+        auto_conf(&cluster),
+        [("max_wal_size".to_owned(), "3GB".to_owned())]
+    );
+}
+
+#[test]
+fn prepare_and_reset_need_a_superuser() {
+    let db = hydra_at(61);
+    db.exec(
+        "DO $$ BEGIN CREATE ROLE hu_plain LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+    );
+    let dsn = cluster().dsn_string(&db.name, "hu_plain");
+    for action in ["prepare", "reset"] {
+        let r = run(&["--db", &dsn, "wal", action]);
+        r.expect_code(16);
+        assert_contains(&r.stderr, "needs a PostgreSQL superuser");
+        assert_contains(&r.stderr, "sudo -u postgres hydra-upgrade wal");
+    }
+}
