@@ -56,6 +56,9 @@ pub struct Status {
     /// Tables whose autoanalyze hydra-upgrade holds off (a backfill running, or one
     /// killed outright; the next backfill or finalize resets it).
     pub autoanalyze_held_off: Vec<crate::backfill::Table>,
+    /// `hydra-upgrade wal prepare`'s raised settings are in place (a superuser's `wal
+    /// reset` puts them back).
+    pub wal_prepared: bool,
     /// Sessions whose lock on Jobs or Builds kept `status` from counting NULL rows (an
     /// ACCESS EXCLUSIVE lock: `hydra-init`'s own `SET NOT NULL` scan holds one throughout).
     pub counts_blocked_by: Vec<String>,
@@ -236,6 +239,7 @@ pub fn detect_with(db: &mut Db, exact: bool, lock_wait: Option<Duration>) -> Res
         backfill_progress,
         running,
         autoanalyze_held_off,
+        wal_prepared: crate::wal_prepare::prepared(db)?,
         counts_blocked_by,
         next_step: String::new(),
     };
@@ -415,6 +419,12 @@ pub fn render(s: &Status) -> String {
                 "; a backfill was killed: the next backfill or finalize resets it"
             }
         ));
+    }
+    if s.wal_prepared {
+        out.push_str(
+            "WAL settings raised by `hydra-upgrade wal prepare`: after the backfill, `wal \
+             reset` (as a superuser) puts them back\n",
+        );
     }
     for who in &s.counts_blocked_by {
         out.push_str(&format!("locked by:         {who}\n"));

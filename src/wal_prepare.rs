@@ -6,8 +6,9 @@
 //! write lock Hydra's commits need, and a quiet Hydra keeps few ready (`min_wal_size`);
 //! and a checkpoint requested in the middle of the walk (at PostgreSQL's default
 //! `max_wal_size`, after about 540 MB of WAL) holds Hydra's commits up with its writes. In
-//! the benchmark at 1M builds the writer's p99 rose 10.3 x its idle one so, and 1.74 x
-//! with the segments made ready and checkpoints kept out beforehand.
+//! the benchmark at 1M builds, at PostgreSQL's defaults with a quiet Hydra's `pg_wal`, the
+//! writer's p99 rose 10.03 x its idle one during the backfill, and 2.20 and 2.40 x after
+//! this command (BENCHMARKS.md, "`wal prepare`").
 //!
 //! `prepare` (superuser only, as `ALTER SYSTEM`, `pg_switch_wal()` and `CHECKPOINT` are):
 //! - raises, with `ALTER SYSTEM` and a reload, `min_wal_size` to the WAL the rest of the
@@ -37,6 +38,7 @@ use crate::db::Db;
 use crate::exit::{Exit, fail};
 use crate::interrupt::Interrupt;
 use crate::progress::Out;
+use crate::status::Stage;
 
 /// The custom setting in `postgresql.auto.conf` that records what `prepare` changed.
 pub const RECORD: &str = "hydra_upgrade.wal_prepared";
@@ -224,16 +226,21 @@ fn since_checkpoint(db: &mut Db) -> Result<i64> {
         .get(0))
 }
 
-/// What the rest of the backfill's walks write: none once both columns are NOT NULL.
+/// What the rest of the backfill's walks write: all of Jobs and Builds before the
+/// migration package added the columns, none once both are NOT NULL.
 fn expected_wal(db: &mut Db) -> Result<i64> {
     let s = crate::status::detect(db, false)?;
-    if s.stage == crate::status::Stage::Final
-        || (!s.jobs_jobset_id.nullable && !s.builds_jobset_id.nullable)
-    {
-        return Ok(0);
-    }
-    crate::backfill::require_columns(&s)?;
-    let saved = state::read_all(db)?;
+    let saved = match s.stage {
+        Stage::Final => return Ok(0),
+        Stage::BeforeMigration => Vec::new(),
+        Stage::Migration => {
+            crate::backfill::require_columns(&s)?;
+            if !s.jobs_jobset_id.nullable && !s.builds_jobset_id.nullable {
+                return Ok(0);
+            }
+            state::read_all(db)?
+        }
+    };
     let mut total = 0;
     for table in Table::ALL {
         let remaining = wal_segments::remaining(saved.iter().find(|p| p.table == table.name()));
@@ -274,14 +281,7 @@ pub fn prepare(
     report.keep_bytes = keep;
 
     // Requested once the WAL since the last checkpoint passes max_wal_size / divisor.
-    let divisor: f64 = db
-        .client()
-        .query_one(
-            "SELECT (CASE WHEN current_setting('server_version_num')::int < 110000 THEN 2 ELSE 1 END)
-                    + current_setting('checkpoint_completion_target')::float8",
-            &[],
-        )?
-        .get(0);
+    let divisor = wal_segments::checkpoint_divisor(db)?;
     let targets = [
         ("min_wal_size", mb_ceil(keep)),
         (

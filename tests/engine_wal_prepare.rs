@@ -13,8 +13,9 @@ use serde_json::Value;
 
 /// A cluster that keeps the fewest segments PostgreSQL allows (two for `min_wal_size`,
 /// three for `max_wal_size`): of 1 MB from PostgreSQL 11 on (`initdb --wal-segsize`, which
-/// 10 lacks: 16 MB there), with two Hydra databases of 24,000 builds (Builds about 26 MB)
-/// at schema 61.
+/// 10 lacks: 16 MB there), with a Hydra database of 24,000 builds (Builds about 26 MB)
+/// before the migration package (`walprep57`, schema 57) and one after it (`walprep`,
+/// schema 61).
 fn small_wal_cluster() -> (PgCluster, i64) {
     let version = cluster()
         .connect("postgres")
@@ -29,22 +30,19 @@ fn small_wal_cluster() -> (PgCluster, i64) {
     let min = format!("min_wal_size={}MB", 2 * segment_mb);
     let max = format!("max_wal_size={}MB", 3 * segment_mb);
     let cluster = PgCluster::start_with(initdb, &["fsync=off", &min, &max]).expect("a cluster");
-    cluster.create_database("walprep", None).unwrap();
-    {
-        let mut db = cluster.connect("walprep").unwrap();
-        synth::generate(
-            &mut db,
-            &synth::Spec {
-                builds: 24_000,
-                ..SPEC
-            },
-        )
-        .unwrap();
-        hydra_schema::apply_steps(&mut db, 61).unwrap();
-    }
+    cluster.create_database("walprep57", None).unwrap();
+    synth::generate(
+        &mut cluster.connect("walprep57").unwrap(),
+        &synth::Spec {
+            builds: 24_000,
+            ..SPEC
+        },
+    )
+    .unwrap();
     cluster
-        .create_database("walprep2", Some("walprep"))
+        .create_database("walprep", Some("walprep57"))
         .unwrap();
+    hydra_schema::apply_steps(&mut cluster.connect("walprep").unwrap(), 61).unwrap();
     (cluster, segment_mb)
 }
 
@@ -54,6 +52,20 @@ fn sql_i64(cluster: &PgCluster, sql: &str) -> i64 {
         .unwrap()
         .client()
         .query_one(sql, &[])
+        .unwrap()
+        .get(0)
+}
+
+/// Jobs' and Builds' sizes: the WAL their whole walks write, about.
+fn walked_tables(cluster: &PgCluster, db: &str) -> i64 {
+    cluster
+        .connect(db)
+        .unwrap()
+        .client()
+        .query_one(
+            "SELECT (pg_total_relation_size('builds') + pg_total_relation_size('jobs'))::bigint",
+            &[],
+        )
         .unwrap()
         .get(0)
 }
@@ -133,17 +145,7 @@ fn prepare_readies_the_walk_and_reset_puts_back_what_it_changed() {
     r.expect_code(0);
     let (events, report) = r.json_lines();
     let expected = report["expected_bytes"].as_i64().unwrap();
-    // Jobs' and Builds' sizes: the WAL their walks write, about.
-    let tables: i64 = cluster
-        .connect("walprep")
-        .unwrap()
-        .client()
-        .query_one(
-            "SELECT (pg_total_relation_size('builds') + pg_total_relation_size('jobs'))::bigint",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let tables = walked_tables(&cluster, "walprep");
     assert_eq!(expected, tables, "{report}");
     let changed: Vec<&str> = report["changes"]
         .as_array()
@@ -179,6 +181,11 @@ fn prepare_readies_the_walk_and_reset_puts_back_what_it_changed() {
     assert_eq!(record["before"]["min_wal_size"], Value::Null, "{record}");
     assert_eq!(record["set"]["checkpoint_timeout"], "1800s", "{record}");
 
+    // Any role's `status` reminds of it.
+    let status = tool(&cluster, "walprep", &["status"]);
+    status.expect_code(0);
+    assert_contains(&status.stdout, "raised by `hydra-upgrade wal prepare`");
+
     // The backfill then finds no segment to create and no checkpoint in its way.
     let b = tool(&cluster, "walprep", &["--json", "backfill"]);
     b.expect_code(0);
@@ -207,6 +214,12 @@ fn prepare_readies_the_walk_and_reset_puts_back_what_it_changed() {
         [("checkpoint_timeout".to_owned(), "7min".to_owned())]
     );
     assert!(conf_min <= 2 * segment_mb);
+    assert!(
+        !tool(&cluster, "walprep", &["status"])
+            .stdout
+            .contains("wal prepare"),
+        "status still reminds of wal prepare"
+    );
     let again = tool(&cluster, "walprep", &["wal", "reset"]);
     again.expect_code(0);
     assert_contains(&again.stderr, "nothing to reset");
@@ -218,14 +231,27 @@ fn prepare_readies_the_walk_and_reset_puts_back_what_it_changed() {
 }
 
 #[test]
-fn reset_leaves_a_setting_changed_after_prepare_alone() {
+fn before_the_migration_package_prepare_counts_whole_walks_and_reset_leaves_later_changes() {
     let (cluster, _) = small_wal_cluster();
-    tool(&cluster, "walprep2", &["wal", "prepare", "--pause-ms", "0"]).expect_code(0);
+    // Schema 57: no jobset_id column yet; the walks to come are whole.
+    let r = tool(
+        &cluster,
+        "walprep57",
+        &["--json", "wal", "prepare", "--pause-ms", "0"],
+    );
+    r.expect_code(0);
+    let report = r.json_lines().1;
+    let tables = walked_tables(&cluster, "walprep57");
+    assert_eq!(report["expected_bytes"].as_i64(), Some(tables), "{report}");
+    assert!(
+        report["ready_after_bytes"].as_i64().unwrap() >= tables,
+        "{report}"
+    );
     let raised = setting(&cluster, "max_wal_size");
     // The admin raises max_wal_size further meanwhile.
     admin_sets(&cluster, "max_wal_size", "3GB", 3072);
     assert!(raised < 3072);
-    let r = tool(&cluster, "walprep2", &["wal", "reset"]);
+    let r = tool(&cluster, "walprep57", &["wal", "reset"]);
     r.expect_code(0);
     assert_contains(&r.stderr, "max_wal_size was changed after `wal prepare`");
     wait_until(&cluster, "checkpoint_timeout", 300);

@@ -17,8 +17,8 @@
 //! It also says when the walk alone writes enough WAL for PostgreSQL to request a
 //! checkpoint during it, whose writes hold Hydra's commits up too (3.0 x at 1M with
 //! segments ready). The check only tells the admin; it changes no setting.
-//! `hydra-upgrade wal prepare` (src/wal_prepare.rs) does, for a superuser. Looking into `pg_wal` needs
-//! superuser or `pg_monitor`; without it the check says it could not look.
+//! `hydra-upgrade wal prepare` (src/wal_prepare.rs) does, for a superuser. Looking into
+//! `pg_wal` needs superuser or `pg_monitor`; without it the check says it could not look.
 
 use anyhow::Result;
 use postgres::error::SqlState;
@@ -93,10 +93,14 @@ pub fn ready(db: &mut Db) -> Result<Option<Ready>> {
 /// PostgreSQL requests a checkpoint once the WAL since the last one passes `max_wal_size /
 /// (1 + checkpoint_completion_target)` (before 11, `/ (2 + ...)`); every setting here is
 /// readable by any role.
-const CHECKPOINT_AFTER: &str = "
-    SELECT (pg_size_bytes(current_setting('max_wal_size'))
-            / ((CASE WHEN current_setting('server_version_num')::int < 110000 THEN 2 ELSE 1 END)
-               + current_setting('checkpoint_completion_target')::float8))::bigint";
+const CHECKPOINT_DIVISOR: &str = "
+    SELECT (CASE WHEN current_setting('server_version_num')::int < 110000 THEN 2 ELSE 1 END)
+           + current_setting('checkpoint_completion_target')::float8";
+
+/// What `max_wal_size` is divided by to give the WAL after which a checkpoint is requested.
+pub fn checkpoint_divisor(db: &mut Db) -> Result<f64> {
+    Ok(db.client().query_one(CHECKPOINT_DIVISOR, &[])?.get(0))
+}
 
 /// What a walk of a table will ask of `pg_wal`.
 #[derive(Debug, Clone, Copy)]
@@ -224,7 +228,11 @@ pub fn outlook(db: &mut Db, table: Table, remaining: f64) -> Result<Outlook> {
             &[&table.name()],
         )?
         .get(0);
-    let checkpoint_after: i64 = db.client().query_one(CHECKPOINT_AFTER, &[])?.get(0);
+    let max_wal_size: i64 = db
+        .client()
+        .query_one("SELECT pg_size_bytes(current_setting('max_wal_size'))", &[])?
+        .get(0);
+    let checkpoint_after = (max_wal_size as f64 / checkpoint_divisor(db)?) as i64;
     Ok(Outlook {
         table,
         expected: (size as f64 * remaining.clamp(0.0, 1.0)) as i64,

@@ -404,6 +404,9 @@ pub struct WriterRun {
     pub quiet_wal: Option<(i64, i64)>,
     /// With `--prepare-wal`: the segments ahead before and after `wal prepare`.
     pub prepared_wal: Option<(i64, i64)>,
+    /// With `--prepare-wal`: the writer while `wal prepare` ran (its segments are created
+    /// while Hydra's commits wait, one at a time).
+    pub during_prepare: Option<WriterSummary>,
 }
 
 /// A server process's time on a CPU and time runnable but waiting for one, over a span.
@@ -1153,8 +1156,10 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
     } else {
         None
     };
+    let mut during_prepare = None;
     let prepared_wal = if args.prepare_wal {
         let before = quiet_wal::segments_ahead(&mut db)?;
+        let w = start_writer(cluster, &name, args.writer_pause_ms, 1_000 + run as u64);
         let r = wal_prepare::prepare(
             &mut db,
             &wal_prepare::Options {
@@ -1162,7 +1167,14 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
             },
             &engine_out(),
             &Interrupt::default(),
-        )?;
+        );
+        let writer = stop_writer(w, &mut db)?;
+        let r = r?;
+        say(&format!(
+            "  during wal prepare: {} ops, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, {} over 10 ms",
+            writer.ops, writer.p50_ms, writer.p99_ms, writer.max_ms, writer.over_10ms
+        ));
+        during_prepare = Some(writer);
         let after = quiet_wal::segments_ahead(&mut db)?;
         say(&format!(
             "run {}: wal prepare: {} MB kept for {} MB of WAL, {} switches in {:.1} s: {before} -> {after} ahead",
@@ -1258,6 +1270,7 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
         wal_segments_ahead,
         quiet_wal,
         prepared_wal,
+        during_prepare,
         walwriter,
     })
 }
@@ -1927,6 +1940,13 @@ fn medians(runs: &[Run], backfill_list: &[&str], final_list: &[&str]) -> Medians
         wal_segments_ahead: median_i(writer_runs.iter().map(|w| w.wal_segments_ahead).collect()),
         quiet_wal: median_pair(writer_runs.iter().map(|w| w.quiet_wal)),
         prepared_wal: median_pair(writer_runs.iter().map(|w| w.prepared_wal)),
+        during_prepare: {
+            let during: Vec<&WriterSummary> = writer_runs
+                .iter()
+                .filter_map(|w| w.during_prepare.as_ref())
+                .collect();
+            (!during.is_empty()).then(|| median_writer(&during))
+        },
     });
     let disk_runs: Vec<&DiskControlRun> = runs
         .iter()
@@ -2340,7 +2360,14 @@ pub fn render(b: &Bench) -> String {
                 &[
                     (format!("alone, {} s", b.writer_secs), &w.idle),
                     ("during ours, per-page".to_owned(), &w.during),
-                ],
+                ]
+                .into_iter()
+                .chain(
+                    w.during_prepare
+                        .as_ref()
+                        .map(|p| ("during wal prepare, before".to_owned(), p)),
+                )
+                .collect::<Vec<_>>(),
             ),
         );
         push(
