@@ -7,8 +7,9 @@
 //! and a checkpoint requested in the middle of the walk (at PostgreSQL's default
 //! `max_wal_size`, after about 540 MB of WAL) holds Hydra's commits up with its writes. In
 //! the benchmark at 1M builds, at PostgreSQL's defaults with a quiet Hydra's `pg_wal`, the
-//! writer's p99 rose 10.03 x its idle one during the backfill, and 2.20 and 2.40 x after
-//! this command (BENCHMARKS.md, "`wal prepare`").
+//! writer's p99 rose 10.03 x its idle one during the backfill, and 2.15-2.40 x after
+//! this command (BENCHMARKS.md, "`wal prepare`"). The segments' creation holds Hydra's
+//! commits as before, about one slow commit a segment, but when the admin runs it.
 //!
 //! `prepare` (superuser only, as `ALTER SYSTEM`, `pg_switch_wal()` and `CHECKPOINT` are):
 //! - raises, with `ALTER SYSTEM` and a reload, `min_wal_size` to the WAL the rest of the
