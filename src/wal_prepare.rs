@@ -377,9 +377,14 @@ pub fn prepare(
         report.segments_switched += 1;
         std::thread::sleep(opts.pause);
     }
-    db.client()
-        .batch_execute("CHECKPOINT")
-        .context("CHECKPOINT, to recycle the segments")?;
+    // Before PostgreSQL 11 a checkpoint keeps the WAL back to the previous checkpoint's
+    // redo point and counts min_wal_size from there: only a second one recycles ours.
+    let checkpoints = if db.server_version()? < 110_000 { 2 } else { 1 };
+    for _ in 0..checkpoints {
+        db.client()
+            .batch_execute("CHECKPOINT")
+            .context("CHECKPOINT, to recycle the segments")?;
+    }
 
     let after = wal_segments::ready(db)?.context("pg_ls_waldir() refused")?;
     report.ready_after_bytes = after.bytes();

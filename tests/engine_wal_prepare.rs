@@ -153,18 +153,22 @@ fn prepare_readies_the_walk_and_reset_puts_back_what_it_changed() {
         .iter()
         .map(|c| c["setting"].as_str().unwrap())
         .collect();
-    assert_eq!(
-        changed,
-        ["min_wal_size", "max_wal_size", "checkpoint_timeout"],
-        "{report}"
-    );
+    // What is kept is whole segments: with PostgreSQL 10's 16 MB ones the fixture's walk
+    // fits in the two that min_wal_size keeps at least, and it stays.
+    let keep = report["keep_bytes"].as_i64().unwrap();
+    let raises_min = keep > conf_min << 20;
+    assert_eq!(raises_min, segment_mb == 1, "{report}");
+    let mut all = vec!["max_wal_size", "checkpoint_timeout"];
+    if raises_min {
+        all.insert(0, "min_wal_size");
+    }
+    assert_eq!(changed, all, "{report}");
     assert!(
         events.iter().any(|e| e["event"] == "wal_settings"),
         "{}",
         r.stdout
     );
     // What pg_wal keeps and has ready now holds the walk's WAL.
-    let keep = report["keep_bytes"].as_i64().unwrap();
     assert!(keep >= expected, "{report}");
     assert!(setting(&cluster, "min_wal_size") << 20 >= keep, "{report}");
     assert!(
@@ -178,7 +182,7 @@ fn prepare_readies_the_walk_and_reset_puts_back_what_it_changed() {
     let record = &auto.iter().find(|(n, _)| n == RECORD).expect("a record").1;
     let record: Value = serde_json::from_str(record).unwrap();
     assert_eq!(record["before"]["checkpoint_timeout"], "7min", "{record}");
-    assert_eq!(record["before"]["min_wal_size"], Value::Null, "{record}");
+    assert_eq!(record["before"]["max_wal_size"], Value::Null, "{record}");
     assert_eq!(record["set"]["checkpoint_timeout"], "1800s", "{record}");
 
     // Any role's `status` reminds of it.
@@ -205,7 +209,7 @@ fn prepare_readies_the_walk_and_reset_puts_back_what_it_changed() {
     let reset = tool(&cluster, "walprep", &["--json", "wal", "reset"]);
     reset.expect_code(0);
     let restored = &reset.json_lines().1["restored"];
-    assert_eq!(restored.as_array().unwrap().len(), 3, "{restored}");
+    assert_eq!(restored.as_array().unwrap().len(), all.len(), "{restored}");
     wait_until(&cluster, "checkpoint_timeout", 420);
     assert_eq!(setting(&cluster, "min_wal_size"), conf_min);
     assert_eq!(setting(&cluster, "max_wal_size"), conf_max);
@@ -213,7 +217,6 @@ fn prepare_readies_the_walk_and_reset_puts_back_what_it_changed() {
         auto_conf(&cluster),
         [("checkpoint_timeout".to_owned(), "7min".to_owned())]
     );
-    assert!(conf_min <= 2 * segment_mb);
     assert!(
         !tool(&cluster, "walprep", &["status"])
             .stdout
