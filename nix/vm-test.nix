@@ -176,6 +176,22 @@ in
           assert st["schema_version"] == 57, st
           assert st["stage"] == "before_migration", st
 
+      with subtest("wal prepare as the postgres superuser, before the upgrade"):
+          # As README and docs/upgrade.md tell the admin (nixpkgs' own migration test
+          # reaches Hydra's database as the postgres user the same way).
+          report = json.loads(machine.succeed(
+              "runuser -u postgres -- hydra-upgrade --json wal prepare --db dbname=hydra --pause-ms 0 | tail -n 1"
+          ))
+          # Schema 57: the whole of Jobs and Builds is still to be walked.
+          assert report["expected_bytes"] > 0, report
+          assert report["ready_after_bytes"] >= report["expected_bytes"], report
+          assert sql("SELECT current_setting('checkpoint_timeout')") == "30min"
+          # Any role's status tells; a role that is not a superuser is refused (exit 16).
+          assert json.loads(machine.succeed("hydra-upgrade status --json"))["wal_prepared"]
+          status, out = machine.execute("hydra-upgrade wal reset 2>&1")
+          machine.log(out)
+          assert status == 16, f"expected exit code 16 for the hydra role, got {status}"
+
       with subtest("kill -9 during the backfill, then resume"):
           # The module's own unit runs the whole upgrade detached from this shell.
           machine.succeed("systemctl start --no-block hydra-upgrade.service")
@@ -246,6 +262,14 @@ in
           # Nothing left to do: a re-run succeeds and changes nothing.
           machine.succeed("hydra-upgrade upgrade --yes >&2")
           running("${final}")
+
+      with subtest("wal reset puts the settings back"):
+          machine.succeed("runuser -u postgres -- hydra-upgrade wal reset --db dbname=hydra >&2")
+          assert sql(
+              "SELECT count(*) FROM pg_file_settings WHERE sourcefile LIKE '%postgresql.auto.conf'"
+          ) == "0"
+          assert sql("SELECT current_setting('checkpoint_timeout')") == "5min"
+          assert not json.loads(machine.succeed("hydra-upgrade status --json"))["wal_prepared"]
 
       with subtest("the schema guard keeps the old Hydra off the new schema"):
           machine.execute("${original}/bin/switch-to-configuration test >&2")
