@@ -212,8 +212,8 @@ pub struct BenchArgs {
     pub quiet_wal: bool,
     /// Before each writer run (after `--quiet-wal`), `hydra-upgrade wal prepare` (the
     /// tool's own code, src/wal_prepare.rs: settings raised for the backfill, segments
-    /// created one at a time, 100 ms apart), and `wal reset` after the run. (Until
-    /// `b833e5f`'s successors, `--prepare-wal MB`: the bench's own loop.)
+    /// created one at a time, 100 ms apart), and `wal reset` after the run. (From
+    /// `b833e5f` to `3b59442` it was `--prepare-wal MB`, the bench's own loop.)
     #[arg(long)]
     pub prepare_wal: bool,
 }
