@@ -92,6 +92,9 @@ pub fn run(cli: Cli) -> Result<Exit> {
                         println!("warning: {w}");
                     }
                 }
+                if s.wal_prepared {
+                    println!("{}", wal_prepare::REMINDER);
+                }
             }
             Ok(Exit::Ok)
         }

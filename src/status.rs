@@ -421,10 +421,8 @@ pub fn render(s: &Status) -> String {
         ));
     }
     if s.wal_prepared {
-        out.push_str(
-            "WAL settings raised by `hydra-upgrade wal prepare`: after the backfill, `wal \
-             reset` (as a superuser) puts them back\n",
-        );
+        out.push_str(crate::wal_prepare::REMINDER);
+        out.push('\n');
     }
     for who in &s.counts_blocked_by {
         out.push_str(&format!("locked by:         {who}\n"));

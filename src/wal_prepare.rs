@@ -44,6 +44,10 @@ use crate::status::Stage;
 /// The custom setting in `postgresql.auto.conf` that records what `prepare` changed.
 pub const RECORD: &str = "hydra_upgrade.wal_prepared";
 
+/// What `status` and `plan` say while `prepare`'s settings are in place.
+pub const REMINDER: &str = "WAL settings raised by `hydra-upgrade wal prepare`: after the \
+                            backfill, `wal reset` (as a superuser) puts them back";
+
 /// The settings `prepare` may raise, with the unit `pg_settings` gives them in.
 const SETTINGS: [(&str, &str); 3] = [
     ("min_wal_size", "MB"),
@@ -408,6 +412,11 @@ pub fn reset(db: &mut Db, out: &Out) -> Result<ResetReport> {
         return Ok(report);
     };
     for (name, ours) in &record.set {
+        let before = record.before.get(name).cloned().flatten();
+        if auto.get(name) == before.as_ref() {
+            // As it was: `prepare` stopped between writing its record and this setting.
+            continue;
+        }
         if auto.get(name) != Some(ours) {
             out.warn(&format!(
                 "{name} was changed after `wal prepare` set it to {ours} (postgresql.auto.conf \
@@ -417,7 +426,6 @@ pub fn reset(db: &mut Db, out: &Out) -> Result<ResetReport> {
             report.left.push(name.clone());
             continue;
         }
-        let before = record.before.get(name).cloned().flatten();
         alter_system(db, name, before.as_deref())?;
         report.restored.push(name.clone());
     }

@@ -189,6 +189,8 @@ fn prepare_readies_the_walk_and_reset_puts_back_what_it_changed() {
     let status = tool(&cluster, "walprep", &["status"]);
     status.expect_code(0);
     assert_contains(&status.stdout, "raised by `hydra-upgrade wal prepare`");
+    let plan = tool(&cluster, "walprep", &["plan"]);
+    assert_contains(&plan.stdout, "raised by `hydra-upgrade wal prepare`");
 
     // The backfill then finds no segment to create and no checkpoint in its way.
     let b = tool(&cluster, "walprep", &["--json", "backfill"]);
@@ -262,6 +264,36 @@ fn before_the_migration_package_prepare_counts_whole_walks_and_reset_leaves_late
     assert_eq!(
         auto_conf(&cluster),
         [("max_wal_size".to_owned(), "3GB".to_owned())]
+    );
+}
+
+/// `prepare` writes its record first: stopped right after, the record names settings
+/// still as they were, which `reset` finds so and passes over without a warning.
+#[test]
+fn reset_after_a_prepare_stopped_before_its_settings_changes_nothing_else() {
+    let (cluster, _) = small_wal_cluster();
+    admin_sets(&cluster, "checkpoint_timeout", "7min", 420);
+    let record = r#"{"before":{"checkpoint_timeout":"7min","max_wal_size":null},"set":{"checkpoint_timeout":"1800s","max_wal_size":"999MB"}}"#;
+    let mut db = cluster.connect("postgres").unwrap();
+    for sql in [
+        format!("SET {RECORD} = ''"),
+        format!("ALTER SYSTEM SET {RECORD} = '{record}'"),
+    ] {
+        db.client().batch_execute(&sql).unwrap();
+    }
+    let r = tool(&cluster, "walprep", &["--json", "wal", "reset"]);
+    r.expect_code(0);
+    let (events, report) = r.json_lines();
+    assert_eq!(report["restored"], Value::Array(vec![]), "{report}");
+    assert_eq!(report["left"], Value::Array(vec![]), "{report}");
+    assert!(
+        !events.iter().any(|e| e["event"] == "warning"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(
+        auto_conf(&cluster),
+        [("checkpoint_timeout".to_owned(), "7min".to_owned())]
     );
 }
 
