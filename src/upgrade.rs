@@ -96,8 +96,8 @@ pub fn wal_outlook(db: &mut Db, s: &Status) -> Result<Option<backfill::wal_segme
     if s.stage == Stage::Final {
         return Ok(None);
     }
-    let saved = backfill::state::read_all(db)?;
-    let remaining = backfill::wal_segments::remaining(saved.iter().find(|p| p.table == "builds"));
+    let remaining =
+        backfill::wal_segments::remaining(s.backfill_progress.iter().find(|p| p.table == "builds"));
     if remaining <= 0.0 {
         return Ok(None);
     }

@@ -34,12 +34,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::backfill::{Table, state, wal_segments};
+use crate::backfill::state::TableProgress;
+use crate::backfill::{Table, wal_segments};
 use crate::db::Db;
 use crate::exit::{Exit, fail};
 use crate::interrupt::Interrupt;
 use crate::progress::Out;
-use crate::status::Stage;
+use crate::status::{Stage, Status};
 
 /// The custom setting in `postgresql.auto.conf` that records what `prepare` changed.
 pub const RECORD: &str = "hydra_upgrade.wal_prepared";
@@ -54,6 +55,11 @@ const SETTINGS: [(&str, &str); 3] = [
     ("max_wal_size", "MB"),
     ("checkpoint_timeout", "s"),
 ];
+
+/// The unit `pg_settings` gives one of [`SETTINGS`] in.
+fn unit(name: &str) -> Option<&'static str> {
+    SETTINGS.iter().find(|(n, _)| *n == name).map(|(_, u)| *u)
+}
 
 /// Room kept beyond the WAL the walk writes, for Hydra's own WAL meanwhile.
 const MARGIN: f64 = 1.25;
@@ -138,11 +144,11 @@ fn in_effect(db: &mut Db) -> Result<BTreeMap<String, (i64, String)>> {
         &[&names],
     )? {
         let name: String = row.get(0);
-        let unit: Option<String> = row.get(2);
-        let expected = SETTINGS.iter().find(|(n, _)| *n == name).map(|(_, u)| *u);
+        let given: Option<String> = row.get(2);
+        let expected = unit(&name);
         anyhow::ensure!(
-            unit.as_deref() == expected,
-            "pg_settings gives {name} in {unit:?}, not {expected:?}"
+            given.as_deref() == expected,
+            "pg_settings gives {name} in {given:?}, not {expected:?}"
         );
         values.insert(name, (row.get(1), row.get(3)));
     }
@@ -233,17 +239,16 @@ fn since_checkpoint(db: &mut Db) -> Result<i64> {
 
 /// What the rest of the backfill's walks write: all of Jobs and Builds before the
 /// migration package added the columns, none once both are NOT NULL.
-fn expected_wal(db: &mut Db) -> Result<i64> {
-    let s = crate::status::detect(db, false)?;
-    let saved = match s.stage {
+fn expected_wal(db: &mut Db, s: &Status) -> Result<i64> {
+    let saved: &[TableProgress] = match s.stage {
         Stage::Final => return Ok(0),
-        Stage::BeforeMigration => Vec::new(),
+        Stage::BeforeMigration => &[],
         Stage::Migration => {
-            crate::backfill::require_columns(&s)?;
+            crate::backfill::require_columns(s)?;
             if !s.jobs_jobset_id.nullable && !s.builds_jobset_id.nullable {
                 return Ok(0);
             }
-            state::read_all(db)?
+            &s.backfill_progress
         }
     };
     let mut total = 0;
@@ -269,7 +274,8 @@ pub fn prepare(
 ) -> Result<PrepareReport> {
     let started = Instant::now();
     require_superuser(db, "prepare")?;
-    let expected = expected_wal(db)?;
+    let status = crate::status::detect(db, false)?;
+    let expected = expected_wal(db, &status)?;
     let ready = wal_segments::ready(db)?
         .context("a superuser may look into pg_wal, yet pg_ls_waldir() was refused")?;
     let mut report = PrepareReport {
@@ -315,19 +321,19 @@ pub fn prepare(
             ));
             continue;
         }
-        let unit = SETTINGS.iter().find(|(n, _)| *n == name).map(|(_, u)| *u);
-        let value = format!("{target}{}", unit.unwrap_or_default());
+        let unit = unit(name).unwrap_or_default();
+        let value = format!("{target}{unit}");
         record
             .before
             .entry(name.to_owned())
             .or_insert_with(|| auto.get(name).cloned());
-        record.set.insert(name.to_owned(), value);
-        wanted.insert(name.to_owned(), target);
         report.changes.push(Change {
             setting: name.to_owned(),
-            from: format!("{current}{}", unit.unwrap_or_default()),
-            to: format!("{target}{}", unit.unwrap_or_default()),
+            from: format!("{current}{unit}"),
+            to: value.clone(),
         });
+        record.set.insert(name.to_owned(), value);
+        wanted.insert(name.to_owned(), target);
     }
     if !wanted.is_empty() {
         // The record first: whatever happens next, `reset` knows what to put back.
@@ -392,7 +398,6 @@ pub fn prepare(
 
     let after = wal_segments::ready(db)?.context("pg_ls_waldir() refused")?;
     report.ready_after_bytes = after.bytes();
-    let status = crate::status::detect(db, false)?;
     let builds = crate::upgrade::wal_outlook(db, &status)?;
     report.warnings = builds.map(|o| o.warnings()).unwrap_or_default();
     for w in &report.warnings {

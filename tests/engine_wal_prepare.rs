@@ -46,16 +46,6 @@ fn small_wal_cluster() -> (PgCluster, i64) {
     (cluster, segment_mb)
 }
 
-fn sql_i64(cluster: &PgCluster, sql: &str) -> i64 {
-    cluster
-        .connect("postgres")
-        .unwrap()
-        .client()
-        .query_one(sql, &[])
-        .unwrap()
-        .get(0)
-}
-
 /// Jobs' and Builds' sizes: the WAL their whole walks write, about.
 fn walked_tables(cluster: &PgCluster, db: &str) -> i64 {
     cluster
@@ -70,11 +60,9 @@ fn walked_tables(cluster: &PgCluster, db: &str) -> i64 {
         .get(0)
 }
 
+/// A setting in its `pg_settings` unit (MB, s).
 fn setting(cluster: &PgCluster, name: &str) -> i64 {
-    sql_i64(
-        cluster,
-        &format!("SELECT setting::bigint FROM pg_settings WHERE name = '{name}'"),
-    )
+    server_setting(cluster, name).parse().unwrap()
 }
 
 /// `postgresql.auto.conf`'s entries, as written there.
@@ -94,29 +82,6 @@ fn auto_conf(cluster: &PgCluster) -> Vec<(String, String)> {
         .collect()
 }
 
-/// ALTER SYSTEM as an admin would, reloaded and in effect.
-fn admin_sets(cluster: &PgCluster, name: &str, value: &str, in_effect: i64) {
-    let mut db = cluster.connect("postgres").unwrap();
-    for sql in [
-        format!("ALTER SYSTEM SET {name} = '{value}'"),
-        "SELECT pg_reload_conf()".to_owned(),
-    ] {
-        db.client().batch_execute(&sql).unwrap();
-    }
-    wait_until(cluster, name, in_effect);
-}
-
-fn wait_until(cluster: &PgCluster, name: &str, value: i64) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while setting(cluster, name) != value {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{name} is not {value} 10 s after a reload"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
 fn tool(cluster: &PgCluster, db: &str, args: &[&str]) -> Run {
     let dsn = cluster.dsn_string(db, SUPERUSER);
     let mut argv = vec!["--db", dsn.as_str()];
@@ -128,7 +93,7 @@ fn tool(cluster: &PgCluster, db: &str, args: &[&str]) -> Run {
 fn prepare_readies_the_walk_and_reset_puts_back_what_it_changed() {
     let (cluster, segment_mb) = small_wal_cluster();
     // An admin's own setting in postgresql.auto.conf, which reset must give back.
-    admin_sets(&cluster, "checkpoint_timeout", "7min", 420);
+    admin_sets(&cluster, "checkpoint_timeout", "7min", "420");
     let conf_min = setting(&cluster, "min_wal_size");
     let conf_max = setting(&cluster, "max_wal_size");
 
@@ -212,7 +177,7 @@ fn prepare_readies_the_walk_and_reset_puts_back_what_it_changed() {
     reset.expect_code(0);
     let restored = &reset.json_lines().1["restored"];
     assert_eq!(restored.as_array().unwrap().len(), all.len(), "{restored}");
-    wait_until(&cluster, "checkpoint_timeout", 420);
+    wait_for_setting(&cluster, "checkpoint_timeout", "420");
     assert_eq!(setting(&cluster, "min_wal_size"), conf_min);
     assert_eq!(setting(&cluster, "max_wal_size"), conf_max);
     assert_eq!(
@@ -254,12 +219,12 @@ fn before_the_migration_package_prepare_counts_whole_walks_and_reset_leaves_late
     );
     let raised = setting(&cluster, "max_wal_size");
     // The admin raises max_wal_size further meanwhile.
-    admin_sets(&cluster, "max_wal_size", "3GB", 3072);
+    admin_sets(&cluster, "max_wal_size", "3GB", "3072");
     assert!(raised < 3072);
     let r = tool(&cluster, "walprep57", &["wal", "reset"]);
     r.expect_code(0);
     assert_contains(&r.stderr, "max_wal_size was changed after `wal prepare`");
-    wait_until(&cluster, "checkpoint_timeout", 300);
+    wait_for_setting(&cluster, "checkpoint_timeout", "300");
     assert_eq!(setting(&cluster, "max_wal_size"), 3072);
     assert_eq!(
         auto_conf(&cluster),
@@ -272,7 +237,7 @@ fn before_the_migration_package_prepare_counts_whole_walks_and_reset_leaves_late
 #[test]
 fn reset_after_a_prepare_stopped_before_its_settings_changes_nothing_else() {
     let (cluster, _) = small_wal_cluster();
-    admin_sets(&cluster, "checkpoint_timeout", "7min", 420);
+    admin_sets(&cluster, "checkpoint_timeout", "7min", "420");
     let record = r#"{"before":{"checkpoint_timeout":"7min","max_wal_size":null},"set":{"checkpoint_timeout":"1800s","max_wal_size":"999MB"}}"#;
     let mut db = cluster.connect("postgres").unwrap();
     for sql in [

@@ -149,28 +149,7 @@ fn too_few_segments_ready_are_warned_about_unless_they_are_not_zero_filled() {
     }
 
     // The same with new segments not zero-filled: the figures, no warning.
-    let mut db = cluster.connect("postgres").unwrap();
-    // One statement each: several in one call run as one transaction, which ALTER
-    // SYSTEM refuses.
-    for sql in [
-        "ALTER SYSTEM SET wal_init_zero = off",
-        "SELECT pg_reload_conf()",
-    ] {
-        db.client().batch_execute(sql).unwrap();
-    }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while cluster
-        .connect("postgres")
-        .unwrap()
-        .client()
-        .query_one("SELECT current_setting('wal_init_zero')", &[])
-        .unwrap()
-        .get::<_, String>(0)
-        != "off"
-    {
-        assert!(std::time::Instant::now() < deadline, "reload not seen");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    admin_sets(&cluster, "wal_init_zero", "off", "off");
     let r = backfill_on("walseg2");
     let (e, warned) = wal_event(&r);
     assert!(

@@ -240,3 +240,41 @@ pub fn spawn_on(db: &TestDb, args: &[&str]) -> duct::Handle {
         .start()
         .expect("starting hydra-upgrade")
 }
+
+/// A server setting as `pg_settings` shows it: in its unit (MB, s), as text.
+pub fn server_setting(cluster: &PgCluster, name: &str) -> String {
+    cluster
+        .connect("postgres")
+        .unwrap()
+        .client()
+        .query_one("SELECT setting FROM pg_settings WHERE name = $1", &[&name])
+        .unwrap()
+        .get(0)
+}
+
+/// Wait, up to 10 s, until a reload has brought `name` to `setting` (`pg_settings`' text).
+pub fn wait_for_setting(cluster: &PgCluster, name: &str, setting: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while server_setting(cluster, name) != setting {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} is not {setting} 10 s after a reload"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// `ALTER SYSTEM SET` as an admin would, reloaded, and waited for until `name` shows
+/// `in_effect` in `pg_settings`.
+pub fn admin_sets(cluster: &PgCluster, name: &str, value: &str, in_effect: &str) {
+    let mut db = cluster.connect("postgres").unwrap();
+    // One statement each: several in one call run as one transaction, which ALTER
+    // SYSTEM refuses.
+    for sql in [
+        format!("ALTER SYSTEM SET {name} = '{value}'"),
+        "SELECT pg_reload_conf()".to_owned(),
+    ] {
+        db.client().batch_execute(&sql).unwrap();
+    }
+    wait_for_setting(cluster, name, in_effect);
+}
