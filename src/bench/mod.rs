@@ -216,6 +216,13 @@ pub struct BenchArgs {
     /// `b833e5f` to `3b59442` it was `--prepare-wal MB`, the bench's own loop.)
     #[arg(long)]
     pub prepare_wal: bool,
+    /// Server settings (`name=value`, repeatable) for every second writer run only: the
+    /// 2nd, 4th, ... run sets them with `ALTER SYSTEM` and a reload before it starts and
+    /// resets them after, so one command measures the writer with and without them side
+    /// by side on the same template (two blocks in the table). Settings a reload applies
+    /// only; needs `--runs` 2 or more.
+    #[arg(long, value_name = "NAME=VALUE")]
+    pub alternate_pg_setting: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -407,6 +414,8 @@ pub struct WriterRun {
     /// With `--prepare-wal`: the writer while `wal prepare` ran (its segments are created
     /// while Hydra's commits wait, one at a time).
     pub during_prepare: Option<WriterSummary>,
+    /// This run had `--alternate-pg-setting`'s settings.
+    pub alternate: bool,
 }
 
 /// A server process's time on a CPU and time runnable but waiting for one, over a span.
@@ -528,6 +537,8 @@ pub struct Bench {
     pub ours_idle_group: bool,
     /// `--ours-setting`, as given.
     pub ours_settings: Vec<String>,
+    /// `--alternate-pg-setting`, as given (the writer's even-numbered runs).
+    pub alternate_pg_settings: Vec<String>,
     pub machine: Machine,
     pub template: Template,
     pub runs: Vec<Run>,
@@ -541,6 +552,9 @@ pub struct Medians {
     pub backfill: Vec<BackfillRun>,
     pub final_phase: Vec<FinalRun>,
     pub writer: Option<WriterRun>,
+    /// With `--alternate-pg-setting`: the writer runs that had them (`writer` then holds
+    /// the others).
+    pub writer_alternate: Option<WriterRun>,
     pub disk_control: Option<DiskControlRun>,
 }
 
@@ -1145,6 +1159,17 @@ fn writer_for_a_while(
 
 fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<WriterRun> {
     let name = format!("bench_writer_{run}");
+    let alternate = !args.alternate_pg_setting.is_empty() && !run.is_multiple_of(2);
+    let alternated = if alternate {
+        say(&format!(
+            "run {}: with {}",
+            run + 1,
+            args.alternate_pg_setting.join(", ")
+        ));
+        Some(alternate_set(cluster, &args.alternate_pg_setting)?)
+    } else {
+        None
+    };
     let mut db = clone_db(cluster, TEMPLATE, &name)?;
     let quiet_wal = if args.quiet_wal {
         let (before, after) = quiet_wal::empty(&mut db)?;
@@ -1217,7 +1242,11 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
     let backfill = measure_backfill(
         cluster,
         &mut db,
-        "per-page + writer",
+        if alternate {
+            "per-page + writer, alternate"
+        } else {
+            "per-page + writer"
+        },
         false,
         args.writer_horizon_ms,
         |db| {
@@ -1229,6 +1258,9 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
     )?;
     let walwriter = ProcessCpu::between(walwriter_before, walwriter_after);
     let (during, stats) = stop_writer_with_stats(w, &mut db)?;
+    if let Some(before) = &alternated {
+        alternate_reset(cluster, before)?;
+    }
     let wal_trace = match sampler {
         Some(s) => {
             let t = wal_trace::analyse(&s.stop()?, &stats, 2.0 * idle.p99_ms);
@@ -1272,7 +1304,87 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
         prepared_wal,
         during_prepare,
         walwriter,
+        alternate,
     })
+}
+
+/// `--alternate-pg-setting`: set the settings with `ALTER SYSTEM` and reload; returns
+/// each one's name and value before, for [`alternate_reset`].
+fn alternate_set(cluster: &PgCluster, settings: &[String]) -> Result<Vec<(String, String)>> {
+    let mut db = cluster.connect("postgres")?;
+    let mut before = Vec::new();
+    for s in settings {
+        let (name, value) = s
+            .split_once('=')
+            .with_context(|| format!("--alternate-pg-setting {s:?} is not name=value"))?;
+        let row = db
+            .client()
+            .query_opt(
+                "SELECT context, setting FROM pg_settings WHERE name = $1",
+                &[&name],
+            )?
+            .with_context(|| format!("--alternate-pg-setting: no server setting {name:?}"))?;
+        let (context, setting): (String, String) = (row.get(0), row.get(1));
+        if matches!(context.as_str(), "internal" | "postmaster") {
+            bail!("--alternate-pg-setting {name}: a reload cannot change it ({context})");
+        }
+        let sql = format!("ALTER SYSTEM SET {name} = '{}'", value.replace('\'', "''"));
+        db.client()
+            .batch_execute(&sql)
+            .with_context(|| format!("--alternate-pg-setting: {sql}"))?;
+        before.push((name.to_owned(), setting));
+    }
+    reload_until(cluster, &before, |now, was| now != was).with_context(|| {
+        format!(
+            "--alternate-pg-setting {}: is it already the server's value?",
+            settings.join(" ")
+        )
+    })?;
+    Ok(before)
+}
+
+/// Undo [`alternate_set`]: `ALTER SYSTEM RESET` and reload, until each is as before.
+fn alternate_reset(cluster: &PgCluster, before: &[(String, String)]) -> Result<()> {
+    let mut db = cluster.connect("postgres")?;
+    for (name, _) in before {
+        db.client()
+            .batch_execute(&format!("ALTER SYSTEM RESET {name}"))?;
+    }
+    reload_until(cluster, before, |now, was| now == was)
+}
+
+/// Reload the server's configuration and wait (10 s at most) until a new session's
+/// `pg_settings` value of each named setting passes `done(now, recorded)`.
+fn reload_until(
+    cluster: &PgCluster,
+    recorded: &[(String, String)],
+    done: impl Fn(&str, &str) -> bool,
+) -> Result<()> {
+    cluster
+        .connect("postgres")?
+        .client()
+        .batch_execute("SELECT pg_reload_conf()")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut db = cluster.connect("postgres")?;
+        let mut waiting = Vec::new();
+        for (name, was) in recorded {
+            let now: String = db
+                .client()
+                .query_one("SELECT setting FROM pg_settings WHERE name = $1", &[name])?
+                .get(0);
+            if !done(&now, was) {
+                waiting.push(format!("{name} = {now}"));
+            }
+        }
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("after a reload the server still has {}", waiting.join(", "));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn run_disk_control(
@@ -1594,6 +1706,14 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
              --contenders, without --skip-writer"
         );
     }
+    if !args.alternate_pg_setting.is_empty()
+        && (!wants("writer") || args.skip_writer || args.runs < 2)
+    {
+        bail!(
+            "--alternate-pg-setting acts on every second writer run: add writer to \
+             --contenders, without --skip-writer, and give --runs 2 or more"
+        );
+    }
     if !args.memory_rates.is_empty() && (!wants("disk-control") || args.skip_writer) {
         bail!(
             "--memory-rates adds rows to disk-control: add it to --contenders, without --skip-writer"
@@ -1620,6 +1740,11 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
             .context("checking --ours-setting before building the template")?;
     }
     drop(postgres);
+    if !args.alternate_pg_setting.is_empty() {
+        let before = alternate_set(cluster, &args.alternate_pg_setting)
+            .context("checking --alternate-pg-setting before building the template")?;
+        alternate_reset(cluster, &before)?;
+    }
     say(&format!(
         "{} CPUs, {:.1} GiB; {}",
         machine.cpus, machine.memory_gib, machine.postgres
@@ -1704,6 +1829,7 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
         ours_sched_idle: args.idle_ours,
         ours_idle_group: args.idle_group_ours,
         ours_settings: args.ours_setting.clone(),
+        alternate_pg_settings: args.alternate_pg_setting.clone(),
         machine,
         template,
         runs,
@@ -1713,6 +1839,37 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
     };
     bench.table = render(&bench);
     Ok(bench)
+}
+
+/// The medians of a set of writer runs (`None` for none).
+fn median_writer_run(writer_runs: &[&WriterRun]) -> Option<WriterRun> {
+    (!writer_runs.is_empty()).then(|| WriterRun {
+        idle: median_writer(&writer_runs.iter().map(|w| &w.idle).collect::<Vec<_>>()),
+        during: median_writer(&writer_runs.iter().map(|w| &w.during).collect::<Vec<_>>()),
+        backfill: median_backfill(
+            &writer_runs[0].backfill.contender,
+            &writer_runs.iter().map(|w| &w.backfill).collect::<Vec<_>>(),
+        ),
+        wal_trace: median_wal_trace(writer_runs.iter().filter_map(|w| w.wal_trace.as_ref())),
+        walwriter: {
+            let cpu: Vec<ProcessCpu> = writer_runs.iter().filter_map(|w| w.walwriter).collect();
+            (!cpu.is_empty()).then(|| ProcessCpu {
+                on_cpu_ms: median(cpu.iter().map(|c| c.on_cpu_ms).collect()),
+                cpu_wait_ms: median(cpu.iter().map(|c| c.cpu_wait_ms).collect()),
+            })
+        },
+        wal_segments_ahead: median_i(writer_runs.iter().map(|w| w.wal_segments_ahead).collect()),
+        quiet_wal: median_pair(writer_runs.iter().map(|w| w.quiet_wal)),
+        prepared_wal: median_pair(writer_runs.iter().map(|w| w.prepared_wal)),
+        during_prepare: {
+            let during: Vec<&WriterSummary> = writer_runs
+                .iter()
+                .filter_map(|w| w.during_prepare.as_ref())
+                .collect();
+            (!during.is_empty()).then(|| median_writer(&during))
+        },
+        alternate: writer_runs[0].alternate,
+    })
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -1921,33 +2078,16 @@ fn medians(runs: &[Run], backfill_list: &[&str], final_list: &[&str]) -> Medians
             }
         })
         .collect();
-    let writer_runs: Vec<&WriterRun> = runs.iter().filter_map(|r| r.writer.as_ref()).collect();
-    let writer = (!writer_runs.is_empty()).then(|| WriterRun {
-        idle: median_writer(&writer_runs.iter().map(|w| &w.idle).collect::<Vec<_>>()),
-        during: median_writer(&writer_runs.iter().map(|w| &w.during).collect::<Vec<_>>()),
-        backfill: median_backfill(
-            "per-page + writer",
-            &writer_runs.iter().map(|w| &w.backfill).collect::<Vec<_>>(),
-        ),
-        wal_trace: median_wal_trace(writer_runs.iter().filter_map(|w| w.wal_trace.as_ref())),
-        walwriter: {
-            let cpu: Vec<ProcessCpu> = writer_runs.iter().filter_map(|w| w.walwriter).collect();
-            (!cpu.is_empty()).then(|| ProcessCpu {
-                on_cpu_ms: median(cpu.iter().map(|c| c.on_cpu_ms).collect()),
-                cpu_wait_ms: median(cpu.iter().map(|c| c.cpu_wait_ms).collect()),
-            })
-        },
-        wal_segments_ahead: median_i(writer_runs.iter().map(|w| w.wal_segments_ahead).collect()),
-        quiet_wal: median_pair(writer_runs.iter().map(|w| w.quiet_wal)),
-        prepared_wal: median_pair(writer_runs.iter().map(|w| w.prepared_wal)),
-        during_prepare: {
-            let during: Vec<&WriterSummary> = writer_runs
-                .iter()
-                .filter_map(|w| w.during_prepare.as_ref())
-                .collect();
-            (!during.is_empty()).then(|| median_writer(&during))
-        },
-    });
+    let writer_group = |alternate: bool| -> Option<WriterRun> {
+        let writer_runs: Vec<&WriterRun> = runs
+            .iter()
+            .filter_map(|r| r.writer.as_ref())
+            .filter(|w| w.alternate == alternate)
+            .collect();
+        median_writer_run(&writer_runs)
+    };
+    let writer = writer_group(false);
+    let writer_alternate = writer_group(true);
     let disk_runs: Vec<&DiskControlRun> = runs
         .iter()
         .filter_map(|r| r.disk_control.as_ref())
@@ -2004,6 +2144,7 @@ fn medians(runs: &[Run], backfill_list: &[&str], final_list: &[&str]) -> Medians
         backfill,
         final_phase,
         writer,
+        writer_alternate,
         disk_control,
     }
 }
@@ -2020,6 +2161,7 @@ fn label(contender: &str) -> &'static str {
         "per-page" => "ours, per-page",
         "keyset" => "ours, keyset",
         "per-page + writer" => "ours, per-page, writer running",
+        "per-page + writer, alternate" => "ours, per-page, writer, alternate",
         "final-stock" => "stock: hydra-init 62..65",
         "final-ours" => "ours: hydra-upgrade finalize",
         _ => "?",
@@ -2068,6 +2210,159 @@ fn writer_rows(header: &str, rows: &[(String, &WriterSummary)]) -> String {
         ));
     }
     lines.join("\n")
+}
+
+/// The writer's block of the table: medians `w` over the runs `group`.
+fn render_writer(s: &mut String, b: &Bench, w: &WriterRun, group: &[&WriterRun]) {
+    let push = |s: &mut String, line: String| {
+        s.push_str(&line);
+        s.push('\n');
+    };
+    push(
+        s,
+        writer_rows(
+            &format!("writer ({} ms pause between ops)", b.writer_pause_ms),
+            &[
+                (format!("alone, {} s", b.writer_secs), &w.idle),
+                ("during ours, per-page".to_owned(), &w.during),
+            ]
+            .into_iter()
+            .chain(
+                w.during_prepare
+                    .as_ref()
+                    .map(|p| ("during wal prepare, before".to_owned(), p)),
+            )
+            .collect::<Vec<_>>(),
+        ),
+    );
+    push(
+        s,
+        format!(
+            "p99 during / alone: {:.2}\n{CPU_WAIT_LEGEND}",
+            w.during.p99_over(&w.idle)
+        ),
+    );
+    if group.len() > 1 {
+        // With a few hundred operations a run (100k builds) a run's p99 is its second
+        // or third slowest operation, and a median of three of them swings by more
+        // than the effects measured; all runs' operations together are a steadier
+        // reading of the same percentile. Shown beside the medians, not instead.
+        let pooled = |w: &WriterSummary| workload::percentile(w.latencies_ms.clone(), 99.0);
+        let (idle, during) = (pooled(&w.idle), pooled(&w.during));
+        push(
+            s,
+            format!(
+                "  all {} runs' operations pooled ({} alone, {} during): p99 {:.2} -> {:.2} ms, {:.2} x",
+                group.len(),
+                w.idle.latencies_ms.len(),
+                w.during.latencies_ms.len(),
+                idle,
+                during,
+                during / idle.max(1e-9)
+            ),
+        );
+    }
+    if group.len() > 1 {
+        let per_run: Vec<String> = group
+            .iter()
+            .map(|r| {
+                format!(
+                    "{:.2} -> {:.2} ({:.2} x; {} over 10 ms; {:.1} s, {:.0} MB of WAL)",
+                    r.idle.p99_ms,
+                    r.during.p99_ms,
+                    r.during.p99_over(&r.idle),
+                    r.during.over_10ms,
+                    r.backfill.seconds,
+                    mb(r.backfill.wal_bytes)
+                )
+            })
+            .collect();
+        push(
+            s,
+            format!(
+                "  per run, p99 alone -> during (ms): {}",
+                per_run.join(", ")
+            ),
+        );
+    }
+    push(
+        s,
+        format!(
+            "  WAL segments ready in pg_wal as ours started: {} (median){}{}",
+            w.wal_segments_ahead,
+            w.quiet_wal
+                .map(|(before, after)| format!(
+                    "; --quiet-wal had left {after} of {before} before the writer's idle run"
+                ))
+                .unwrap_or_default(),
+            w.prepared_wal
+                .map(|(before, after)| format!(
+                    "; --prepare-wal (wal prepare) had brought {before} to {after}"
+                ))
+                .unwrap_or_default()
+        ),
+    );
+    if let Some(c) = w.walwriter {
+        let per_run: Vec<String> = group
+            .iter()
+            .filter_map(|r| {
+                r.walwriter.map(|c| {
+                    format!(
+                        "{:.0}/{:.0} ({:.2} x)",
+                        c.on_cpu_ms,
+                        c.cpu_wait_ms,
+                        r.during.p99_over(&r.idle)
+                    )
+                })
+            })
+            .collect();
+        push(
+            s,
+            format!(
+                "  the WAL writer during ours: {:.0} ms on a CPU, {:.0} ms runnable waiting for one{}",
+                c.on_cpu_ms,
+                c.cpu_wait_ms,
+                if per_run.len() > 1 {
+                    format!(
+                        " (medians; per run, with the writer's p99 ratio: {})",
+                        per_run.join(", ")
+                    )
+                } else {
+                    String::new()
+                }
+            ),
+        );
+    }
+    if let Some(t) = &w.wal_trace {
+        push(
+            s,
+            format!(
+                "WAL (--wal-trace), kB inserted while an operation ran / unflushed at its start, medians (slow: over 2 x the idle p99):\n{}",
+                t.describe()
+            ),
+        );
+        for (whose, which, waits) in [
+            ("the writer's backend", "slow", &t.slow_waits),
+            ("the writer's backend", "other", &t.other_waits),
+            ("other sessions (ours)", "slow", &t.slow_ours_waits),
+            ("other sessions (ours)", "other", &t.other_ours_waits),
+        ] {
+            let total: usize = waits.iter().map(|(_, n)| n).sum();
+            let top: Vec<String> = waits
+                .iter()
+                .take(5)
+                .map(|(l, n)| format!("{l} {:.0} %", 100.0 * *n as f64 / total.max(1) as f64))
+                .collect();
+            push(
+                s,
+                format!(
+                    "  {whose} while {which} operations ran ({total} samples): {}",
+                    top.join(", ")
+                ),
+            );
+        }
+    }
+    s.push('\n');
 }
 
 fn ms_or_dash(ms: Option<f64>) -> String {
@@ -2191,6 +2486,9 @@ pub fn render(b: &Bench) -> String {
         .map(|r| r.seconds);
     let mut brows: Vec<&BackfillRun> = m.backfill.iter().collect();
     if let Some(w) = &m.writer {
+        brows.push(&w.backfill);
+    }
+    if let Some(w) = &m.writer_alternate {
         brows.push(&w.backfill);
     }
     if !brows.is_empty() {
@@ -2353,130 +2651,35 @@ pub fn render(b: &Bench) -> String {
         s.push('\n');
     }
     if let Some(w) = &m.writer {
-        push(
-            &mut s,
-            writer_rows(
-                &format!("writer ({} ms pause between ops)", b.writer_pause_ms),
-                &[
-                    (format!("alone, {} s", b.writer_secs), &w.idle),
-                    ("during ours, per-page".to_owned(), &w.during),
-                ]
-                .into_iter()
-                .chain(
-                    w.during_prepare
-                        .as_ref()
-                        .map(|p| ("during wal prepare, before".to_owned(), p)),
-                )
-                .collect::<Vec<_>>(),
-            ),
-        );
-        push(
-            &mut s,
-            format!(
-                "p99 during / alone: {:.2}\n{CPU_WAIT_LEGEND}",
-                w.during.p99_over(&w.idle)
-            ),
-        );
-        if b.runs.len() > 1 {
-            // With a few hundred operations a run (100k builds) a run's p99 is its second
-            // or third slowest operation, and a median of three of them swings by more
-            // than the effects measured; all runs' operations together are a steadier
-            // reading of the same percentile. Shown beside the medians, not instead.
-            let pooled = |w: &WriterSummary| workload::percentile(w.latencies_ms.clone(), 99.0);
-            let (idle, during) = (pooled(&w.idle), pooled(&w.during));
+        let group: Vec<&WriterRun> = b
+            .runs
+            .iter()
+            .filter_map(|r| r.writer.as_ref())
+            .filter(|r| !r.alternate)
+            .collect();
+        if !b.alternate_pg_settings.is_empty() {
             push(
                 &mut s,
-                format!(
-                    "  all {} runs' operations pooled ({} alone, {} during): p99 {:.2} -> {:.2} ms, {:.2} x",
-                    b.runs.len(),
-                    w.idle.latencies_ms.len(),
-                    w.during.latencies_ms.len(),
-                    idle,
-                    during,
-                    during / idle.max(1e-9)
-                ),
+                "runs 1, 3, ...: the server as started (--alternate-pg-setting below)".into(),
             );
         }
+        render_writer(&mut s, b, w, &group);
+    }
+    if let Some(w) = &m.writer_alternate {
+        let group: Vec<&WriterRun> = b
+            .runs
+            .iter()
+            .filter_map(|r| r.writer.as_ref())
+            .filter(|r| r.alternate)
+            .collect();
         push(
             &mut s,
             format!(
-                "  WAL segments ready in pg_wal as ours started: {} (median){}{}",
-                w.wal_segments_ahead,
-                w.quiet_wal
-                    .map(|(before, after)| format!(
-                        "; --quiet-wal had left {after} of {before} before the writer's idle run"
-                    ))
-                    .unwrap_or_default(),
-                w.prepared_wal
-                    .map(|(before, after)| format!(
-                        "; --prepare-wal (wal prepare) had brought {before} to {after}"
-                    ))
-                    .unwrap_or_default()
+                "runs 2, 4, ...: with --alternate-pg-setting {}",
+                b.alternate_pg_settings.join(" ")
             ),
         );
-        if let Some(c) = w.walwriter {
-            let per_run: Vec<String> = b
-                .runs
-                .iter()
-                .filter_map(|r| r.writer.as_ref())
-                .filter_map(|r| {
-                    r.walwriter.map(|c| {
-                        format!(
-                            "{:.0}/{:.0} ({:.2} x)",
-                            c.on_cpu_ms,
-                            c.cpu_wait_ms,
-                            r.during.p99_over(&r.idle)
-                        )
-                    })
-                })
-                .collect();
-            push(
-                &mut s,
-                format!(
-                    "  the WAL writer during ours: {:.0} ms on a CPU, {:.0} ms runnable waiting for one{}",
-                    c.on_cpu_ms,
-                    c.cpu_wait_ms,
-                    if per_run.len() > 1 {
-                        format!(
-                            " (medians; per run, with the writer's p99 ratio: {})",
-                            per_run.join(", ")
-                        )
-                    } else {
-                        String::new()
-                    }
-                ),
-            );
-        }
-        if let Some(t) = &w.wal_trace {
-            push(
-                &mut s,
-                format!(
-                    "WAL (--wal-trace), kB inserted while an operation ran / unflushed at its start, medians (slow: over 2 x the idle p99):\n{}",
-                    t.describe()
-                ),
-            );
-            for (whose, which, waits) in [
-                ("the writer's backend", "slow", &t.slow_waits),
-                ("the writer's backend", "other", &t.other_waits),
-                ("other sessions (ours)", "slow", &t.slow_ours_waits),
-                ("other sessions (ours)", "other", &t.other_ours_waits),
-            ] {
-                let total: usize = waits.iter().map(|(_, n)| n).sum();
-                let top: Vec<String> = waits
-                    .iter()
-                    .take(5)
-                    .map(|(l, n)| format!("{l} {:.0} %", 100.0 * *n as f64 / total.max(1) as f64))
-                    .collect();
-                push(
-                    &mut s,
-                    format!(
-                        "  {whose} while {which} operations ran ({total} samples): {}",
-                        top.join(", ")
-                    ),
-                );
-            }
-        }
-        s.push('\n');
+        render_writer(&mut s, b, w, &group);
     }
     if let Some(d) = &m.disk_control {
         let mut rows = vec![
