@@ -223,6 +223,40 @@ pub struct BenchArgs {
     /// only; needs `--runs` 2 or more.
     #[arg(long, value_name = "NAME=VALUE")]
     pub alternate_pg_setting: Vec<String>,
+    /// Our backfill's `--pause-ms` in every second writer run only (as
+    /// `--alternate-pg-setting`; the two may go together).
+    #[arg(long, value_name = "MS")]
+    pub alternate_pause_ms: Option<u64>,
+    /// Our backfill's `--target-batch-ms` in every second writer run only (as
+    /// `--alternate-pg-setting`).
+    #[arg(long, value_name = "MS")]
+    pub alternate_target_batch_ms: Option<u64>,
+}
+
+impl BenchArgs {
+    /// What every second writer run changes (`--alternate-*`), in words; `None` if nothing.
+    pub fn alternate(&self) -> Option<String> {
+        let mut parts: Vec<String> = self.alternate_pg_setting.clone();
+        if let Some(ms) = self.alternate_pause_ms {
+            parts.push(format!("ours' --pause-ms {ms}"));
+        }
+        if let Some(ms) = self.alternate_target_batch_ms {
+            parts.push(format!("ours' --target-batch-ms {ms}"));
+        }
+        (!parts.is_empty()).then(|| parts.join(", "))
+    }
+
+    /// These arguments as every second writer run has them: `--alternate-pause-ms` and
+    /// `--alternate-target-batch-ms` in place of ours' own.
+    fn alternated(&self) -> BenchArgs {
+        BenchArgs {
+            pause_ms: self.alternate_pause_ms.unwrap_or(self.pause_ms),
+            target_batch_ms: self
+                .alternate_target_batch_ms
+                .unwrap_or(self.target_batch_ms),
+            ..self.clone()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -414,7 +448,7 @@ pub struct WriterRun {
     /// With `--prepare-wal`: the writer while `wal prepare` ran (its segments are created
     /// while Hydra's commits wait, one at a time).
     pub during_prepare: Option<WriterSummary>,
-    /// This run had `--alternate-pg-setting`'s settings.
+    /// This run had `--alternate-pg-setting`'s settings and `--alternate-*` options.
     pub alternate: bool,
 }
 
@@ -537,8 +571,8 @@ pub struct Bench {
     pub ours_idle_group: bool,
     /// `--ours-setting`, as given.
     pub ours_settings: Vec<String>,
-    /// `--alternate-pg-setting`, as given (the writer's even-numbered runs).
-    pub alternate_pg_settings: Vec<String>,
+    /// What the writer's even-numbered runs changed (`--alternate-*`), in words.
+    pub alternate: Option<String>,
     pub machine: Machine,
     pub template: Template,
     pub runs: Vec<Run>,
@@ -552,8 +586,8 @@ pub struct Medians {
     pub backfill: Vec<BackfillRun>,
     pub final_phase: Vec<FinalRun>,
     pub writer: Option<WriterRun>,
-    /// With `--alternate-pg-setting`: the writer runs that had them (`writer` then holds
-    /// the others).
+    /// With `--alternate-*`: the writer runs that had them (`writer` then holds the
+    /// others).
     pub writer_alternate: Option<WriterRun>,
     pub disk_control: Option<DiskControlRun>,
 }
@@ -1159,13 +1193,16 @@ fn writer_for_a_while(
 
 fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<WriterRun> {
     let name = format!("bench_writer_{run}");
-    let alternate = !args.alternate_pg_setting.is_empty() && !run.is_multiple_of(2);
-    let alternated = if alternate {
-        say(&format!(
-            "run {}: with {}",
-            run + 1,
-            args.alternate_pg_setting.join(", ")
-        ));
+    let alternate_args;
+    let (alternate, args) = match args.alternate() {
+        Some(what) if !run.is_multiple_of(2) => {
+            say(&format!("run {}: with {what}", run + 1));
+            alternate_args = args.alternated();
+            (true, &alternate_args)
+        }
+        _ => (false, args),
+    };
+    let alternated = if alternate && !args.alternate_pg_setting.is_empty() {
         Some(alternate_set(cluster, &args.alternate_pg_setting)?)
     } else {
         None
@@ -1706,12 +1743,11 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
              --contenders, without --skip-writer"
         );
     }
-    if !args.alternate_pg_setting.is_empty()
-        && (!wants("writer") || args.skip_writer || args.runs < 2)
-    {
+    if args.alternate().is_some() && (!wants("writer") || args.skip_writer || args.runs < 2) {
         bail!(
-            "--alternate-pg-setting acts on every second writer run: add writer to \
-             --contenders, without --skip-writer, and give --runs 2 or more"
+            "--alternate-pg-setting, --alternate-pause-ms and --alternate-target-batch-ms act \
+             on every second writer run: add writer to --contenders, without --skip-writer, \
+             and give --runs 2 or more"
         );
     }
     if !args.memory_rates.is_empty() && (!wants("disk-control") || args.skip_writer) {
@@ -1829,7 +1865,7 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
         ours_sched_idle: args.idle_ours,
         ours_idle_group: args.idle_group_ours,
         ours_settings: args.ours_setting.clone(),
-        alternate_pg_settings: args.alternate_pg_setting.clone(),
+        alternate: args.alternate(),
         machine,
         template,
         runs,
@@ -2657,10 +2693,10 @@ pub fn render(b: &Bench) -> String {
             .filter_map(|r| r.writer.as_ref())
             .filter(|r| !r.alternate)
             .collect();
-        if !b.alternate_pg_settings.is_empty() {
+        if b.alternate.is_some() {
             push(
                 &mut s,
-                "runs 1, 3, ...: the server as started (--alternate-pg-setting below)".into(),
+                "runs 1, 3, ...: as the command line says (the --alternate-* runs below)".into(),
             );
         }
         render_writer(&mut s, b, w, &group);
@@ -2675,8 +2711,8 @@ pub fn render(b: &Bench) -> String {
         push(
             &mut s,
             format!(
-                "runs 2, 4, ...: with --alternate-pg-setting {}",
-                b.alternate_pg_settings.join(" ")
+                "runs 2, 4, ...: with {}",
+                b.alternate.as_deref().unwrap_or_default()
             ),
         );
         render_writer(&mut s, b, w, &group);
