@@ -2919,6 +2919,50 @@ pub fn main(args: &BenchArgs) -> Result<()> {
 mod tests {
     use super::*;
     use crate::workload::Op;
+    use clap::Parser;
+
+    #[test]
+    fn the_alternate_runs_take_the_alternate_pacing_and_nothing_else() {
+        let args = BenchArgs::try_parse_from([
+            "bench",
+            "--pause-ms",
+            "1",
+            "--target-batch-ms",
+            "30",
+            "--writer-secs",
+            "7",
+            "--alternate-pg-setting",
+            "wal_compression=lz4",
+            "--alternate-pause-ms",
+            "5",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.alternate().as_deref(),
+            Some("wal_compression=lz4, ours' --pause-ms 5")
+        );
+        let alt = args.alternated();
+        assert_eq!((alt.pause_ms, alt.target_batch_ms), (5, 30));
+        assert_eq!(alt.writer_secs, 7);
+        assert_eq!(alt.alternate_pg_setting, args.alternate_pg_setting);
+
+        let plain = BenchArgs::try_parse_from(["bench", "--pause-ms", "1"]).unwrap();
+        assert_eq!(plain.alternate(), None);
+        assert_eq!(plain.alternated().pause_ms, 1);
+        let batch =
+            BenchArgs::try_parse_from(["bench", "--alternate-target-batch-ms", "2"]).unwrap();
+        assert_eq!(
+            batch.alternate().as_deref(),
+            Some("ours' --target-batch-ms 2")
+        );
+        assert_eq!(
+            (
+                batch.alternated().target_batch_ms,
+                batch.alternated().pause_ms
+            ),
+            (2, 0)
+        );
+    }
 
     #[test]
     fn slow_operations_are_placed_on_the_steps_they_overlapped() {
