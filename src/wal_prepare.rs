@@ -179,7 +179,7 @@ fn read_record(auto: &BTreeMap<String, String>) -> Result<Option<Record>> {
 
 /// `ALTER SYSTEM SET name = value`, or `RESET` for `None`. One statement a call: ALTER
 /// SYSTEM refuses to run in a transaction block.
-fn alter_system(db: &mut Db, name: &str, value: Option<&str>) -> Result<()> {
+pub fn alter_system(db: &mut Db, name: &str, value: Option<&str>) -> Result<()> {
     let sql = match value {
         Some(v) => format!("ALTER SYSTEM SET {name} = '{}'", v.replace('\'', "''")),
         None => format!("ALTER SYSTEM RESET {name}"),
@@ -197,7 +197,8 @@ fn write_record(db: &mut Db, record: Option<&Record>) -> Result<()> {
     alter_system(db, RECORD, text.as_deref())
 }
 
-fn reload(db: &mut Db) -> Result<()> {
+/// `pg_reload_conf()`: the server's processes read their configuration files again.
+pub fn reload(db: &mut Db) -> Result<()> {
     db.client().batch_execute("SELECT pg_reload_conf()")?;
     Ok(())
 }

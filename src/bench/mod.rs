@@ -1365,10 +1365,7 @@ fn alternate_set(cluster: &PgCluster, settings: &[String]) -> Result<Vec<(String
         if matches!(context.as_str(), "internal" | "postmaster") {
             bail!("--alternate-pg-setting {name}: a reload cannot change it ({context})");
         }
-        let sql = format!("ALTER SYSTEM SET {name} = '{}'", value.replace('\'', "''"));
-        db.client()
-            .batch_execute(&sql)
-            .with_context(|| format!("--alternate-pg-setting: {sql}"))?;
+        wal_prepare::alter_system(&mut db, name, Some(value)).context("--alternate-pg-setting")?;
         before.push((name.to_owned(), setting));
     }
     reload_until(cluster, &before, |now, was| now != was).with_context(|| {
@@ -1384,8 +1381,7 @@ fn alternate_set(cluster: &PgCluster, settings: &[String]) -> Result<Vec<(String
 fn alternate_reset(cluster: &PgCluster, before: &[(String, String)]) -> Result<()> {
     let mut db = cluster.connect("postgres")?;
     for (name, _) in before {
-        db.client()
-            .batch_execute(&format!("ALTER SYSTEM RESET {name}"))?;
+        wal_prepare::alter_system(&mut db, name, None)?;
     }
     reload_until(cluster, before, |now, was| now == was)
 }
@@ -1397,10 +1393,7 @@ fn reload_until(
     recorded: &[(String, String)],
     done: impl Fn(&str, &str) -> bool,
 ) -> Result<()> {
-    cluster
-        .connect("postgres")?
-        .client()
-        .batch_execute("SELECT pg_reload_conf()")?;
+    wal_prepare::reload(&mut cluster.connect("postgres")?)?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let mut db = cluster.connect("postgres")?;

@@ -268,13 +268,7 @@ pub fn wait_for_setting(cluster: &PgCluster, name: &str, setting: &str) {
 /// `in_effect` in `pg_settings`.
 pub fn admin_sets(cluster: &PgCluster, name: &str, value: &str, in_effect: &str) {
     let mut db = cluster.connect("postgres").unwrap();
-    // One statement each: several in one call run as one transaction, which ALTER
-    // SYSTEM refuses.
-    for sql in [
-        format!("ALTER SYSTEM SET {name} = '{value}'"),
-        "SELECT pg_reload_conf()".to_owned(),
-    ] {
-        db.client().batch_execute(&sql).unwrap();
-    }
+    hydra_upgrade::wal_prepare::alter_system(&mut db, name, Some(value)).unwrap();
+    hydra_upgrade::wal_prepare::reload(&mut db).unwrap();
     wait_for_setting(cluster, name, in_effect);
 }
