@@ -2948,13 +2948,8 @@ mod tests {
             batch.alternate().as_deref(),
             Some("ours' --target-batch-ms 2")
         );
-        assert_eq!(
-            (
-                batch.alternated().target_batch_ms,
-                batch.alternated().pause_ms
-            ),
-            (2, 0)
-        );
+        let alt = batch.alternated();
+        assert_eq!((alt.target_batch_ms, alt.pause_ms), (2, 0));
     }
 
     #[test]
