@@ -105,9 +105,15 @@ pub struct BenchArgs {
     /// final-stock, final-ours, writer, disk-control, memory.
     #[arg(long, value_delimiter = ',', default_values_t = ALL_CONTENDERS.iter().map(|s| s.to_string()))]
     pub contenders: Vec<String>,
-    /// How long the writer runs alone for its idle baseline.
-    #[arg(long, default_value_t = 10)]
+    /// How long the writer runs alone for its idle baseline (the writer contender). At
+    /// 10 s (about 850 operations, the default before 30) the p99 is the ninth-slowest
+    /// operation, and a few slow ones moved a 10M run's baseline from 1.6 to 4.4 ms.
+    #[arg(long, default_value_t = 30)]
     pub writer_secs: u64,
+    /// How long each of disk-control's phases runs (the writer alone, then next to each
+    /// load).
+    #[arg(long, default_value_t = 10)]
+    pub control_secs: u64,
     /// The writer's pause between operations (Hydra writes tens of rows a second, not
     /// thousands).
     #[arg(long, default_value_t = 10)]
@@ -547,6 +553,8 @@ pub struct Bench {
     pub runs_requested: usize,
     pub writer_pause_ms: u64,
     pub writer_secs: u64,
+    /// `--control-secs`: each of disk-control's phases.
+    pub control_secs: u64,
     pub ours_target_batch_ms: u64,
     pub ours_pause_ms: u64,
     /// Our backfill's `--max-batch-size`.
@@ -1178,16 +1186,17 @@ fn run_final_contender(
     Ok(r)
 }
 
-/// The writer on `dbname` for `--writer-secs`, with nothing of ours running.
+/// The writer on `dbname` for `secs`, with nothing of ours running.
 fn writer_for_a_while(
     cluster: &PgCluster,
     dbname: &str,
     db: &mut Db,
     args: &BenchArgs,
+    secs: u64,
     seed: u64,
 ) -> Result<WriterSummary> {
     let w = start_writer(cluster, dbname, args.writer_pause_ms, seed);
-    std::thread::sleep(Duration::from_secs(args.writer_secs));
+    std::thread::sleep(Duration::from_secs(secs));
     stop_writer(w, db)
 }
 
@@ -1255,7 +1264,14 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
         run + 1,
         args.writer_secs
     ));
-    let idle = writer_for_a_while(cluster, &name, &mut db, args, 2_000 + run as u64)?;
+    let idle = writer_for_a_while(
+        cluster,
+        &name,
+        &mut db,
+        args,
+        args.writer_secs,
+        2_000 + run as u64,
+    )?;
     say(&format!(
         "  idle: {} ops, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         idle.ops, idle.p50_ms, idle.p99_ms, idle.max_ms
@@ -1433,11 +1449,19 @@ fn run_disk_control(
     say(&format!(
         "run {}: controls: writer alone for {} s, then as long next to a file written at {mb_per_s:.1} MB/s, next to a busy CPU, next to a session writing {mb_per_s:.1} MB/s of WAL in 1 MB bursts, then streamed in 8 kB messages, then that stream next to the busy CPU, next to a thread going through {} MiB of memory, that thread next to the stream, then next to our backfill of another database",
         run + 1,
-        args.writer_secs,
+        args.control_secs,
         disk_control::MEMORY_LOAD_MIB
     ));
-    let mut measure =
-        |seed: u64| writer_for_a_while(cluster, &name, &mut db, args, seed + run as u64);
+    let mut measure = |seed: u64| {
+        writer_for_a_while(
+            cluster,
+            &name,
+            &mut db,
+            args,
+            args.control_secs,
+            seed + run as u64,
+        )
+    };
     let idle = measure(4_000)?;
     let load = file.start(mb_per_s);
     let during_file = measure(5_000);
@@ -1845,6 +1869,7 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
         runs_requested: runs_n,
         writer_pause_ms: args.writer_pause_ms,
         writer_secs: args.writer_secs,
+        control_secs: args.control_secs,
         ours_target_batch_ms: args.target_batch_ms,
         ours_pause_ms: args.pause_ms,
         ours_max_batch: ours.max_batch,
@@ -2712,7 +2737,7 @@ pub fn render(b: &Bench) -> String {
     }
     if let Some(d) = &m.disk_control {
         let mut rows = vec![
-            (format!("alone, {} s", b.writer_secs), &d.idle),
+            (format!("alone, {} s", b.control_secs), &d.idle),
             (
                 format!("next to a file, {:.1} MB/s", d.achieved_mb_per_s),
                 &d.file,
