@@ -25,7 +25,8 @@
           hydraURL = "http://localhost:3000";
           notificationSender = "hydra@localhost";
         };
-        services.hydra-upgrade = { enable = true; } // hydraPackages pkgs;
+        # walPrepare: the unit's ExecStartPre / ExecStopPost in a real NixOS system.
+        services.hydra-upgrade = { enable = true; walPrepare = true; } // hydraPackages pkgs;
       };
 
       # Evaluates a NixOS system with the module and turns what matters into a file:
@@ -45,9 +46,14 @@
             final = drv c.system.build.hydraUpgrade.final;
             hydraInitGuarded = lib.hasInfix "schema-guard.sh" c.systemd.services.hydra-init.preStart;
             activation = lib.hasInfix "hydra-upgrade-config.json" c.system.activationScripts.hydra-upgrade.text;
+            # (escapeShellArg quotes every word in 20.09's lib, only the unsafe ones now)
+            walPrepare =
+              let unquoted = s: lib.replaceStrings [ "'" ] [ "" ] s; u = c.systemd.services.hydra-upgrade;
+              in lib.hasInfix "bin/hydra-upgrade wal prepare --db dbname=hydra" (unquoted u.preStart)
+                && lib.hasInfix "bin/hydra-upgrade wal reset --db dbname=hydra" (unquoted u.postStop);
           };
         in
-        assert summary.hydraInitGuarded && summary.activation;
+        assert summary.hydraInitGuarded && summary.activation && summary.walPrepare;
         assert summary.migration != summary.final && summary.migration != summary.toplevel;
         nixpkgs.legacyPackages.x86_64-linux.writeText "${name}.json" (builtins.toJSON summary);
     in

@@ -16,7 +16,8 @@
 #   string, the state directory, Hydra's URL, the backfill knobs) so that
 #   `hydra-upgrade upgrade` on the host needs no flags;
 # - installs the tool, declares hydra-upgrade.service (the whole upgrade, detached from
-#   any SSH session, progress in the journal);
+#   any SSH session, progress in the journal), with walPrepare also `wal prepare` before
+#   it and `wal reset` after it, as PostgreSQL's superuser;
 # - guards hydra-init against an older Hydra package starting on a newer schema;
 # - assertions and warnings that name the next step.
 { config, lib, pkgs, options, modulesPath, ... }:
@@ -133,9 +134,9 @@ let
   configPath = "/etc/hydra-upgrade/config.json";
   gcRootDir = "/nix/var/nix/gcroots/hydra-upgrade";
 
-  # Hydra's Perl DBI string -> libpq keyword string (DBD::Pg hands the part after
-  # "dbi:Pg:" to libpq with ';' as separator and accepts db=/database= for dbname=).
-  conninfo =
+  # Hydra's Perl DBI string -> libpq keywords (DBD::Pg hands the part after "dbi:Pg:" to
+  # libpq with ';' as separator and accepts db=/database= for dbname=).
+  conninfoWords =
     let
       body = removePrefix "dbi:Pg:" hydraCfg.dbi;
       words = lib.filter (w: w != "") (lib.splitString ";" body);
@@ -143,7 +144,8 @@ let
         if lib.hasPrefix "db=" w then "dbname=" + removePrefix "db=" w
         else if lib.hasPrefix "database=" w then "dbname=" + removePrefix "database=" w
         else w;
-    in concatStringsSep " " (map fix words ++ [ "application_name=hydra-upgrade-guard" ]);
+    in map fix words;
+  conninfo = concatStringsSep " " (conninfoWords ++ [ "application_name=hydra-upgrade-guard" ]);
 
   utilLinux = pkgs.util-linux or pkgs.utillinux;
 
@@ -169,6 +171,21 @@ let
   ]);
 
   upgradeCommand = "hydra-upgrade upgrade";
+
+  # walPrepare: `hydra-upgrade wal prepare` / `wal reset` need a PostgreSQL superuser. On
+  # this machine that is the OS user named by services.postgresql.superUser ("postgres"
+  # since 17.09; the option is internal, hence the fallback), reaching Hydra's database
+  # over the Unix socket by peer authentication (Hydra's module maps postgres to postgres
+  # in its hydra-users ident map; nixpkgs' own Hydra migration test works as postgres so).
+  # Of Hydra's DBI string only the database name and the port are kept: its user, password
+  # and host are the hydra role's way in, not the superuser's.
+  superUser = config.services.postgresql.superUser or "postgres";
+  walConninfo = concatStringsSep " "
+    (lib.filter (w: lib.hasPrefix "dbname=" w || lib.hasPrefix "port=" w) conninfoWords);
+  walCommand = action: concatStringsSep " " (map escapeShellArg [
+    "${utilLinux}/bin/runuser" "-u" superUser "--"
+    "${cfg.package}/bin/hydra-upgrade" "wal" action "--db" walConninfo
+  ]);
 in
 {
   options.services.hydra-upgrade = {
@@ -229,6 +246,27 @@ in
         versions than the database already has (the highest upgrade-N.sql in the
         package against SchemaVersion), with a message naming the package to deploy.
         A package that knows schema 61 is allowed on schema 62 to 65.
+      '';
+    };
+
+    walPrepare = mkOption {
+      type = types.bool;
+      default = false;
+      example = true;
+      description = ''
+        Whether hydra-upgrade.service runs `hydra-upgrade wal prepare` before the upgrade
+        and `wal reset` when it stops (finished, failed or stopped), as PostgreSQL's
+        superuser: the OS user services.postgresql.superUser over the Unix socket, with
+        the database name and port of services.hydra.dbi. `prepare` raises min_wal_size,
+        max_wal_size and checkpoint_timeout for the rest of the backfill and has PostgreSQL
+        create the WAL segments it will write into beforehand, one at a time; without them
+        a quiet Hydra's pg_wal makes Hydra's commits wait while PostgreSQL creates segments
+        and checkpoints during the backfill. The cost: pg_wal holds about 1.25 x Jobs' and
+        Builds' size until `reset`, and creating the segments holds Hydra's commits about
+        once a segment while the unit starts (a minute at ten million builds). Off by
+        default: it changes server settings for a while, which is the admin's call. Needs
+        PostgreSQL on this machine (services.postgresql.enable); for a database on another
+        host run both commands there as a superuser.
       '';
     };
 
@@ -304,6 +342,15 @@ in
             to nixos-20.09's pkgs.hydra-migration.'';
         }
         {
+          assertion = !cfg.walPrepare || config.services.postgresql.enable;
+          message = ''
+            services.hydra-upgrade.walPrepare needs PostgreSQL on this machine
+            (services.postgresql.enable): the unit runs `hydra-upgrade wal prepare` as its
+            superuser over the Unix socket. For Hydra's database on another host, run
+            `hydra-upgrade wal prepare` and, after the upgrade, `wal reset` there as a
+            superuser, and leave walPrepare off.'';
+        }
+        {
           assertion = cfg.finalPackage != null;
           message = ''
             services.hydra-upgrade.finalPackage is null: this nixpkgs has no
@@ -335,6 +382,11 @@ in
           KillMode = "mixed";
           TimeoutStopSec = "10min";
         };
+        # walPrepare: ExecStartPre and ExecStopPost. A failed prepare fails the unit before
+        # the upgrade starts; the reset runs however the unit ended (a later start resumes
+        # the upgrade and prepares again for what is left of the backfill).
+        preStart = mkIf cfg.walPrepare (walCommand "prepare");
+        postStop = mkIf cfg.walPrepare (walCommand "reset");
       };
 
       systemd.services.hydra-init.preStart = mkIf cfg.schemaGuard (mkAfter ''

@@ -99,6 +99,8 @@ in
       # pkgs.hydra-unstable of nixos-20.09.
       # Slow enough that the kill subtest lands in the middle of the backfill.
       backfill = { targetBatchMs = 20; pauseMs = 200; };
+      # The unit runs `wal prepare` before the upgrade and `wal reset` when it stops.
+      walPrepare = true;
     };
   };
 
@@ -176,7 +178,7 @@ in
           assert st["schema_version"] == 57, st
           assert st["stage"] == "before_migration", st
 
-      with subtest("wal prepare as the postgres superuser, before the upgrade"):
+      with subtest("wal prepare and wal reset by hand, as the postgres superuser"):
           # As README and docs/upgrade.md tell the admin (nixpkgs' own migration test
           # reaches Hydra's database as the postgres user the same way).
           report = json.loads(machine.succeed(
@@ -191,6 +193,12 @@ in
           status, out = machine.execute("hydra-upgrade wal reset 2>&1")
           machine.log(out)
           assert status == 16, f"expected exit code 16 for the hydra role, got {status}"
+          machine.succeed("runuser -u postgres -- hydra-upgrade wal reset --db dbname=hydra >&2")
+          assert sql(
+              "SELECT count(*) FROM pg_file_settings WHERE sourcefile LIKE '%postgresql.auto.conf'"
+          ) == "0"
+          assert sql("SELECT current_setting('checkpoint_timeout')") == "5min"
+          assert not json.loads(machine.succeed("hydra-upgrade status --json"))["wal_prepared"]
 
       with subtest("kill -9 during the backfill, then resume"):
           # The module's own unit runs the whole upgrade detached from this shell.
@@ -201,8 +209,16 @@ in
               f"'SELECT count(*) FROM builds WHERE id <= {max_old} AND jobset_id IS NOT NULL' 2>/dev/null || echo 0); "
               "[ \"''${n:-0}\" -gt 0 ] && exit 0; sleep 0.1; done; exit 1"
           )
+          # walPrepare: the unit's ExecStartPre prepared before the backfill began ...
+          assert json.loads(machine.succeed("hydra-upgrade status --json"))["wal_prepared"]
+          assert sql("SELECT current_setting('checkpoint_timeout')") == "30min"
           machine.succeed("systemctl kill --signal=SIGKILL hydra-upgrade.service")
           machine.wait_until_fails("systemctl is-active --quiet hydra-upgrade.service")
+          # ... and its ExecStopPost resets however the unit ended, a kill -9 too.
+          machine.wait_until_succeeds(
+              "hydra-upgrade status --json | jq -e '.wal_prepared == false'"
+          )
+          assert sql("SELECT current_setting('checkpoint_timeout')") == "5min"
           left = int(sql("SELECT count(*) FROM builds WHERE jobset_id IS NULL"))
           assert left > 0, "the backfill ended before it was killed: raise backfill.pauseMs"
           assert sql("SELECT version FROM schemaversion") == "61"
@@ -262,14 +278,6 @@ in
           # Nothing left to do: a re-run succeeds and changes nothing.
           machine.succeed("hydra-upgrade upgrade --yes >&2")
           running("${final}")
-
-      with subtest("wal reset puts the settings back"):
-          machine.succeed("runuser -u postgres -- hydra-upgrade wal reset --db dbname=hydra >&2")
-          assert sql(
-              "SELECT count(*) FROM pg_file_settings WHERE sourcefile LIKE '%postgresql.auto.conf'"
-          ) == "0"
-          assert sql("SELECT current_setting('checkpoint_timeout')") == "5min"
-          assert not json.loads(machine.succeed("hydra-upgrade status --json"))["wal_prepared"]
 
       with subtest("the schema guard keeps the old Hydra off the new schema"):
           machine.execute("${original}/bin/switch-to-configuration test >&2")

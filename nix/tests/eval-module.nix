@@ -68,6 +68,19 @@ let
   noHydra = (evalSystem [ module { services.hydra-upgrade.enable = true; services.hydra.package = (import ./stub/fake-drv.nix) "hydra" "x"; } ]).config;
   remoteDb = host [{ services.hydra.dbi = "dbi:Pg:db=hydra;host=db.example.org;port=5433;user=ci;"; services.hydra.listenHost = "::1"; services.hydra.port = 3001; }];
   noGuard = host [{ services.hydra-upgrade.schemaGuard = false; }];
+  # walPrepare: on this machine's PostgreSQL, and with Hydra's DBI naming a port too.
+  walLocal = host [{ services.hydra-upgrade.walPrepare = true; }];
+  walPort = host [{
+    services.hydra-upgrade.walPrepare = true;
+    services.postgresql.enable = true;
+    services.hydra.dbi = "dbi:Pg:database=ci;user=hydra;host=localhost;port=5433;password=x;";
+  }];
+  walRemote = (hostEval [{
+    services.hydra-upgrade.walPrepare = true;
+    services.hydra.dbi = "dbi:Pg:dbname=hydra;host=db.example.org;user=hydra;";
+  }]).config;
+  # escapeShellArg quotes every word in a 2020 lib and only the unsafe ones now.
+  unquoted = s: lib.replaceStrings [ "'" ] [ "" ] s;
   disabled = (evalSystem [ module { services.hydra.enable = true; services.hydra.package = (import ./stub/fake-drv.nix) "hydra" "x"; } ]).config;
 
   checks = {
@@ -110,6 +123,27 @@ let
       && !u.restartIfChanged && u.serviceConfig.Type == "oneshot";
     "no unit named like the tool's transient backfill unit" = !(main.systemd.services ? hydra-upgrade-backfill);
     "state dir created" = lib.elem "d /var/lib/hydra-upgrade 0700 root root -" main.systemd.tmpfiles.rules;
+
+    "walPrepare off by default: the unit neither prepares nor resets" =
+      let u = main.systemd.services.hydra-upgrade; in u.preStart == "" && u.postStop == "";
+    "walPrepare: wal prepare before the upgrade and wal reset after it, as postgres, Hydra's database" =
+      let u = walLocal.systemd.services.hydra-upgrade; in
+      (tryToplevel walLocal).success
+      && hasInfix "bin/runuser -u postgres -- " (unquoted u.preStart)
+      && hasInfix "bin/hydra-upgrade wal prepare --db dbname=hydra" (unquoted u.preStart)
+      && hasInfix "bin/runuser -u postgres -- " (unquoted u.postStop)
+      && hasInfix "bin/hydra-upgrade wal reset --db dbname=hydra" (unquoted u.postStop)
+      && !(hasInfix "user=" u.preStart) && !(hasInfix "user=" u.postStop);
+    "walPrepare keeps the DBI's database name and port only (not Hydra's user, password, host)" =
+      let u = walPort.systemd.services.hydra-upgrade; in
+      (tryToplevel walPort).success
+      && hasInfix "wal prepare --db dbname=ci port=5433" (unquoted u.preStart)
+      && hasInfix "wal reset --db dbname=ci port=5433" (unquoted u.postStop)
+      # one argument
+      && hasInfix "'dbname=ci port=5433'" u.preStart && hasInfix "'dbname=ci port=5433'" u.postStop;
+    "walPrepare without PostgreSQL on this machine: assertion" =
+      !(tryToplevel walRemote).success
+      && walRemote.systemd.services.hydra-upgrade.preStart != "";
 
     "hydra-init keeps its own preStart, guard appended" =
       let p = main.systemd.services.hydra-init.preStart; in

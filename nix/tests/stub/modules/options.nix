@@ -16,6 +16,7 @@ let
       environment = mkOption { type = types.attrsOf types.str; default = { }; };
       path = mkOption { type = types.listOf types.package; default = [ ]; };
       preStart = mkOption { type = types.lines; default = ""; };
+      postStop = mkOption { type = types.lines; default = ""; };
       script = mkOption { type = types.lines; default = ""; };
       restartIfChanged = mkOption { type = types.bool; default = true; };
       stopIfChanged = mkOption { type = types.bool; default = true; };
@@ -35,7 +36,7 @@ let
     hydra = "${config.services.hydra.package}";
     activation = lib.mapAttrs (_: a: a.text) config.system.activationScripts;
     extra = map toString config.system.extraDependencies;
-    units = lib.mapAttrs (_: u: [ u.preStart (u.serviceConfig.ExecStart or "") ]) config.systemd.services;
+    units = lib.mapAttrs (_: u: [ u.preStart (u.serviceConfig.ExecStart or "") u.postStop ]) config.systemd.services;
     packages = map toString config.environment.systemPackages;
     specialisations = lib.attrNames config.specialisation;
   };
