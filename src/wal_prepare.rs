@@ -203,23 +203,37 @@ pub fn reload(db: &mut Db) -> Result<()> {
     Ok(())
 }
 
-/// Wait until the server's processes have read the configuration again: ours shows it.
-fn wait_for(db: &mut Db, wanted: &BTreeMap<String, i64>) -> Result<()> {
+/// A server setting as `pg_settings` gives it: text, in the setting's unit (MB, s, ...).
+pub fn setting(db: &mut Db, name: &str) -> Result<String> {
+    db.client()
+        .query_opt("SELECT setting FROM pg_settings WHERE name = $1", &[&name])?
+        .map(|row| row.get(0))
+        .with_context(|| format!("the server has no setting {name:?}"))
+}
+
+/// After [`reload`]: wait, 10 s at most, until `done(name, setting)` holds for each of
+/// `names` ([`setting`]'s text). A session reads its configuration again before its next
+/// statement once the reload reached it, so `db` may be the session that reloaded.
+pub fn wait_for_settings(
+    db: &mut Db,
+    names: &[&str],
+    done: impl Fn(&str, &str) -> bool,
+) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let now = in_effect(db)?;
-        let pending: Vec<String> = wanted
-            .iter()
-            .filter(|(name, v)| now.get(*name).map(|(n, _)| n) != Some(*v))
-            .map(|(name, v)| format!("{name} (wanted {v}, in effect {:?})", now.get(name)))
-            .collect();
+        let mut pending = Vec::new();
+        for name in names {
+            let now = setting(db, name)?;
+            if !done(name, &now) {
+                pending.push(format!("{name} (in effect {now})"));
+            }
+        }
         if pending.is_empty() {
             return Ok(());
         }
         if Instant::now() > deadline {
             anyhow::bail!(
-                "10 s after pg_reload_conf() these settings are not in effect: {}. See the \
-                 server's log; `hydra-upgrade wal reset` undoes what was written",
+                "10 s after pg_reload_conf() these settings are not as wanted: {}",
                 pending.join(", ")
             );
         }
@@ -343,7 +357,16 @@ pub fn prepare(
             alter_system(db, name, record.set.get(name).map(String::as_str))?;
         }
         reload(db)?;
-        wait_for(db, &wanted)?;
+        let names: Vec<&str> = wanted.keys().map(String::as_str).collect();
+        wait_for_settings(db, &names, |name, now| {
+            now.parse::<i64>().ok() == wanted.get(name).copied()
+        })
+        .with_context(|| {
+            format!(
+                "wanted {wanted:?}. See the server's log; `hydra-upgrade wal reset` undoes \
+                 what was written"
+            )
+        })?;
         let changes: Vec<String> = report
             .changes
             .iter()

@@ -1370,21 +1370,18 @@ fn alternate_set(cluster: &PgCluster, settings: &[String]) -> Result<Vec<(String
         let (name, value) = s
             .split_once('=')
             .with_context(|| format!("--alternate-pg-setting {s:?} is not name=value"))?;
-        let row = db
+        let setting = wal_prepare::setting(&mut db, name).context("--alternate-pg-setting")?;
+        let context: String = db
             .client()
-            .query_opt(
-                "SELECT context, setting FROM pg_settings WHERE name = $1",
-                &[&name],
-            )?
-            .with_context(|| format!("--alternate-pg-setting: no server setting {name:?}"))?;
-        let (context, setting): (String, String) = (row.get(0), row.get(1));
+            .query_one("SELECT context FROM pg_settings WHERE name = $1", &[&name])?
+            .get(0);
         if matches!(context.as_str(), "internal" | "postmaster") {
             bail!("--alternate-pg-setting {name}: a reload cannot change it ({context})");
         }
         wal_prepare::alter_system(&mut db, name, Some(value)).context("--alternate-pg-setting")?;
         before.push((name.to_owned(), setting));
     }
-    reload_until(cluster, &before, |now, was| now != was).with_context(|| {
+    reload_until(&mut db, &before, |now, was| now != was).with_context(|| {
         format!(
             "--alternate-pg-setting {}: is it already the server's value?",
             settings.join(" ")
@@ -1399,38 +1396,23 @@ fn alternate_reset(cluster: &PgCluster, before: &[(String, String)]) -> Result<(
     for (name, _) in before {
         wal_prepare::alter_system(&mut db, name, None)?;
     }
-    reload_until(cluster, before, |now, was| now == was)
+    reload_until(&mut db, before, |now, was| now == was)
 }
 
-/// Reload the server's configuration and wait (10 s at most) until a new session's
-/// `pg_settings` value of each named setting passes `done(now, recorded)`.
+/// Reload the server's configuration and wait until each setting's value passes
+/// `done(now, recorded)`.
 fn reload_until(
-    cluster: &PgCluster,
+    db: &mut Db,
     recorded: &[(String, String)],
     done: impl Fn(&str, &str) -> bool,
 ) -> Result<()> {
-    wal_prepare::reload(&mut cluster.connect("postgres")?)?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut db = cluster.connect("postgres")?;
-        let mut waiting = Vec::new();
-        for (name, was) in recorded {
-            let now: String = db
-                .client()
-                .query_one("SELECT setting FROM pg_settings WHERE name = $1", &[name])?
-                .get(0);
-            if !done(&now, was) {
-                waiting.push(format!("{name} = {now}"));
-            }
-        }
-        if waiting.is_empty() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("after a reload the server still has {}", waiting.join(", "));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wal_prepare::reload(db)?;
+    let names: Vec<&str> = recorded.iter().map(|(name, _)| name.as_str()).collect();
+    wal_prepare::wait_for_settings(db, &names, |name, now| {
+        recorded
+            .iter()
+            .any(|(recorded, was)| recorded == name && done(now, was))
+    })
 }
 
 fn run_disk_control(

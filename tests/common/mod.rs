@@ -243,25 +243,17 @@ pub fn spawn_on(db: &TestDb, args: &[&str]) -> duct::Handle {
 
 /// A server setting as `pg_settings` shows it: in its unit (MB, s), as text.
 pub fn server_setting(cluster: &PgCluster, name: &str) -> String {
-    cluster
-        .connect("postgres")
-        .unwrap()
-        .client()
-        .query_one("SELECT setting FROM pg_settings WHERE name = $1", &[&name])
-        .unwrap()
-        .get(0)
+    hydra_upgrade::wal_prepare::setting(&mut cluster.connect("postgres").unwrap(), name).unwrap()
 }
 
 /// Wait, up to 10 s, until a reload has brought `name` to `setting` (`pg_settings`' text).
 pub fn wait_for_setting(cluster: &PgCluster, name: &str, setting: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while server_setting(cluster, name) != setting {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{name} is not {setting} 10 s after a reload"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    hydra_upgrade::wal_prepare::wait_for_settings(
+        &mut cluster.connect("postgres").unwrap(),
+        &[name],
+        |_, now| now == setting,
+    )
+    .unwrap()
 }
 
 /// `ALTER SYSTEM SET` as an admin would, reloaded, and waited for until `name` shows
