@@ -363,8 +363,9 @@ pub fn prepare(
         })
         .with_context(|| {
             format!(
-                "wanted {wanted:?}. See the server's log; `hydra-upgrade wal reset` undoes \
-                 what was written"
+                "the raised settings did not take effect (wanted, in pg_settings' units: \
+                 {wanted:?}). See the server's log; `hydra-upgrade wal reset` undoes what was \
+                 written"
             )
         })?;
         let changes: Vec<String> = report

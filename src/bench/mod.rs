@@ -18,6 +18,7 @@ pub mod disk_control;
 pub mod idle;
 pub mod idle_group;
 pub mod nice;
+pub mod page_cache;
 pub mod pin;
 pub mod proc_stat;
 pub mod quiet_wal;
@@ -222,6 +223,12 @@ pub struct BenchArgs {
     /// `b833e5f` to `3b59442` it was `--prepare-wal MB`, the bench's own loop.)
     #[arg(long)]
     pub prepare_wal: bool,
+    /// Before each writer run (after `--quiet-wal`, before `--prepare-wal`), drop the OS
+    /// page cache and read the run's copy back into it, so that the copy is cached and
+    /// the template it was cloned from is not, as a Hydra server's one database on a
+    /// machine with enough memory (root only; see `src/bench/page_cache.rs`).
+    #[arg(long)]
+    pub warm_copy: bool,
     /// Server settings (`name=value`, repeatable) for every second writer run only: the
     /// 2nd, 4th, ... run sets them with `ALTER SYSTEM` and a reload before it starts and
     /// resets them after, so one command measures the writer with and without them side
@@ -237,6 +244,9 @@ pub struct BenchArgs {
     /// `--alternate-pg-setting`).
     #[arg(long, value_name = "MS")]
     pub alternate_target_batch_ms: Option<u64>,
+    /// `--warm-copy` in every second writer run only (as `--alternate-pg-setting`).
+    #[arg(long)]
+    pub alternate_warm_copy: bool,
 }
 
 impl BenchArgs {
@@ -249,17 +259,22 @@ impl BenchArgs {
         if let Some(ms) = self.alternate_target_batch_ms {
             parts.push(format!("ours' --target-batch-ms {ms}"));
         }
+        if self.alternate_warm_copy {
+            parts.push("--warm-copy".to_owned());
+        }
         (!parts.is_empty()).then(|| parts.join(", "))
     }
 
     /// These arguments as every second writer run has them: `--alternate-pause-ms` and
-    /// `--alternate-target-batch-ms` in place of ours' own.
+    /// `--alternate-target-batch-ms` in place of ours' own, `--warm-copy` if
+    /// `--alternate-warm-copy`.
     fn alternated(&self) -> BenchArgs {
         BenchArgs {
             pause_ms: self.alternate_pause_ms.unwrap_or(self.pause_ms),
             target_batch_ms: self
                 .alternate_target_batch_ms
                 .unwrap_or(self.target_batch_ms),
+            warm_copy: self.warm_copy || self.alternate_warm_copy,
             ..self.clone()
         }
     }
@@ -449,6 +464,8 @@ pub struct WriterRun {
     pub wal_segments_ahead: i64,
     /// With `--quiet-wal`: the segments ahead before and after emptying.
     pub quiet_wal: Option<(i64, i64)>,
+    /// With `--warm-copy`: what was read back into the page cache, and how long it took.
+    pub warmed: Option<page_cache::Warmed>,
     /// With `--prepare-wal`: the segments ahead before and after `wal prepare`.
     pub prepared_wal: Option<(i64, i64)>,
     /// With `--prepare-wal`: the writer while `wal prepare` ran (its segments are created
@@ -1227,6 +1244,18 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
     } else {
         None
     };
+    let warmed = if args.warm_copy {
+        let w = page_cache::warm(&mut db)?;
+        say(&format!(
+            "run {}: page cache dropped, the copy read back in: {:.0} MB in {:.1} s",
+            run + 1,
+            w.mb,
+            w.seconds
+        ));
+        Some(w)
+    } else {
+        None
+    };
     let mut during_prepare = None;
     let prepared_wal = if args.prepare_wal {
         let before = quiet_wal::segments_ahead(&mut db)?;
@@ -1354,6 +1383,7 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
         wal_trace,
         wal_segments_ahead,
         quiet_wal,
+        warmed,
         prepared_wal,
         during_prepare,
         walwriter,
@@ -1736,17 +1766,19 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
         bail!("--memory-rates takes rates above 0 MB/s, not {r}");
     }
     let wants = |c: &str| args.contenders.iter().any(|x| x == c);
-    if (args.quiet_wal || args.prepare_wal) && (!wants("writer") || args.skip_writer) {
+    if (args.quiet_wal || args.prepare_wal || args.warm_copy)
+        && (!wants("writer") || args.skip_writer)
+    {
         bail!(
-            "--quiet-wal and --prepare-wal act before the writer's runs: add writer to \
-             --contenders, without --skip-writer"
+            "--quiet-wal, --prepare-wal and --warm-copy act before the writer's runs: add \
+             writer to --contenders, without --skip-writer"
         );
     }
     if args.alternate().is_some() && (!wants("writer") || args.skip_writer || args.runs < 2) {
         bail!(
-            "--alternate-pg-setting, --alternate-pause-ms and --alternate-target-batch-ms act \
-             on every second writer run: add writer to --contenders, without --skip-writer, \
-             and give --runs 2 or more"
+            "--alternate-pg-setting, --alternate-pause-ms, --alternate-target-batch-ms and \
+             --alternate-warm-copy act on every second writer run: add writer to \
+             --contenders, without --skip-writer, and give --runs 2 or more"
         );
     }
     if !args.memory_rates.is_empty() && (!wants("disk-control") || args.skip_writer) {
@@ -1779,6 +1811,10 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
         let before = alternate_set(cluster, &args.alternate_pg_setting)
             .context("checking --alternate-pg-setting before building the template")?;
         alternate_reset(cluster, &before)?;
+    }
+    if args.warm_copy || args.alternate_warm_copy {
+        page_cache::warm(&mut cluster.connect("postgres")?)
+            .context("checking --warm-copy before building the template")?;
     }
     say(&format!(
         "{} CPUs, {:.1} GiB; {}",
@@ -1896,6 +1932,14 @@ fn median_writer_run(writer_runs: &[&WriterRun]) -> Option<WriterRun> {
         },
         wal_segments_ahead: median_i(writer_runs.iter().map(|w| w.wal_segments_ahead).collect()),
         quiet_wal: median_pair(writer_runs.iter().map(|w| w.quiet_wal)),
+        warmed: {
+            let warmed: Vec<page_cache::Warmed> =
+                writer_runs.iter().filter_map(|w| w.warmed).collect();
+            (!warmed.is_empty()).then(|| page_cache::Warmed {
+                mb: median(warmed.iter().map(|w| w.mb).collect()),
+                seconds: median(warmed.iter().map(|w| w.seconds).collect()),
+            })
+        },
         prepared_wal: median_pair(writer_runs.iter().map(|w| w.prepared_wal)),
         during_prepare: {
             let during: Vec<&WriterSummary> = writer_runs
@@ -2957,6 +3001,12 @@ mod tests {
         );
         let alt = batch.alternated();
         assert_eq!((alt.target_batch_ms, alt.pause_ms), (2, 0));
+        assert!(!batch.warm_copy && !alt.warm_copy);
+
+        let warm = BenchArgs::try_parse_from(["bench", "--alternate-warm-copy"]).unwrap();
+        assert_eq!(warm.alternate().as_deref(), Some("--warm-copy"));
+        assert!(!warm.warm_copy && warm.alternated().warm_copy);
+        assert_eq!(warm.alternated().pause_ms, warm.pause_ms);
     }
 
     #[test]

@@ -1,0 +1,53 @@
+//! `--warm-copy`: before a writer run, the copy in the OS page cache and the template out
+//! of it.
+//!
+//! At 10M builds the bench's cluster holds the template (6.9 GB) and the run's copy of it
+//! (6.9 GB), and `wal prepare` then adds 8.6 GB of WAL segments: more than this machine's
+//! page cache keeps beside everything else, so parts of the copy are read from the disk
+//! during the run, by our walk and by the writer, next to the WAL's syncs. A Hydra's
+//! server has one database, and one with enough memory keeps it cached. This drops the
+//! clean pages of the page cache (`/proc/sys/vm/drop_caches`, as root; the copy's were
+//! made clean by the bench's `CHECKPOINT` after `CREATE DATABASE`, the template's were
+//! never dirty) and reads every relation of the copy back in with `pg_prewarm(..., 'read')`,
+//! which goes through the OS cache and leaves PostgreSQL's own buffers alone.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+use crate::db::Db;
+
+/// What warming read.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Warmed {
+    pub mb: f64,
+    pub seconds: f64,
+}
+
+/// Drop the page cache's clean pages, then read the copy `db` is connected to into it.
+pub fn warm(db: &mut Db) -> Result<Warmed> {
+    let started = Instant::now();
+    std::fs::write("/proc/sys/vm/drop_caches", "1").context(
+        "--warm-copy: writing 1 to /proc/sys/vm/drop_caches (needs root, and a kernel that \
+         lets this machine drop its page cache)",
+    )?;
+    db.client()
+        .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_prewarm")
+        .context("--warm-copy needs the pg_prewarm extension (PostgreSQL's contrib)")?;
+    let blocks: i64 = db
+        .client()
+        .query_one(
+            "SELECT coalesce(sum(pg_prewarm(c.oid, 'read')), 0)::bigint FROM pg_class c
+              WHERE c.relkind IN ('r', 'i', 't', 'm') AND c.relpersistence = 'p'",
+            &[],
+        )?
+        .get(0);
+    let block_size: i64 = db
+        .client()
+        .query_one("SELECT current_setting('block_size')::bigint", &[])?
+        .get(0);
+    Ok(Warmed {
+        mb: (blocks * block_size) as f64 / 1_048_576.0,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
