@@ -37,20 +37,18 @@ pub fn warm(db: &mut Db) -> Result<Warmed> {
     db.client()
         .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_prewarm")
         .context("--warm-copy needs the pg_prewarm extension (PostgreSQL's contrib)")?;
-    let blocks: i64 = db
+    let bytes: i64 = db
         .client()
         .query_one(
-            "SELECT coalesce(sum(pg_prewarm(c.oid, 'read')), 0)::bigint FROM pg_class c
+            "SELECT coalesce(sum(pg_prewarm(c.oid, 'read')), 0)::bigint
+                    * current_setting('block_size')::bigint
+               FROM pg_class c
               WHERE c.relkind IN ('r', 'i', 't', 'm') AND c.relpersistence = 'p'",
             &[],
         )?
         .get(0);
-    let block_size: i64 = db
-        .client()
-        .query_one("SELECT current_setting('block_size')::bigint", &[])?
-        .get(0);
     Ok(Warmed {
-        mb: (blocks * block_size) as f64 / 1_048_576.0,
+        mb: bytes as f64 / 1_048_576.0,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
