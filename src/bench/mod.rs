@@ -14,6 +14,7 @@
 //! Runs are repeated `--runs` times with the contender order reversed every other run;
 //! every figure printed is the median over the runs (each column on its own).
 
+pub mod cpu_census;
 pub mod disk_control;
 pub mod idle;
 pub mod idle_group;
@@ -247,6 +248,13 @@ pub struct BenchArgs {
     /// `--warm-copy` in every second writer run only (as `--alternate-pg-setting`).
     #[arg(long)]
     pub alternate_warm_copy: bool,
+    /// In each writer run, where the machine's CPU time went during the writer's idle
+    /// baseline and during our walk: its split (user, system, iowait, interrupts, steal,
+    /// idle) and the busiest threads, PostgreSQL's and the kernel's included, each
+    /// with its time on a CPU and runnable waiting for one (see
+    /// `src/bench/cpu_census.rs`).
+    #[arg(long)]
+    pub cpu_census: bool,
 }
 
 impl BenchArgs {
@@ -473,6 +481,9 @@ pub struct WriterRun {
     pub during_prepare: Option<WriterSummary>,
     /// This run had `--alternate-pg-setting`'s settings and `--alternate-*` options.
     pub alternate: bool,
+    /// With `--cpu-census`: the machine during the writer's idle baseline and during our
+    /// walk.
+    pub cpu_census: Option<(cpu_census::Census, cpu_census::Census)>,
 }
 
 /// A server process's time on a CPU and time runnable but waiting for one, over a span.
@@ -784,6 +795,9 @@ struct HorizonSampler {
 
 fn start_sampler(cluster: &PgCluster, exclude_pid: i32, every: Duration) -> Result<HorizonSampler> {
     let mut db = cluster.connect("postgres")?;
+    // Named apart from our backfill's session in `--cpu-census`.
+    db.client()
+        .batch_execute("SET application_name = 'bench horizon sampler'")?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);
     // As the engine's own check (`per_page::horizon_holders`): a snapshot as old as the
@@ -798,23 +812,26 @@ fn start_sampler(cluster: &PgCluster, exclude_pid: i32, every: Duration) -> Resu
             "(SELECT backend_xid FROM pg_stat_activity WHERE pid = $1)"
         )
     );
-    let handle = std::thread::spawn(move || {
-        let mut seen: std::collections::BTreeMap<String, u64> = Default::default();
-        while !flag.load(Ordering::SeqCst) {
-            let rows = db.client().query(&sql, &[&exclude_pid])?;
-            for r in rows {
-                let (kind, app, query): (String, String, String) = (r.get(0), r.get(1), r.get(2));
-                let what = if kind == "client backend" {
-                    format!("client backend ({app})")
-                } else {
-                    format!("{kind}: {query}")
-                };
-                *seen.entry(what).or_default() += 1;
+    let handle = std::thread::Builder::new()
+        .name("horizon".to_owned())
+        .spawn(move || {
+            let mut seen: std::collections::BTreeMap<String, u64> = Default::default();
+            while !flag.load(Ordering::SeqCst) {
+                let rows = db.client().query(&sql, &[&exclude_pid])?;
+                for r in rows {
+                    let (kind, app, query): (String, String, String) =
+                        (r.get(0), r.get(1), r.get(2));
+                    let what = if kind == "client backend" {
+                        format!("client backend ({app})")
+                    } else {
+                        format!("{kind}: {query}")
+                    };
+                    *seen.entry(what).or_default() += 1;
+                }
+                std::thread::sleep(every);
             }
-            std::thread::sleep(every);
-        }
-        Ok(seen.into_iter().collect())
-    });
+            Ok(seen.into_iter().collect())
+        })?;
     Ok(HorizonSampler { stop, handle })
 }
 
@@ -1062,7 +1079,10 @@ fn start_writer(cluster: &PgCluster, dbname: &str, pause_ms: u64, seed: u64) -> 
         slice: (1, 0),
     };
     let flag = Arc::clone(&stop);
-    let handle = std::thread::spawn(move || workload::run(&dsn, &spec, flag));
+    let handle = std::thread::Builder::new()
+        .name("writer".to_owned())
+        .spawn(move || workload::run(&dsn, &spec, flag))
+        .expect("spawning the writer thread");
     Writer {
         stop,
         handle,
@@ -1212,9 +1232,58 @@ fn writer_for_a_while(
     secs: u64,
     seed: u64,
 ) -> Result<WriterSummary> {
+    writer_for_a_while_counted(cluster, dbname, db, args, secs, seed, false).map(|(w, _)| w)
+}
+
+/// [`writer_for_a_while`], with a [`cpu_census`] of the span when `census` is set.
+fn writer_for_a_while_counted(
+    cluster: &PgCluster,
+    dbname: &str,
+    db: &mut Db,
+    args: &BenchArgs,
+    secs: u64,
+    seed: u64,
+    census: bool,
+) -> Result<(WriterSummary, Option<cpu_census::Census>)> {
     let w = start_writer(cluster, dbname, args.writer_pause_ms, seed);
+    let span = CensusSpan::start(census)?;
     std::thread::sleep(Duration::from_secs(secs));
-    stop_writer(w, db)
+    let census = span.end(db);
+    let summary = stop_writer(w, db)?;
+    Ok((summary, census?))
+}
+
+/// `--cpu-census` over one span: a reading of the machine at its start; at its end the
+/// census, the cluster's processes named while the writer's session is still connected.
+struct CensusSpan(Option<cpu_census::Snapshot>);
+
+impl CensusSpan {
+    fn start(on: bool) -> Result<CensusSpan> {
+        Ok(CensusSpan(on.then(cpu_census::Snapshot::take).transpose()?))
+    }
+
+    /// `db` is our backfill's session (idle in the writer's baseline).
+    fn end(self, db: &mut Db) -> Result<Option<cpu_census::Census>> {
+        let Some(before) = self.0 else {
+            return Ok(None);
+        };
+        let after = cpu_census::Snapshot::take()?;
+        let ours = db.backend_pid()?;
+        let mut names = std::collections::HashMap::new();
+        for r in db.client().query(
+            "SELECT pid, coalesce(nullif(application_name, ''), backend_type, '') FROM pg_stat_activity",
+            &[],
+        )? {
+            let (pid, name): (i32, String) = (r.get(0), r.get(1));
+            let name = if pid == ours {
+                "ours (server)".to_owned()
+            } else {
+                format!("postgres: {name}")
+            };
+            names.insert(pid as u32, name);
+        }
+        Ok(Some(cpu_census::census(&before, &after, &names)))
+    }
 }
 
 fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<WriterRun> {
@@ -1293,13 +1362,14 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
         run + 1,
         args.writer_secs
     ));
-    let idle = writer_for_a_while(
+    let (idle, census_idle) = writer_for_a_while_counted(
         cluster,
         &name,
         &mut db,
         args,
         args.writer_secs,
         2_000 + run as u64,
+        args.cpu_census,
     )?;
     say(&format!(
         "  idle: {} ops, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
@@ -1321,6 +1391,8 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
     let w = start_writer(cluster, &name, args.writer_pause_ms, 3_000 + run as u64);
     let walwriter_before = workload::server_cpu_us(walwriter_pid);
     let mut walwriter_after = None;
+    let span = CensusSpan::start(args.cpu_census)?;
+    let mut census_during = Ok(None);
     let backfill = measure_backfill(
         cluster,
         &mut db,
@@ -1334,11 +1406,13 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
         |db| {
             let note = ours(db, StrategyChoice::PerPage, args);
             walwriter_after = workload::server_cpu_us(walwriter_pid);
+            census_during = span.end(db);
             w.signal_stop();
             note
         },
     )?;
     let walwriter = ProcessCpu::between(walwriter_before, walwriter_after);
+    let cpu_census = census_idle.zip(census_during?);
     let (during, stats) = stop_writer_with_stats(w, &mut db)?;
     if let Some(before) = &alternated {
         alternate_reset(cluster, before)?;
@@ -1388,6 +1462,7 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
         during_prepare,
         walwriter,
         alternate,
+        cpu_census,
     })
 }
 
@@ -1949,6 +2024,8 @@ fn median_writer_run(writer_runs: &[&WriterRun]) -> Option<WriterRun> {
             (!during.is_empty()).then(|| median_writer(&during))
         },
         alternate: writer_runs[0].alternate,
+        // Per run only (see render_writer): a median of thread lists would mix runs.
+        cpu_census: None,
     })
 }
 
@@ -2293,6 +2370,9 @@ fn writer_rows(header: &str, rows: &[(String, &WriterSummary)]) -> String {
 }
 
 /// The writer's block of the table: medians `w` over the runs `group`.
+/// How many of the busiest names a `--cpu-census` line shows before summing the rest.
+const CENSUS_TOP: usize = 10;
+
 fn render_writer(s: &mut String, b: &Bench, w: &WriterRun, group: &[&WriterRun]) {
     let push = |s: &mut String, line: String| {
         s.push_str(&line);
@@ -2412,6 +2492,20 @@ fn render_writer(s: &mut String, b: &Bench, w: &WriterRun, group: &[&WriterRun])
                 }
             ),
         );
+    }
+    for (i, r) in group.iter().enumerate() {
+        if let Some((idle, during)) = &r.cpu_census {
+            push(
+                s,
+                format!(
+                    "  CPU (--cpu-census), this block's run {} ({:.2} x), in % of one CPU:\n    alone:  {}\n    during: {}",
+                    i + 1,
+                    r.during.p99_over(&r.idle),
+                    idle.describe(CENSUS_TOP),
+                    during.describe(CENSUS_TOP)
+                ),
+            );
+        }
     }
     if let Some(t) = &w.wal_trace {
         push(
