@@ -7,7 +7,8 @@
 //! file pages out; see BENCHMARKS.md, "Machine"). This reads, before and after the span,
 //! the machine's split of CPU time (`/proc/stat`: user, system, iowait, interrupts,
 //! steal, idle) and every thread's time on a CPU and runnable waiting for one
-//! (`/proc/PID/task/TID/schedstat`, nanoseconds), and sums the difference by name: a
+//! (`/proc/PID/task/TID/schedstat`, nanoseconds) with the share of the former spent in
+//! the kernel (its `stat`'s user and system ticks), and sums the difference by name: a
 //! PostgreSQL process by its `application_name` or backend type, a kernel thread or any
 //! other process by its command name. A thread that ended within the span is missing from
 //! the threads (the machine's split still counts it); one that started within it counts
@@ -28,16 +29,46 @@ pub struct Snapshot {
     at: Instant,
     cpus: usize,
     machine: [u64; 6],
-    /// By thread id: its process id, its command name, ns on a CPU, ns runnable waiting.
-    threads: HashMap<u32, (u32, String, u64, u64)>,
+    /// By thread id: its process id, its command name, and its [`Times`].
+    threads: HashMap<u32, (u32, String, Times)>,
 }
 
-/// A name's share over a span, in percent of one CPU.
+/// A thread's counters: ns on a CPU and ns runnable waiting for one (`schedstat`), and
+/// clock ticks in user and in kernel mode (`stat`'s `utime` and `stime`).
+#[derive(Debug, Clone, Copy, Default)]
+struct Times {
+    on_ns: u64,
+    wait_ns: u64,
+    user_ticks: u64,
+    system_ticks: u64,
+}
+
+impl Times {
+    fn since(&self, earlier: &Times) -> Times {
+        Times {
+            on_ns: self.on_ns.saturating_sub(earlier.on_ns),
+            wait_ns: self.wait_ns.saturating_sub(earlier.wait_ns),
+            user_ticks: self.user_ticks.saturating_sub(earlier.user_ticks),
+            system_ticks: self.system_ticks.saturating_sub(earlier.system_ticks),
+        }
+    }
+
+    fn add(&mut self, other: &Times) {
+        self.on_ns += other.on_ns;
+        self.wait_ns += other.wait_ns;
+        self.user_ticks += other.user_ticks;
+        self.system_ticks += other.system_ticks;
+    }
+}
+
+/// A name's share over a span, in percent of one CPU; `kernel_pct` is the part of
+/// `on_cpu_pct` spent in the kernel (by the ticks' split).
 #[derive(Debug, Clone, Serialize)]
 pub struct Share {
     pub name: String,
     pub on_cpu_pct: f64,
     pub waiting_pct: f64,
+    pub kernel_pct: f64,
 }
 
 /// What [`census`] found over one span.
@@ -64,15 +95,15 @@ impl Snapshot {
             };
             for tid in tids {
                 let dir = format!("/proc/{pid}/task/{tid}");
-                let (Ok(comm), Ok(sched)) = (
+                let (Ok(comm), Ok(sched), Ok(stat)) = (
                     std::fs::read_to_string(format!("{dir}/comm")),
                     std::fs::read_to_string(format!("{dir}/schedstat")),
+                    std::fs::read_to_string(format!("{dir}/stat")),
                 ) else {
                     continue;
                 };
-                let mut ns = sched.split_whitespace().map(|f| f.parse::<u64>());
-                if let (Some(Ok(on)), Some(Ok(wait))) = (ns.next(), ns.next()) {
-                    threads.insert(tid, (pid, comm.trim().to_owned(), on, wait));
+                if let Some(times) = times_of(&sched, &stat) {
+                    threads.insert(tid, (pid, comm.trim().to_owned(), times));
                 }
             }
         }
@@ -83,6 +114,18 @@ impl Snapshot {
             threads,
         })
     }
+}
+
+/// A thread's [`Times`] from its `schedstat` and `stat`.
+fn times_of(schedstat: &str, stat: &str) -> Option<Times> {
+    let mut ns = schedstat.split_whitespace().map(|f| f.parse::<u64>().ok());
+    let tick = |n| super::proc_stat::field_of(stat, n).and_then(|t| u64::try_from(t).ok());
+    Some(Times {
+        on_ns: ns.next()??,
+        wait_ns: ns.next()??,
+        user_ticks: tick(11)?,
+        system_ticks: tick(12)?,
+    })
 }
 
 fn numbered(dir: &str) -> Result<Vec<u32>> {
@@ -145,22 +188,28 @@ pub fn census(before: &Snapshot, after: &Snapshot, servers: &HashMap<u32, String
         })
         .collect();
     let span_ns = (seconds * 1e9).max(1.0);
-    let mut by_name: HashMap<String, (u64, u64)> = HashMap::new();
-    for (tid, (pid, comm, on, wait)) in &after.threads {
-        let (on0, wait0) = match before.threads.get(tid) {
-            Some((pid0, _, on0, wait0)) if pid0 == pid => (*on0, *wait0),
-            _ => (0, 0),
+    let mut by_name: HashMap<String, Times> = HashMap::new();
+    for (tid, (pid, comm, times)) in &after.threads {
+        let spent = match before.threads.get(tid) {
+            Some((pid0, _, earlier)) if pid0 == pid => times.since(earlier),
+            _ => *times,
         };
-        let sum = by_name.entry(name_of(*pid, comm, servers)).or_default();
-        sum.0 += on.saturating_sub(on0);
-        sum.1 += wait.saturating_sub(wait0);
+        by_name
+            .entry(name_of(*pid, comm, servers))
+            .or_default()
+            .add(&spent);
     }
     let mut threads: Vec<Share> = by_name
         .into_iter()
-        .map(|(name, (on, wait))| Share {
-            name,
-            on_cpu_pct: 100.0 * on as f64 / span_ns,
-            waiting_pct: 100.0 * wait as f64 / span_ns,
+        .map(|(name, t)| {
+            let on_cpu_pct = 100.0 * t.on_ns as f64 / span_ns;
+            let ticks = (t.user_ticks + t.system_ticks).max(1) as f64;
+            Share {
+                name,
+                on_cpu_pct,
+                waiting_pct: 100.0 * t.wait_ns as f64 / span_ns,
+                kernel_pct: on_cpu_pct * t.system_ticks as f64 / ticks,
+            }
         })
         .collect();
     threads.sort_by(|a, b| {
@@ -189,19 +238,25 @@ impl Census {
             .threads
             .iter()
             .take(top)
-            .map(|t| format!("{} {:.1}/{:.1}", t.name, t.on_cpu_pct, t.waiting_pct))
+            .map(|t| {
+                format!(
+                    "{} {:.1}/{:.1}/{:.1}",
+                    t.name, t.on_cpu_pct, t.waiting_pct, t.kernel_pct
+                )
+            })
             .collect();
         let rest = &self.threads[top.min(self.threads.len())..];
         if !rest.is_empty() {
             threads.push(format!(
-                "{} others {:.1}/{:.1}",
+                "{} others {:.1}/{:.1}/{:.1}",
                 rest.len(),
                 rest.iter().map(|t| t.on_cpu_pct).sum::<f64>(),
-                rest.iter().map(|t| t.waiting_pct).sum::<f64>()
+                rest.iter().map(|t| t.waiting_pct).sum::<f64>(),
+                rest.iter().map(|t| t.kernel_pct).sum::<f64>()
             ));
         }
         format!(
-            "{:.0} s, machine ({} CPUs = {} %): {}; threads (on a CPU/runnable waiting): {}",
+            "{:.0} s, machine ({} CPUs = {} %): {}; threads (on a CPU/runnable waiting/of the first in the kernel): {}",
             self.seconds,
             self.cpus,
             self.cpus * 100,
@@ -220,6 +275,18 @@ mod tests {
         let stat = "cpu  10 1 20 300 4 5 6 7 0 0\ncpu0 5 0 10 150 2 2 3 3 0 0\ncpu1 5 1 10 150 2 3 3 4 0 0\nintr 1 2 3\n";
         assert_eq!(machine_of(stat), Some((2, [11, 20, 4, 11, 7, 300])));
         assert_eq!(machine_of("intr 1 2\n"), None);
+    }
+
+    #[test]
+    fn a_threads_times_come_from_schedstat_and_stat() {
+        let stat = "77 (kworker/1:1H-kblockd) I 2 0 0 0 -1 69238880 0 0 0 0 12 345 0 0 0 -20 1";
+        let t = times_of("4500 600 7\n", stat).unwrap();
+        assert_eq!(
+            (t.on_ns, t.wait_ns, t.user_ticks, t.system_ticks),
+            (4500, 600, 12, 345)
+        );
+        assert!(times_of("4500\n", stat).is_none());
+        assert!(times_of("4500 600 7\n", "77 (x) I 2").is_none());
     }
 
     #[test]
@@ -258,5 +325,7 @@ mod tests {
             .find(|t| t.name == format!("bench: {}", comm.trim()))
             .unwrap_or_else(|| panic!("{:?} not in {}", me.name(), c.describe(50)));
         assert!(mine.on_cpu_pct > 50.0, "{}", c.describe(5));
+        // A spin in user mode: little of it in the kernel.
+        assert!(mine.kernel_pct < mine.on_cpu_pct / 2.0, "{}", c.describe(5));
     }
 }

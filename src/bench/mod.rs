@@ -20,6 +20,7 @@ pub mod idle;
 pub mod idle_group;
 pub mod nice;
 pub mod page_cache;
+pub mod perf_profile;
 pub mod pin;
 pub mod proc_stat;
 pub mod quiet_wal;
@@ -255,6 +256,11 @@ pub struct BenchArgs {
     /// `src/bench/cpu_census.rs`).
     #[arg(long)]
     pub cpu_census: bool,
+    /// In each writer run, sample every CPU with `perf record` for this many seconds,
+    /// starting 10 s into our walk, and print the busiest processes' functions, kernel
+    /// and user space (needs `perf` and root; see `src/bench/perf_profile.rs`).
+    #[arg(long, value_name = "SECS")]
+    pub perf_profile: Option<u64>,
 }
 
 impl BenchArgs {
@@ -484,6 +490,9 @@ pub struct WriterRun {
     /// With `--cpu-census`: the machine during the writer's idle baseline and during our
     /// walk.
     pub cpu_census: Option<(cpu_census::Census, cpu_census::Census)>,
+    /// With `--perf-profile`: the cluster's processes by pid, then `perf report`'s
+    /// busiest lines.
+    pub perf_profile: Option<perf_profile::Profile>,
 }
 
 /// A server process's time on a CPU and time runnable but waiting for one, over a span.
@@ -1268,22 +1277,29 @@ impl CensusSpan {
             return Ok(None);
         };
         let after = cpu_census::Snapshot::take()?;
-        let ours = db.backend_pid()?;
-        let mut names = std::collections::HashMap::new();
-        for r in db.client().query(
-            "SELECT pid, coalesce(nullif(application_name, ''), backend_type, '') FROM pg_stat_activity",
-            &[],
-        )? {
-            let (pid, name): (i32, String) = (r.get(0), r.get(1));
-            let name = if pid == ours {
-                "ours (server)".to_owned()
-            } else {
-                format!("postgres: {name}")
-            };
-            names.insert(pid as u32, name);
-        }
+        let names = server_names(db)?.into_iter().collect();
         Ok(Some(cpu_census::census(&before, &after, &names)))
     }
+}
+
+/// The cluster's processes by pid, named by `application_name` or backend type; `db`'s
+/// own (our backfill's session) as "ours (server)".
+fn server_names(db: &mut Db) -> Result<Vec<(u32, String)>> {
+    let ours = db.backend_pid()?;
+    let mut names = Vec::new();
+    for r in db.client().query(
+        "SELECT pid, coalesce(nullif(application_name, ''), backend_type, '') FROM pg_stat_activity ORDER BY pid",
+        &[],
+    )? {
+        let (pid, name): (i32, String) = (r.get(0), r.get(1));
+        let name = if pid == ours {
+            "ours (server)".to_owned()
+        } else {
+            format!("postgres: {name}")
+        };
+        names.push((pid as u32, name));
+    }
+    Ok(names)
 }
 
 fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<WriterRun> {
@@ -1393,6 +1409,11 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
     let mut walwriter_after = None;
     let span = CensusSpan::start(args.cpu_census)?;
     let mut census_during = Ok(None);
+    let recording = args
+        .perf_profile
+        .map(|secs| perf_profile::start(&cluster.socket_dir().join("bench-perf.data"), secs))
+        .transpose()?;
+    let mut perf_names = Ok(Vec::new());
     let backfill = measure_backfill(
         cluster,
         &mut db,
@@ -1407,12 +1428,22 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
             let note = ours(db, StrategyChoice::PerPage, args);
             walwriter_after = workload::server_cpu_us(walwriter_pid);
             census_during = span.end(db);
+            if args.perf_profile.is_some() {
+                perf_names = server_names(db);
+            }
             w.signal_stop();
             note
         },
     )?;
     let walwriter = ProcessCpu::between(walwriter_before, walwriter_after);
     let cpu_census = census_idle.zip(census_during?);
+    let perf_profile = match recording {
+        Some(r) => Some(perf_profile::Profile {
+            pids: perf_names?,
+            lines: r.finish()?,
+        }),
+        None => None,
+    };
     let (during, stats) = stop_writer_with_stats(w, &mut db)?;
     if let Some(before) = &alternated {
         alternate_reset(cluster, before)?;
@@ -1463,6 +1494,7 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
         walwriter,
         alternate,
         cpu_census,
+        perf_profile,
     })
 }
 
@@ -1891,6 +1923,9 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
         page_cache::warm(&mut cluster.connect("postgres")?)
             .context("checking --warm-copy before building the template")?;
     }
+    if args.perf_profile.is_some() {
+        perf_profile::check(&cluster.socket_dir().join("bench-perf-check.data"))?;
+    }
     say(&format!(
         "{} CPUs, {:.1} GiB; {}",
         machine.cpus, machine.memory_gib, machine.postgres
@@ -2026,6 +2061,7 @@ fn median_writer_run(writer_runs: &[&WriterRun]) -> Option<WriterRun> {
         alternate: writer_runs[0].alternate,
         // Per run only (see render_writer): a median of thread lists would mix runs.
         cpu_census: None,
+        perf_profile: None,
     })
 }
 
@@ -2503,6 +2539,21 @@ fn render_writer(s: &mut String, b: &Bench, w: &WriterRun, group: &[&WriterRun])
                     r.during.p99_over(&r.idle),
                     idle.describe(CENSUS_TOP),
                     during.describe(CENSUS_TOP)
+                ),
+            );
+        }
+    }
+    for (i, r) in group.iter().enumerate() {
+        if let Some(p) = &r.perf_profile {
+            let names: Vec<String> = p.pids.iter().map(|(pid, n)| format!("{pid} {n}")).collect();
+            push(
+                s,
+                format!(
+                    "  perf (--perf-profile), this block's run {} ({:.2} x), share of all CPUs' samples; the cluster's pids: {}\n    {}",
+                    i + 1,
+                    r.during.p99_over(&r.idle),
+                    names.join(", "),
+                    p.lines.join("\n    ")
                 ),
             );
         }

@@ -12,7 +12,7 @@ pub fn field(pid: u32, n: usize, what: &str) -> Result<i64> {
     field_of(&stat, n).with_context(|| format!("no {what} in {path}: {stat}"))
 }
 
-fn field_of(stat: &str, n: usize) -> Option<i64> {
+pub(crate) fn field_of(stat: &str, n: usize) -> Option<i64> {
     let (_, after_comm) = stat.rsplit_once(')')?;
     after_comm.split_whitespace().nth(n)?.parse().ok()
 }
