@@ -1232,20 +1232,9 @@ fn run_final_contender(
     Ok(r)
 }
 
-/// The writer on `dbname` for `secs`, with nothing of ours running.
+/// The writer on `dbname` for `secs`, with nothing of ours running; with a
+/// [`cpu_census`] of the span when `census` is set.
 fn writer_for_a_while(
-    cluster: &PgCluster,
-    dbname: &str,
-    db: &mut Db,
-    args: &BenchArgs,
-    secs: u64,
-    seed: u64,
-) -> Result<WriterSummary> {
-    writer_for_a_while_counted(cluster, dbname, db, args, secs, seed, false).map(|(w, _)| w)
-}
-
-/// [`writer_for_a_while`], with a [`cpu_census`] of the span when `census` is set.
-fn writer_for_a_while_counted(
     cluster: &PgCluster,
     dbname: &str,
     db: &mut Db,
@@ -1378,7 +1367,7 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
         run + 1,
         args.writer_secs
     ));
-    let (idle, census_idle) = writer_for_a_while_counted(
+    let (idle, census_idle) = writer_for_a_while(
         cluster,
         &name,
         &mut db,
@@ -1579,7 +1568,9 @@ fn run_disk_control(
             args,
             args.control_secs,
             seed + run as u64,
+            false,
         )
+        .map(|(summary, _)| summary)
     };
     let idle = measure(4_000)?;
     let load = file.start(mb_per_s);
