@@ -258,7 +258,8 @@ pub struct BenchArgs {
     pub cpu_census: bool,
     /// In each writer run, sample every CPU with `perf record` for this many seconds,
     /// starting 10 s into our walk, and print the busiest processes' functions, kernel
-    /// and user space (needs `perf` and root; see `src/bench/perf_profile.rs`).
+    /// and user space (needs `perf` and root; see `src/bench/perf_profile.rs`). Take
+    /// fewer seconds than the walk lasts: the recording does not stop with it.
     #[arg(long, value_name = "SECS")]
     pub perf_profile: Option<u64>,
 }
@@ -2396,10 +2397,10 @@ fn writer_rows(header: &str, rows: &[(String, &WriterSummary)]) -> String {
     lines.join("\n")
 }
 
-/// The writer's block of the table: medians `w` over the runs `group`.
 /// How many of the busiest names a `--cpu-census` line shows before summing the rest.
 const CENSUS_TOP: usize = 10;
 
+/// The writer's block of the table: medians `w` over the runs `group`.
 fn render_writer(s: &mut String, b: &Bench, w: &WriterRun, group: &[&WriterRun]) {
     let push = |s: &mut String, line: String| {
         s.push_str(&line);
