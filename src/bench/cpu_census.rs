@@ -20,8 +20,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-/// The machine's split in `/proc/stat`'s order, `nice` folded into `user` and `irq` into
-/// `softirq` as "interrupts".
+/// The machine's split: `/proc/stat`'s fields with `nice` folded into `user`, `irq` and
+/// `softirq` summed as "interrupts", `idle` last (`guest` is already counted in `user`).
 const MACHINE: [&str; 6] = ["user", "system", "iowait", "interrupts", "steal", "idle"];
 
 /// One reading of the machine and of every thread.
