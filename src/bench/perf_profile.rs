@@ -38,11 +38,7 @@ pub struct Recording {
 
 /// Start recording after [`DELAY`] for `secs` seconds, into `file`.
 pub fn start(file: &Path, secs: u64) -> Result<Recording> {
-    let record = Cmd::new("perf")
-        .args(["record", "-e", "cpu-clock", "-F", "499", "-a", "-o"])
-        .arg(file.as_os_str())
-        .args(["--", "sleep"])
-        .arg(secs.to_string());
+    let record = record(file, secs);
     let handle = std::thread::Builder::new()
         .name("perf".to_owned())
         .spawn(move || {
@@ -55,13 +51,19 @@ pub fn start(file: &Path, secs: u64) -> Result<Recording> {
     })
 }
 
+/// `perf record` of every CPU for `secs` seconds into `file`.
+fn record(file: &Path, secs: u64) -> Cmd {
+    Cmd::new("perf")
+        .args(["record", "-e", "cpu-clock", "-F", "499", "-a", "-o"])
+        .arg(file.as_os_str())
+        .args(["--", "sleep"])
+        .arg(secs.to_string())
+}
+
 /// Check before a long template that `perf` can record here (root, or a permissive
 /// `perf_event_paranoid`), with a one-second recording into `file`.
 pub fn check(file: &Path) -> Result<()> {
-    Cmd::new("perf")
-        .args(["record", "-e", "cpu-clock", "-a", "-o"])
-        .arg(file.as_os_str())
-        .args(["--", "sleep", "1"])
+    record(file, 1)
         .run()
         .context("--perf-profile needs `perf` (Debian: apt-get install linux-perf) and root or kernel.perf_event_paranoid = -1")?;
     std::fs::remove_file(file).ok();
