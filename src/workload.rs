@@ -155,7 +155,7 @@ fn run_delay_us(schedstat: &str) -> Option<u64> {
 
 /// The time on a CPU and `run_delay` (ns, the first two fields of a `schedstat` file),
 /// in µs.
-fn schedstat_us(schedstat: &str) -> Option<(u64, u64)> {
+pub(crate) fn schedstat_us(schedstat: &str) -> Option<(u64, u64)> {
     let mut fields = schedstat.split_whitespace().map(|f| f.parse::<u64>().ok());
     Some((fields.next()?? / 1000, fields.next()?? / 1000))
 }

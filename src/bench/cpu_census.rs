@@ -7,7 +7,7 @@
 //! file pages out; see BENCHMARKS.md, "Machine"). This reads, before and after the span,
 //! the machine's split of CPU time (`/proc/stat`: user, system, iowait, interrupts,
 //! steal, idle) and every thread's time on a CPU and runnable waiting for one
-//! (`/proc/PID/task/TID/schedstat`, nanoseconds) with the share of the former spent in
+//! (`/proc/PID/task/TID/schedstat`, read as µs) with the share of the former spent in
 //! the kernel (its `stat`'s user and system ticks), and sums the difference by name: a
 //! PostgreSQL process by its `application_name` or backend type, a kernel thread or any
 //! other process by its command name. A thread that ended within the span is missing from
@@ -33,12 +33,12 @@ pub struct Snapshot {
     threads: HashMap<u32, (u32, String, Times)>,
 }
 
-/// A thread's counters: ns on a CPU and ns runnable waiting for one (`schedstat`), and
+/// A thread's counters: µs on a CPU and µs runnable waiting for one (`schedstat`), and
 /// clock ticks in user and in kernel mode (`stat`'s `utime` and `stime`).
 #[derive(Debug, Clone, Copy, Default)]
 struct Times {
-    on_ns: u64,
-    wait_ns: u64,
+    on_us: u64,
+    wait_us: u64,
     user_ticks: u64,
     system_ticks: u64,
 }
@@ -46,16 +46,16 @@ struct Times {
 impl Times {
     fn since(&self, earlier: &Times) -> Times {
         Times {
-            on_ns: self.on_ns.saturating_sub(earlier.on_ns),
-            wait_ns: self.wait_ns.saturating_sub(earlier.wait_ns),
+            on_us: self.on_us.saturating_sub(earlier.on_us),
+            wait_us: self.wait_us.saturating_sub(earlier.wait_us),
             user_ticks: self.user_ticks.saturating_sub(earlier.user_ticks),
             system_ticks: self.system_ticks.saturating_sub(earlier.system_ticks),
         }
     }
 
     fn add(&mut self, other: &Times) {
-        self.on_ns += other.on_ns;
-        self.wait_ns += other.wait_ns;
+        self.on_us += other.on_us;
+        self.wait_us += other.wait_us;
         self.user_ticks += other.user_ticks;
         self.system_ticks += other.system_ticks;
     }
@@ -118,11 +118,11 @@ impl Snapshot {
 
 /// A thread's [`Times`] from its `schedstat` and `stat`.
 fn times_of(schedstat: &str, stat: &str) -> Option<Times> {
-    let mut ns = schedstat.split_whitespace().map(|f| f.parse::<u64>().ok());
+    let (on_us, wait_us) = crate::workload::schedstat_us(schedstat)?;
     let tick = |n| super::proc_stat::field_of(stat, n).and_then(|t| u64::try_from(t).ok());
     Some(Times {
-        on_ns: ns.next()??,
-        wait_ns: ns.next()??,
+        on_us,
+        wait_us,
         user_ticks: tick(11)?,
         system_ticks: tick(12)?,
     })
@@ -187,7 +187,7 @@ pub fn census(before: &Snapshot, after: &Snapshot, servers: &HashMap<u32, String
             )
         })
         .collect();
-    let span_ns = (seconds * 1e9).max(1.0);
+    let span_us = (seconds * 1e6).max(1.0);
     let mut by_name: HashMap<String, Times> = HashMap::new();
     for (tid, (pid, comm, times)) in &after.threads {
         let spent = match before.threads.get(tid) {
@@ -202,12 +202,12 @@ pub fn census(before: &Snapshot, after: &Snapshot, servers: &HashMap<u32, String
     let mut threads: Vec<Share> = by_name
         .into_iter()
         .map(|(name, t)| {
-            let on_cpu_pct = 100.0 * t.on_ns as f64 / span_ns;
+            let on_cpu_pct = 100.0 * t.on_us as f64 / span_us;
             let ticks = (t.user_ticks + t.system_ticks).max(1) as f64;
             Share {
                 name,
                 on_cpu_pct,
-                waiting_pct: 100.0 * t.wait_ns as f64 / span_ns,
+                waiting_pct: 100.0 * t.wait_us as f64 / span_us,
                 kernel_pct: on_cpu_pct * t.system_ticks as f64 / ticks,
             }
         })
@@ -280,13 +280,13 @@ mod tests {
     #[test]
     fn a_threads_times_come_from_schedstat_and_stat() {
         let stat = "77 (kworker/1:1H-kblockd) I 2 0 0 0 -1 69238880 0 0 0 0 12 345 0 0 0 -20 1";
-        let t = times_of("4500 600 7\n", stat).unwrap();
+        let t = times_of("4500000 600000 7\n", stat).unwrap();
         assert_eq!(
-            (t.on_ns, t.wait_ns, t.user_ticks, t.system_ticks),
+            (t.on_us, t.wait_us, t.user_ticks, t.system_ticks),
             (4500, 600, 12, 345)
         );
-        assert!(times_of("4500\n", stat).is_none());
-        assert!(times_of("4500 600 7\n", "77 (x) I 2").is_none());
+        assert!(times_of("4500000\n", stat).is_none());
+        assert!(times_of("4500000 600000 7\n", "77 (x) I 2").is_none());
     }
 
     #[test]
@@ -303,14 +303,14 @@ mod tests {
     /// under the bench's name, nearly all of it in user mode, and the machine was busy.
     #[test]
     fn a_busy_thread_is_found_between_two_readings() {
-        let on_cpu_ns = || -> u64 {
+        let on_cpu_us = || -> u64 {
             let sched = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();
-            sched.split_whitespace().next().unwrap().parse().unwrap()
+            crate::workload::schedstat_us(&sched).unwrap().0
         };
         let before = Snapshot::take().unwrap();
-        let start = on_cpu_ns();
+        let start = on_cpu_us();
         let mut x = 0u64;
-        while on_cpu_ns() - start < 200_000_000 {
+        while on_cpu_us() - start < 200_000 {
             for _ in 0..10_000 {
                 x = std::hint::black_box(x.wrapping_add(1));
             }

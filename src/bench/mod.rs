@@ -1247,9 +1247,9 @@ fn writer_for_a_while(
     let w = start_writer(cluster, dbname, args.writer_pause_ms, seed);
     let span = CensusSpan::start(census)?;
     std::thread::sleep(Duration::from_secs(secs));
-    let census = span.end(db);
+    let census = span.end(db, false);
     let summary = stop_writer(w, db)?;
-    Ok((summary, census?))
+    Ok((summary, census?.0))
 }
 
 /// `--cpu-census` over one span: a reading of the machine at its start; at its end the
@@ -1261,20 +1261,37 @@ impl CensusSpan {
         Ok(CensusSpan(on.then(cpu_census::Snapshot::take).transpose()?))
     }
 
+    /// The census (when on), and the cluster's processes by pid ([`server_names`]) when
+    /// the census or `also_names` wants them, read once after the span's last reading.
     /// `db` is our backfill's session (idle in the writer's baseline).
-    fn end(self, db: &mut Db) -> Result<Option<cpu_census::Census>> {
-        let Some(before) = self.0 else {
-            return Ok(None);
+    fn end(
+        self,
+        db: &mut Db,
+        also_names: bool,
+    ) -> Result<(Option<cpu_census::Census>, ServerNames)> {
+        let after = self
+            .0
+            .as_ref()
+            .map(|_| cpu_census::Snapshot::take())
+            .transpose()?;
+        let names = if self.0.is_some() || also_names {
+            server_names(db)?
+        } else {
+            Vec::new()
         };
-        let after = cpu_census::Snapshot::take()?;
-        let names = server_names(db)?.into_iter().collect();
-        Ok(Some(cpu_census::census(&before, &after, &names)))
+        let census = self.0.zip(after).map(|(before, after)| {
+            cpu_census::census(&before, &after, &names.iter().cloned().collect())
+        });
+        Ok((census, names))
     }
 }
 
+/// The cluster's processes by pid, with their names.
+type ServerNames = Vec<(u32, String)>;
+
 /// The cluster's processes by pid, named by `application_name` or backend type; `db`'s
 /// own (our backfill's session) as "ours (server)".
-fn server_names(db: &mut Db) -> Result<Vec<(u32, String)>> {
+fn server_names(db: &mut Db) -> Result<ServerNames> {
     let ours = db.backend_pid()?;
     let mut names = Vec::new();
     for r in db.client().query(
@@ -1398,12 +1415,11 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
     let walwriter_before = workload::server_cpu_us(walwriter_pid);
     let mut walwriter_after = None;
     let span = CensusSpan::start(args.cpu_census)?;
-    let mut census_during = Ok(None);
+    let mut span_end = Ok((None, Vec::new()));
     let recording = args
         .perf_profile
         .map(|secs| perf_profile::start(&cluster.socket_dir().join("bench-perf.data"), secs))
         .transpose()?;
-    let mut perf_names = Ok(Vec::new());
     let backfill = measure_backfill(
         cluster,
         &mut db,
@@ -1417,19 +1433,17 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
         |db| {
             let note = ours(db, StrategyChoice::PerPage, args);
             walwriter_after = workload::server_cpu_us(walwriter_pid);
-            census_during = span.end(db);
-            if args.perf_profile.is_some() {
-                perf_names = server_names(db);
-            }
+            span_end = span.end(db, recording.is_some());
             w.signal_stop();
             note
         },
     )?;
     let walwriter = ProcessCpu::between(walwriter_before, walwriter_after);
-    let cpu_census = census_idle.zip(census_during?);
+    let (census_during, names) = span_end?;
+    let cpu_census = census_idle.zip(census_during);
     let perf_profile = match recording {
         Some(r) => Some(perf_profile::Profile {
-            pids: perf_names?,
+            pids: names,
             lines: r.finish()?,
         }),
         None => None,
