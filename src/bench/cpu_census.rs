@@ -311,7 +311,9 @@ mod tests {
         let start = on_cpu_us();
         let mut x = 0u64;
         while on_cpu_us() - start < 200_000 {
-            for _ in 0..10_000 {
+            // Long enough between two reads of `schedstat` (a system call) that the spin
+            // stays in user mode, optimised or not.
+            for _ in 0..1_000_000 {
                 x = std::hint::black_box(x.wrapping_add(1));
             }
         }
