@@ -100,6 +100,33 @@ fn base_dir_for(name: &str, uid: u32, gid: u32) -> Result<PathBuf> {
     ))
 }
 
+/// A temporary directory under `parent` for the cluster's `pg_wal`, which the server
+/// account (when we are root) must be able to enter.
+fn wal_dir_in(parent: &Path, account: &Option<(String, u32, u32)>) -> Result<TempDir> {
+    if let Some((name, uid, gid)) = account {
+        if !enterable_by(parent, *uid, *gid) {
+            return Err(fail(
+                Exit::Environment,
+                format!(
+                    "the WAL directory's parent {} cannot be entered by `{name}`, the account \
+                     the throwaway server runs as; give that account search permission on it \
+                     and every directory above it (chmod o+x)",
+                    parent.display()
+                ),
+            ));
+        }
+    }
+    tempfile::Builder::new()
+        .prefix("hydra-upgrade-pg-wal.")
+        .tempdir_in(parent)
+        .with_context(|| {
+            format!(
+                "creating a temporary directory for the cluster's WAL in {}",
+                parent.display()
+            )
+        })
+}
+
 /// Can `uid`/`gid` traverse `dir` and every directory above it (search permission)?
 fn enterable_by(dir: &Path, uid: u32, gid: u32) -> bool {
     dir.ancestors().all(|d| match std::fs::metadata(d) {
@@ -119,6 +146,9 @@ fn enterable_by(dir: &Path, uid: u32, gid: u32) -> bool {
 
 pub struct PgCluster {
     dir: TempDir,
+    /// With [`PgCluster::start_with_wal_in`], the directory holding `pg_wal` (initdb's
+    /// `--waldir`; `data/pg_wal` is then a symlink to it).
+    wal: Option<TempDir>,
     bin: PathBuf,
     run_as: Option<String>,
     stopped: bool,
@@ -137,6 +167,20 @@ impl PgCluster {
     /// [`PgCluster::start`] with extra `initdb` arguments, for what only initdb sets
     /// (e.g. `--wal-segsize`).
     pub fn start_with(initdb_args: &[&str], settings: &[&str]) -> Result<PgCluster> {
+        PgCluster::start_full(initdb_args, None, settings)
+    }
+
+    /// [`PgCluster::start`] with the WAL (`pg_wal`) in a temporary directory under
+    /// `parent` (initdb's `--waldir`), e.g. on a disk of its own; removed with the cluster.
+    pub fn start_with_wal_in(parent: &Path, settings: &[&str]) -> Result<PgCluster> {
+        PgCluster::start_full(&[], Some(parent), settings)
+    }
+
+    fn start_full(
+        initdb_args: &[&str],
+        wal_parent: Option<&Path>,
+        settings: &[&str],
+    ) -> Result<PgCluster> {
         let bin = find_bindir()?;
         let account = server_account()?;
         let base = match &account {
@@ -152,12 +196,22 @@ impl PgCluster {
                     base.display()
                 )
             })?;
-        if let Some((_, uid, gid)) = &account {
-            std::os::unix::fs::chown(dir.path(), Some(*uid), Some(*gid))
-                .context("handing the temporary directory to the server account")?;
+        let wal = match wal_parent {
+            Some(parent) => Some(wal_dir_in(parent, &account)?),
+            None => None,
+        };
+        for d in std::iter::once(&dir).chain(&wal) {
+            if let Some((_, uid, gid)) = &account {
+                std::os::unix::fs::chown(d.path(), Some(*uid), Some(*gid))
+                    .context("handing the temporary directory to the server account")?;
+            }
         }
+        let waldir_arg = wal
+            .as_ref()
+            .map(|w| format!("--waldir={}", w.path().join("pg_wal").display()));
         let mut cluster = PgCluster {
             dir,
+            wal,
             bin,
             run_as: account.map(|a| a.0),
             stopped: true,
@@ -177,6 +231,7 @@ impl PgCluster {
                 "--no-sync",
             ])
             .args(initdb_args)
+            .args(&waldir_arg)
             .run()
             .context("initdb of the throwaway cluster")?;
         let mut conf = String::from("\n# hydra-upgrade's throwaway cluster\n");
@@ -222,6 +277,13 @@ impl PgCluster {
     /// The cluster's WAL (for `pg_waldump`).
     pub fn wal_dir(&self) -> PathBuf {
         self.data().join("pg_wal")
+    }
+
+    /// The cluster's data directory and its WAL directory, symlinks followed: where the
+    /// two live, for a benchmark's record of the machine.
+    pub fn storage(&self) -> (PathBuf, PathBuf) {
+        let real = |p: PathBuf| std::fs::canonicalize(&p).unwrap_or(p);
+        (real(self.data()), real(self.wal_dir()))
     }
 
     pub fn socket_dir(&self) -> &Path {
@@ -293,14 +355,20 @@ impl PgCluster {
                 .arg("-D")
                 .arg(self.data())
                 .args(["-m", "immediate", "-w", "stop"]);
-        let script = format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {} >/dev/null 2>&1; rm -rf {}",
-            stop.argv()
-                .iter()
+        let quoted = |args: Vec<String>| {
+            args.iter()
                 .map(|a| crate::exec::shell_quote(a))
                 .collect::<Vec<_>>()
-                .join(" "),
-            crate::exec::shell_quote(&self.dir.path().display().to_string())
+                .join(" ")
+        };
+        let dirs = std::iter::once(&self.dir)
+            .chain(&self.wal)
+            .map(|d| d.path().display().to_string())
+            .collect();
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {} >/dev/null 2>&1; rm -rf {}",
+            quoted(stop.argv()),
+            quoted(dirs)
         );
         Cmd::new("sh").args(["-c", &script]).spawn_detached()?;
         self.stopped = true; // the watcher stops it; a leaked static is never dropped anyway

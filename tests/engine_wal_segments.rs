@@ -208,3 +208,39 @@ fn a_role_that_may_not_look_into_pg_wal_still_backfills() {
     assert!(!warned, "{}", r.stdout);
     assert_eq!(db.wrong_or_null(), 0);
 }
+
+/// The bench's `--wal-dir`: a cluster whose `pg_wal` lives in a directory of its own
+/// (initdb's `--waldir`) writes its WAL there and leaves nothing behind.
+#[test]
+fn a_cluster_keeps_its_wal_where_it_is_told_and_removes_it_after() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = tempfile::Builder::new()
+        .prefix("hu-waldir-test.")
+        .tempdir()
+        .unwrap();
+    // Enterable by the server account when the tests run as root.
+    std::fs::set_permissions(parent.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let cluster = PgCluster::start_with_wal_in(parent.path(), &["fsync=off"]).expect("a cluster");
+    let (data, wal) = cluster.storage();
+    let parent_real = std::fs::canonicalize(parent.path()).unwrap();
+    assert!(wal.starts_with(&parent_real), "{}", wal.display());
+    assert!(!data.starts_with(&parent_real), "{}", data.display());
+    let mut db = cluster.connect("postgres").unwrap();
+    let before: String = db
+        .client()
+        .query_one("SELECT pg_walfile_name(pg_current_wal_lsn())", &[])
+        .unwrap()
+        .get(0);
+    db.client()
+        .batch_execute("CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g; CHECKPOINT")
+        .unwrap();
+    assert!(
+        wal.join(&before).is_file(),
+        "{before} not in {}",
+        wal.display()
+    );
+    drop(db);
+    drop(cluster);
+    let left: Vec<_> = std::fs::read_dir(parent.path()).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

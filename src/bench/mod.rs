@@ -256,6 +256,11 @@ pub struct BenchArgs {
     /// `src/bench/cpu_census.rs`).
     #[arg(long)]
     pub cpu_census: bool,
+    /// Put the throwaway cluster's WAL (`pg_wal`) in a temporary directory under DIR
+    /// (initdb's `--waldir`), e.g. on a disk of its own, the data where it always goes;
+    /// the table's `storage:` line names the device and filesystem of each.
+    #[arg(long, value_name = "DIR")]
+    pub wal_dir: Option<PathBuf>,
     /// In each writer run, sample every CPU with `perf record` for this many seconds,
     /// starting 10 s into our walk, and print the busiest processes' functions, kernel
     /// and user space (needs `perf` and root; see `src/bench/perf_profile.rs`). Take
@@ -305,6 +310,9 @@ pub struct Machine {
     /// `kernel.sched_autogroup_enabled`: the kernel weighs sessions, not processes, and
     /// every PostgreSQL server process leads a session of its own.
     pub autogroups: bool,
+    /// Where the cluster's data and its WAL live (device, filesystem, mount point).
+    pub data_on: String,
+    pub wal_on: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -684,7 +692,7 @@ pub fn ours_options(strategy: StrategyChoice, args: &BenchArgs) -> backfill::Opt
 
 /// The machine and the server, with the settings every table prints and those the command
 /// line changed (`--pg-setting`), so a table says what it ran with.
-fn machine(db: &mut Db, pg_settings: &[String]) -> Result<Machine> {
+fn machine(cluster: &PgCluster, db: &mut Db, pg_settings: &[String]) -> Result<Machine> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu_model = cpuinfo
         .lines()
@@ -693,6 +701,8 @@ fn machine(db: &mut Db, pg_settings: &[String]) -> Result<Machine> {
         .unwrap_or("unknown")
         .trim()
         .to_owned();
+    let (data, wal) = cluster.storage();
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let mem_kb: f64 = meminfo
         .lines()
@@ -737,7 +747,28 @@ fn machine(db: &mut Db, pg_settings: &[String]) -> Result<Machine> {
         postgres,
         settings,
         autogroups: nice::autogroups_on(),
+        data_on: mounted_on(&data, &mounts),
+        wal_on: mounted_on(&wal, &mounts),
     })
+}
+
+/// "`device` (`fstype`, `mountpoint`)" of the mount holding `path` in `mounts` (the text
+/// of `/proc/self/mounts`): the longest mount point above it, the last one mounted there.
+fn mounted_on(path: &Path, mounts: &str) -> String {
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // Mount points escape spaces as \040.
+            let (device, point, fstype) = (f.first()?, f.get(1)?.replace("\\040", " "), f.get(2)?);
+            path.starts_with(&point)
+                .then(|| (point.len(), format!("{device} ({fstype}, {point})")))
+        })
+        .fold(None, |best: Option<(usize, String)>, m| match best {
+            Some(b) if b.0 > m.0 => Some(b),
+            _ => Some(m),
+        })
+        .map_or_else(|| "unknown".to_owned(), |(_, m)| m)
 }
 
 /// A fresh copy of `template` named `name` (dropped first if left over), then a
@@ -1911,9 +1942,13 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
     say("starting a throwaway PostgreSQL");
     let mut settings: Vec<&str> = SETTINGS.to_vec();
     settings.extend(args.pg_setting.iter().map(String::as_str));
-    let cluster = PgCluster::start(&settings)?.share_until_exit(std::process::id())?;
+    let cluster = match &args.wal_dir {
+        Some(dir) => PgCluster::start_with_wal_in(dir, &settings)?,
+        None => PgCluster::start(&settings)?,
+    }
+    .share_until_exit(std::process::id())?;
     let mut postgres = cluster.connect("postgres")?;
-    let machine = machine(&mut postgres, &args.pg_setting)?;
+    let machine = machine(cluster, &mut postgres, &args.pg_setting)?;
     // A mistyped `--ours-setting` fails here, not after the template (14 minutes at 10M).
     for setting in &args.ours_setting {
         set_for_session(&mut postgres, setting)
@@ -2642,6 +2677,13 @@ pub fn render(b: &Bench) -> String {
     push(
         &mut s,
         format!(
+            "storage: data on {}, WAL on {}",
+            b.machine.data_on, b.machine.wal_on
+        ),
+    );
+    push(
+        &mut s,
+        format!(
             "server: {}",
             b.machine
                 .settings
@@ -3115,6 +3157,25 @@ mod tests {
     use super::*;
     use crate::workload::Op;
     use clap::Parser;
+
+    #[test]
+    fn storage_is_named_by_the_deepest_mount_above_it() {
+        let mounts = "/dev/vda / ext4 rw,relatime 0 0\n\
+                      tmpfs /dev/shm tmpfs rw 0 0\n\
+                      /dev/zram0 /mnt/wal\\040disk ext4 rw 0 0\n\
+                      /dev/zram1 /mnt/wal\\040disk ext4 rw 0 0\n";
+        let on = |p: &str| mounted_on(Path::new(p), mounts);
+        assert_eq!(on("/tmp/hydra-upgrade-pg.x/data"), "/dev/vda (ext4, /)");
+        assert_eq!(on("/dev/shm/w/pg_wal"), "tmpfs (tmpfs, /dev/shm)");
+        // Mounted over: the last one counts; an escaped space in the mount point.
+        assert_eq!(
+            on("/mnt/wal disk/pg_wal"),
+            "/dev/zram1 (ext4, /mnt/wal disk)"
+        );
+        // A path component, not a string prefix.
+        assert_eq!(on("/dev/shmx"), "/dev/vda (ext4, /)");
+        assert_eq!(mounted_on(Path::new("/x"), ""), "unknown");
+    }
 
     #[test]
     fn the_alternate_runs_take_the_alternate_pacing_and_nothing_else() {
