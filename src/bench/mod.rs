@@ -704,12 +704,7 @@ fn machine(cluster: &PgCluster, db: &mut Db, pg_settings: &[String]) -> Result<M
     let (data, wal) = cluster.storage();
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let mem_kb: f64 = meminfo
-        .lines()
-        .find(|l| l.starts_with("MemTotal:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
+    let mem_kb = proc_stat::meminfo_kb(&meminfo, "MemTotal").unwrap_or(0) as f64;
     let c = db.client();
     let postgres: String = c.query_one("SELECT version()", &[])?.get(0);
     let mut settings: Vec<(String, String)> = Vec::new();
@@ -1370,10 +1365,12 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
     let warmed = if args.warm_copy {
         let w = page_cache::warm(&mut db)?;
         say(&format!(
-            "run {}: page cache dropped, the copy read back in: {:.0} MB in {:.1} s",
+            "run {}: page cache dropped, the copy read back in: {:.0} MB in {:.1} s; \
+             the page cache's file pages in huge folios then: {:.0} MB",
             run + 1,
             w.mb,
-            w.seconds
+            w.seconds,
+            w.huge_mb
         ));
         Some(w)
     } else {
@@ -2089,6 +2086,7 @@ fn median_writer_run(writer_runs: &[&WriterRun]) -> Option<WriterRun> {
             (!warmed.is_empty()).then(|| page_cache::Warmed {
                 mb: median(warmed.iter().map(|w| w.mb).collect()),
                 seconds: median(warmed.iter().map(|w| w.seconds).collect()),
+                huge_mb: median(warmed.iter().map(|w| w.huge_mb).collect()),
             })
         },
         prepared_wal: median_pair(writer_runs.iter().map(|w| w.prepared_wal)),

@@ -17,9 +17,26 @@ pub(crate) fn field_of(stat: &str, n: usize) -> Option<i64> {
     after_comm.split_whitespace().nth(n)?.parse().ok()
 }
 
+/// A `/proc/meminfo` line's value in kB (`key` without its colon), from that file's text.
+pub(crate) fn meminfo_kb(meminfo: &str, key: &str) -> Option<i64> {
+    meminfo.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k == key).then(|| v.split_whitespace().next()?.parse().ok())?
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn meminfo_values_are_read_by_their_whole_key() {
+        let m = "MemTotal:       24684084 kB\nFileHugePages:   1046528 kB\nFilePmdMapped:         0 kB\n";
+        assert_eq!(meminfo_kb(m, "MemTotal"), Some(24_684_084));
+        assert_eq!(meminfo_kb(m, "FileHugePages"), Some(1_046_528));
+        assert_eq!(meminfo_kb(m, "FilePmd"), None);
+        assert_eq!(meminfo_kb("", "MemTotal"), None);
+    }
 
     #[test]
     fn fields_are_read_after_the_command_name() {
