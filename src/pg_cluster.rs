@@ -103,18 +103,18 @@ fn base_dir_for(name: &str, uid: u32, gid: u32) -> Result<PathBuf> {
 /// A temporary directory under `parent` for the cluster's `pg_wal`, which the server
 /// account (when we are root) must be able to enter.
 fn wal_dir_in(parent: &Path, account: &Option<(String, u32, u32)>) -> Result<TempDir> {
-    if let Some((name, uid, gid)) = account {
-        if !enterable_by(parent, *uid, *gid) {
-            return Err(fail(
-                Exit::Environment,
-                format!(
-                    "the WAL directory's parent {} cannot be entered by `{name}`, the account \
+    if let Some((name, uid, gid)) = account
+        && !enterable_by(parent, *uid, *gid)
+    {
+        return Err(fail(
+            Exit::Environment,
+            format!(
+                "the WAL directory's parent {} cannot be entered by `{name}`, the account \
                      the throwaway server runs as; give that account search permission on it \
                      and every directory above it (chmod o+x)",
-                    parent.display()
-                ),
-            ));
-        }
+                parent.display()
+            ),
+        ));
     }
     tempfile::Builder::new()
         .prefix("hydra-upgrade-pg-wal.")
