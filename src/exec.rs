@@ -23,7 +23,8 @@ pub struct Output {
     pub stderr: String,
 }
 
-/// Quote one word for display in a POSIX shell.
+/// Quote one word for a POSIX shell (shown to the admin, or run by a shell: over SSH,
+/// by a watcher script).
 pub fn shell_quote(word: &str) -> String {
     if !word.is_empty()
         && word
@@ -34,6 +35,16 @@ pub fn shell_quote(word: &str) -> String {
     } else {
         format!("'{}'", word.replace('\'', r"'\''"))
     }
+}
+
+/// Words quoted for a POSIX shell ([`shell_quote`]) and joined with spaces: a command
+/// line a shell runs as those words.
+pub fn shell_words<S: AsRef<str>>(words: &[S]) -> String {
+    words
+        .iter()
+        .map(|w| shell_quote(w.as_ref()))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 impl Cmd {
@@ -105,12 +116,10 @@ impl Cmd {
             .iter()
             .map(|(k, _)| format!("{k}=…"))
             .collect::<Vec<_>>();
-        let argv = self
-            .argv()
-            .iter()
-            .map(|a| shell_quote(a))
-            .collect::<Vec<_>>();
-        env.into_iter().chain(argv).collect::<Vec<_>>().join(" ")
+        env.into_iter()
+            .chain([shell_words(&self.argv())])
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     fn expression(&self) -> duct::Expression {

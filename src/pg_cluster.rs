@@ -11,7 +11,7 @@ use tempfile::TempDir;
 
 use crate::db::Db;
 use crate::dsn::Dsn;
-use crate::exec::{Cmd, which};
+use crate::exec::{Cmd, shell_words, which};
 use crate::exit::{Exit, fail};
 
 const INSTALL_HINT: &str = "PostgreSQL server binaries (initdb, pg_ctl, postgres) were not found on PATH, \
@@ -355,20 +355,14 @@ impl PgCluster {
                 .arg("-D")
                 .arg(self.data())
                 .args(["-m", "immediate", "-w", "stop"]);
-        let quoted = |args: Vec<String>| {
-            args.iter()
-                .map(|a| crate::exec::shell_quote(a))
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
-        let dirs = std::iter::once(&self.dir)
+        let dirs: Vec<String> = std::iter::once(&self.dir)
             .chain(&self.wal)
             .map(|d| d.path().display().to_string())
             .collect();
         let script = format!(
             "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {} >/dev/null 2>&1; rm -rf {}",
-            quoted(stop.argv()),
-            quoted(dirs)
+            shell_words(&stop.argv()),
+            shell_words(&dirs)
         );
         Cmd::new("sh").args(["-c", &script]).spawn_detached()?;
         self.stopped = true; // the watcher stops it; a leaked static is never dropped anyway

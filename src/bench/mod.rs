@@ -759,10 +759,8 @@ fn mounted_on(path: &Path, mounts: &str) -> String {
             path.starts_with(&point)
                 .then(|| (point.len(), format!("{device} ({fstype}, {point})")))
         })
-        .fold(None, |best: Option<(usize, String)>, m| match best {
-            Some(b) if b.0 > m.0 => Some(b),
-            _ => Some(m),
-        })
+        // The last of the longest: a mount over another comes later in the file.
+        .max_by_key(|(len, _)| *len)
         .map_or_else(|| "unknown".to_owned(), |(_, m)| m)
 }
 

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use crate::cli::SwitchMode;
-use crate::exec::{Cmd, shell_quote};
+use crate::exec::{Cmd, shell_words};
 
 /// The system profile `nixos-rebuild switch` sets.
 pub const SYSTEM_PROFILE: &str = "/nix/var/nix/profiles/system";
@@ -43,12 +43,7 @@ impl Target {
         match self {
             Target::Local => cmd,
             Target::Ssh(dest) => {
-                let remote = cmd
-                    .argv()
-                    .iter()
-                    .map(|w| shell_quote(w))
-                    .collect::<Vec<_>>()
-                    .join(" ");
+                let remote = shell_words(&cmd.argv());
                 Cmd::new("ssh")
                     .args(["-o", "BatchMode=yes", "-o", "ServerAliveInterval=15"])
                     .arg(dest)
