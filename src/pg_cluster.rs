@@ -274,6 +274,12 @@ impl PgCluster {
         self.dir.path().join("data")
     }
 
+    /// The directory of the database whose `pg_database.oid` is `oid` (its files, for a
+    /// benchmark that acts on their place in the page cache).
+    pub fn database_dir(&self, oid: u32) -> PathBuf {
+        self.data().join("base").join(oid.to_string())
+    }
+
     /// The cluster's WAL (for `pg_waldump`).
     pub fn wal_dir(&self) -> PathBuf {
         self.data().join("pg_wal")

@@ -12,13 +12,16 @@
 //! PostgreSQL process by its `application_name` or backend type, a kernel thread or any
 //! other process by its command name. A thread that ended within the span is missing from
 //! the threads (the machine's split still counts it); one that started within it counts
-//! from its start.
+//! from its start. Beside the CPUs, what the disks did and the page cache's size
+//! ([`super::disk_stats`]).
 
 use std::collections::HashMap;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
+
+use super::disk_stats;
 
 /// The machine's split: `/proc/stat`'s fields with `nice` folded into `user`, `irq` and
 /// `softirq` summed as "interrupts", `idle` last (`guest` is already counted in `user`).
@@ -31,6 +34,7 @@ pub struct Snapshot {
     machine: [u64; 6],
     /// By thread id: its process id, its command name, and its [`Times`].
     threads: HashMap<u32, (u32, String, Times)>,
+    disks: disk_stats::Reading,
 }
 
 /// A thread's counters: µs on a CPU and µs runnable waiting for one (`schedstat`), and
@@ -81,6 +85,8 @@ pub struct Census {
     pub machine: Vec<(String, f64)>,
     /// Every name's threads summed, the busiest first.
     pub threads: Vec<Share>,
+    /// What the disks did, and the page cache's size at the two ends.
+    pub disks: disk_stats::Disks,
 }
 
 impl Snapshot {
@@ -112,6 +118,7 @@ impl Snapshot {
             cpus,
             machine,
             threads,
+            disks: disk_stats::Reading::take(),
         })
     }
 }
@@ -222,6 +229,7 @@ pub fn census(before: &Snapshot, after: &Snapshot, servers: &HashMap<u32, String
         cpus: after.cpus,
         machine,
         threads,
+        disks: disk_stats::between(&before.disks, &after.disks, seconds),
     }
 }
 
@@ -255,13 +263,16 @@ impl Census {
                 rest.iter().map(|t| t.kernel_pct).sum::<f64>()
             ));
         }
+        let disks = self.disks.describe();
         format!(
-            "{:.0} s, machine ({} CPUs = {} %): {}; threads (on a CPU/runnable waiting/of the first in the kernel): {}",
+            "{:.0} s, machine ({} CPUs = {} %): {}; threads (on a CPU/runnable waiting/of the first in the kernel): {}{}{}",
             self.seconds,
             self.cpus,
             self.cpus * 100,
             machine.join(", "),
-            threads.join(", ")
+            threads.join(", "),
+            if disks.is_empty() { "" } else { "; disks: " },
+            disks
         )
     }
 }

@@ -16,6 +16,7 @@
 
 pub mod cpu_census;
 pub mod disk_control;
+pub mod disk_stats;
 pub mod idle;
 pub mod idle_group;
 pub mod nice;
@@ -231,6 +232,12 @@ pub struct BenchArgs {
     /// machine with enough memory (root only; see `src/bench/page_cache.rs`).
     #[arg(long)]
     pub warm_copy: bool,
+    /// Before each writer run (after `--warm-copy`, before `--prepare-wal`), have the
+    /// kernel drop the template's pages from the OS page cache (`posix_fadvise`), the
+    /// copy's left as they are: the run's cluster then takes the page cache a Hydra
+    /// server's one database would (see `src/bench/page_cache.rs`).
+    #[arg(long)]
+    pub template_out_of_cache: bool,
     /// Server settings (`name=value`, repeatable) for every second writer run only: the
     /// 2nd, 4th, ... run sets them with `ALTER SYSTEM` and a reload before it starts and
     /// resets them after, so one command measures the writer with and without them side
@@ -249,11 +256,16 @@ pub struct BenchArgs {
     /// `--warm-copy` in every second writer run only (as `--alternate-pg-setting`).
     #[arg(long)]
     pub alternate_warm_copy: bool,
+    /// `--template-out-of-cache` in every second writer run only (as
+    /// `--alternate-pg-setting`).
+    #[arg(long)]
+    pub alternate_template_out_of_cache: bool,
     /// In each writer run, where the machine's CPU time went during the writer's idle
     /// baseline and during our walk: its split (user, system, iowait, interrupts, steal,
     /// idle) and the busiest threads, PostgreSQL's and the kernel's included, each
-    /// with its time on a CPU and runnable waiting for one (see
-    /// `src/bench/cpu_census.rs`).
+    /// with its time on a CPU and runnable waiting for one; and what each disk did (reads,
+    /// writes, cache flushes, MB, busy time) and the page cache's size (see
+    /// `src/bench/cpu_census.rs` and `src/bench/disk_stats.rs`).
     #[arg(long)]
     pub cpu_census: bool,
     /// Put the throwaway cluster's WAL (`pg_wal`) in a temporary directory under DIR
@@ -282,12 +294,16 @@ impl BenchArgs {
         if self.alternate_warm_copy {
             parts.push("--warm-copy".to_owned());
         }
+        if self.alternate_template_out_of_cache {
+            parts.push("--template-out-of-cache".to_owned());
+        }
         (!parts.is_empty()).then(|| parts.join(", "))
     }
 
     /// These arguments as every second writer run has them: `--alternate-pause-ms` and
     /// `--alternate-target-batch-ms` in place of ours' own, `--warm-copy` if
-    /// `--alternate-warm-copy`.
+    /// `--alternate-warm-copy`, `--template-out-of-cache` if
+    /// `--alternate-template-out-of-cache`.
     fn alternated(&self) -> BenchArgs {
         BenchArgs {
             pause_ms: self.alternate_pause_ms.unwrap_or(self.pause_ms),
@@ -295,6 +311,8 @@ impl BenchArgs {
                 .alternate_target_batch_ms
                 .unwrap_or(self.target_batch_ms),
             warm_copy: self.warm_copy || self.alternate_warm_copy,
+            template_out_of_cache: self.template_out_of_cache
+                || self.alternate_template_out_of_cache,
             ..self.clone()
         }
     }
@@ -489,6 +507,8 @@ pub struct WriterRun {
     pub quiet_wal: Option<(i64, i64)>,
     /// With `--warm-copy`: what was read back into the page cache, and how long it took.
     pub warmed: Option<page_cache::Warmed>,
+    /// With `--template-out-of-cache`: what dropping the template's pages let go of.
+    pub template_evicted: Option<page_cache::Evicted>,
     /// With `--prepare-wal`: the segments ahead before and after `wal prepare`.
     pub prepared_wal: Option<(i64, i64)>,
     /// With `--prepare-wal`: the writer while `wal prepare` ran (its segments are created
@@ -1374,6 +1394,26 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
     } else {
         None
     };
+    let template_evicted = if args.template_out_of_cache {
+        let oid: u32 = db
+            .client()
+            .query_one(
+                "SELECT oid FROM pg_database WHERE datname = $1",
+                &[&TEMPLATE],
+            )?
+            .get(0);
+        let e = page_cache::evict(&cluster.database_dir(oid))?;
+        say(&format!(
+            "run {}: the template's {} files ({:.0} MB) out of the page cache: it gave up {:.0} MB",
+            run + 1,
+            e.files,
+            e.mb,
+            e.released_mb
+        ));
+        Some(e)
+    } else {
+        None
+    };
     let mut during_prepare = None;
     let prepared_wal = if args.prepare_wal {
         let before = quiet_wal::segments_ahead(&mut db)?;
@@ -1519,6 +1559,7 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
         wal_segments_ahead,
         quiet_wal,
         warmed,
+        template_evicted,
         prepared_wal,
         during_prepare,
         walwriter,
@@ -1905,19 +1946,20 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
         bail!("--memory-rates takes rates above 0 MB/s, not {r}");
     }
     let wants = |c: &str| args.contenders.iter().any(|x| x == c);
-    if (args.quiet_wal || args.prepare_wal || args.warm_copy)
+    if (args.quiet_wal || args.prepare_wal || args.warm_copy || args.template_out_of_cache)
         && (!wants("writer") || args.skip_writer)
     {
         bail!(
-            "--quiet-wal, --prepare-wal and --warm-copy act before the writer's runs: add \
-             writer to --contenders, without --skip-writer"
+            "--quiet-wal, --prepare-wal, --warm-copy and --template-out-of-cache act before \
+             the writer's runs: add writer to --contenders, without --skip-writer"
         );
     }
     if args.alternate().is_some() && (!wants("writer") || args.skip_writer || args.runs < 2) {
         bail!(
-            "--alternate-pg-setting, --alternate-pause-ms, --alternate-target-batch-ms and \
-             --alternate-warm-copy act on every second writer run: add writer to \
-             --contenders, without --skip-writer, and give --runs 2 or more"
+            "--alternate-pg-setting, --alternate-pause-ms, --alternate-target-batch-ms, \
+             --alternate-warm-copy and --alternate-template-out-of-cache act on every second \
+             writer run: add writer to --contenders, without --skip-writer, and give --runs 2 \
+             or more"
         );
     }
     if !args.memory_rates.is_empty() && (!wants("disk-control") || args.skip_writer) {
@@ -2085,6 +2127,17 @@ fn median_writer_run(writer_runs: &[&WriterRun]) -> Option<WriterRun> {
                 mb: median(warmed.iter().map(|w| w.mb).collect()),
                 seconds: median(warmed.iter().map(|w| w.seconds).collect()),
                 huge_mb: median(warmed.iter().map(|w| w.huge_mb).collect()),
+            })
+        },
+        template_evicted: {
+            let evicted: Vec<page_cache::Evicted> = writer_runs
+                .iter()
+                .filter_map(|w| w.template_evicted)
+                .collect();
+            (!evicted.is_empty()).then(|| page_cache::Evicted {
+                files: evicted[0].files,
+                mb: median(evicted.iter().map(|e| e.mb).collect()),
+                released_mb: median(evicted.iter().map(|e| e.released_mb).collect()),
             })
         },
         prepared_wal: median_pair(writer_runs.iter().map(|w| w.prepared_wal)),
@@ -3215,6 +3268,13 @@ mod tests {
         assert_eq!(warm.alternate().as_deref(), Some("--warm-copy"));
         assert!(!warm.warm_copy && warm.alternated().warm_copy);
         assert_eq!(warm.alternated().pause_ms, warm.pause_ms);
+        assert!(!warm.alternated().template_out_of_cache);
+
+        let out =
+            BenchArgs::try_parse_from(["bench", "--alternate-template-out-of-cache"]).unwrap();
+        assert_eq!(out.alternate().as_deref(), Some("--template-out-of-cache"));
+        assert!(!out.template_out_of_cache && out.alternated().template_out_of_cache);
+        assert!(!out.alternated().warm_copy);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! `--warm-copy`: before a writer run, the copy in the OS page cache and the template out
-//! of it.
+//! of it; `--template-out-of-cache`: only the template out of it.
 //!
 //! At 10M builds the bench's cluster holds the template (6.9 GB) and the run's copy of it
 //! (6.9 GB), and `wal prepare` then adds 8.6 GB of WAL segments: more than this machine's
@@ -17,6 +17,8 @@
 //! kernel's large page-cache folios, and PostgreSQL's 8 kB writes into those cost the
 //! kernel (`ext4_block_write_begin`, ext4's writeback) far more CPU.
 
+use std::os::fd::AsFd;
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -63,4 +65,126 @@ pub fn warm(db: &mut Db) -> Result<Warmed> {
         seconds,
         huge_mb: proc_stat::meminfo_kb(&meminfo, "FileHugePages").unwrap_or(0) as f64 / 1024.0,
     })
+}
+
+/// What [`evict`] let go of.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Evicted {
+    /// The template's files and their size on disk.
+    pub files: usize,
+    pub mb: f64,
+    /// `/proc/meminfo`'s `Cached` before less after: what the page cache gave up (the
+    /// whole machine's, so other activity in the same moment counts too).
+    pub released_mb: f64,
+}
+
+/// `--template-out-of-cache`: ask the kernel to drop the page cache's pages of every file
+/// under `dir` (the template database's directory, `base/OID`), with
+/// `posix_fadvise(POSIX_FADV_DONTNEED)` on the whole file. Only the template's pages go:
+/// the copy's stay as the run left them (in the small folios PostgreSQL's own writes
+/// made; compare `--warm-copy`, whose read-back leaves large ones). The template's pages
+/// are clean (nothing writes to it once built), so the kernel drops them all; it needs no
+/// root, only read access to the files.
+pub fn evict(dir: &Path) -> Result<Evicted> {
+    let cached_mb = || -> Option<f64> {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+        Some(proc_stat::meminfo_kb(&meminfo, "Cached")? as f64 / 1024.0)
+    };
+    let before = cached_mb();
+    let (mut files, mut bytes) = (0usize, 0u64);
+    let listing = std::fs::read_dir(dir)
+        .with_context(|| format!("--template-out-of-cache: listing {}", dir.display()))?;
+    for entry in listing {
+        let path = entry?.path();
+        let file = std::fs::File::open(&path)
+            .with_context(|| format!("--template-out-of-cache: opening {}", path.display()))?;
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            continue;
+        }
+        nix::fcntl::posix_fadvise(
+            file.as_fd(),
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .with_context(|| {
+            format!(
+                "--template-out-of-cache: posix_fadvise(DONTNEED) on {}",
+                path.display()
+            )
+        })?;
+        files += 1;
+        bytes += meta.len();
+    }
+    Ok(Evicted {
+        files,
+        mb: bytes as f64 / 1_048_576.0,
+        released_mb: before
+            .zip(cached_mb())
+            .map_or(0.0, |(b, a)| (b - a).max(0.0)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+
+    /// Pages of `path` in the page cache, by `mincore` over a mapping of it (the mapping
+    /// is never touched, so it brings nothing in).
+    fn resident_pages(path: &Path) -> usize {
+        let file = std::fs::File::open(path).unwrap();
+        let len = file.metadata().unwrap().len() as usize;
+        let page = 4096;
+        let mut vec = vec![0u8; len.div_ceil(page)];
+        // SAFETY: a read-only shared mapping of a file we hold open, unmapped before
+        // returning; mincore writes one byte per page into a vector of that many bytes.
+        unsafe {
+            let addr = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            );
+            assert_ne!(addr, libc::MAP_FAILED);
+            assert_eq!(libc::mincore(addr, len, vec.as_mut_ptr()), 0);
+            libc::munmap(addr, len);
+        }
+        vec.iter().filter(|b| **b & 1 == 1).count()
+    }
+
+    /// Files written through the page cache and made clean, then evicted: none of their
+    /// pages is cached any more, and their data stay. (In the source tree, not the
+    /// temporary directory: a tmpfs there would keep every page in memory.)
+    #[test]
+    fn a_directorys_files_leave_the_page_cache_and_keep_their_data() {
+        let dir = tempfile::Builder::new()
+            .prefix(".page-cache-test.")
+            .tempdir_in(env!("CARGO_MANIFEST_DIR"))
+            .unwrap();
+        let data = vec![7u8; 4 << 20];
+        let names = ["16384", "16384_fsm", "16385.1"];
+        for name in names {
+            let mut f = std::fs::File::create(dir.path().join(name)).unwrap();
+            f.write_all(&data).unwrap();
+            f.sync_all().unwrap();
+        }
+        let cached = |name: &str| resident_pages(&dir.path().join(name));
+        assert!(
+            names.iter().any(|n| cached(n) > 0),
+            "nothing cached to begin with"
+        );
+        let evicted = evict(dir.path()).unwrap();
+        assert_eq!((evicted.files, evicted.mb), (3, 12.0));
+        for name in names {
+            assert_eq!(cached(name), 0, "{name} still cached");
+        }
+        assert_eq!(std::fs::read(dir.path().join("16385.1")).unwrap(), data);
+        let missing = evict(&dir.path().join("nothing")).unwrap_err();
+        assert!(format!("{missing:#}").contains("listing"), "{missing:#}");
+    }
 }
