@@ -110,8 +110,8 @@ fn wal_dir_in(parent: &Path, account: &Option<(String, u32, u32)>) -> Result<Tem
             Exit::Environment,
             format!(
                 "the WAL directory's parent {} cannot be entered by `{name}`, the account \
-                     the throwaway server runs as; give that account search permission on it \
-                     and every directory above it (chmod o+x)",
+                 the throwaway server runs as; give that account search permission on it \
+                 and every directory above it (chmod o+x)",
                 parent.display()
             ),
         ));

@@ -62,10 +62,9 @@ impl Reading {
             })
             .unwrap_or_default();
         let stats = std::fs::read_to_string("/proc/diskstats").unwrap_or_default();
-        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
         Reading {
             disks: disks_of(&stats, &whole),
-            cached_kb: proc_stat::meminfo_kb(&meminfo, "Cached"),
+            cached_kb: proc_stat::meminfo_now_kb("Cached"),
         }
     }
 }

@@ -723,8 +723,7 @@ fn machine(cluster: &PgCluster, db: &mut Db, pg_settings: &[String]) -> Result<M
         .to_owned();
     let (data, wal) = cluster.storage();
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let mem_kb = proc_stat::meminfo_kb(&meminfo, "MemTotal").unwrap_or(0) as f64;
+    let mem_kb = proc_stat::meminfo_now_kb("MemTotal").unwrap_or(0) as f64;
     let c = db.client();
     let postgres: String = c.query_one("SELECT version()", &[])?.get(0);
     let mut settings: Vec<(String, String)> = Vec::new();

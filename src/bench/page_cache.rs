@@ -59,11 +59,10 @@ pub fn warm(db: &mut Db) -> Result<Warmed> {
         )?
         .get(0);
     let seconds = started.elapsed().as_secs_f64();
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     Ok(Warmed {
         mb: bytes as f64 / 1_048_576.0,
         seconds,
-        huge_mb: proc_stat::meminfo_kb(&meminfo, "FileHugePages").unwrap_or(0) as f64 / 1024.0,
+        huge_mb: proc_stat::meminfo_now_kb("FileHugePages").unwrap_or(0) as f64 / 1024.0,
     })
 }
 
@@ -86,10 +85,7 @@ pub struct Evicted {
 /// are clean (nothing writes to it once built), so the kernel drops them all; it needs no
 /// root, only read access to the files.
 pub fn evict(dir: &Path) -> Result<Evicted> {
-    let cached_mb = || -> Option<f64> {
-        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-        Some(proc_stat::meminfo_kb(&meminfo, "Cached")? as f64 / 1024.0)
-    };
+    let cached_mb = || proc_stat::meminfo_now_kb("Cached").map(|kb| kb as f64 / 1024.0);
     let before = cached_mb();
     let (mut files, mut bytes) = (0usize, 0u64);
     let listing = std::fs::read_dir(dir)

@@ -17,6 +17,12 @@ pub(crate) fn field_of(stat: &str, n: usize) -> Option<i64> {
     after_comm.split_whitespace().nth(n)?.parse().ok()
 }
 
+/// `/proc/meminfo`'s `key` now, in kB ([`meminfo_kb`] of a fresh read; `None` if the file
+/// or the key is missing).
+pub(crate) fn meminfo_now_kb(key: &str) -> Option<i64> {
+    meminfo_kb(&std::fs::read_to_string("/proc/meminfo").ok()?, key)
+}
+
 /// A `/proc/meminfo` line's value in kB (`key` without its colon), from that file's text.
 pub(crate) fn meminfo_kb(meminfo: &str, key: &str) -> Option<i64> {
     meminfo.lines().find_map(|l| {
