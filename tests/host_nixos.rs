@@ -698,9 +698,19 @@ fn killed_during_the_final_switch_then_resumed_while_activation_still_runs() {
         f.state("paused-stc-final").exists()
     });
     h.kill().unwrap();
-    // re-run while the activation is still paused: it waits for the running unit
+    // re-run while the activation is still paused: it waits for the running unit. The
+    // pause is lifted only once the re-run has asked for the unit's state (a fixed sleep
+    // here lost the race on a loaded machine: the activation had ended by then).
+    let asked = || {
+        f.calls()
+            .matches("systemctl show -p ActiveState hydra-upgrade-switch-final.service")
+            .count()
+    };
+    let before = asked();
     let rerun = f.spawn(&[]);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for("the re-run to look at the running activation", || {
+        asked() > before
+    });
     std::fs::remove_file(f.state("pause-stc-final")).unwrap();
     let out = rerun.wait().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
