@@ -270,7 +270,8 @@ impl PgCluster {
         Ok(cluster)
     }
 
-    fn data(&self) -> PathBuf {
+    /// The cluster's data directory.
+    pub fn data(&self) -> PathBuf {
         self.dir.path().join("data")
     }
 

@@ -17,6 +17,7 @@
 pub mod cpu_census;
 pub mod disk_control;
 pub mod disk_stats;
+pub mod disk_write_trace;
 pub mod idle;
 pub mod idle_group;
 pub mod nice;
@@ -279,6 +280,13 @@ pub struct BenchArgs {
     /// fewer seconds than the walk lasts: the recording does not stop with it.
     #[arg(long, value_name = "SECS")]
     pub perf_profile: Option<u64>,
+    /// In each writer run, which files the data disk's writes during our walk went to:
+    /// MB per relation of the copy (and per directory of the cluster), the MB of distinct
+    /// blocks among them, and PostgreSQL's checkpoints and buffer writes meanwhile (the
+    /// kernel's `block:block_rq_issue` tracepoint and `filefrag`; needs root and tracefs;
+    /// see `src/bench/disk_write_trace.rs`).
+    #[arg(long)]
+    pub disk_write_trace: bool,
 }
 
 impl BenchArgs {
@@ -522,6 +530,8 @@ pub struct WriterRun {
     /// With `--perf-profile`: the cluster's processes by pid, then `perf report`'s
     /// busiest lines.
     pub perf_profile: Option<perf_profile::Profile>,
+    /// With `--disk-write-trace`: where the data disk's writes during our walk went.
+    pub disk_writes: Option<disk_write_trace::Traced>,
 }
 
 /// A server process's time on a CPU and time runnable but waiting for one, over a span.
@@ -1485,6 +1495,12 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
         .perf_profile
         .map(|secs| perf_profile::start(&cluster.socket_dir().join("bench-perf.data"), secs))
         .transpose()?;
+    let bgwriter_before = disk_write_trace::BgWriter::read(&mut db);
+    let tracer = args
+        .disk_write_trace
+        .then(|| disk_write_trace::start(&cluster.data()))
+        .transpose()?;
+    let mut traced = None;
     let backfill = measure_backfill(
         cluster,
         &mut db,
@@ -1499,6 +1515,7 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
             let note = ours(db, StrategyChoice::PerPage, args);
             walwriter_after = workload::server_cpu_us(walwriter_pid);
             span_end = span.end(db, recording.is_some());
+            traced = tracer.map(disk_write_trace::Tracer::stop);
             w.signal_stop();
             note
         },
@@ -1514,6 +1531,33 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
         None => None,
     };
     let (during, stats) = stop_writer_with_stats(w, &mut db)?;
+    let disk_writes = match traced {
+        Some(writes) => {
+            let writes = writes?;
+            let oid: u32 = db
+                .client()
+                .query_one(
+                    "SELECT oid FROM pg_database WHERE datname = current_database()",
+                    &[],
+                )?
+                .get(0);
+            let files = disk_write_trace::files_of(
+                &cluster.data(),
+                &cluster.database_dir(oid),
+                &disk_write_trace::relations(&mut db)?,
+            )?;
+            let mut t = writes.attribute(&files)?;
+            t.bgwriter = bgwriter_before
+                .zip(disk_write_trace::BgWriter::read(&mut db))
+                .map(|(before, after)| after.since(&before));
+            say(&format!(
+                "  disk writes during the walk (--disk-write-trace), {}",
+                t.describe()
+            ));
+            Some(t)
+        }
+        None => None,
+    };
     if let Some(before) = &alternated {
         alternate_reset(cluster, before)?;
     }
@@ -1565,6 +1609,7 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
         alternate,
         cpu_census,
         perf_profile,
+        disk_writes,
     })
 }
 
@@ -2003,6 +2048,9 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
     if args.perf_profile.is_some() {
         perf_profile::check(&cluster.socket_dir().join("bench-perf-check.data"))?;
     }
+    if args.disk_write_trace {
+        disk_write_trace::check(&cluster.data())?;
+    }
     say(&format!(
         "{} CPUs, {:.1} GiB; {}",
         machine.cpus, machine.memory_gib, machine.postgres
@@ -2151,6 +2199,7 @@ fn median_writer_run(writer_runs: &[&WriterRun]) -> Option<WriterRun> {
         // Per run only (see render_writer): a median of thread lists would mix runs.
         cpu_census: None,
         perf_profile: None,
+        disk_writes: None,
     })
 }
 
@@ -2643,6 +2692,19 @@ fn render_writer(s: &mut String, b: &Bench, w: &WriterRun, group: &[&WriterRun])
                     r.during.p99_over(&r.idle),
                     names.join(", "),
                     p.lines.join("\n    ")
+                ),
+            );
+        }
+    }
+    for (i, r) in group.iter().enumerate() {
+        if let Some(t) = &r.disk_writes {
+            push(
+                s,
+                format!(
+                    "  disk writes during the walk (--disk-write-trace), this block's run {} ({:.2} x): {}",
+                    i + 1,
+                    r.during.p99_over(&r.idle),
+                    t.describe()
                 ),
             );
         }
