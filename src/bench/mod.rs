@@ -2051,6 +2051,12 @@ pub fn run(args: &BenchArgs) -> Result<Bench> {
     if args.disk_write_trace {
         disk_write_trace::check(&cluster.data())?;
     }
+    // The memory contender runs the real binary last: a bench binary copied elsewhere
+    // without it once failed there, after 25 minutes at 1M.
+    if wants("memory") && time_binary().is_some() {
+        hydra_upgrade_binary()
+            .context("checking the memory contender's binary before building the template")?;
+    }
     say(&format!(
         "{} CPUs, {:.1} GiB; {}",
         machine.cpus, machine.memory_gib, machine.postgres
