@@ -421,12 +421,17 @@ fn lost_events(instance: &Path) -> u64 {
 
 /// The cluster's files on the data disk, each named: a relation of the database whose
 /// directory is `db_dir` by its name (`relations`: file node and name), its free space
-/// and visibility maps apart; any other file by its directory under `data_dir`.
+/// and visibility maps apart; any other file by its directory under `data_dir`. Files on
+/// another filesystem (a `pg_wal` linked to a directory elsewhere, `--wal-dir`) are left
+/// out: their writes are not to the traced disk, and `filefrag` cannot map a tmpfs file.
 pub fn files_of(
     data_dir: &Path,
     db_dir: &Path,
     relations: &[(u32, String)],
 ) -> Result<Vec<(String, PathBuf)>> {
+    let dev = std::fs::metadata(data_dir)
+        .with_context(|| format!("reading {}", data_dir.display()))?
+        .dev();
     let mut files = Vec::new();
     let mut pending = vec![data_dir.to_owned()];
     while let Some(dir) = pending.pop() {
@@ -434,10 +439,18 @@ pub fn files_of(
             std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
         {
             let entry = entry?;
-            let (path, kind) = (entry.path(), entry.file_type()?);
-            if kind.is_dir() {
+            let path = entry.path();
+            // Followed, so that a linked `pg_wal` is read; gone meanwhile (a WAL segment
+            // removed), left out.
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            if meta.dev() != dev {
+                continue;
+            }
+            if meta.is_dir() {
                 pending.push(path);
-            } else if kind.is_file() {
+            } else if meta.is_file() {
                 let name = if dir == db_dir {
                     relation_of(&entry.file_name().to_string_lossy(), relations)
                 } else {
@@ -459,16 +472,6 @@ pub fn files_of(
                     }
                 });
                 files.push((name, path));
-            }
-        }
-    }
-    // `pg_wal` may be a link to a directory elsewhere; a WAL on another disk is not traced.
-    let wal = data_dir.join("pg_wal");
-    if wal.is_symlink() {
-        for entry in std::fs::read_dir(&wal)? {
-            let entry = entry?;
-            if entry.file_type()?.is_file() {
-                files.push(("pg_wal".to_owned(), entry.path()));
             }
         }
     }
@@ -662,6 +665,64 @@ mod tests {
             by_start,
             vec![(0, vec![2, 0, 0, 1]), (1000, vec![1, 1, 0, 0, 0, 0, 0, 0])]
         );
+    }
+
+    /// A data directory's files by name: the database's relations and their forks, other
+    /// databases, other directories; a `pg_wal` linked to another filesystem (`/dev/shm`,
+    /// where there is one) left out, one on the same filesystem kept.
+    #[test]
+    fn a_clusters_files_are_named_and_other_filesystems_left_out() {
+        let data = tempfile::Builder::new()
+            .prefix(".disk-write-trace-test.")
+            .tempdir_in(env!("CARGO_MANIFEST_DIR"))
+            .unwrap();
+        let d = data.path();
+        for f in [
+            "base/5/16384",
+            "base/5/16384_vm",
+            "base/5/16384.1",
+            "base/5/PG_VERSION",
+            "base/1/1259",
+            "global/1262",
+            "pg_xact/0000",
+        ] {
+            std::fs::create_dir_all(d.join(f).parent().unwrap()).unwrap();
+            std::fs::write(d.join(f), b"x").unwrap();
+        }
+        let shm = Path::new("/dev/shm");
+        let elsewhere = shm.is_dir().then(|| tempfile::tempdir_in(shm).unwrap());
+        let wal = elsewhere
+            .as_ref()
+            .map_or(d.join("wal-here"), |t| t.path().to_owned());
+        std::fs::create_dir_all(&wal).unwrap();
+        std::fs::write(wal.join("000000010000000000000001"), b"x").unwrap();
+        std::os::unix::fs::symlink(&wal, d.join("pg_wal")).unwrap();
+        let rels = vec![(16384, "builds".to_owned())];
+        let names: Vec<(String, String)> = files_of(d, &d.join("base/5"), &rels)
+            .unwrap()
+            .into_iter()
+            .map(|(n, p)| (n, p.strip_prefix(d).unwrap().display().to_string()))
+            .collect();
+        let mut expected: Vec<(&str, &str)> = vec![
+            ("base (other databases)", "base/1/1259"),
+            ("builds", "base/5/16384"),
+            ("builds", "base/5/16384.1"),
+            ("builds (vm)", "base/5/16384_vm"),
+            ("global", "global/1262"),
+            ("other files of the database", "base/5/PG_VERSION"),
+            ("pg_xact", "pg_xact/0000"),
+        ];
+        if elsewhere.is_none() {
+            // The same filesystem: the segment is found under both names it has.
+            expected.push(("pg_wal", "pg_wal/000000010000000000000001"));
+            expected.push(("wal-here", "wal-here/000000010000000000000001"));
+        }
+        expected.sort();
+        let expected: Vec<(String, String)> = expected
+            .into_iter()
+            .map(|(a, b)| (a.to_owned(), b.to_owned()))
+            .collect();
+        assert_eq!(names, expected);
     }
 
     #[test]
