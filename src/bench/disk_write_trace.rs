@@ -38,11 +38,14 @@ const BLOCK_SECTORS: u64 = 8;
 /// One write request to the disk: first sector and sectors.
 type Write = (u64, u64);
 
-/// A trace under way: the tracing instance and the thread reading it.
+/// A trace under way: the tracing instance and the thread reading it. Dropped without
+/// [`Tracer::stop`] (a run that failed meanwhile), it still ends the trace and removes
+/// the instance, so that no tracepoint stays enabled after the bench.
 pub struct Tracer {
     instance: PathBuf,
     stop: Arc<AtomicBool>,
-    reader: std::thread::JoinHandle<Result<Vec<Write>>>,
+    /// Taken by [`Tracer::end`].
+    reader: Option<std::thread::JoinHandle<Result<Vec<Write>>>>,
     disk: String,
     /// Added to a file's physical sectors to make them the disk's (a partition's start).
     offset: u64,
@@ -181,12 +184,17 @@ pub fn check(data_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Tracing instances this process has made: each its own name.
+static INSTANCES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 /// Start tracing the writes to the disk `data_dir` is on.
 pub fn start(data_dir: &Path) -> Result<Tracer> {
     let (disk, offset) = disk_of(data_dir)?;
-    let instance = tracefs()?
-        .join("instances")
-        .join(format!("hydra-upgrade-bench-{}", std::process::id()));
+    let instance = tracefs()?.join("instances").join(format!(
+        "hydra-upgrade-bench-{}-{}",
+        std::process::id(),
+        INSTANCES.fetch_add(1, Ordering::Relaxed)
+    ));
     std::fs::create_dir(&instance)
         .with_context(|| format!("creating the tracing instance {}", instance.display()))?;
     let event = instance.join("events/block/block_rq_issue");
@@ -212,7 +220,7 @@ pub fn start(data_dir: &Path) -> Result<Tracer> {
     Ok(Tracer {
         instance,
         stop,
-        reader,
+        reader: Some(reader),
         disk,
         offset,
     })
@@ -315,25 +323,40 @@ fn count(writes: &[Write], extents: &mut [Extent]) -> u64 {
 
 impl Tracer {
     /// Stop tracing; the writes it kept.
-    pub fn stop(self) -> Result<Writes> {
+    pub fn stop(mut self) -> Result<Writes> {
+        let (writes, lost_events) = self.end()?;
+        Ok(Writes {
+            writes,
+            disk: std::mem::take(&mut self.disk),
+            offset: self.offset,
+            lost_events,
+        })
+    }
+
+    /// Disable the event, let the reader drain the buffer and end, count what the kernel
+    /// dropped, remove the instance (its `trace_pipe` closed by then); once.
+    fn end(&mut self) -> Result<(Vec<Write>, u64)> {
+        let reader = self.reader.take().context("the trace was ended already")?;
         self.stop.store(true, Ordering::Relaxed);
         let disabled = std::fs::write(
             self.instance.join("events/block/block_rq_issue/enable"),
             "0",
         );
-        let writes = self
-            .reader
+        let writes = reader
             .join()
-            .map_err(|_| anyhow::anyhow!("the trace's thread panicked"))?;
+            .map_err(|_| anyhow::anyhow!("the trace's thread panicked"));
         let lost_events = lost_events(&self.instance);
         std::fs::remove_dir(&self.instance).ok();
         disabled.context("ending the trace")?;
-        Ok(Writes {
-            writes: writes?,
-            disk: self.disk,
-            offset: self.offset,
-            lost_events,
-        })
+        Ok((writes??, lost_events))
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        if self.reader.is_some() {
+            self.end().ok();
+        }
     }
 }
 
@@ -599,6 +622,7 @@ mod tests {
         file.sync_all().unwrap();
         check(dir.path()).unwrap();
         let tracer = start(dir.path()).unwrap();
+        let instance = tracer.instance.clone();
         for _ in 0..2 {
             file.write_all_at(&[2u8; 8192], 0).unwrap();
             file.sync_all().unwrap();
@@ -620,10 +644,9 @@ mod tests {
         assert_eq!(traced.lost_events, 0);
         assert!(traced.written_mb >= ours.written_mb);
         assert!(
-            !Path::new("/sys/kernel/tracing/instances")
-                .join(format!("hydra-upgrade-bench-{}", std::process::id()))
-                .exists(),
-            "the tracing instance is left behind"
+            !instance.exists(),
+            "the tracing instance {} is left behind",
+            instance.display()
         );
     }
 
@@ -665,6 +688,24 @@ mod tests {
             by_start,
             vec![(0, vec![2, 0, 0, 1]), (1000, vec![1, 1, 0, 0, 0, 0, 0, 0])]
         );
+    }
+
+    /// A tracer dropped without `stop` (a run that failed) still removes its instance.
+    #[test]
+    fn a_dropped_trace_leaves_no_instance_behind() {
+        if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
+            eprintln!("a_dropped_trace_leaves_no_instance_behind: not run, tracing needs root");
+            return;
+        }
+        let dir = tempfile::Builder::new()
+            .prefix(".disk-write-trace-test.")
+            .tempdir_in(env!("CARGO_MANIFEST_DIR"))
+            .unwrap();
+        let tracer = start(dir.path()).unwrap();
+        let instance = tracer.instance.clone();
+        assert!(instance.is_dir());
+        drop(tracer);
+        assert!(!instance.exists(), "{} left behind", instance.display());
     }
 
     /// A data directory's files by name: the database's relations and their forks, other
