@@ -143,7 +143,7 @@ fn disk_of(dir: &Path) -> Result<(String, u64)> {
     let dev = std::fs::metadata(dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .dev();
-    let (major, minor) = (nix_major(dev), nix_minor(dev));
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
     let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
     if !sys.exists() {
         bail!(
@@ -160,14 +160,6 @@ fn disk_of(dir: &Path) -> Result<(String, u64)> {
         }
         Err(_) => Ok((format!("{major},{minor}"), 0)),
     }
-}
-
-fn nix_major(dev: u64) -> u64 {
-    ((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0xfff)
-}
-
-fn nix_minor(dev: u64) -> u64 {
-    ((dev >> 12) & 0xffff_ff00) | (dev & 0xff)
 }
 
 /// Check before a long template that tracing works here and `filefrag` is installed.
@@ -434,10 +426,9 @@ fn lost_events(instance: &Path) -> u64 {
         return 0;
     };
     cpus.filter_map(|c| std::fs::read_to_string(c.ok()?.path().join("stats")).ok())
-        .flat_map(|s| {
+        .filter_map(|s| {
             s.lines()
-                .filter_map(|l| l.strip_prefix("overrun:")?.trim().parse::<u64>().ok())
-                .collect::<Vec<_>>()
+                .find_map(|l| l.strip_prefix("overrun:")?.trim().parse::<u64>().ok())
         })
         .sum()
 }
@@ -602,20 +593,30 @@ mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
 
+    /// A directory on a disk for a test that traces, or `None` (said on stderr) when
+    /// not root. (In the source tree, not the temporary directory: a tmpfs there is no
+    /// disk.)
+    fn traced_dir(test: &str) -> Option<tempfile::TempDir> {
+        if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
+            eprintln!("{test}: not run, tracing needs root");
+            return None;
+        }
+        Some(
+            tempfile::Builder::new()
+                .prefix(".disk-write-trace-test.")
+                .tempdir_in(env!("CARGO_MANIFEST_DIR"))
+                .unwrap(),
+        )
+    }
+
     /// A real trace: a file's block written twice and a megabyte once, each synced, are
     /// found in that file with their counts. Needs root and tracefs (`.ci/run` mounts it);
-    /// says so and returns when not root. (In the source tree, not the temporary
-    /// directory: a tmpfs there is no disk.)
+    /// says so and returns when not root.
     #[test]
     fn a_files_writes_are_traced_to_it() {
-        if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
-            eprintln!("a_files_writes_are_traced_to_it: not run, tracing needs root");
+        let Some(dir) = traced_dir("a_files_writes_are_traced_to_it") else {
             return;
-        }
-        let dir = tempfile::Builder::new()
-            .prefix(".disk-write-trace-test.")
-            .tempdir_in(env!("CARGO_MANIFEST_DIR"))
-            .unwrap();
+        };
         let path = dir.path().join("16384");
         let file = std::fs::File::create(&path).unwrap();
         file.write_all_at(&vec![1u8; 4 << 20], 0).unwrap();
@@ -693,14 +694,9 @@ mod tests {
     /// A tracer dropped without `stop` (a run that failed) still removes its instance.
     #[test]
     fn a_dropped_trace_leaves_no_instance_behind() {
-        if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
-            eprintln!("a_dropped_trace_leaves_no_instance_behind: not run, tracing needs root");
+        let Some(dir) = traced_dir("a_dropped_trace_leaves_no_instance_behind") else {
             return;
-        }
-        let dir = tempfile::Builder::new()
-            .prefix(".disk-write-trace-test.")
-            .tempdir_in(env!("CARGO_MANIFEST_DIR"))
-            .unwrap();
+        };
         let tracer = start(dir.path()).unwrap();
         let instance = tracer.instance.clone();
         assert!(instance.is_dir());

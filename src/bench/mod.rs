@@ -1404,14 +1404,7 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
         None
     };
     let template_evicted = if args.template_out_of_cache {
-        let oid: u32 = db
-            .client()
-            .query_one(
-                "SELECT oid FROM pg_database WHERE datname = $1",
-                &[&TEMPLATE],
-            )?
-            .get(0);
-        let e = page_cache::evict(&cluster.database_dir(oid))?;
+        let e = page_cache::evict(&cluster.database_dir(database_oid(&mut db, TEMPLATE)?))?;
         say(&format!(
             "run {}: the template's {} files ({:.0} MB) out of the page cache: it gave up {:.0} MB",
             run + 1,
@@ -1495,7 +1488,10 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
         .perf_profile
         .map(|secs| perf_profile::start(&cluster.socket_dir().join("bench-perf.data"), secs))
         .transpose()?;
-    let bgwriter_before = disk_write_trace::BgWriter::read(&mut db);
+    let bgwriter_before = args
+        .disk_write_trace
+        .then(|| disk_write_trace::BgWriter::read(&mut db))
+        .flatten();
     let tracer = args
         .disk_write_trace
         .then(|| disk_write_trace::start(&cluster.data()))
@@ -1534,16 +1530,9 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
     let disk_writes = match traced {
         Some(writes) => {
             let writes = writes?;
-            let oid: u32 = db
-                .client()
-                .query_one(
-                    "SELECT oid FROM pg_database WHERE datname = current_database()",
-                    &[],
-                )?
-                .get(0);
             let files = disk_write_trace::files_of(
                 &cluster.data(),
-                &cluster.database_dir(oid),
+                &cluster.database_dir(database_oid(&mut db, &name)?),
                 &disk_write_trace::relations(&mut db)?,
             )?;
             let mut t = writes.attribute(&files)?;
@@ -1611,6 +1600,14 @@ fn run_writer(cluster: &PgCluster, run: usize, args: &BenchArgs) -> Result<Write
         perf_profile,
         disk_writes,
     })
+}
+
+/// The `pg_database.oid` of the database `name` (its directory under `base/`).
+fn database_oid(db: &mut Db, name: &str) -> Result<u32> {
+    Ok(db
+        .client()
+        .query_one("SELECT oid FROM pg_database WHERE datname = $1", &[&name])?
+        .get(0))
 }
 
 /// `--alternate-pg-setting`: set the settings with `ALTER SYSTEM` and reload; returns
