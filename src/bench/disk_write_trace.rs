@@ -228,8 +228,12 @@ fn read_pipe(pipe: &Path, stop: &AtomicBool, disk: &str) -> Result<Vec<Write>> {
         .with_context(|| format!("opening {}", pipe.display()))?;
     let (mut writes, mut pending, mut buf) = (Vec::new(), Vec::new(), vec![0u8; 1 << 16]);
     loop {
-        match file.read(&mut buf) {
-            Ok(n) if n > 0 => {
+        // Nothing to read now: tracefs answers an empty pipe with EAGAIN; a read of 0 bytes
+        // (end of file) is taken the same way, so that the loop neither spins nor outlives
+        // `stop`.
+        let idle = match file.read(&mut buf) {
+            Ok(0) => true,
+            Ok(n) => {
                 pending.extend_from_slice(&buf[..n]);
                 let end = pending
                     .iter()
@@ -239,15 +243,16 @@ fn read_pipe(pipe: &Path, stop: &AtomicBool, disk: &str) -> Result<Vec<Write>> {
                     writes.extend(write_of(line, disk));
                 }
                 pending.drain(..end);
+                false
             }
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if stop.load(Ordering::Relaxed) {
-                    return Ok(writes);
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
             Err(e) => return Err(e).context("reading the trace"),
+        };
+        if idle {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(writes);
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }
@@ -660,6 +665,26 @@ mod tests {
         assert_eq!(write_of(&read, "254,0"), None, "a read");
         let flush = "  jbd2/vda-8-99 [000] ..... 1.0: block_rq_issue: 254,0 FWS 0 () 0 + 0 none,0,0 [jbd2/vda-8]";
         assert_eq!(write_of(flush, "254,0"), None, "a flush carries no sectors");
+    }
+
+    /// A pipe that reads as ended (0 bytes) ends the reading once told to stop, with
+    /// what it held, instead of spinning on it for ever.
+    #[test]
+    fn a_read_of_nothing_ends_the_reading_once_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let pipe = dir.path().join("trace_pipe");
+        let line = "kworker/u8:2-123 [001] ..... 1.0: block_rq_issue: 254,0 W 8192 () 64 + 16 none,0,0 [kworker/u8:2]";
+        std::fs::write(&pipe, format!("{line}\n{}\n", line.replace(" W ", " R "))).unwrap();
+        let (sent, received) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let stop = AtomicBool::new(true);
+            sent.send(read_pipe(&pipe, &stop, "254,0").unwrap())
+                .unwrap();
+        });
+        let writes = received
+            .recv_timeout(Duration::from_secs(10))
+            .expect("read_pipe still reading 10 s after a stop, at the file's end");
+        assert_eq!(writes, vec![(64, 16)]);
     }
 
     #[test]
