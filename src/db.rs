@@ -127,6 +127,14 @@ impl Db {
             .context("setting synchronous_commit")
     }
 
+    /// Undo [`Db::set_timeouts`] and [`Db::async_commit`]: the session's settings back to
+    /// the server's (or the role's, or the connection string's).
+    pub fn reset_session_settings(&mut self) -> Result<()> {
+        self.client
+            .batch_execute("RESET lock_timeout; RESET statement_timeout; RESET synchronous_commit")
+            .context("resetting the session's timeouts and synchronous_commit")
+    }
+
     /// Who holds the upgrade lock, if anyone: pid, application, client, connection age.
     pub fn upgrade_lock_holder(&mut self) -> Result<Option<String>> {
         let holder = self

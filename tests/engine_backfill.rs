@@ -778,3 +778,102 @@ fn the_configuration_file_chooses_the_cpu_pinning_and_the_command_line_overrides
         "expected auto, off or a CPU number, not \"first\"",
     );
 }
+
+/// `backfill::run` as `upgrade` calls it (the library, on a connection it goes on using),
+/// with the pinning off so that tests running side by side keep their CPUs, and `adjust`
+/// applied to the command line's defaults.
+fn backfill_on(
+    conn: &mut hydra_upgrade::db::Db,
+    adjust: impl FnOnce(&mut hydra_upgrade::backfill::Options),
+) -> anyhow::Result<()> {
+    let mut opts = hydra_upgrade::backfill::Options::from_args(
+        &hydra_upgrade::cli::BackfillArgs::defaults(),
+        &hydra_upgrade::config::Config::default(),
+    );
+    opts.pin_cpu = hydra_upgrade::backfill::one_cpu::PinCpu::Off;
+    adjust(&mut opts);
+    let out = hydra_upgrade::progress::Out::new(true);
+    let interrupt = hydra_upgrade::interrupt::Interrupt::install()?;
+    hydra_upgrade::backfill::run(conn, &opts, &out, &interrupt).map(|_| ())
+}
+
+fn session_settings(conn: &mut hydra_upgrade::db::Db) -> Vec<String> {
+    ["lock_timeout", "statement_timeout", "synchronous_commit"]
+        .iter()
+        .map(|s| {
+            conn.client()
+                .query_one(&format!("SHOW {s}"), &[])
+                .unwrap()
+                .get(0)
+        })
+        .collect()
+}
+
+/// The backfill's timeouts and asynchronous commit are its own: `upgrade` goes on with the
+/// same connection to verify (a count over all of Builds, minutes at tens of millions of
+/// rows, which the backfill's 120 s statement_timeout would cut off) and to finalize
+/// (whose commits must not be asynchronous). So the connection comes back with the
+/// server's settings, after a backfill that finished and after one that failed.
+#[test]
+fn the_backfill_hands_its_connection_back_with_the_servers_settings() {
+    let db = hydra_at(61);
+    let mut conn = db.connect();
+    let servers = session_settings(&mut conn);
+    assert_eq!(servers, ["0", "0", "on"], "the test cluster's defaults");
+    backfill_on(&mut conn, |_| {}).unwrap();
+    assert_eq!(db.wrong_or_null(), 0);
+    assert_eq!(
+        session_settings(&mut conn),
+        servers,
+        "after a backfill that finished"
+    );
+
+    // One that fails: every Builds row locked past every retry.
+    db.exec("UPDATE builds SET jobset_id = NULL");
+    let mut holder = db.connect();
+    holder
+        .client()
+        .batch_execute("BEGIN; SELECT 1 FROM builds FOR UPDATE")
+        .unwrap();
+    let failed = backfill_on(&mut conn, |o| {
+        o.lock_timeout = Duration::from_millis(50);
+        o.max_retries = 0;
+    });
+    holder.client().batch_execute("COMMIT").unwrap();
+    let e = failed.expect_err("every Builds row was locked");
+    assert!(
+        format!("{e:#}").contains("lock contention"),
+        "failed for another reason: {e:#}"
+    );
+    assert_eq!(
+        session_settings(&mut conn),
+        servers,
+        "after a backfill that failed"
+    );
+}
+
+/// Before the walk, each table is searched for a NULL row to fill (joined with Jobsets),
+/// which with none left reads all of it: longer than the rounds' statement_timeout at
+/// tens of millions of builds. That search runs without the limit: here, in a rerun
+/// after a finished backfill, it waits out a lock on Jobsets (as a long scan takes its
+/// time) past a 100 ms statement_timeout, and the rerun ends well.
+#[test]
+fn the_search_for_rows_to_fill_is_not_cut_off_by_the_rounds_statement_timeout() {
+    let db = hydra_at(61);
+    let mut conn = db.connect();
+    backfill_on(&mut conn, |_| {}).unwrap();
+    let mut holder = db.connect();
+    holder
+        .client()
+        .batch_execute("BEGIN; LOCK TABLE jobsets IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(700));
+        holder.client().batch_execute("COMMIT").unwrap();
+    });
+    let rerun = backfill_on(&mut conn, |o| {
+        o.statement_timeout = Duration::from_millis(100)
+    });
+    release.join().unwrap();
+    rerun.expect("the rerun's search for NULL rows was cut off by the 100 ms statement_timeout");
+}

@@ -406,25 +406,51 @@ fn stats_after(
 }
 
 /// Does the table hold any NULL jobset_id row that can be filled (its jobset exists)?
+///
+/// With none or few left (a rerun after a finished walk) this reads the whole table, which
+/// at tens of millions of builds can take longer than the backfill's statement_timeout
+/// meant for its short batches; it blocks nothing, so it runs without that limit.
 fn has_fillable(db: &mut Db, table: Table) -> Result<bool> {
     let sql = format!(
         "SELECT EXISTS (SELECT 1 FROM {t} AS t JOIN jobsets js ON js.project = t.project AND js.name = t.jobset
                          WHERE t.jobset_id IS NULL)",
         t = table.name()
     );
-    Ok(db
-        .client()
-        .query_one(&sql, &[])
-        .with_context(|| format!("looking for NULL rows in {}", table.name()))?
-        .get(0))
+    let context = || format!("looking for NULL rows in {}", table.name());
+    let mut tx = db.client().transaction().with_context(context)?;
+    tx.batch_execute("SET LOCAL statement_timeout = 0")
+        .with_context(context)?;
+    let found = tx.query_one(&sql, &[]).with_context(context)?.get(0);
+    tx.commit().with_context(context)?;
+    Ok(found)
 }
 
 /// Fill both tables. The caller has checked the stage (the columns exist).
+///
+/// The session's timeouts and asynchronous commit are the backfill's own and are reset
+/// when it ends, failed or not: `upgrade` goes on with the same connection, and its
+/// verify (a count over all of Builds, minutes at tens of millions of rows) must not be
+/// cut off at the backfill's statement_timeout, nor finalize's commits be asynchronous.
 pub fn run(db: &mut Db, opts: &Options, out: &Out, interrupt: &Interrupt) -> Result<Report> {
-    let start = Instant::now();
     db.take_upgrade_lock()?;
     db.set_timeouts(opts.lock_timeout, opts.statement_timeout)?;
     db.async_commit()?;
+    match run_in_session(db, opts, out, interrupt) {
+        Ok(report) => {
+            db.reset_session_settings()?;
+            Ok(report)
+        }
+        Err(e) => {
+            // Best effort: the connection may be what failed.
+            let _ = db.reset_session_settings();
+            Err(e)
+        }
+    }
+}
+
+/// [`run`] with its session settings in place.
+fn run_in_session(db: &mut Db, opts: &Options, out: &Out, interrupt: &Interrupt) -> Result<Report> {
+    let start = Instant::now();
     state::ensure(db)?;
     // Held until the walk ends, then both processes get their CPUs back.
     let _pinned = pin_to_one_cpu(db, opts.pin_cpu, out)?;
