@@ -108,6 +108,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
                 !s.jobs_jobset_id.nullable && !s.builds_jobset_id.nullable
             };
             if done {
+                backfill::autoanalyze::release_left_over(&mut db, &out)?;
                 out.say("nothing to backfill: both jobset_id columns are NOT NULL already");
                 if json {
                     // The report a script reads last: no table walked.
@@ -158,6 +159,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
             let s = status::detect(&mut db, false)?;
             match s.stage {
                 status::Stage::Final => {
+                    backfill::autoanalyze::release_left_over(&mut db, &out)?;
                     out.say("nothing to do: the schema is at 65 or later");
                     if json {
                         print_json(&finalize::Report::default())?;

@@ -392,6 +392,9 @@ pub fn run(
                 if !host.is_on(Phase::Final)? {
                     switch_phase(db, host, Phase::Final, out, &mut report)?;
                 }
+                // `--stock-final`, or a finalize by hand: no step of ours ran after a
+                // backfill killed outright.
+                crate::backfill::autoanalyze::release_left_over(db, out)?;
                 host.record_step("done", None)?;
                 report.final_status = Some(status::detect(db, false)?);
                 return Ok(report);

@@ -635,6 +635,36 @@ fn autoanalyze_is_held_off_during_the_walk_only() {
     );
 }
 
+/// A backfill killed outright (SIGKILL, systemd's stop timeout) leaves autoanalyze held
+/// off; if the admin then finished with Hydra's own `hydra-init`, neither `backfill` nor
+/// `finalize` has work left, and they reset it on their way out ("nothing to ..."),
+/// leaving an owner's own threshold alone.
+#[test]
+fn a_hold_off_left_behind_is_reset_when_nothing_is_left_to_do() {
+    let db = hydra_at(61);
+    run_on(&db, &["backfill"]).expect_code(0);
+    db.upgrade_to(65);
+    let hold_off = "ALTER TABLE builds SET (autovacuum_analyze_threshold = 2000000000);
+                    ALTER TABLE jobs SET (autovacuum_analyze_threshold = 2000000000)";
+    db.exec(hold_off);
+    let r = run_on(&db, &["backfill"]);
+    r.expect_code(0);
+    assert_contains(&r.stderr, "nothing to backfill");
+    assert_eq!(reloptions(&db, "builds"), "");
+    assert_eq!(reloptions(&db, "jobs"), "");
+
+    db.exec(hold_off);
+    db.exec("ALTER TABLE jobs SET (autovacuum_analyze_threshold = 5000)");
+    let r = run_on(&db, &["finalize"]);
+    r.expect_code(0);
+    assert_contains(&r.stderr, "nothing to do");
+    assert_eq!(reloptions(&db, "builds"), "");
+    assert_eq!(
+        reloptions(&db, "jobs"),
+        "{autovacuum_analyze_threshold=5000}"
+    );
+}
+
 #[test]
 fn the_backfill_keeps_itself_and_its_server_process_on_one_cpu() {
     let db = hydra_at(61);

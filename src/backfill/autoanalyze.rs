@@ -15,7 +15,9 @@
 //! So for the walk each table's `autovacuum_analyze_threshold` is set to a value of our own
 //! ([`HOLD_OFF`]), and reset when the backfill ends, fails or is interrupted; a run killed
 //! outright leaves it, and the next `backfill` or `finalize` resets it (the value marks it
-//! as ours). A table whose owner set the option already is left alone. Autovacuum's
+//! as ours), and so do `backfill`, `finalize` and `upgrade` when they find both columns NOT
+//! NULL already (nothing left for them to do: the admin finished with Hydra's own
+//! `hydra-init`). A table whose owner set the option already is left alone. Autovacuum's
 //! VACUUM is not held off: it does not hold back pruning.
 
 use anyhow::Result;
@@ -80,6 +82,16 @@ pub fn held_off(db: &mut Db) -> Result<Vec<Table>> {
         }
     }
     Ok(tables)
+}
+
+/// [`release`] at a stage with nothing left to backfill or finalize: a marker found there
+/// was left by a run killed outright. Best effort, and waits at most 2 s for the table's
+/// lock (a manual VACUUM or ANALYZE holds it), then warns.
+pub fn release_left_over(db: &mut Db, out: &Out) -> Result<()> {
+    db.client().batch_execute("SET lock_timeout = 2000")?;
+    let released = release(db, out, false);
+    db.client().batch_execute("RESET lock_timeout")?;
+    released
 }
 
 /// Reset the option where it is ours. `must`: fail when it cannot be reset (finalize,
