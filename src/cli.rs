@@ -121,6 +121,10 @@ pub enum StrategyChoice {
     Keyset,
 }
 
+/// The largest batch size accepted: Builds' ids are 32-bit, and the keyset cursor does its
+/// arithmetic in `i64` (a larger value would wrap).
+const BATCH_SIZE_MAX: u64 = i32::MAX as u64;
+
 #[derive(Debug, Clone, Args)]
 pub struct BackfillArgs {
     /// Batch selection strategy.
@@ -133,10 +137,11 @@ pub struct BackfillArgs {
     #[arg(long, value_name = "MS")]
     pub pause_ms: Option<u64>,
     /// First batch size (keys for keyset, heap pages for per-page).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=BATCH_SIZE_MAX))]
     pub batch_size: Option<u64>,
     /// Largest batch size the adaptation may reach.
-    #[arg(long, value_name = "N", default_value_t = 50_000)]
+    #[arg(long, value_name = "N", default_value_t = 50_000,
+          value_parser = clap::value_parser!(u64).range(1..=BATCH_SIZE_MAX))]
     pub max_batch_size: u64,
     /// lock_timeout for every statement (SQLSTATE 55P03 is retried).
     #[arg(long, value_name = "MS", default_value_t = 2_000)]
@@ -289,4 +294,26 @@ pub struct UpgradeArgs {
     pub simulate_host: bool,
     #[command(flatten)]
     pub backfill: BackfillArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// Batch sizes are 1 to 2^31 - 1: a 0 made no progress, and a larger value wrapped to a
+    /// negative span in the keyset cursor's arithmetic.
+    #[test]
+    fn batch_sizes_outside_one_to_i32_max_are_refused() {
+        let parse =
+            |flag: &str, v: &str| Cli::try_parse_from(["hydra-upgrade", "backfill", flag, v]);
+        for flag in ["--batch-size", "--max-batch-size"] {
+            assert!(parse(flag, "1").is_ok(), "{flag} 1");
+            assert!(parse(flag, "2147483647").is_ok(), "{flag} 2^31 - 1");
+            for bad in ["0", "2147483648", "18446744073709551615"] {
+                let e = parse(flag, bad).expect_err(bad);
+                assert_eq!(e.exit_code(), 2, "{flag} {bad}");
+            }
+        }
+    }
 }
