@@ -585,13 +585,6 @@ fn a_role_that_may_only_read_gets_exit_16_and_a_hint() {
     );
 }
 
-/// A table's storage options, e.g. `{autovacuum_analyze_threshold=2000000000}`, or "".
-fn reloptions(db: &TestDb, table: &str) -> String {
-    db.query_string(&format!(
-        "SELECT coalesce(reloptions::text, '') FROM pg_class WHERE oid = '{table}'::regclass"
-    ))
-}
-
 #[test]
 fn autoanalyze_is_held_off_during_the_walk_only() {
     let db = hydra_at(61);

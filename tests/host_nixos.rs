@@ -344,12 +344,7 @@ fn full_upgrade_from_58_to_65_with_explicit_systems() {
     let r = f.run(&[]);
     r.expect_code(0);
     assert!(!r.stderr.contains("==> switch"), "{}", r.stderr);
-    assert_eq!(
-        f.db.query_string(
-            "SELECT coalesce(reloptions::text, '') FROM pg_class WHERE oid = 'builds'::regclass"
-        ),
-        ""
-    );
+    assert_eq!(reloptions(&f.db, "builds"), "");
 }
 
 #[test]

@@ -144,6 +144,13 @@ pub fn fill_builds_where(condition: &str) -> String {
     )
 }
 
+/// A table's storage options, e.g. `{autovacuum_analyze_threshold=2000000000}`, or "".
+pub fn reloptions(db: &TestDb, table: &str) -> String {
+    db.query_string(&format!(
+        "SELECT coalesce(reloptions::text, '') FROM pg_class WHERE oid = '{table}'::regclass"
+    ))
+}
+
 /// `haystack` (a command's stdout or stderr) contains `needle`; if not, the failure shows
 /// all of it.
 #[track_caller]
