@@ -135,6 +135,23 @@ impl Db {
             .context("resetting the session's timeouts and synchronous_commit")
     }
 
+    /// Run `work`, whose session settings ([`Db::set_timeouts`], [`Db::async_commit`] or
+    /// its own `SET`s) are its own, then hand the connection back with the server's: once
+    /// `work` ends, finished or failed (best effort then: the connection may be what
+    /// failed). `upgrade` goes on with the same connection from one step to the next.
+    pub fn with_own_settings<T>(&mut self, work: impl FnOnce(&mut Db) -> Result<T>) -> Result<T> {
+        match work(self) {
+            Ok(done) => {
+                self.reset_session_settings()?;
+                Ok(done)
+            }
+            Err(e) => {
+                let _ = self.reset_session_settings();
+                Err(e)
+            }
+        }
+    }
+
     /// Who holds the upgrade lock, if anyone: pid, application, client, connection age.
     pub fn upgrade_lock_holder(&mut self) -> Result<Option<String>> {
         let holder = self

@@ -44,7 +44,8 @@ pub enum Exit {
     UnsupportedServer = 15,
     /// The database role lacks a privilege a step needs (SQLSTATE 42501).
     Privilege = 16,
-    /// Stopped by SIGINT/SIGTERM after finishing or rolling back the open batch.
+    /// Stopped by SIGINT/SIGTERM after finishing or rolling back the open batch, or by a
+    /// statement of ours cancelled on the server (`pg_cancel_backend`).
     Interrupted = 130,
 }
 
@@ -150,15 +151,13 @@ pub fn exit_of(err: &anyhow::Error) -> Exit {
     if lost_connection(err) {
         return Exit::Connect;
     }
-    let denied = err.chain().any(|e| {
-        e.downcast_ref::<postgres::Error>()
-            .and_then(|e| e.code())
-            .is_some_and(|c| *c == postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
-    });
-    if denied {
-        Exit::Privilege
-    } else {
-        Exit::Internal
+    match crate::db::sqlstate(err) {
+        Some(c) if c == postgres::error::SqlState::INSUFFICIENT_PRIVILEGE => Exit::Privilege,
+        // A statement of ours cancelled on the server (57014) that no code of ours took as
+        // its own statement_timeout: an administrator's pg_cancel_backend, or a timeout
+        // set for the role or database. Nothing is half-done; a re-run continues.
+        Some(c) if c == postgres::error::SqlState::QUERY_CANCELED => Exit::Interrupted,
+        _ => Exit::Internal,
     }
 }
 
@@ -210,6 +209,12 @@ fn hint(err: &anyhow::Error, exit: Exit) -> Option<&'static str> {
         Exit::Connect if lost_connection(err) => Some(
             "the connection to the database broke midway; every committed batch is kept. \
              Once the server answers again, run the same command to continue where it stopped.",
+        ),
+        Exit::Interrupted if crate::db::is_statement_timeout(err) => Some(
+            "PostgreSQL cancelled a statement of ours before it ended: an administrator's \
+             pg_cancel_backend, a statement_timeout set for the role or the database (`SHOW \
+             statement_timeout` as that role), or a --statement-timeout-ms too small for this \
+             server. Every committed step is kept; run the same command again to continue.",
         ),
         Exit::Privilege => Some(
             "connect as the role that owns Hydra's tables (`hydra` on NixOS, where root \

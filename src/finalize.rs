@@ -212,7 +212,15 @@ fn online_step(db: &mut Db, report: &mut Report, what: &str, sql: &str) -> Resul
 }
 
 /// Carry out upgrade-62..65 online. The caller has verified that no NULL row is left.
+///
+/// The session's timeouts are lifted for the long online steps and reset when it ends,
+/// failed or not: `upgrade` goes on with the same connection.
 pub fn run(db: &mut Db, opts: &Options, out: &Out) -> Result<Report> {
+    db.with_own_settings(|db| run_in_session(db, opts, out))
+}
+
+/// [`run`], free to change its session's settings.
+fn run_in_session(db: &mut Db, opts: &Options, out: &Out) -> Result<Report> {
     let start = Instant::now();
     let mut report = Report {
         began: Some(start),

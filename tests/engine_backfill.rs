@@ -820,18 +820,6 @@ fn backfill_on(
     hydra_upgrade::backfill::run(conn, &opts, &out, &interrupt).map(|_| ())
 }
 
-fn session_settings(conn: &mut hydra_upgrade::db::Db) -> Vec<String> {
-    ["lock_timeout", "statement_timeout", "synchronous_commit"]
-        .iter()
-        .map(|s| {
-            conn.client()
-                .query_one(&format!("SHOW {s}"), &[])
-                .unwrap()
-                .get(0)
-        })
-        .collect()
-}
-
 /// The backfill's timeouts and asynchronous commit are its own: `upgrade` goes on with the
 /// same connection to verify (a count over all of Builds, minutes at tens of millions of
 /// rows, which the backfill's 120 s statement_timeout would cut off) and to finalize
@@ -899,4 +887,60 @@ fn the_search_for_rows_to_fill_is_not_cut_off_by_the_rounds_statement_timeout() 
     });
     release.join().unwrap();
     rerun.expect("the rerun's search for NULL rows was cut off by the 100 ms statement_timeout");
+}
+
+/// A round cut off by our statement_timeout is halved and tried again, and the walk goes
+/// on. Here the round waits on a row Hydra holds locked, with a lock_timeout longer than
+/// the statement_timeout, so the statement timeout is what ends the wait; once the
+/// halving is reported the lock is let go, and the run finishes.
+#[test]
+fn a_round_cut_off_by_the_statement_timeout_is_halved_and_the_walk_goes_on() {
+    use std::io::BufRead;
+    let db = hydra_at(61);
+    let mut holder = db.connect();
+    holder
+        .client()
+        .batch_execute("BEGIN; SELECT 1 FROM builds WHERE id = 1 FOR UPDATE")
+        .unwrap();
+    let reader = duct::cmd(
+        BIN,
+        [
+            "--db",
+            db.dsn.as_str(),
+            "backfill",
+            "--strategy",
+            "per-page",
+            "--batch-size",
+            "16",
+            "--lock-timeout-ms",
+            "30000",
+            "--statement-timeout-ms",
+            "1000",
+        ],
+    )
+    .env_remove("HYDRA_DBI")
+    .env_remove("PGPASSWORD")
+    .env_remove("HYDRA_UPGRADE_CONFIG")
+    .stderr_to_stdout()
+    .unchecked()
+    .reader()
+    .unwrap();
+    let mut said = String::new();
+    let mut released = false;
+    for line in std::io::BufReader::new(&reader).lines() {
+        let line = line.unwrap();
+        if !released && line.contains("statement timeout, batch halved to 8") {
+            holder.client().batch_execute("COMMIT").unwrap();
+            released = true;
+        }
+        said.push_str(&line);
+        said.push('\n');
+    }
+    let status = reader.try_wait().unwrap().expect("the run ended").status;
+    if !released {
+        holder.client().batch_execute("COMMIT").unwrap();
+    }
+    assert!(released, "no halving reported:\n{said}");
+    assert_eq!(status.code(), Some(0), "{said}");
+    assert_eq!(db.wrong_or_null(), 0);
 }

@@ -335,3 +335,50 @@ fn simulated_upgrade_from_58_to_65() {
     assert_eq!(j["final_indexes"][0][1], true);
     assert_eq!(j["final_indexes"][1][1], true);
 }
+
+/// finalize lifts its session's timeouts for its long online steps (VALIDATE, CREATE
+/// INDEX CONCURRENTLY); `upgrade` goes on with the same connection, so they are reset
+/// when it ends, failed or finished: back to the database's own (set here with ALTER
+/// DATABASE), which before stayed lifted (0 and 0).
+#[test]
+fn finalize_hands_its_connection_back_with_the_databases_settings() {
+    let (db, mut holder) = backfilled_with_a_builds_writer_mid_transaction();
+    db.exec(&format!(
+        "ALTER DATABASE \"{0}\" SET lock_timeout = '3s'; \
+         ALTER DATABASE \"{0}\" SET statement_timeout = '5min'",
+        db.name
+    ));
+    let mut conn = db.connect();
+    let own = session_settings(&mut conn);
+    assert_eq!(own, ["3s", "5min", "on"]);
+    let out = hydra_upgrade::progress::Out::new(true);
+    let opts = hydra_upgrade::finalize::Options {
+        lock_timeout: Duration::from_millis(100),
+        max_retries: 0,
+    };
+    let failed = hydra_upgrade::finalize::run(&mut conn, &opts, &out)
+        .expect_err("Builds' writer holds its lock");
+    assert_eq!(
+        hydra_upgrade::exit::exit_of(&failed),
+        hydra_upgrade::exit::Exit::RetriesExhausted,
+        "{failed:#}"
+    );
+    assert_eq!(
+        session_settings(&mut conn),
+        own,
+        "after a finalize that failed"
+    );
+    holder.client().batch_execute("COMMIT").unwrap();
+    hydra_upgrade::finalize::run(
+        &mut conn,
+        &hydra_upgrade::finalize::Options::defaults(),
+        &out,
+    )
+    .unwrap();
+    assert_eq!(db.version(), 65);
+    assert_eq!(
+        session_settings(&mut conn),
+        own,
+        "after a finalize that finished"
+    );
+}

@@ -190,3 +190,130 @@ fn an_interrupted_rehearsal_says_its_copy_is_gone_and_production_untouched() {
         "no advice to resume what is gone: {stderr}"
     );
 }
+
+/// A Ctrl-C while a batch waits for its retry (its rows locked by a Hydra transaction)
+/// stops the run at once: not after the rest of the backoff (up to 10 s) and every retry
+/// left, which ended it with exit 14 about a minute later.
+#[test]
+fn sigint_while_a_batch_waits_for_its_retry_stops_at_once() {
+    let db = hydra_at(61);
+    let mut holder = db.connect();
+    holder
+        .client()
+        .batch_execute("BEGIN; SELECT 1 FROM builds FOR UPDATE")
+        .unwrap();
+    let handle = spawn_on(&db, &["backfill", "--lock-timeout-ms", "50"]);
+    // By then the retries wait seconds between tries (50 ms doubling, up to 10 s).
+    std::thread::sleep(Duration::from_secs(4));
+    let asked = Instant::now();
+    signal(&handle, "-INT");
+    let out = handle.wait().unwrap();
+    let took = asked.elapsed();
+    holder.client().batch_execute("COMMIT").unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("retry 3 in"),
+        "not in its retries: {stderr}"
+    );
+    assert!(stderr.contains("waited to be retried"), "{stderr}");
+    assert!(
+        took < Duration::from_secs(2),
+        "took {took:?} to stop: {stderr}"
+    );
+    run_on(&db, &["backfill"]).expect_code(0);
+    assert_eq!(db.wrong_or_null(), 0);
+}
+
+/// An administrator's `pg_cancel_backend` on our session stops the run (exit 130, as on
+/// Ctrl-C), where before it was taken for our statement_timeout: the batch was halved
+/// and the walk went on (or, at a batch of one, ended with exit 1). A re-run finishes.
+#[test]
+fn pg_cancel_backend_stops_the_backfill_and_a_rerun_finishes() {
+    let db = hydra_at(61);
+    let digest = db.digest_without_jobset_id();
+    let handle = spawn_on(&db, &slow("per-page"));
+    wait_until_started(&db);
+    let mut admin = db.connect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // Our server process is idle between rounds, where a cancel does nothing: cancel it
+    // whenever it is running a statement until the run ends. (Only in this test's
+    // database: the other tests' runs share the cluster.)
+    while handle.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the cancels never stopped the run"
+        );
+        admin
+            .client()
+            .execute(
+                "SELECT pg_cancel_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND application_name = 'hydra-upgrade' \
+                   AND state = 'active' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    let out = handle.wait().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("canceling statement due to user request"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("batch halved"),
+        "taken for a timeout: {stderr}"
+    );
+    let r = run_on(&db, &["backfill"]);
+    r.expect_code(0);
+    assert_eq!(db.wrong_or_null(), 0);
+    assert_eq!(db.digest_without_jobset_id(), digest);
+}
+
+/// A cancel of any statement of ours, outside the backfill's batches too (here `verify`,
+/// waiting for a lock), ends with exit 130 and a hint that names who cancels statements,
+/// not with exit 1 ("unexpected error").
+#[test]
+fn a_cancelled_verify_exits_130_with_a_hint() {
+    let db = hydra_at(61);
+    run_on(&db, &["backfill"]).expect_code(0);
+    let mut holder = db.connect();
+    holder
+        .client()
+        .batch_execute("BEGIN; LOCK TABLE builds IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let handle = spawn_on(&db, &["verify"]);
+    let mut admin = db.connect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "verify never waited for the lock"
+        );
+        let cancelled: i64 = admin
+            .client()
+            .query_one(
+                "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock' \
+                   AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if cancelled > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = handle.wait().unwrap();
+    holder.client().batch_execute("COMMIT").unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("hint: PostgreSQL cancelled a statement of ours"),
+        "{stderr}"
+    );
+    run_on(&db, &["verify"]).expect_code(0);
+}

@@ -187,11 +187,14 @@ impl Adaptive {
     }
 }
 
-/// Run one batch with retries: transient errors back off and retry; a statement timeout
-/// halves the batch and retries.
+/// Run one batch with retries: transient errors back off and retry (a stop asked for
+/// meanwhile ends the wait and the run); a statement timeout halves the batch and
+/// retries; a cancel that came before our statement_timeout ran out is someone else's
+/// and stops the run.
 fn with_retries<T>(
     opts: &Options,
     out: &Out,
+    interrupt: &Interrupt,
     what: &str,
     adaptive: &mut Adaptive,
     retries: &mut u64,
@@ -199,8 +202,20 @@ fn with_retries<T>(
 ) -> Result<T> {
     let mut attempt = 0;
     loop {
+        let began = Instant::now();
         match op(adaptive.size) {
             Ok(v) => return Ok(v),
+            Err(e) if db::is_statement_timeout(&e) && !ran_out_its_time(opts, began) => {
+                return Err(e.context(crate::exit::Failure::new(
+                    Exit::Interrupted,
+                    format!(
+                        "{what}: PostgreSQL cancelled it after {:.1} s, before our statement_timeout \
+                         ran out (an administrator's pg_cancel_backend?); every committed batch is \
+                         kept. Run the same command again to continue",
+                        began.elapsed().as_secs_f64()
+                    ),
+                )));
+            }
             Err(e) if db::is_statement_timeout(&e) && adaptive.shrink() => {
                 out.warn(&format!(
                     "{what}: statement timeout, batch halved to {}",
@@ -214,7 +229,30 @@ fn with_retries<T>(
                     attempt + 1,
                     wait.as_millis()
                 ));
-                std::thread::sleep(wait);
+                if interrupt.sleep(wait) {
+                    return Err(e.context(crate::exit::Failure::new(
+                        Exit::Interrupted,
+                        format!(
+                            "interrupted while {what} waited to be retried; every committed \
+                             batch is kept. Run the same command again to continue"
+                        ),
+                    )));
+                }
+                // Only lock contention counts against --max-retries; halvings have their
+                // own end (a batch of one).
+                attempt += 1;
+            }
+            Err(e) if db::is_statement_timeout(&e) => {
+                return Err(e.context(crate::exit::Failure::new(
+                    Exit::Internal,
+                    format!(
+                        "{what}: even a batch of one page or key ran past the statement_timeout of {} ms: the \
+                         server is overloaded, or the limit is too small for it. Every committed \
+                         batch is kept; run the same command again with a larger \
+                         --statement-timeout-ms",
+                        opts.statement_timeout.as_millis()
+                    ),
+                )));
             }
             Err(e) if db::is_transient(&e) => {
                 return Err(e.context(crate::exit::Failure::new(
@@ -229,9 +267,16 @@ fn with_retries<T>(
             }
             Err(e) => return Err(e),
         }
-        attempt += 1;
         *retries += 1;
     }
+}
+
+/// Did a statement cancelled with SQLSTATE 57014 run out our statement_timeout? A cancel
+/// that comes sooner is someone else's (`pg_cancel_backend`): halving the batch and going
+/// on would ignore it, so the run stops as on Ctrl-C. (A batch is a few statements, each
+/// under the timeout: one that ended sooner than the whole timeout was not cut off by it.)
+fn ran_out_its_time(opts: &Options, began: Instant) -> bool {
+    !opts.statement_timeout.is_zero() && began.elapsed() >= opts.statement_timeout
 }
 
 /// Waiting out short-lived snapshots before a per-page round. A round's HOT updates need
@@ -433,19 +478,11 @@ fn has_fillable(db: &mut Db, table: Table) -> Result<bool> {
 /// cut off at the backfill's statement_timeout, nor finalize's commits be asynchronous.
 pub fn run(db: &mut Db, opts: &Options, out: &Out, interrupt: &Interrupt) -> Result<Report> {
     db.take_upgrade_lock()?;
-    db.set_timeouts(opts.lock_timeout, opts.statement_timeout)?;
-    db.async_commit()?;
-    match run_in_session(db, opts, out, interrupt) {
-        Ok(report) => {
-            db.reset_session_settings()?;
-            Ok(report)
-        }
-        Err(e) => {
-            // Best effort: the connection may be what failed.
-            let _ = db.reset_session_settings();
-            Err(e)
-        }
-    }
+    db.with_own_settings(|db| {
+        db.set_timeouts(opts.lock_timeout, opts.statement_timeout)?;
+        db.async_commit()?;
+        run_in_session(db, opts, out, interrupt)
+    })
 }
 
 /// [`run`] with its session settings in place.
@@ -675,6 +712,7 @@ fn run_table(
                 let pages = with_retries(
                     opts,
                     out,
+                    interrupt,
                     &format!("{name} page listing"),
                     &mut adaptive,
                     &mut retries,
@@ -693,6 +731,7 @@ fn run_table(
             let (updated, xid, n) = with_retries(
                 opts,
                 out,
+                interrupt,
                 &format!("{name} round"),
                 &mut adaptive,
                 &mut retries,
@@ -742,6 +781,7 @@ fn run_table(
             let (batch, next) = with_retries(
                 opts,
                 out,
+                interrupt,
                 &format!("{name} keyset batch"),
                 &mut adaptive,
                 &mut retries,

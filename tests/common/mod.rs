@@ -151,6 +151,20 @@ pub fn reloptions(db: &TestDb, table: &str) -> String {
     ))
 }
 
+/// The session settings our commands change on the connection they are given
+/// (`lock_timeout`, `statement_timeout`, `synchronous_commit`), as `SHOW` gives them.
+pub fn session_settings(conn: &mut Db) -> Vec<String> {
+    ["lock_timeout", "statement_timeout", "synchronous_commit"]
+        .iter()
+        .map(|s| {
+            conn.client()
+                .query_one(&format!("SHOW {s}"), &[])
+                .unwrap()
+                .get(0)
+        })
+        .collect()
+}
+
 /// `haystack` (a command's stdout or stderr) contains `needle`; if not, the failure shows
 /// all of it.
 #[track_caller]
