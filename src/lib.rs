@@ -101,7 +101,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
         Command::Backfill(args) => {
             let interrupt = Interrupt::install()?;
             let mut db = connect()?;
-            let s = status::detect(&mut db, false)?;
+            let s = status::detect_stage(&mut db)?;
             // At the final stage the columns may be gone (Jobs is dropped in schema 67).
             let done = s.stage == status::Stage::Final || {
                 backfill::require_columns(&s)?;
@@ -140,7 +140,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
         }
         Command::Verify => {
             let mut db = connect()?;
-            let s = status::detect(&mut db, false)?;
+            let s = status::detect_stage(&mut db)?;
             // At the final stage Jobs may be gone (schema 67 drops it); verify checks
             // what is there.
             if s.stage != status::Stage::Final {
@@ -156,7 +156,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
         }
         Command::Finalize(args) => {
             let mut db = connect()?;
-            let s = status::detect(&mut db, false)?;
+            let s = status::detect_stage(&mut db)?;
             match s.stage {
                 status::Stage::Final => {
                     backfill::autoanalyze::release_left_over(&mut db, &out)?;

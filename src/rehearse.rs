@@ -138,7 +138,7 @@ fn check_source(args: &RehearseArgs) -> Result<()> {
         let source = Dsn::parse(from)?;
         match Db::connect(&source) {
             Ok(mut db) => {
-                status::detect(&mut db, false).map_err(|e| not_hydra_names("--from-db", e))?;
+                status::detect_stage(&mut db).map_err(|e| not_hydra_names("--from-db", e))?;
             }
             // A server too old for the upgrade itself can still be copied into the
             // throwaway cluster and rehearsed on (pg_dump reads servers back to 9.2).

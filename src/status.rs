@@ -34,8 +34,9 @@ pub enum Stage {
 pub struct Column {
     pub exists: bool,
     pub nullable: bool,
-    /// NULL rows left; `None` when the column does not exist, or when its table was
-    /// locked and `status` did not wait (see `Status::counts_blocked_by`).
+    /// NULL rows left; `None` when the column does not exist, when its table was locked
+    /// and `status` did not wait (see `Status::counts_blocked_by`), or when they were not
+    /// counted ([`detect_stage`]).
     pub null_rows: Option<i64>,
     /// Whether `null_rows` is an exact count or an estimate.
     pub exact: bool,
@@ -62,6 +63,8 @@ pub struct Status {
     /// Sessions whose lock on Jobs or Builds kept `status` from counting NULL rows (an
     /// ACCESS EXCLUSIVE lock: `hydra-init`'s own `SET NOT NULL` scan holds one throughout).
     pub counts_blocked_by: Vec<String>,
+    /// False from [`detect_stage`], which counts no NULL rows.
+    pub null_rows_counted: bool,
     pub next_step: String,
 }
 
@@ -80,7 +83,16 @@ pub const STATUS_LOCK_WAIT: Duration = Duration::from_secs(3);
 
 /// Read the catalog: is this Hydra, what version, do the pieces agree?
 pub fn detect(db: &mut Db, exact: bool) -> Result<Status> {
-    detect_with(db, exact, None)
+    detect_inner(db, Some(exact), None)
+}
+
+/// As [`detect`], without counting NULL rows (each nullable column's `null_rows` is
+/// `None`): for the commands that only need the stage and which columns are nullable
+/// (backfill, verify, finalize, upgrade's steps). Once a backfill is about done the count
+/// is a full scan of Builds (minutes at tens of millions of rows), which those commands
+/// would make only to throw away.
+pub fn detect_stage(db: &mut Db) -> Result<Status> {
+    detect_inner(db, None, None)
 }
 
 /// As [`detect`]; with `lock_wait`, a NULL count that would wait longer than that for a
@@ -88,6 +100,11 @@ pub fn detect(db: &mut Db, exact: bool) -> Result<Status> {
 /// waiting for them (for the `status` command: an admin asking what is going on while
 /// `hydra-init` scans Builds under an ACCESS EXCLUSIVE lock).
 pub fn detect_with(db: &mut Db, exact: bool, lock_wait: Option<Duration>) -> Result<Status> {
+    detect_inner(db, Some(exact), lock_wait)
+}
+
+/// [`detect_with`]; `exact` None counts no NULL rows ([`detect_stage`]).
+fn detect_inner(db: &mut Db, exact: Option<bool>, lock_wait: Option<Duration>) -> Result<Status> {
     let client = db.client();
     if !relation_exists(client, "schemaversion")?
         || !relation_exists(client, "jobsets")?
@@ -202,7 +219,14 @@ pub fn detect_with(db: &mut Db, exact: bool, lock_wait: Option<Duration>) -> Res
                 null_rows: Some(0),
                 exact: true,
             },
+            Some(true) if exact.is_none() => Column {
+                exists: true,
+                nullable: true,
+                null_rows: None,
+                exact: false,
+            },
             Some(true) => {
+                let exact = exact == Some(true);
                 let counted = match lock_wait {
                     None => Some(count_nulls(c, table, exact)?),
                     Some(wait) => count_nulls_waiting(c, table, exact, wait)?,
@@ -241,6 +265,7 @@ pub fn detect_with(db: &mut Db, exact: bool, lock_wait: Option<Duration>) -> Res
         autoanalyze_held_off,
         wal_prepared: crate::wal_prepare::prepared(db)?,
         counts_blocked_by,
+        null_rows_counted: exact.is_some(),
         next_step: String::new(),
     };
     status.next_step = next_step(&status);
@@ -280,22 +305,33 @@ fn count_nulls_waiting(
     }
 }
 
-/// The sessions holding a lock on `table` that conflicts with reading it.
+/// The sessions holding a lock on `table` that conflicts with reading it, and those
+/// queued for one: PostgreSQL queues a reader behind a waiting ACCESS EXCLUSIVE request
+/// too (`hydra-init`'s ALTER TABLE behind a long Hydra transaction), so a waiting request
+/// is named with the sessions it waits behind.
 fn lock_holders(c: &mut postgres::Client, table: &str) -> Result<Vec<String>> {
     let rows = c.query(
         "SELECT a.pid, coalesce(nullif(a.application_name, ''), a.backend_type, ''),
                 left(regexp_replace(coalesce(a.query, ''), '\\s+', ' ', 'g'), 80),
-                coalesce(extract(epoch FROM now() - a.xact_start)::bigint, 0)
+                coalesce(extract(epoch FROM now() - a.xact_start)::bigint, 0),
+                l.granted, array_to_string(pg_blocking_pids(a.pid), ', ')
            FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-          WHERE l.relation = to_regclass($1) AND l.granted AND l.mode = 'AccessExclusiveLock'",
+          WHERE l.relation = to_regclass($1) AND l.mode = 'AccessExclusiveLock'
+          ORDER BY NOT l.granted, a.pid",
         &[&table],
     )?;
     Ok(rows
         .iter()
         .map(|r| {
-            let (pid, app, query, secs): (i32, String, String, i64) =
-                (r.get(0), r.get(1), r.get(2), r.get(3));
-            format!("{table}: pid {pid} ({app}) for {secs}s: {query}")
+            let (pid, app, query, secs, granted, behind): (i32, String, String, i64, bool, String) =
+                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5));
+            if granted {
+                format!("{table}: pid {pid} ({app}) for {secs}s: {query}")
+            } else {
+                format!(
+                    "{table}: pid {pid} ({app}) waits for its lock behind pid {behind}, for {secs}s: {query}"
+                )
+            }
         })
         .collect())
 }
@@ -341,9 +377,20 @@ fn next_step(s: &Status) -> String {
     let uncounted = [&s.jobs_jobset_id, &s.builds_jobset_id]
         .iter()
         .any(|c| c.exists && c.nullable && c.null_rows.is_none());
-    if uncounted {
-        return "next: a session holds a lock on the table (see \"locked by\"; during an \
-                upgrade step, hydra-init's): run `hydra-upgrade status` again when it ends."
+    if uncounted && !s.null_rows_counted && s.stage == Stage::Migration {
+        return "next: `hydra-upgrade backfill` for the NULL rows left (not counted here), \
+                then verify and finalize."
+            .into();
+    }
+    if uncounted && s.null_rows_counted && s.counts_blocked_by.is_empty() {
+        return "next: a lock on the table kept the count from running, and was gone by the \
+                time it was looked up: run `hydra-upgrade status` again."
+            .into();
+    }
+    if uncounted && s.null_rows_counted {
+        return "next: a session holds a lock on the table, or waits for one (see \"locked \
+                by\"; during an upgrade step, hydra-init's): run `hydra-upgrade status` again \
+                when it ends."
             .into();
     }
     match s.stage {
@@ -375,7 +422,10 @@ pub fn render(s: &Status) -> String {
     let col = |c: &Column| match (c.exists, c.nullable, c.null_rows) {
         (false, _, _) => "absent".to_owned(),
         (true, false, _) => "NOT NULL".to_owned(),
-        (true, true, None) => "nullable, NULL rows not counted (table locked)".to_owned(),
+        (true, true, None) if s.null_rows_counted => {
+            "nullable, NULL rows not counted (table locked)".to_owned()
+        }
+        (true, true, None) => "nullable, NULL rows not counted".to_owned(),
         (true, true, Some(n)) => {
             format!("nullable, {}{n} NULL rows", if c.exact { "" } else { "~" })
         }

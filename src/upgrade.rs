@@ -234,7 +234,7 @@ fn backfill_until_clean(
 
 /// After a switch, the schema must be where that package's hydra-init leaves it.
 fn confirm_schema(db: &mut Db, phase: Phase) -> Result<()> {
-    let s = status::detect(db, false)?;
+    let s = status::detect_stage(db)?;
     match phase {
         Phase::Migration => {
             if s.schema_version < MIGRATION_VERSION
@@ -353,7 +353,7 @@ pub fn run(
     host.follow_running_backfill(out)?;
     db.take_upgrade_lock()?;
     if host.pending_switch() == Some(Phase::Final)
-        && status::detect(db, false)?.stage == Stage::BeforeMigration
+        && status::detect_stage(db)?.stage == Stage::BeforeMigration
     {
         // Cannot be ours (the final switch comes after the migration schema): forget it.
         host.abort_switch()?;
@@ -367,7 +367,7 @@ pub fn run(
     }
     for _ in 0..8 {
         interrupt.check("Run `hydra-upgrade upgrade` again to continue.")?;
-        let s = status::detect(db, false)?;
+        let s = status::detect_stage(db)?;
         match s.stage {
             Stage::BeforeMigration => {
                 switch_phase(db, host, Phase::Migration, out, &mut report)?;

@@ -42,21 +42,75 @@ const IS_NULL: &str = "t.jobset_id IS NULL AND js.id IS NOT NULL";
 const IS_ORPHAN: &str = "t.jobset_id IS NULL AND js.id IS NULL";
 const IS_WRONG: &str = "t.jobset_id IS NOT NULL AND t.jobset_id IS DISTINCT FROM js.id";
 
-fn samples(db: &mut Db, table: Table, condition: &str, count: i64) -> Result<Vec<String>> {
-    if count == 0 {
-        return Ok(Vec::new());
-    }
-    let sql = format!(
-        "SELECT {key} FROM {t} AS t {JOIN} WHERE {condition} LIMIT {SAMPLES}",
-        key = key_expr(table),
-        t = table.name()
-    );
-    Ok(db
+/// The three kinds of row `verify` counts, in the order of [`TableCheck`]'s fields.
+const KINDS: [&str; 3] = [IS_NULL, IS_ORPHAN, IS_WRONG];
+
+/// How many sample rows the portal hands over per fetch.
+const SAMPLE_FETCH: i32 = 100;
+
+/// Count one table's rows of each kind and take up to [`SAMPLES`] keys of each, in one
+/// read-only snapshot (so the samples agree with the counts however Hydra writes
+/// meanwhile). The samples of every kind found come from one more scan, read through a
+/// portal a hundred rows at a time and closed as soon as each kind has its samples: at
+/// most two reads of the table, where a query per kind read all of it again for each
+/// kind with fewer than ten rows (the usual few stragglers or orphans).
+fn check_table(db: &mut Db, table: Table) -> Result<TableCheck> {
+    let t = table.name();
+    let mut tx = db
         .client()
-        .query(&sql, &[])?
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()?;
+    let counts_sql = format!(
+        "SELECT count(*) FILTER (WHERE {IS_NULL}), count(*) FILTER (WHERE {IS_ORPHAN}),
+                count(*) FILTER (WHERE {IS_WRONG})
+           FROM {t} AS t {JOIN}"
+    );
+    let row = tx.query_one(&counts_sql, &[])?;
+    let counts: [i64; 3] = [row.get(0), row.get(1), row.get(2)];
+    let wanted = counts.map(|n| n.min(SAMPLES) as usize);
+    let mut samples: [Vec<String>; 3] = Default::default();
+    let present: Vec<&str> = KINDS
         .iter()
-        .map(|r| r.get(0))
-        .collect())
+        .zip(counts)
+        .filter(|(_, n)| *n > 0)
+        .map(|(kind, _)| *kind)
+        .collect();
+    if !present.is_empty() {
+        let sql = format!(
+            "SELECT CASE WHEN {IS_NULL} THEN 0 WHEN {IS_ORPHAN} THEN 1 ELSE 2 END, {key}
+               FROM {t} AS t {JOIN} WHERE ({kinds})",
+            key = key_expr(table),
+            kinds = present.join(") OR (")
+        );
+        let statement = tx.prepare(&sql)?;
+        let portal = tx.bind(&statement, &[])?;
+        loop {
+            let rows = tx.query_portal(&portal, SAMPLE_FETCH)?;
+            for r in &rows {
+                let kind = r.get::<_, i32>(0) as usize;
+                if samples[kind].len() < wanted[kind] {
+                    samples[kind].push(r.get(1));
+                }
+            }
+            let complete = (0..3).all(|k| samples[k].len() >= wanted[k]);
+            if complete || rows.len() < SAMPLE_FETCH as usize {
+                break;
+            }
+        }
+    }
+    tx.commit()?;
+    let [null_samples, orphan_samples, wrong_samples] = samples;
+    Ok(TableCheck {
+        table,
+        null_rows: counts[0],
+        orphans: counts[1],
+        wrong: counts[2],
+        null_samples,
+        orphan_samples,
+        wrong_samples,
+    })
 }
 
 pub fn run(db: &mut Db) -> Result<Verification> {
@@ -67,26 +121,10 @@ pub fn run(db: &mut Db) -> Result<Verification> {
             dropped.push(table);
             continue;
         }
-        let sql = format!(
-            "SELECT count(*) FILTER (WHERE {IS_NULL}), count(*) FILTER (WHERE {IS_ORPHAN}),
-                    count(*) FILTER (WHERE {IS_WRONG})
-               FROM {t} AS t {JOIN}",
-            t = table.name()
+        tables.push(
+            check_table(db, table)
+                .with_context(|| format!("checking jobset_id in {}", table.name()))?,
         );
-        let row = db
-            .client()
-            .query_one(&sql, &[])
-            .with_context(|| format!("checking jobset_id in {}", table.name()))?;
-        let (null_rows, orphans, wrong): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
-        tables.push(TableCheck {
-            table,
-            null_rows,
-            orphans,
-            wrong,
-            null_samples: samples(db, table, IS_NULL, null_rows)?,
-            orphan_samples: samples(db, table, IS_ORPHAN, orphans)?,
-            wrong_samples: samples(db, table, IS_WRONG, wrong)?,
-        });
     }
     let clean = tables
         .iter()

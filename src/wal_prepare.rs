@@ -289,7 +289,7 @@ pub fn prepare(
 ) -> Result<PrepareReport> {
     let started = Instant::now();
     require_superuser(db, "prepare")?;
-    let status = crate::status::detect(db, false)?;
+    let status = crate::status::detect_stage(db)?;
     let expected = expected_wal(db, &status)?;
     let ready = wal_segments::ready(db)?
         .context("a superuser may look into pg_wal, yet pg_ls_waldir() was refused")?;

@@ -355,3 +355,49 @@ fn wrong_password_is_refused_and_never_echoed() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A reader queues behind a waiting ACCESS EXCLUSIVE request too: hydra-init's ALTER
+/// TABLE waiting behind a long Hydra transaction keeps `status` from counting as well.
+/// The waiting session is named, with the one it waits behind.
+#[test]
+fn status_names_a_queued_lock_request_and_the_session_it_waits_behind() {
+    let db = hydra_at(61);
+    let mut hydra = db.connect();
+    hydra
+        .client()
+        .batch_execute("BEGIN; UPDATE builds SET priority = priority WHERE id = 1")
+        .unwrap();
+    let hydra_pid = hydra.backend_pid().unwrap();
+    let mut init = db.connect();
+    let init_pid = init.backend_pid().unwrap();
+    let waiter = std::thread::spawn(move || {
+        init.client()
+            .batch_execute("BEGIN; LOCK TABLE builds IN ACCESS EXCLUSIVE MODE; COMMIT")
+            .unwrap();
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while db.query_i64(&format!(
+        "SELECT count(*) FROM pg_locks WHERE pid = {init_pid} AND NOT granted"
+    )) == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lock request never queued"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let r = run_on(&db, &["status"]);
+    hydra.client().batch_execute("COMMIT").unwrap();
+    waiter.join().unwrap();
+    r.expect_code(0);
+    assert_contains(&r.stdout, "NULL rows not counted (table locked)");
+    assert_contains(
+        &r.stdout,
+        &format!("locked by:         builds: pid {init_pid} "),
+    );
+    assert_contains(
+        &r.stdout,
+        &format!("waits for its lock behind pid {hydra_pid},"),
+    );
+    assert_contains(&r.stdout, "or waits for one");
+}
