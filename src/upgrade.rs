@@ -295,13 +295,26 @@ fn switch_phase(
         Phase::Final => "switch-final",
     };
     host.record_step(step, None)?;
-    if host.pending_switch() != Some(phase) {
+    let prepared_here = host.pending_switch() != Some(phase);
+    if prepared_here {
         host.prepare_switch(phase, out)?;
     }
     if phase == Phase::Final {
-        let v = timed(report, out, "verify before the final switch", || {
+        let verified = timed(report, out, "verify before the final switch", || {
             verify::run(db)
-        })?;
+        });
+        let v = match verified {
+            Ok(v) => v,
+            Err(e) => {
+                // Nothing on the host has changed: forget the switch prepared here, so that
+                // a re-run decides afresh (with its own --stock-final) instead of finishing
+                // a switch that never began.
+                if prepared_here {
+                    let _ = host.abort_switch();
+                }
+                return Err(e);
+            }
+        };
         if !v.clean {
             host.abort_switch()?;
             out.say(&v.render());
@@ -370,6 +383,16 @@ pub fn run(
         let s = status::detect_stage(db)?;
         match s.stage {
             Stage::BeforeMigration => {
+                switch_phase(db, host, Phase::Migration, out, &mut report)?;
+            }
+            Stage::Migration if host.rolled_back_from_migration()? => {
+                out.warn(&format!(
+                    "the database is at schema {}, yet the host runs neither the migration nor \
+                     the final system: the last switch to the migration system was rolled back \
+                     after its hydra-init ran. Switching to the migration system again first, \
+                     so that no older Hydra writes rows without jobset_id while the backfill runs",
+                    s.schema_version
+                ));
                 switch_phase(db, host, Phase::Migration, out, &mut report)?;
             }
             Stage::Migration => {

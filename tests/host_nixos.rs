@@ -491,6 +491,39 @@ fn an_unhealthy_hydra_after_the_final_switch_rolls_back_to_the_migration_system(
     f.assert_final();
 }
 
+/// The migration switch's hydra-init adds the columns (schema 61), then Hydra fails its
+/// health check and the host is rolled back to the original system, which keeps running
+/// on schema 61 and writes rows without jobset_id. The re-run switches to the migration
+/// system again before it backfills; before, it backfilled and finalized under the
+/// original system and only then switched to the final one.
+#[test]
+fn after_a_rolled_back_migration_switch_a_rerun_switches_again_before_the_backfill() {
+    let f = Fake::new(58);
+    f.inject("migration", "unhealthy");
+    let r = f.run(&[]);
+    r.expect_code(10);
+    assert_eq!(f.current(), "original");
+    assert_eq!(
+        f.db.version(),
+        61,
+        "the database keeps what hydra-init committed"
+    );
+    std::fs::remove_file(f.system("migration").join("unhealthy")).unwrap();
+    let before = f.calls().len();
+    let r = f.run(&[]);
+    r.expect_code(0);
+    assert_contains(
+        &r.stderr,
+        "yet the host runs neither the migration nor the final system",
+    );
+    let calls = f.calls()[before..].to_owned();
+    let migration = pos(&calls, "switch-to-configuration switch migration");
+    let backfill = pos(&calls, "--unit=hydra-upgrade-backfill ");
+    let last = pos(&calls, "switch-to-configuration switch final");
+    assert!(migration < backfill && backfill < last, "{calls}");
+    f.assert_final();
+}
+
 #[test]
 fn a_failed_rollback_exits_11() {
     let f = Fake::new(58);
@@ -540,6 +573,97 @@ fn null_rows_right_before_the_final_switch_refuse_it() {
     // the writer is gone: a re-run backfills the row and finishes with the stock final phase
     let r = f.run(&["--stock-final"]);
     r.expect_code(0);
+    f.assert_final();
+}
+
+/// A `--stock-final` run whose verify right before the final switch fails (here: waiting
+/// for a lock, cancelled by an admin) leaves no pending switch: the host never left the
+/// migration system. So a re-run without `--stock-final` finalizes online, as asked,
+/// instead of "finishing" a stock final switch that never began.
+#[test]
+fn a_failed_verify_before_the_final_switch_leaves_no_switch_to_finish() {
+    let f = Fake::new(58);
+    let psql = find_bindir().unwrap().join("psql");
+    // At the moment the tool remembers the running system before the final switch, a
+    // session takes Builds' ACCESS EXCLUSIVE lock and keeps it (as hydra-init would).
+    let hook = f.root.join("lock-builds.sh");
+    std::fs::write(
+        &hook,
+        format!(
+            "{psql} '{dsn}' -Xq -c 'BEGIN; LOCK TABLE builds IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(120)' >/dev/null 2>&1 &\n\
+             until [ \"$({psql} '{dsn}' -XtAc \"SELECT count(*) FROM pg_locks WHERE relation = 'builds'::regclass AND mode = 'AccessExclusiveLock' AND granted\")\" = 1 ]; do sleep 0.05; done\n",
+            psql = psql.display(),
+            dsn = f.db.dsn
+        ),
+    )
+    .unwrap();
+    let mut a = f.args(&["--stock-final", "--yes"]);
+    a.extend(f.systems_args());
+    let handle = f
+        .expr(
+            &a,
+            &[
+                (
+                    "FAKE_READLINK_HOOK_WHEN",
+                    f.state("units/hydra-upgrade-backfill.service.log")
+                        .display()
+                        .to_string(),
+                ),
+                ("FAKE_READLINK_HOOK", format!("sh {}", hook.display())),
+            ],
+        )
+        .start()
+        .unwrap();
+    // The verify before the switch waits for the lock: an admin cancels it.
+    let mut admin = f.db.connect();
+    let start = Instant::now();
+    loop {
+        let cancelled: i64 = admin
+            .client()
+            .query_one(
+                "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event_type = 'Lock'
+                    AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if cancelled > 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the verify before the final switch never waited for Builds' lock"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = handle.wait().unwrap();
+    admin
+        .client()
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = current_database() AND query LIKE '%pg_sleep(120)%'
+                AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert_eq!(f.current(), "migration");
+    assert_eq!(f.db.version(), 61);
+    assert!(
+        f.upgrade_state()["switching_to"].is_null(),
+        "{}",
+        f.upgrade_state()
+    );
+    let r = f.run(&[]);
+    r.expect_code(0);
+    assert!(
+        !r.stderr.contains("finishing that switch first"),
+        "{}",
+        r.stderr
+    );
+    assert_contains(&r.stdout, "finalize");
     f.assert_final();
 }
 

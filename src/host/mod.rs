@@ -49,6 +49,13 @@ pub trait Host {
     }
     /// Whether the host already runs the system of `phase`.
     fn is_on(&mut self, phase: Phase) -> Result<bool>;
+    /// Whether the last switch to the migration system was rolled back and the host runs
+    /// neither it nor the final one. If that switch's hydra-init had added the columns,
+    /// the older Hydra runs on schema 61 and writes rows without `jobset_id`. False when
+    /// the host cannot tell.
+    fn rolled_back_from_migration(&mut self) -> Result<bool> {
+        Ok(false)
+    }
     /// A switch an earlier run started and did not confirm (it was interrupted).
     fn pending_switch(&self) -> Option<Phase> {
         None

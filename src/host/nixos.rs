@@ -369,6 +369,14 @@ impl Host for NixosHost {
         })
     }
 
+    fn rolled_back_from_migration(&mut self) -> Result<bool> {
+        Ok(
+            self.state.state.rolled_back_from.as_deref() == Some(label(Phase::Migration))
+                && !self.is_on(Phase::Migration)?
+                && !self.is_on(Phase::Final)?,
+        )
+    }
+
     fn pending_switch(&self) -> Option<Phase> {
         match self.state.state.switching_to.as_deref() {
             Some("migration") => Some(Phase::Migration),
@@ -491,6 +499,7 @@ impl Host for NixosHost {
         let current = self.current()?;
         self.record(|s| {
             s.switching_to = None;
+            s.rolled_back_from = None;
             match phase {
                 Phase::Migration => s.switched_migration = Some(current),
                 Phase::Final => s.switched_final = Some(current),
@@ -556,7 +565,10 @@ impl Host for NixosHost {
                 );
             }
         }
-        if let Err(e) = self.record(|s| s.switching_to = None) {
+        if let Err(e) = self.record(|s| {
+            s.switching_to = None;
+            s.rolled_back_from = Some(label(phase).to_owned());
+        }) {
             out.warn(&format!("{e:#}"));
         }
         fail(

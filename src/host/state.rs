@@ -39,6 +39,8 @@ pub struct State {
     /// The system the host ran after the last successful switch, per phase.
     pub switched_migration: Option<PathBuf>,
     pub switched_final: Option<PathBuf>,
+    /// The phase whose switch was last rolled back, until a switch is confirmed.
+    pub rolled_back_from: Option<String>,
     pub started_at: u64,
     pub updated_at: u64,
     pub timings: Vec<StepTiming>,
