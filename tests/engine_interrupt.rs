@@ -285,28 +285,7 @@ fn a_cancelled_verify_exits_130_with_a_hint() {
         .batch_execute("BEGIN; LOCK TABLE builds IN ACCESS EXCLUSIVE MODE")
         .unwrap();
     let handle = spawn_on(&db, &["verify"]);
-    let mut admin = db.connect();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        assert!(
-            Instant::now() < deadline,
-            "verify never waited for the lock"
-        );
-        let cancelled: i64 = admin
-            .client()
-            .query_one(
-                "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND wait_event_type = 'Lock' \
-                   AND pid <> pg_backend_pid()",
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        if cancelled > 0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    cancel_lock_waiters(&db, "verify");
     let out = handle.wait().unwrap();
     holder.client().batch_execute("COMMIT").unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -615,30 +615,9 @@ fn a_failed_verify_before_the_final_switch_leaves_no_switch_to_finish() {
         .start()
         .unwrap();
     // The verify before the switch waits for the lock: an admin cancels it.
-    let mut admin = f.db.connect();
-    let start = Instant::now();
-    loop {
-        let cancelled: i64 = admin
-            .client()
-            .query_one(
-                "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity
-                  WHERE datname = current_database() AND wait_event_type = 'Lock'
-                    AND pid <> pg_backend_pid()",
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        if cancelled > 0 {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the verify before the final switch never waited for Builds' lock"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    cancel_lock_waiters(&f.db, "the verify before the final switch");
     let out = handle.wait().unwrap();
-    admin
+    f.db.connect()
         .client()
         .execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity

@@ -165,6 +165,33 @@ pub fn session_settings(conn: &mut Db) -> Vec<String> {
         .collect()
 }
 
+/// Cancel (`pg_cancel_backend`) the sessions of `db` that wait for a lock, as an admin
+/// would, once there is one: waits up to 60 s for `what` to start waiting.
+pub fn cancel_lock_waiters(db: &TestDb, what: &str) {
+    let mut admin = db.connect();
+    let start = std::time::Instant::now();
+    loop {
+        let cancelled: i64 = admin
+            .client()
+            .query_one(
+                "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event_type = 'Lock'
+                    AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if cancelled > 0 {
+            return;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "{what} never waited for a lock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// `haystack` (a command's stdout or stderr) contains `needle`; if not, the failure shows
 /// all of it.
 #[track_caller]
