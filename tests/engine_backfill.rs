@@ -978,27 +978,20 @@ fn a_round_cut_off_by_the_statement_timeout_is_halved_and_the_walk_goes_on() {
         .client()
         .batch_execute("BEGIN; SELECT 1 FROM builds WHERE id = 1 FOR UPDATE")
         .unwrap();
-    let reader = duct::cmd(
-        BIN,
-        [
-            "--db",
-            db.dsn.as_str(),
-            "backfill",
-            "--strategy",
-            "per-page",
-            "--batch-size",
-            "16",
-            "--lock-timeout-ms",
-            "30000",
-            "--statement-timeout-ms",
-            "1000",
-        ],
-    )
-    .env_remove("HYDRA_DBI")
-    .env_remove("PGPASSWORD")
-    .env_remove("HYDRA_UPGRADE_CONFIG")
+    let reader = bare_command(&[
+        "--db",
+        db.dsn.as_str(),
+        "backfill",
+        "--strategy",
+        "per-page",
+        "--batch-size",
+        "16",
+        "--lock-timeout-ms",
+        "30000",
+        "--statement-timeout-ms",
+        "1000",
+    ])
     .stderr_to_stdout()
-    .unchecked()
     .reader()
     .unwrap();
     let mut said = String::new();

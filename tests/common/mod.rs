@@ -248,14 +248,19 @@ impl Run {
     }
 }
 
-fn command(args: &[&str]) -> duct::Expression {
+/// The binary with these arguments, none of the environment that would point it at
+/// another database or configuration, and its exit status left to the caller; output
+/// goes where the caller sends it.
+pub fn bare_command(args: &[&str]) -> duct::Expression {
     duct::cmd(BIN, args)
         .env_remove("HYDRA_DBI")
         .env_remove("PGPASSWORD")
         .env_remove("HYDRA_UPGRADE_CONFIG")
-        .stdout_capture()
-        .stderr_capture()
         .unchecked()
+}
+
+fn command(args: &[&str]) -> duct::Expression {
+    bare_command(args).stdout_capture().stderr_capture()
 }
 
 /// Run the binary to the end.
