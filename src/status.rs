@@ -52,6 +52,10 @@ pub struct Status {
     pub builds_jobset_id: Column,
     pub final_indexes: Vec<(String, bool)>,
     pub backfill_progress: Vec<state::TableProgress>,
+    /// Rows per table a backfill found locked by another transaction and has not
+    /// filled yet (its last run ran out of retries waiting for them); tables with none
+    /// are left out.
+    pub held_rows: Vec<(crate::backfill::Table, i64)>,
     /// The hydra-upgrade session working on this database right now, if any.
     pub running: Option<String>,
     /// Tables whose autoanalyze hydra-upgrade holds off (a backfill running, or one
@@ -246,6 +250,13 @@ fn detect_inner(db: &mut Db, exact: Option<bool>, lock_wait: Option<Duration>) -
     let jobs_jobset_id = count(client, "jobs", jobs_col)?;
     let builds_jobset_id = count(client, "builds", builds_col)?;
     let backfill_progress = state::read_all(db)?;
+    let mut held_rows = Vec::new();
+    for table in crate::backfill::Table::ALL {
+        let n = crate::backfill::held::listed(db.client(), table)?;
+        if n > 0 {
+            held_rows.push((table, n));
+        }
+    }
     let running = db.upgrade_lock_holder()?;
     let autoanalyze_held_off = if stage == Stage::BeforeMigration {
         Vec::new()
@@ -261,6 +272,7 @@ fn detect_inner(db: &mut Db, exact: Option<bool>, lock_wait: Option<Duration>) -
         builds_jobset_id,
         final_indexes,
         backfill_progress,
+        held_rows,
         running,
         autoanalyze_held_off,
         wal_prepared: crate::wal_prepare::prepared(db)?,
@@ -454,6 +466,13 @@ pub fn render(s: &Status) -> String {
             p.total,
             p.rows_updated,
             if p.finished { ", finished" } else { "" }
+        ));
+    }
+    for (table, n) in &s.held_rows {
+        out.push_str(&format!(
+            "backfill {}: {n} rows found locked by another transaction are still to be filled \
+             (a re-run of backfill fills them)\n",
+            table.name()
         ));
     }
     if let Some(who) = &s.running {

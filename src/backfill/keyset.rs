@@ -16,38 +16,63 @@ use super::Table;
 /// planner (its statistics still saying every jobset_id is NULL) merge-joined it with a
 /// scan of the whole primary key from the lowest id, so every batch read Builds from the
 /// start, and the walk took time quadratic in its size.
+///
+/// Only the rows it can lock at once are updated; the ones another transaction holds
+/// are listed for later (`held`), so a batch never waits for a row lock. (A row
+/// filled and committed by someone else after the batch's snapshot is listed too; its
+/// later fill finds nothing to do.)
 const BUILDS_BATCH: &str = "
 WITH batch AS (
     SELECT id FROM builds
      WHERE id > $1 AND id <= $2 AND jobset_id IS NULL
+), locked AS (
+    SELECT id FROM builds
+     WHERE id = ANY (ARRAY(SELECT id FROM batch)) AND jobset_id IS NULL
+       FOR NO KEY UPDATE SKIP LOCKED
 ), upd AS (
     UPDATE builds AS t SET jobset_id = js.id
       FROM jobsets js
-     WHERE t.id = ANY (ARRAY(SELECT id FROM batch)) AND t.jobset_id IS NULL
+     WHERE t.id = ANY (ARRAY(SELECT id FROM locked)) AND t.jobset_id IS NULL
        AND js.project = t.project AND js.name = t.jobset
     RETURNING 1
+), held AS (
+    INSERT INTO hydra_upgrade.held_builds (id)
+    SELECT id FROM batch WHERE id <> ALL (ARRAY(SELECT id FROM locked))
+    ON CONFLICT DO NOTHING
 )
-SELECT (SELECT count(*) FROM batch), (SELECT count(*) FROM upd)";
+SELECT (SELECT count(*) FROM locked), (SELECT count(*) FROM upd),
+       (SELECT count(*) FROM batch) - (SELECT count(*) FROM locked)";
 
 /// Jobs: the next `$4` keys of the primary key (project, jobset, name) after the cursor.
+/// As for Builds, rows another transaction holds are listed for later, not waited for.
 const JOBS_BATCH: &str = "
 WITH batch AS (
     SELECT project, jobset, name, jobset_id IS NULL AS pending FROM jobs
      WHERE $1::text IS NULL OR (project, jobset, name) > ($1, $2, $3)
      ORDER BY project, jobset, name
      LIMIT $4
+), locked AS (
+    SELECT t.project, t.jobset, t.name FROM jobs AS t
+      JOIN batch b ON b.project = t.project AND b.jobset = t.jobset AND b.name = t.name
+     WHERE b.pending AND t.jobset_id IS NULL
+       FOR NO KEY UPDATE OF t SKIP LOCKED
 ), upd AS (
     UPDATE jobs AS t SET jobset_id = js.id
-      FROM batch b, jobsets js
-     WHERE b.pending AND t.project = b.project AND t.jobset = b.jobset AND t.name = b.name
+      FROM locked l, jobsets js
+     WHERE t.project = l.project AND t.jobset = l.jobset AND t.name = l.name
        AND t.jobset_id IS NULL AND js.project = t.project AND js.name = t.jobset
     RETURNING 1
+), held AS (
+    INSERT INTO hydra_upgrade.held_jobs (project, jobset, name)
+    SELECT project, jobset, name FROM batch WHERE pending
+    EXCEPT SELECT project, jobset, name FROM locked
+    ON CONFLICT DO NOTHING
 ), last AS (
     SELECT project, jobset, name FROM batch ORDER BY project DESC, jobset DESC, name DESC LIMIT 1
 )
 SELECT (SELECT project FROM last), (SELECT jobset FROM last), (SELECT name FROM last),
-       (SELECT count(*) FROM batch), (SELECT count(*) FROM batch WHERE pending),
-       (SELECT count(*) FROM upd)";
+       (SELECT count(*) FROM batch), (SELECT count(*) FROM locked),
+       (SELECT count(*) FROM upd), (SELECT count(*) FROM batch WHERE pending) - (SELECT count(*) FROM locked)";
 
 /// Where a keyset walk stands; saved as JSON in the progress table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,6 +111,8 @@ pub struct Batch {
     pub updated: u64,
     /// NULL rows left as they were: orphans (or rows a concurrent writer just filled).
     pub skipped: u64,
+    /// NULL rows another transaction held locked, listed for later (`held`).
+    pub held: u64,
     pub done: bool,
 }
 
@@ -105,13 +132,14 @@ pub fn batch(c: &mut impl GenericClient, cursor: &mut Cursor, size: u64) -> Resu
             let row = c
                 .query_one(BUILDS_BATCH, &[&lo, &hi])
                 .context("running a keyset batch on Builds")?;
-            let (pending, updated): (i64, i64) = (row.get(0), row.get(1));
+            let (locked, updated, held): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
             let walked = (next - *after) as u64;
             *after = next;
             Ok(Batch {
                 walked,
                 updated: updated as u64,
-                skipped: (pending - updated).max(0) as u64,
+                skipped: (locked - updated).max(0) as u64,
+                held: held.max(0) as u64,
                 done: next >= *upper,
             })
         }
@@ -125,14 +153,16 @@ pub fn batch(c: &mut impl GenericClient, cursor: &mut Cursor, size: u64) -> Resu
                 .context("running a keyset batch on Jobs")?;
             let last: (Option<String>, Option<String>, Option<String>) =
                 (row.get(0), row.get(1), row.get(2));
-            let (walked, pending, updated): (i64, i64, i64) = (row.get(3), row.get(4), row.get(5));
+            let (walked, locked, updated, held): (i64, i64, i64, i64) =
+                (row.get(3), row.get(4), row.get(5), row.get(6));
             if let (Some(p), Some(j), Some(n)) = last {
                 *after = Some((p, j, n));
             }
             Ok(Batch {
                 walked: walked as u64,
                 updated: updated as u64,
-                skipped: (pending - updated).max(0) as u64,
+                skipped: (locked - updated).max(0) as u64,
+                held: held.max(0) as u64,
                 done: walked < size,
             })
         }

@@ -3,11 +3,14 @@
 //! Each table is walked once: by heap pages (per-page, HOT-friendly) followed by a keyset
 //! sweep, or by keyset alone. Every batch is one short transaction under `lock_timeout`
 //! and `statement_timeout`, retried with capped backoff on lock timeout, deadlock and
-//! serialization failure; its size adapts towards a target time. Progress is committed in
+//! serialization failure; its size adapts towards a target time. No batch waits for a
+//! row lock: rows other transactions hold are filled after the walk, one at a time
+//! ([`held`]). Progress is committed in
 //! the database, so a re-run continues; one backfill at a time (advisory lock). Where it
 //! can, it keeps itself and its server process on one CPU ([`one_cpu`]).
 
 pub mod autoanalyze;
+pub mod held;
 pub mod keyset;
 pub mod one_cpu;
 pub mod per_page;
@@ -489,6 +492,7 @@ pub fn run(db: &mut Db, opts: &Options, out: &Out, interrupt: &Interrupt) -> Res
 fn run_in_session(db: &mut Db, opts: &Options, out: &Out, interrupt: &Interrupt) -> Result<Report> {
     let start = Instant::now();
     state::ensure(db)?;
+    held::ensure(db)?;
     // Held until the walk ends, then both processes get their CPUs back.
     let _pinned = pin_to_one_cpu(db, opts.pin_cpu, out)?;
     let mut walked = Vec::new();
@@ -815,6 +819,7 @@ fn run_table(
             }
         }
         bar.finish("");
+        transactions += fill_held(db, table, opts, out, interrupt, &mut progress, &mut retries)?;
         progress.phase = PHASE_DONE.into();
         progress.finished = true;
         state::save(db.client(), &progress)?;
@@ -841,6 +846,61 @@ fn run_table(
         why,
     };
     Ok((report, before))
+}
+
+/// After the keyset walk: the rows other transactions held when the walk came to them,
+/// one per transaction, each waiting for its lock (see `held`). Returns the transactions.
+fn fill_held(
+    db: &mut Db,
+    table: Table,
+    opts: &Options,
+    out: &Out,
+    interrupt: &Interrupt,
+    progress: &mut TableProgress,
+    retries: &mut u64,
+) -> Result<u64> {
+    let name = table.name();
+    let listed = held::count(db.client(), table)?;
+    if listed == 0 {
+        return Ok(0);
+    }
+    out.event(
+        "held",
+        &format!(
+            "{name}: {listed} rows were locked by other transactions when the walk came to \
+             them (Hydra's evaluator holds a jobset's current builds while it stores an \
+             evaluation); filling them one at a time, each waiting for its lock"
+        ),
+        json!({"table": name, "rows": listed}),
+    );
+    // One row per transaction: never halved, never grown.
+    let mut single = Adaptive::new(1, 1, 1, opts.target_batch);
+    let mut transactions = 0;
+    while let Some(key) = held::first(db.client(), table)? {
+        interrupt.check("Run the same command again to fill the rows left.")?;
+        *progress = with_retries(
+            opts,
+            out,
+            interrupt,
+            &format!("{name} row {key} (held by another transaction)"),
+            &mut single,
+            retries,
+            |_| {
+                let mut p = progress.clone();
+                let mut tx = db.client().transaction()?;
+                match held::fill(&mut tx, &key)? {
+                    held::Filled::Updated => p.rows_updated += 1,
+                    held::Filled::Orphan => p.rows_skipped += 1,
+                    held::Filled::Already => {}
+                }
+                state::save(&mut tx, &p)?;
+                tx.commit()?;
+                Ok(p)
+            },
+        )?;
+        transactions += 1;
+    }
+    Ok(transactions)
 }
 
 /// Enter the keyset phase: a fresh cursor from the start of the table.

@@ -1,0 +1,181 @@
+//! Rows other transactions hold locked (Hydra's evaluator holds a jobset's current builds
+//! for minutes): the walk skips them and fills them last, one at a time. In its own test
+//! binary (its own cluster) because these tests keep a transaction with an id open while a
+//! backfill runs, which holds back pruning in every database of the cluster and would
+//! take the HOT updates from the other binaries' backfills.
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// A row held past every retry ends the run with exit 14, once every other row is
+/// filled; the re-run fills just that row (its walk is not done again).
+#[test]
+fn a_row_lock_held_past_every_retry_ends_the_backfill_with_exit_14() {
+    let db = hydra_at(61);
+    let mut holder = db.connect();
+    let c = holder.client();
+    // A session sitting on a Builds row the first batch needs.
+    c.batch_execute(
+        "BEGIN; SELECT 1 FROM builds WHERE id = (SELECT min(id) FROM builds) FOR UPDATE;",
+    )
+    .unwrap();
+    let r = run_on(
+        &db,
+        &[
+            "backfill",
+            "--strategy",
+            "keyset",
+            "--lock-timeout-ms",
+            "100",
+            "--max-retries",
+            "1",
+        ],
+    );
+    r.expect_code(14);
+    assert_contains(
+        &r.stderr,
+        "still failed after 1 retries because of lock contention",
+    );
+    assert_contains(&r.stderr, "held by another transaction");
+    assert_eq!(
+        db.query_i64("SELECT count(*) FROM builds WHERE jobset_id IS NULL"),
+        1,
+        "every row but the held one is filled"
+    );
+    assert_contains(
+        &run_on(&db, &["status"]).stdout,
+        "backfill builds: 1 rows found locked by another transaction are still to be filled",
+    );
+    c.batch_execute("COMMIT").unwrap();
+    // The re-run the message suggests finishes the job, with the one row.
+    let again = run_on(&db, &["--json", "backfill"]);
+    again.expect_code(0);
+    let (events, report) = again.json_lines();
+    let builds = report["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["table"] == "builds")
+        .unwrap();
+    assert_eq!(builds["rows_updated"], 1, "{report}");
+    assert!(
+        events.iter().all(|e| e["event"] != "strategy"),
+        "the re-run walked again: {events:?}"
+    );
+    assert_eq!(db.wrong_or_null(), 0);
+}
+
+/// Hydra's evaluator holds rows for minutes: its transaction clears `isCurrent` on every
+/// current build of the jobset first and stores the evaluation after (and writes Jobs
+/// rows too). The walk does not wait for such rows: it fills every other row, then waits
+/// for the held ones one at a time, holding no other row meanwhile (a waiting batch
+/// held the rows it had updated, which Hydra's writes then waited for, and could
+/// deadlock with the evaluator). Without `SKIP LOCKED` the first batch waits with
+/// nearly every row still NULL.
+#[test]
+fn rows_hydra_holds_locked_are_filled_last_without_holding_any_other_row() {
+    let db = hydra_at(61);
+    let (project, jobset) = {
+        let mut c = db.connect();
+        let r = c
+            .client()
+            .query_one(
+                "SELECT project, jobset FROM builds WHERE iscurrent = 1
+                  GROUP BY project, jobset ORDER BY count(*) DESC, project, jobset LIMIT 1",
+                &[],
+            )
+            .unwrap();
+        (r.get::<_, String>(0), r.get::<_, String>(1))
+    };
+    let mut jobs_holder = db.connect();
+    let jobs_pid = holder_pid(&mut jobs_holder);
+    jobs_holder.client().batch_execute("BEGIN").unwrap();
+    let held_jobs = jobs_holder
+        .client()
+        .query(
+            "SELECT 1 FROM jobs WHERE project = $1 AND jobset = $2 FOR UPDATE",
+            &[&project, &jobset],
+        )
+        .unwrap()
+        .len() as i64;
+    let mut evaluator = db.connect();
+    let evaluator_pid = holder_pid(&mut evaluator);
+    evaluator.client().batch_execute("BEGIN").unwrap();
+    let held_builds = evaluator
+        .client()
+        .execute(
+            "UPDATE builds SET iscurrent = 0 WHERE project = $1 AND jobset = $2 AND iscurrent = 1",
+            &[&project, &jobset],
+        )
+        .unwrap() as i64;
+    assert!(
+        held_jobs > 0 && held_builds > 0,
+        "{held_jobs} {held_builds}"
+    );
+
+    let handle = spawn_on(&db, &["--json", "backfill", "--lock-timeout-ms", "60000"]);
+    for (pid, table, held, conn) in [
+        (jobs_pid, "jobs", held_jobs, &mut jobs_holder),
+        (evaluator_pid, "builds", held_builds, &mut evaluator),
+    ] {
+        wait_for_session_blocked_by(&db, pid);
+        assert_eq!(
+            db.query_i64(&format!(
+                "SELECT count(*) FROM {table} WHERE jobset_id IS NULL"
+            )),
+            held,
+            "{table}: when the backfill waits, only the held rows are left"
+        );
+        // Every other row of the table can be locked at once: the waiting backfill
+        // holds none.
+        let mut other = db.connect();
+        let mut tx = other.client().transaction().unwrap();
+        let locked = tx.query(
+            &format!(
+                "SELECT 1 FROM {table} WHERE NOT (project = $1 AND jobset = $2) FOR UPDATE NOWAIT"
+            ),
+            &[&project, &jobset],
+        );
+        assert!(
+            locked.is_ok(),
+            "{table}: a row is locked while the backfill waits: {locked:?}"
+        );
+        tx.rollback().unwrap();
+        conn.client().batch_execute("COMMIT").unwrap();
+    }
+    let out = handle.wait().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("\"event\":\"held\""), "{stdout}");
+    assert_eq!(db.wrong_or_null(), 0);
+}
+
+fn holder_pid(conn: &mut hydra_upgrade::db::Db) -> i64 {
+    i64::from(
+        conn.client()
+            .query_one("SELECT pg_backend_pid()", &[])
+            .unwrap()
+            .get::<_, i32>(0),
+    )
+}
+
+/// Wait until a session waits for a lock `holder` holds.
+fn wait_for_session_blocked_by(db: &TestDb, holder: i64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let pid = db.query_i64(&format!(
+            "SELECT coalesce(max(pid), 0)::bigint FROM pg_stat_activity
+              WHERE {holder} = ANY (pg_blocking_pids(pid))"
+        ));
+        if pid != 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no session ever waited for {holder}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
