@@ -58,19 +58,23 @@ pub fn plan(s: &Status, stock_final: bool, host: &str) -> Vec<PlannedStep> {
             ),
         );
     }
-    let rows = if s.stage == Stage::Migration {
-        format!("{} NULL rows now", s.null_rows())
-    } else {
-        "every existing row".into()
-    };
-    add(
-        "backfill",
-        format!("fill Jobs.jobset_id and Builds.jobset_id online ({rows}); Hydra keeps serving"),
-    );
-    add(
-        "verify",
-        "count NULL, orphan and wrong jobset_id rows; stop here unless all are zero".into(),
-    );
+    if !columns_not_null(s) {
+        let rows = if s.stage == Stage::Migration {
+            format!("{} NULL rows now", s.null_rows())
+        } else {
+            "every existing row".into()
+        };
+        add(
+            "backfill",
+            format!(
+                "fill Jobs.jobset_id and Builds.jobset_id online ({rows}); Hydra keeps serving"
+            ),
+        );
+        add(
+            "verify",
+            "count NULL, orphan and wrong jobset_id rows; stop here unless all are zero".into(),
+        );
+    }
     if stock_final {
         add(
             "switch-final",
@@ -90,10 +94,17 @@ pub fn plan(s: &Status, stock_final: bool, host: &str) -> Vec<PlannedStep> {
     steps
 }
 
+/// Both columns NOT NULL already at the migration stage (a finalize that stopped after
+/// its `SET NOT NULL`): `run` skips the backfill and the verify and goes on with the
+/// finalize, and the plan says the same.
+fn columns_not_null(s: &Status) -> bool {
+    s.stage == Stage::Migration && !s.jobs_jobset_id.nullable && !s.builds_jobset_id.nullable
+}
+
 /// What the backfill's walk of Builds will ask of `pg_wal`, when the plan still has one
 /// (`backfill::wal_segments`).
 pub fn wal_outlook(db: &mut Db, s: &Status) -> Result<Option<backfill::wal_segments::Outlook>> {
-    if s.stage == Stage::Final {
+    if s.stage == Stage::Final || columns_not_null(s) {
         return Ok(None);
     }
     let remaining =
@@ -396,7 +407,7 @@ pub fn run(
                 switch_phase(db, host, Phase::Migration, out, &mut report)?;
             }
             Stage::Migration => {
-                if s.builds_jobset_id.nullable || s.jobs_jobset_id.nullable {
+                if !columns_not_null(&s) {
                     backfill_until_clean(db, host, opts, out, interrupt, &mut report)?;
                 }
                 if opts.stock_final {

@@ -69,9 +69,9 @@ fn a_row_lock_held_past_every_retry_ends_the_backfill_with_exit_14() {
 
 /// Hydra's evaluator holds rows for minutes: its transaction clears `isCurrent` on every
 /// current build of the jobset first and stores the evaluation after (and writes Jobs
-/// rows too). The walk does not wait for such rows: it fills every other row, then waits
-/// for the held ones one at a time, holding no other row meanwhile (a waiting batch
-/// held the rows it had updated, which Hydra's writes then waited for, and could
+/// rows too). The walk does not wait long for such rows: it fills every other row, then
+/// waits for the held ones one at a time, holding no other row meanwhile (a waiting
+/// batch held the rows it had updated, which Hydra's writes then waited for, and could
 /// deadlock with the evaluator). Without `SKIP LOCKED` the first batch waits with
 /// nearly every row still NULL.
 #[test]
@@ -161,13 +161,15 @@ fn holder_pid(conn: &mut hydra_upgrade::db::Db) -> i64 {
     )
 }
 
-/// Wait until a session waits for a lock `holder` holds.
+/// Wait until a session has waited half a second for a lock `holder` holds (a per-page
+/// round waits 50 ms at most, then leaves the held rows out).
 fn wait_for_session_blocked_by(db: &TestDb, holder: i64) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let pid = db.query_i64(&format!(
             "SELECT coalesce(max(pid), 0)::bigint FROM pg_stat_activity
-              WHERE {holder} = ANY (pg_blocking_pids(pid))"
+              WHERE {holder} = ANY (pg_blocking_pids(pid))
+                AND now() - query_start > interval '500 ms'"
         ));
         if pid != 0 {
             return;

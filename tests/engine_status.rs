@@ -108,6 +108,30 @@ fn plan_prints_the_steps_and_changes_nothing() {
     assert_eq!(db.digest_without_jobset_id(), before);
 }
 
+/// A finalize that stopped after its `SET NOT NULL` leaves schema 61 with both columns
+/// NOT NULL: `upgrade` then goes on with the finalize, and the plan says the same
+/// (it listed a backfill and a verify that would not run).
+#[test]
+fn plan_leaves_out_the_backfill_once_both_columns_are_not_null() {
+    let db = hydra_at(61);
+    db.exec(&format!(
+        "{};
+         UPDATE jobs j SET jobset_id = js.id FROM jobsets js
+          WHERE js.project = j.project AND js.name = j.jobset;
+         ALTER TABLE jobs ALTER COLUMN jobset_id SET NOT NULL;
+         ALTER TABLE builds ALTER COLUMN jobset_id SET NOT NULL",
+        fill_builds_where("true")
+    ));
+    let r = run_on(&db, &["plan"]);
+    r.expect_code(0);
+    for step in ["finalize", "switch-final"] {
+        assert_contains(&r.stdout, step);
+    }
+    for step in ["backfill", "verify"] {
+        assert!(!r.stdout.contains(step), "{step} listed:\n{}", r.stdout);
+    }
+}
+
 #[test]
 fn a_database_that_is_not_hydra_is_refused() {
     let db = empty_db();

@@ -1,12 +1,13 @@
 //! Rows another transaction held locked when the walk came to them.
 //!
-//! No batch of ours waits for a row lock: each locks its rows with `SKIP LOCKED` first
-//! and updates only those. Hydra holds rows for a long time now and then:
-//! `hydra-eval-jobset` opens its database transaction by clearing `isCurrent` on every
-//! current build of the jobset and keeps those rows until its evaluation is stored
-//! (minutes for a large jobset), and it writes Jobs rows in the same transaction. A batch
-//! that waited for one of them held the rows it had already updated meanwhile, up to
-//! `lock_timeout` per try: Hydra's queue runner waited behind us to finish those builds,
+//! No batch of ours waits long for a row lock: a keyset batch locks its rows with `SKIP
+//! LOCKED` first and updates only those; a per-page round gives up a row lock wait after
+//! 50 ms and is done again that way (`per_page::update_round`). Hydra holds rows for a
+//! long time now and then: `hydra-eval-jobset` opens its database transaction by
+//! clearing `isCurrent` on every current build of the jobset and keeps those rows until
+//! its evaluation is stored (minutes for a large jobset), and it writes Jobs rows in the
+//! same transaction. A batch that waited for one of them held the rows it had already
+//! updated meanwhile, up to `lock_timeout` per try: Hydra's queue runner waited behind us to finish those builds,
 //! and had the evaluator then wanted one of them, the two would have deadlocked, and
 //! PostgreSQL cancels whichever waited first, which can be the evaluator's transaction.
 //!

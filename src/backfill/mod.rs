@@ -3,11 +3,11 @@
 //! Each table is walked once: by heap pages (per-page, HOT-friendly) followed by a keyset
 //! sweep, or by keyset alone. Every batch is one short transaction under `lock_timeout`
 //! and `statement_timeout`, retried with capped backoff on lock timeout, deadlock and
-//! serialization failure; its size adapts towards a target time. No batch waits for a
-//! row lock: rows other transactions hold are filled after the walk, one at a time
-//! ([`held`]). Progress is committed in
-//! the database, so a re-run continues; one backfill at a time (advisory lock). Where it
-//! can, it keeps itself and its server process on one CPU ([`one_cpu`]).
+//! serialization failure; its size adapts towards a target time. No batch waits long
+//! for a row lock: rows other transactions hold are filled after the walk, one at a
+//! time ([`held`]). Progress is committed in the database, so a re-run continues; one
+//! backfill at a time (advisory lock). Where it can, it keeps itself and its server
+//! process on one CPU ([`one_cpu`]).
 
 pub mod autoanalyze;
 pub mod held;
@@ -677,6 +677,7 @@ fn run_table(
         let listing =
             per_page::Listing::for_server(db.server_version()?, per_page::block_size(db.client())?);
         let statements = per_page::RoundStatements::prepare(db.client(), table)?;
+        let row_wait = per_page::row_wait(db.client(), opts.lock_timeout)?;
         loop {
             // Saved about every second (and before stopping): a re-run lists again from
             // the lowest unfinished page, where only rows still NULL are found.
@@ -741,7 +742,7 @@ fn run_table(
                 &mut retries,
                 |size| {
                     let ids = window.peek(size as usize);
-                    per_page::update_round(db.client(), &statements, &ids)
+                    per_page::update_round(db.client(), &statements, &ids, row_wait)
                         .map(|(updated, xid)| (updated, xid, ids.len()))
                 },
             )?;

@@ -39,6 +39,7 @@ use bytes::{BufMut, BytesMut};
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{IsNull, ToSql, Type, accepts, to_sql_checked};
 use postgres::{GenericClient, Statement};
+use std::time::Duration;
 
 use super::Table;
 
@@ -283,34 +284,41 @@ impl Window {
     }
 }
 
-/// The two statements every round runs, prepared once per walk. Sent as text, each was
+/// The statements every round runs, prepared once per walk. Sent as text, each was
 /// parsed and planned again every round, with one more round trip: at short rounds
 /// (`--target-batch-ms 1`) that cost was most of a round.
 pub struct RoundStatements {
     table: Table,
     update: Statement,
+    update_skipping_held: Statement,
     horizon: Statement,
+}
+
+/// A round's update of the rows `$1` (`SKIP LOCKED`: only the rows no other transaction
+/// holds), with the count of rows updated and the transaction's id.
+fn round_sql(table: Table, skip_locked: bool) -> String {
+    let rows = if skip_locked {
+        format!(
+            "ARRAY(SELECT id FROM {t} WHERE id = ANY($1) AND jobset_id IS NULL
+                     FOR NO KEY UPDATE SKIP LOCKED)",
+            t = table.name()
+        )
+    } else {
+        "$1".to_owned()
+    };
+    format!(
+        "WITH u AS (
+             UPDATE {t} AS t SET jobset_id = js.id FROM jobsets js
+              WHERE t.id = ANY({rows}) AND t.jobset_id IS NULL
+                AND js.project = t.project AND js.name = t.jobset
+             RETURNING 1)
+         SELECT count(*), txid_current_if_assigned()::text FROM u",
+        t = table.name()
+    )
 }
 
 impl RoundStatements {
     pub fn prepare(c: &mut impl GenericClient, table: Table) -> Result<RoundStatements> {
-        // A round never waits for a row lock (see `held`): it locks the rows it can at
-        // once and updates those; a row another transaction holds keeps its NULL for the
-        // keyset sweep. Locking first writes one more small WAL record per row: at 100k
-        // builds the walk wrote 90 MB of WAL instead of 85, in the same time
-        // (BENCHMARKS.md, "Rows held by Hydra").
-        let update = format!(
-            "WITH l AS (
-                 SELECT id FROM {t} WHERE id = ANY($1) AND jobset_id IS NULL
-                    FOR NO KEY UPDATE SKIP LOCKED),
-             u AS (
-                 UPDATE {t} AS t SET jobset_id = js.id FROM jobsets js
-                  WHERE t.id = ANY(ARRAY(SELECT id FROM l)) AND t.jobset_id IS NULL
-                    AND js.project = t.project AND js.name = t.jobset
-                 RETURNING 1)
-             SELECT count(*), txid_current_if_assigned()::text FROM u",
-            t = table.name()
-        );
         let horizon = format!(
             "SELECT pid, coalesce(nullif(backend_type, 'client backend'), application_name, '')
                          || ': ' || left(coalesce(query, ''), 60)
@@ -318,11 +326,11 @@ impl RoundStatements {
               WHERE pid <> pg_backend_pid() AND {}",
             holds_horizon_of("($1::text::bigint % 4294967296)::text::xid")
         );
+        let context = || format!("preparing the rounds of {}", table.name());
         Ok(RoundStatements {
             table,
-            update: c
-                .prepare(&update)
-                .with_context(|| format!("preparing the rounds of {}", table.name()))?,
+            update: c.prepare(&round_sql(table, false)).with_context(context)?,
+            update_skipping_held: c.prepare(&round_sql(table, true)).with_context(context)?,
             horizon: c
                 .prepare(&horizon)
                 .context("preparing the check for old snapshots")?,
@@ -330,16 +338,67 @@ impl RoundStatements {
     }
 }
 
+/// How long a round waits for a row lock before it leaves the held rows out: well under
+/// `deadlock_timeout` (so that a round never stays in a deadlock long enough for
+/// PostgreSQL to pick a victim, which could be Hydra's transaction) and under the
+/// session's `lock_timeout`.
+pub fn row_wait(c: &mut impl GenericClient, lock_timeout: Duration) -> Result<Duration> {
+    let deadlock_ms: i32 = c
+        .query_one(
+            "SELECT setting::int FROM pg_settings WHERE name = 'deadlock_timeout'",
+            &[],
+        )
+        .context("reading deadlock_timeout")?
+        .get(0);
+    let mut wait = ROW_WAIT.min(Duration::from_millis(
+        u64::try_from(deadlock_ms / 2).unwrap_or(1),
+    ));
+    if !lock_timeout.is_zero() {
+        wait = wait.min(lock_timeout);
+    }
+    Ok(wait.max(Duration::from_millis(1)))
+}
+
+/// A round's longest wait for a row lock, at PostgreSQL's default `deadlock_timeout` (1 s).
+const ROW_WAIT: Duration = Duration::from_millis(50);
+
 /// Fill these rows (one transaction). Returns rows updated and the transaction's id
 /// (`None` when it updated nothing).
+///
+/// A round does not wait long for a row Hydra holds (see `held`): its update waits at
+/// most `row_wait` for a row lock (`SET LOCAL lock_timeout`); when that runs out it is
+/// done again at once with `SKIP LOCKED`, leaving the held rows for the keyset sweep.
+/// Locking first always would cost a second lookup and a WAL record per row: at 1M
+/// builds it made the walk a third slower (BENCHMARKS.md, "Rows held by Hydra"). The
+/// second try waits for table locks under the session's own `lock_timeout`, as before.
 pub fn update_round(
     c: &mut impl GenericClient,
     st: &RoundStatements,
     ids: &[i32],
+    row_wait: Duration,
 ) -> Result<(u64, Option<String>)> {
-    let row = c
-        .query_one(&st.update, &[&ids])
-        .with_context(|| format!("updating one row per page of {}", st.table.name()))?;
+    let what = || format!("updating one row per page of {}", st.table.name());
+    c.batch_execute(&format!(
+        "BEGIN; SET LOCAL lock_timeout = {}",
+        row_wait.as_millis()
+    ))
+    .with_context(what)?;
+    let row = match c.query_one(&st.update, &[&ids]) {
+        Ok(row) => {
+            c.batch_execute("COMMIT").with_context(what)?;
+            row
+        }
+        Err(e) => {
+            let e = anyhow::Error::from(e).context(what());
+            let rolled_back = c.batch_execute("ROLLBACK");
+            if crate::db::sqlstate(&e) != Some(postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+                return Err(e);
+            }
+            rolled_back.with_context(what)?;
+            c.query_one(&st.update_skipping_held, &[&ids])
+                .with_context(what)?
+        }
+    };
     let (n, xid): (i64, Option<String>) = (row.get(0), row.get(1));
     Ok((n as u64, xid))
 }
