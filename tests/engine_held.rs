@@ -150,6 +150,27 @@ fn rows_hydra_holds_locked_are_filled_last_without_holding_any_other_row() {
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(stdout.contains("\"event\":\"held\""), "{stdout}");
     assert_eq!(db.wrong_or_null(), 0);
+    let last = stdout.lines().rfind(|l| !l.trim().is_empty()).unwrap();
+    let report: serde_json::Value = serde_json::from_str(last).unwrap();
+    let table = |name: &str| {
+        report["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["table"] == name)
+            .unwrap()
+            .clone()
+    };
+    let (jobs, builds) = (table("jobs"), table("builds"));
+    assert_eq!(jobs["held_rows_filled_after"], held_jobs, "{jobs}");
+    assert_eq!(builds["held_rows_filled_after"], held_builds, "{builds}");
+    // Once a round's wait ran out, the next rounds left the held rows out at once
+    // instead of waiting 50 ms again each.
+    let (given_up, skipping) = (
+        builds["row_waits_given_up"].as_u64().unwrap(),
+        builds["rounds_skipping_held_rows"].as_u64().unwrap(),
+    );
+    assert!(given_up >= 1 && skipping > given_up, "{builds}");
 }
 
 fn holder_pid(conn: &mut hydra_upgrade::db::Db) -> i64 {

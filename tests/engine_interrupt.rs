@@ -202,7 +202,18 @@ fn sigint_while_a_batch_waits_for_its_retry_stops_at_once() {
         .client()
         .batch_execute("BEGIN; SELECT 1 FROM builds FOR UPDATE")
         .unwrap();
-    let handle = spawn_on(&db, &["backfill", "--lock-timeout-ms", "50"]);
+    // Keyset: its walk lists every held row at once, and the wait for the first one is
+    // retried. (Per-page rounds wait 50 ms each for their held rows first.)
+    let handle = spawn_on(
+        &db,
+        &[
+            "backfill",
+            "--strategy",
+            "keyset",
+            "--lock-timeout-ms",
+            "50",
+        ],
+    );
     // By then the retries wait seconds between tries (50 ms doubling, up to 10 s).
     std::thread::sleep(Duration::from_secs(4));
     let asked = Instant::now();

@@ -118,6 +118,13 @@ pub struct TableReport {
     pub bytes_after: i64,
     /// Time spent waiting for older snapshots to end before per-page rounds.
     pub horizon_wait_seconds: f64,
+    /// Per-page rounds whose short wait for a row another transaction held ran out, and
+    /// rounds that left such rows to the sweep (`SKIP LOCKED`; see
+    /// `per_page::RowWaits`).
+    pub row_waits_given_up: u64,
+    pub rounds_skipping_held_rows: u64,
+    /// Rows the keyset walk found held, filled one at a time after it (`held`).
+    pub held_rows_filled_after: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -620,6 +627,9 @@ fn run_table(
                     bytes_before: before.2,
                     bytes_after: before.2,
                     horizon_wait_seconds: 0.0,
+                    row_waits_given_up: 0,
+                    rounds_skipping_held_rows: 0,
+                    held_rows_filled_after: 0,
                 };
                 return Ok((report, before));
             }
@@ -654,6 +664,8 @@ fn run_table(
     let mut horizon = HorizonWait::new(opts.horizon_wait);
     let mut transactions = 0u64;
     let mut retries = 0u64;
+    // (row waits given up, rounds skipping held rows, held rows filled after the walk)
+    let mut held_rows = (0u64, 0u64, 0u64);
 
     // Jobs too: its autoanalyze, triggered by its own walk, holds the same horizon
     // while Builds is walked.
@@ -677,7 +689,7 @@ fn run_table(
         let listing =
             per_page::Listing::for_server(db.server_version()?, per_page::block_size(db.client())?);
         let statements = per_page::RoundStatements::prepare(db.client(), table)?;
-        let row_wait = per_page::row_wait(db.client(), opts.lock_timeout)?;
+        let mut row_waits = per_page::RowWaits::new(db.client(), opts.lock_timeout)?;
         loop {
             // Saved about every second (and before stopping): a re-run lists again from
             // the lowest unfinished page, where only rows still NULL are found.
@@ -742,7 +754,7 @@ fn run_table(
                 &mut retries,
                 |size| {
                     let ids = window.peek(size as usize);
-                    per_page::update_round(db.client(), &statements, &ids, row_wait)
+                    per_page::update_round(db.client(), &statements, &ids, &mut row_waits)
                         .map(|(updated, xid)| (updated, xid, ids.len()))
                 },
             )?;
@@ -762,6 +774,8 @@ fn run_table(
             (progress.rows_updated - rows_before) as u64,
             "",
         );
+        held_rows.0 = row_waits.given_up;
+        held_rows.1 = row_waits.skipping;
         bar.finish(" (page walk done, sweeping for rows moved meanwhile)");
         progress = start_keys(db, table, progress)?;
         state::save(db.client(), &progress)?;
@@ -820,7 +834,8 @@ fn run_table(
             }
         }
         bar.finish("");
-        transactions += fill_held(db, table, opts, out, interrupt, &mut progress, &mut retries)?;
+        held_rows.2 = fill_held(db, table, opts, out, interrupt, &mut progress, &mut retries)?;
+        transactions += held_rows.2;
         progress.phase = PHASE_DONE.into();
         progress.finished = true;
         state::save(db.client(), &progress)?;
@@ -837,6 +852,9 @@ fn run_table(
         bytes_before: before.2,
         bytes_after: before.2,
         horizon_wait_seconds: horizon.waited.as_secs_f64(),
+        row_waits_given_up: held_rows.0,
+        rounds_skipping_held_rows: held_rows.1,
+        held_rows_filled_after: held_rows.2,
         table,
         strategy: progress.strategy.clone(),
         rows_updated: (progress.rows_updated - rows_before) as u64,
@@ -850,7 +868,8 @@ fn run_table(
 }
 
 /// After the keyset walk: the rows other transactions held when the walk came to them,
-/// one per transaction, each waiting for its lock (see `held`). Returns the transactions.
+/// one per transaction, each waiting for its lock (see `held`). Returns how many there
+/// were (one transaction each).
 fn fill_held(
     db: &mut Db,
     table: Table,

@@ -39,7 +39,7 @@ use bytes::{BufMut, BytesMut};
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{IsNull, ToSql, Type, accepts, to_sql_checked};
 use postgres::{GenericClient, Statement};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::Table;
 
@@ -338,65 +338,96 @@ impl RoundStatements {
     }
 }
 
-/// How long a round waits for a row lock before it leaves the held rows out: well under
-/// `deadlock_timeout` (so that a round never stays in a deadlock long enough for
-/// PostgreSQL to pick a victim, which could be Hydra's transaction) and under the
-/// session's `lock_timeout`.
-pub fn row_wait(c: &mut impl GenericClient, lock_timeout: Duration) -> Result<Duration> {
-    let deadlock_ms: i32 = c
-        .query_one(
-            "SELECT setting::int FROM pg_settings WHERE name = 'deadlock_timeout'",
-            &[],
-        )
-        .context("reading deadlock_timeout")?
-        .get(0);
-    let mut wait = ROW_WAIT.min(Duration::from_millis(
-        u64::try_from(deadlock_ms / 2).unwrap_or(1),
-    ));
-    if !lock_timeout.is_zero() {
-        wait = wait.min(lock_timeout);
-    }
-    Ok(wait.max(Duration::from_millis(1)))
+/// How the rounds deal with rows other transactions hold (see `held`).
+///
+/// A round waits at most `max` for a row lock (`SET LOCAL lock_timeout`): well under
+/// `deadlock_timeout`, so that a round is never in a deadlock long enough for
+/// PostgreSQL to pick a victim (which could be Hydra's evaluator), and under the
+/// session's `lock_timeout`. When that runs out the round is done again at once with
+/// `SKIP LOCKED`, leaving the held rows for the keyset sweep, and so are the rounds of
+/// the next `SKIPPING` (a holder such as the evaluator keeps its rows for minutes, and
+/// each round would wait for one again). Locking first always would cost a second
+/// lookup and a WAL record per row: at 1M builds it made the walk 35 % slower, the
+/// offline UPDATE of the same run 10 % (BENCHMARKS.md, "Rows held by Hydra").
+#[derive(Debug)]
+pub struct RowWaits {
+    max: Duration,
+    skipping_until: Option<Instant>,
+    /// Rounds whose wait for a row lock ran out.
+    pub given_up: u64,
+    /// Rounds run with `SKIP LOCKED`.
+    pub skipping: u64,
 }
 
-/// A round's longest wait for a row lock, at PostgreSQL's default `deadlock_timeout` (1 s).
-const ROW_WAIT: Duration = Duration::from_millis(50);
+impl RowWaits {
+    /// A round's longest wait for a row lock, at PostgreSQL's default `deadlock_timeout`
+    /// (1 s).
+    const MAX: Duration = Duration::from_millis(50);
+    const SKIPPING: Duration = Duration::from_secs(5);
+
+    pub fn new(c: &mut impl GenericClient, lock_timeout: Duration) -> Result<RowWaits> {
+        let deadlock_ms: i32 = c
+            .query_one(
+                "SELECT setting::int FROM pg_settings WHERE name = 'deadlock_timeout'",
+                &[],
+            )
+            .context("reading deadlock_timeout")?
+            .get(0);
+        let mut max = Self::MAX.min(Duration::from_millis(
+            u64::try_from(deadlock_ms / 2).unwrap_or(1),
+        ));
+        if !lock_timeout.is_zero() {
+            max = max.min(lock_timeout);
+        }
+        Ok(RowWaits {
+            max: max.max(Duration::from_millis(1)),
+            skipping_until: None,
+            given_up: 0,
+            skipping: 0,
+        })
+    }
+}
 
 /// Fill these rows (one transaction). Returns rows updated and the transaction's id
-/// (`None` when it updated nothing).
-///
-/// A round does not wait long for a row Hydra holds (see `held`): its update waits at
-/// most `row_wait` for a row lock (`SET LOCAL lock_timeout`); when that runs out it is
-/// done again at once with `SKIP LOCKED`, leaving the held rows for the keyset sweep.
-/// Locking first always would cost a second lookup and a WAL record per row: at 1M
-/// builds it made the walk a third slower (BENCHMARKS.md, "Rows held by Hydra"). The
-/// second try waits for table locks under the session's own `lock_timeout`, as before.
+/// (`None` when it updated nothing). Rows held by other transactions: see [`RowWaits`].
+/// A table lock also ends the first try after the short wait; the second waits for it
+/// under the session's own `lock_timeout`, as before.
 pub fn update_round(
     c: &mut impl GenericClient,
     st: &RoundStatements,
     ids: &[i32],
-    row_wait: Duration,
+    waits: &mut RowWaits,
 ) -> Result<(u64, Option<String>)> {
     let what = || format!("updating one row per page of {}", st.table.name());
-    c.batch_execute(&format!(
-        "BEGIN; SET LOCAL lock_timeout = {}",
-        row_wait.as_millis()
-    ))
-    .with_context(what)?;
-    let row = match c.query_one(&st.update, &[&ids]) {
-        Ok(row) => {
-            c.batch_execute("COMMIT").with_context(what)?;
-            row
-        }
-        Err(e) => {
-            let e = anyhow::Error::from(e).context(what());
-            let rolled_back = c.batch_execute("ROLLBACK");
-            if crate::db::sqlstate(&e) != Some(postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
-                return Err(e);
+    let skip_now = waits.skipping_until.is_some_and(|t| Instant::now() < t);
+    let row = if skip_now {
+        waits.skipping += 1;
+        c.query_one(&st.update_skipping_held, &[&ids])
+            .with_context(what)?
+    } else {
+        c.batch_execute(&format!(
+            "BEGIN; SET LOCAL lock_timeout = {}",
+            waits.max.as_millis()
+        ))
+        .with_context(what)?;
+        match c.query_one(&st.update, &[&ids]) {
+            Ok(row) => {
+                c.batch_execute("COMMIT").with_context(what)?;
+                row
             }
-            rolled_back.with_context(what)?;
-            c.query_one(&st.update_skipping_held, &[&ids])
-                .with_context(what)?
+            Err(e) => {
+                let e = anyhow::Error::from(e).context(what());
+                let rolled_back = c.batch_execute("ROLLBACK");
+                if crate::db::sqlstate(&e) != Some(postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+                    return Err(e);
+                }
+                rolled_back.with_context(what)?;
+                waits.given_up += 1;
+                waits.skipping_until = Some(Instant::now() + RowWaits::SKIPPING);
+                waits.skipping += 1;
+                c.query_one(&st.update_skipping_held, &[&ids])
+                    .with_context(what)?
+            }
         }
     };
     let (n, xid): (i64, Option<String>) = (row.get(0), row.get(1));
