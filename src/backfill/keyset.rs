@@ -40,8 +40,7 @@ WITH batch AS (
     SELECT id FROM batch WHERE id <> ALL (ARRAY(SELECT id FROM locked))
     ON CONFLICT DO NOTHING
 )
-SELECT (SELECT count(*) FROM locked), (SELECT count(*) FROM upd),
-       (SELECT count(*) FROM batch) - (SELECT count(*) FROM locked)";
+SELECT (SELECT count(*) FROM locked), (SELECT count(*) FROM upd)";
 
 /// Jobs: the next `$4` keys of the primary key (project, jobset, name) after the cursor.
 /// As for Builds, rows another transaction holds are listed for later, not waited for.
@@ -71,8 +70,7 @@ WITH batch AS (
     SELECT project, jobset, name FROM batch ORDER BY project DESC, jobset DESC, name DESC LIMIT 1
 )
 SELECT (SELECT project FROM last), (SELECT jobset FROM last), (SELECT name FROM last),
-       (SELECT count(*) FROM batch), (SELECT count(*) FROM locked),
-       (SELECT count(*) FROM upd), (SELECT count(*) FROM batch WHERE pending) - (SELECT count(*) FROM locked)";
+       (SELECT count(*) FROM batch), (SELECT count(*) FROM locked), (SELECT count(*) FROM upd)";
 
 /// Where a keyset walk stands; saved as JSON in the progress table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,8 +109,6 @@ pub struct Batch {
     pub updated: u64,
     /// NULL rows left as they were: orphans (or rows a concurrent writer just filled).
     pub skipped: u64,
-    /// NULL rows another transaction held locked, listed for later (`held`).
-    pub held: u64,
     pub done: bool,
 }
 
@@ -132,14 +128,13 @@ pub fn batch(c: &mut impl GenericClient, cursor: &mut Cursor, size: u64) -> Resu
             let row = c
                 .query_one(BUILDS_BATCH, &[&lo, &hi])
                 .context("running a keyset batch on Builds")?;
-            let (locked, updated, held): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+            let (locked, updated): (i64, i64) = (row.get(0), row.get(1));
             let walked = (next - *after) as u64;
             *after = next;
             Ok(Batch {
                 walked,
                 updated: updated as u64,
                 skipped: (locked - updated).max(0) as u64,
-                held: held.max(0) as u64,
                 done: next >= *upper,
             })
         }
@@ -153,8 +148,7 @@ pub fn batch(c: &mut impl GenericClient, cursor: &mut Cursor, size: u64) -> Resu
                 .context("running a keyset batch on Jobs")?;
             let last: (Option<String>, Option<String>, Option<String>) =
                 (row.get(0), row.get(1), row.get(2));
-            let (walked, locked, updated, held): (i64, i64, i64, i64) =
-                (row.get(3), row.get(4), row.get(5), row.get(6));
+            let (walked, locked, updated): (i64, i64, i64) = (row.get(3), row.get(4), row.get(5));
             if let (Some(p), Some(j), Some(n)) = last {
                 *after = Some((p, j, n));
             }
@@ -162,7 +156,6 @@ pub fn batch(c: &mut impl GenericClient, cursor: &mut Cursor, size: u64) -> Resu
                 walked: walked as u64,
                 updated: updated as u64,
                 skipped: (locked - updated).max(0) as u64,
-                held: held.max(0) as u64,
                 done: walked < size,
             })
         }
