@@ -228,8 +228,15 @@ fn null_rows_from_an_older_writer_are_caught_by_verify() {
         &v.stdout,
         &format!("builds: {} NULL rows to fill", stats.inserts),
     );
-    // a new backfill run picks them up
-    run_on(&db, &["backfill"]).expect_code(0);
+    // A new backfill run picks them up: listed in one read and filled by key, without
+    // walking the table again.
+    let again = run_on(&db, &["--json", "backfill"]);
+    again.expect_code(0);
+    let report = last_json_document(&again.stdout);
+    let builds = &report["tables"][1];
+    assert_eq!(builds["strategy"], "listed", "{builds}");
+    assert_eq!(builds["rows_updated"], stats.inserts, "{builds}");
+    assert_eq!(builds["held_rows_filled_after"], stats.inserts, "{builds}");
     run_on(&db, &["verify"]).expect_code(0);
 }
 

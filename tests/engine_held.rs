@@ -202,3 +202,31 @@ fn wait_for_session_blocked_by(db: &TestDb, holder: i64) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// After a finished walk the NULL rows left are listed in one read when there are few
+/// enough; with more, nothing is listed and the table is walked.
+#[test]
+fn null_rows_are_listed_only_when_few() {
+    use hydra_upgrade::backfill::{Table, held};
+    let db = hydra_at(61);
+    let mut conn = db.connect();
+    hydra_upgrade::backfill::state::ensure(&mut conn).unwrap();
+    held::ensure(&mut conn).unwrap();
+    let fillable = db.query_i64(
+        "SELECT count(*) FROM builds b JOIN jobsets js ON js.project = b.project AND js.name = b.jobset",
+    );
+    assert_eq!(
+        held::list_nulls(&mut conn, Table::Builds, fillable - 1).unwrap(),
+        None
+    );
+    assert_eq!(
+        held::count(conn.client(), Table::Builds).unwrap(),
+        0,
+        "nothing listed"
+    );
+    assert_eq!(
+        held::list_nulls(&mut conn, Table::Builds, fillable).unwrap(),
+        Some(fillable)
+    );
+    assert_eq!(held::count(conn.client(), Table::Builds).unwrap(), fillable);
+}

@@ -62,6 +62,40 @@ pub fn listed(c: &mut impl GenericClient, table: Table) -> Result<i64> {
     if exists { count(c, table) } else { Ok(0) }
 }
 
+/// List the fillable NULL rows of `table` (joined with Jobsets: orphans are left out)
+/// when there are at most `max`, in one read of the table; `None` when there are more
+/// (nothing is listed then). After a finished walk the NULL rows left are few (an older
+/// evaluator's, written while it still ran), and filling them by key spares a walk of
+/// the whole table. With none or few left this reads all of it, longer than the
+/// backfill's statement_timeout at tens of millions of builds; it blocks nothing, so it
+/// runs without that limit.
+pub fn list_nulls(db: &mut Db, table: Table, max: i64) -> Result<Option<i64>> {
+    let keys = match table {
+        Table::Builds => "t.id",
+        Table::Jobs => "t.project, t.jobset, t.name",
+    };
+    let sql = format!(
+        "INSERT INTO {list}
+         SELECT {keys} FROM {t} AS t JOIN jobsets js ON js.project = t.project AND js.name = t.jobset
+          WHERE t.jobset_id IS NULL LIMIT $1
+         ON CONFLICT DO NOTHING",
+        list = list(table),
+        t = table.name()
+    );
+    let context = || format!("listing the NULL rows of {}", table.name());
+    let mut tx = db.client().transaction().with_context(context)?;
+    tx.batch_execute("SET LOCAL statement_timeout = 0")
+        .with_context(context)?;
+    let n = tx.execute(&sql, &[&(max + 1)]).with_context(context)?;
+    let n = i64::try_from(n)?;
+    if n > max {
+        tx.rollback().with_context(context)?;
+        return Ok(None);
+    }
+    tx.commit().with_context(context)?;
+    Ok(Some(n))
+}
+
 /// One listed row, by its key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Key {

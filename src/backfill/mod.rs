@@ -31,7 +31,7 @@ use crate::exit::{Exit, fail};
 use crate::interrupt::Interrupt;
 use crate::progress::Out;
 use one_cpu::PinCpu;
-use state::{PHASE_DONE, PHASE_KEYS, PHASE_PAGES, TableProgress};
+use state::{PHASE_DONE, PHASE_HELD, PHASE_KEYS, PHASE_PAGES, TableProgress};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -147,6 +147,11 @@ impl Report {
 /// went to 61,587 rounds of about 16 rows and took 75 s against 41 and 46 s, and the Jobs
 /// walk went to batches of about one key (BENCHMARKS.md, "Shorter rounds").
 const MIN_ADAPTIVE_PAGES: u64 = 32;
+
+/// After a finished walk, at most this many NULL rows are filled by key, one per
+/// transaction (a few seconds per ten thousand), instead of walking the whole table
+/// again; more, and the table is walked. 50,000 ids are 200 kB, Jobs keys a few MB.
+const AFTER_A_WALK_LISTED_MAX: i64 = 50_000;
 const MIN_ADAPTIVE_KEYS: u64 = 100;
 
 /// Batch size that adapts towards a target time per transaction: it follows an
@@ -607,7 +612,17 @@ fn run_table(
             p
         }
         previous => {
-            if !has_fillable(db, table)? {
+            let after_a_walk = previous.as_ref().is_some_and(|p| p.finished);
+            let listed = if after_a_walk {
+                held::list_nulls(db, table, AFTER_A_WALK_LISTED_MAX)?
+            } else {
+                None
+            };
+            let fillable = match listed {
+                Some(n) => n > 0,
+                None => has_fillable(db, table)?,
+            };
+            if !fillable {
                 let skipped = previous.map(|p| p.rows_skipped).unwrap_or(0);
                 out.event(
                     "table_done",
@@ -633,14 +648,27 @@ fn run_table(
                 };
                 return Ok((report, before));
             }
-            let (strategy, reason) = choose(db, table, opts, out)?;
+            let (strategy, reason) = match listed {
+                Some(n) => (
+                    "listed",
+                    format!(
+                        "a finished walk left {n} NULL rows to fill (an older evaluator's?): \
+                         listed in one read and filled one at a time, not walked again"
+                    ),
+                ),
+                None => choose(db, table, opts, out)?,
+            };
             why = reason;
             out.event(
                 "strategy",
                 &format!("{name}: strategy {strategy} ({why})"),
                 json!({"table": name, "strategy": strategy, "why": why}),
             );
-            let p = if strategy == "per-page" {
+            let p = if let Some(n) = listed {
+                let mut p = TableProgress::new(name, strategy, PHASE_HELD, n);
+                p.rows_skipped = previous.map_or(0, |p| p.rows_skipped);
+                p
+            } else if strategy == "per-page" {
                 TableProgress::new(
                     name,
                     strategy,
@@ -834,6 +862,10 @@ fn run_table(
             }
         }
         bar.finish("");
+        progress.phase = PHASE_HELD.into();
+        state::save(db.client(), &progress)?;
+    }
+    if progress.phase == PHASE_HELD {
         held_rows.2 = fill_held(db, table, opts, out, interrupt, &mut progress, &mut retries)?;
         transactions += held_rows.2;
         progress.phase = PHASE_DONE.into();
@@ -884,15 +916,19 @@ fn fill_held(
     if listed == 0 {
         return Ok(0);
     }
-    out.event(
-        "held",
-        &format!(
-            "{name}: {listed} rows were locked by other transactions when the walk came to \
-             them (Hydra's evaluator holds a jobset's current builds while it stores an \
-             evaluation); filling them one at a time, each waiting for its lock"
-        ),
-        json!({"table": name, "rows": listed}),
-    );
+    // Listed by the walk (held by others when it came to them), or listed instead of a
+    // walk (after a finished one).
+    if progress.strategy != "listed" {
+        out.event(
+            "held",
+            &format!(
+                "{name}: {listed} rows were locked by other transactions when the walk came \
+                 to them (Hydra's evaluator holds a jobset's current builds while it stores \
+                 an evaluation); filling them one at a time, each waiting for its lock"
+            ),
+            json!({"table": name, "rows": listed}),
+        );
+    }
     // One row per transaction: never halved, never grown.
     let mut single = Adaptive::new(1, 1, 1, opts.target_batch);
     let mut transactions = 0;

@@ -36,13 +36,16 @@ ON CONFLICT (tbl) DO UPDATE SET strategy = $2, phase = $3, position = $4, total 
 /// Which pass a table is in.
 pub const PHASE_PAGES: &str = "pages";
 pub const PHASE_KEYS: &str = "keys";
+/// Filling the rows listed in `held`, one at a time.
+pub const PHASE_HELD: &str = "held";
 pub const PHASE_DONE: &str = "done";
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct TableProgress {
     pub table: String,
     pub strategy: String,
-    /// `pages` (per-page walk), `keys` (keyset walk or final sweep), `done`.
+    /// `pages` (per-page walk), `keys` (keyset walk or final sweep), `held` (the rows
+    /// listed in `held`), `done`.
     pub phase: String,
     /// Next heap page (pages) or keys walked so far (keys).
     pub position: i64,
