@@ -147,12 +147,13 @@ impl Report {
 /// went to 61,587 rounds of about 16 rows and took 75 s against 41 and 46 s, and the Jobs
 /// walk went to batches of about one key (BENCHMARKS.md, "Shorter rounds").
 const MIN_ADAPTIVE_PAGES: u64 = 32;
+const MIN_ADAPTIVE_KEYS: u64 = 100;
 
 /// After a finished walk, at most this many NULL rows are filled by key, one per
-/// transaction (a few seconds per ten thousand), instead of walking the whole table
-/// again; more, and the table is walked. 50,000 ids are 200 kB, Jobs keys a few MB.
+/// transaction, instead of walking the whole table again; with more the table is walked
+/// (one row per transaction is slower per row than the walk's rounds). The list lives in
+/// the database (`held`), not in the tool's memory.
 const AFTER_A_WALK_LISTED_MAX: i64 = 50_000;
-const MIN_ADAPTIVE_KEYS: u64 = 100;
 
 /// Batch size that adapts towards a target time per transaction: it follows an
 /// exponential moving average of the time per unit, and moves at most 2x per step.
