@@ -135,6 +135,14 @@ impl Db {
             .context("resetting the session's timeouts and synchronous_commit")
     }
 
+    /// A transaction with `statement_timeout` lifted, for a read of a whole table that
+    /// blocks nothing but can outlast the limit meant for the backfill's short batches.
+    pub fn transaction_without_statement_timeout(&mut self) -> Result<postgres::Transaction<'_>> {
+        let mut tx = self.client.transaction()?;
+        tx.batch_execute("SET LOCAL statement_timeout = 0")?;
+        Ok(tx)
+    }
+
     /// Run `work`, whose session settings ([`Db::set_timeouts`], [`Db::async_commit`] or
     /// its own `SET`s) are its own, then hand the connection back with the server's: once
     /// `work` ends, finished or failed (best effort then: the connection may be what

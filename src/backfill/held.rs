@@ -7,9 +7,10 @@
 //! clearing `isCurrent` on every current build of the jobset and keeps those rows until
 //! its evaluation is stored (minutes for a large jobset), and it writes Jobs rows in the
 //! same transaction. A batch that waited for one of them held the rows it had already
-//! updated meanwhile, up to `lock_timeout` per try: Hydra's queue runner waited behind us to finish those builds,
-//! and had the evaluator then wanted one of them, the two would have deadlocked, and
-//! PostgreSQL cancels whichever waited first, which can be the evaluator's transaction.
+//! updated meanwhile, up to `lock_timeout` per try: Hydra's queue runner waited behind us
+//! to finish those builds, and had the evaluator then wanted one of them, the two would
+//! have deadlocked, and PostgreSQL cancels whichever waited first, which can be the
+//! evaluator's transaction.
 //!
 //! A row the per-page walk skips is still NULL when the keyset sweep comes to it; a row
 //! the keyset walk skips is written down here, in the batch's own transaction. Once the
@@ -56,10 +57,11 @@ pub fn count(c: &mut impl GenericClient, table: Table) -> Result<i64> {
 /// How many of `table`'s rows are listed; 0 where no list was ever made (no backfill
 /// yet, or one by a version of hydra-upgrade before the lists).
 pub fn listed(c: &mut impl GenericClient, table: Table) -> Result<i64> {
-    let exists: bool = c
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&list(table)])?
-        .get(0);
-    if exists { count(c, table) } else { Ok(0) }
+    if crate::db::relation_exists(c, list(table))? {
+        count(c, table)
+    } else {
+        Ok(0)
+    }
 }
 
 /// List the fillable NULL rows of `table` (joined with Jobsets: orphans are left out)
@@ -75,16 +77,13 @@ pub fn list_nulls(db: &mut Db, table: Table, max: i64) -> Result<Option<i64>> {
         Table::Jobs => "t.project, t.jobset, t.name",
     };
     let sql = format!(
-        "INSERT INTO {list}
-         SELECT {keys} FROM {t} AS t JOIN jobsets js ON js.project = t.project AND js.name = t.jobset
-          WHERE t.jobset_id IS NULL LIMIT $1
-         ON CONFLICT DO NOTHING",
+        "INSERT INTO {list} SELECT {keys} FROM {rows} LIMIT $1 ON CONFLICT DO NOTHING",
         list = list(table),
-        t = table.name()
+        rows = super::fillable_rows(table)
     );
     let context = || format!("listing the NULL rows of {}", table.name());
-    let mut tx = db.client().transaction().with_context(context)?;
-    tx.batch_execute("SET LOCAL statement_timeout = 0")
+    let mut tx = db
+        .transaction_without_statement_timeout()
         .with_context(context)?;
     let n = tx.execute(&sql, &[&(max + 1)]).with_context(context)?;
     let n = i64::try_from(n)?;

@@ -466,20 +466,26 @@ fn stats_after(
     }
 }
 
+/// `FROM` and `WHERE` of a table's rows a backfill fills (as `t`): jobset_id NULL, and a
+/// jobset (`js`) to take it from. Orphans are left out.
+fn fillable_rows(table: Table) -> String {
+    format!(
+        "{t} AS t JOIN jobsets js ON js.project = t.project AND js.name = t.jobset
+          WHERE t.jobset_id IS NULL",
+        t = table.name()
+    )
+}
+
 /// Does the table hold any NULL jobset_id row that can be filled (its jobset exists)?
 ///
 /// With none or few left (a rerun after a finished walk) this reads the whole table, which
 /// at tens of millions of builds can take longer than the backfill's statement_timeout
 /// meant for its short batches; it blocks nothing, so it runs without that limit.
 fn has_fillable(db: &mut Db, table: Table) -> Result<bool> {
-    let sql = format!(
-        "SELECT EXISTS (SELECT 1 FROM {t} AS t JOIN jobsets js ON js.project = t.project AND js.name = t.jobset
-                         WHERE t.jobset_id IS NULL)",
-        t = table.name()
-    );
+    let sql = format!("SELECT EXISTS (SELECT 1 FROM {})", fillable_rows(table));
     let context = || format!("looking for NULL rows in {}", table.name());
-    let mut tx = db.client().transaction().with_context(context)?;
-    tx.batch_execute("SET LOCAL statement_timeout = 0")
+    let mut tx = db
+        .transaction_without_statement_timeout()
         .with_context(context)?;
     let found = tx.query_one(&sql, &[]).with_context(context)?.get(0);
     tx.commit().with_context(context)?;
@@ -693,8 +699,8 @@ fn run_table(
     let mut horizon = HorizonWait::new(opts.horizon_wait);
     let mut transactions = 0u64;
     let mut retries = 0u64;
-    // (row waits given up, rounds skipping held rows, held rows filled after the walk)
-    let mut held_rows = (0u64, 0u64, 0u64);
+    let (mut row_waits_given_up, mut rounds_skipping_held_rows) = (0, 0);
+    let mut held_rows_filled_after = 0;
 
     // Jobs too: its autoanalyze, triggered by its own walk, holds the same horizon
     // while Builds is walked.
@@ -718,7 +724,11 @@ fn run_table(
         let listing =
             per_page::Listing::for_server(db.server_version()?, per_page::block_size(db.client())?);
         let statements = per_page::RoundStatements::prepare(db.client(), table)?;
-        let mut row_waits = per_page::RowWaits::new(db.client(), opts.lock_timeout)?;
+        let deadlock_timeout = crate::wal_prepare::setting(db, "deadlock_timeout")?
+            .parse()
+            .map(Duration::from_millis)
+            .context("reading deadlock_timeout")?;
+        let mut row_waits = per_page::RowWaits::new(deadlock_timeout, opts.lock_timeout);
         loop {
             // Saved about every second (and before stopping): a re-run lists again from
             // the lowest unfinished page, where only rows still NULL are found.
@@ -803,8 +813,8 @@ fn run_table(
             (progress.rows_updated - rows_before) as u64,
             "",
         );
-        held_rows.0 = row_waits.given_up;
-        held_rows.1 = row_waits.skipping;
+        row_waits_given_up = row_waits.given_up;
+        rounds_skipping_held_rows = row_waits.skipping;
         bar.finish(" (page walk done, sweeping for rows moved meanwhile)");
         progress = start_keys(db, table, progress)?;
         state::save(db.client(), &progress)?;
@@ -867,8 +877,9 @@ fn run_table(
         state::save(db.client(), &progress)?;
     }
     if progress.phase == PHASE_HELD {
-        held_rows.2 = fill_held(db, table, opts, out, interrupt, &mut progress, &mut retries)?;
-        transactions += held_rows.2;
+        held_rows_filled_after =
+            fill_held(db, table, opts, out, interrupt, &mut progress, &mut retries)?;
+        transactions += held_rows_filled_after;
         progress.phase = PHASE_DONE.into();
         progress.finished = true;
         state::save(db.client(), &progress)?;
@@ -885,9 +896,9 @@ fn run_table(
         bytes_before: before.2,
         bytes_after: before.2,
         horizon_wait_seconds: horizon.waited.as_secs_f64(),
-        row_waits_given_up: held_rows.0,
-        rounds_skipping_held_rows: held_rows.1,
-        held_rows_filled_after: held_rows.2,
+        row_waits_given_up,
+        rounds_skipping_held_rows,
+        held_rows_filled_after,
         table,
         strategy: progress.strategy.clone(),
         rows_updated: (progress.rows_updated - rows_before) as u64,

@@ -141,11 +141,9 @@ impl ToSql for Tid {
 /// names, each page's largest row first.
 pub fn listing_sql(table: Table, listing: Listing) -> String {
     format!(
-        "SELECT (t.ctid::text::point)[0]::bigint, t.id FROM {t} AS t
-           JOIN jobsets js ON js.project = t.project AND js.name = t.jobset
-          WHERE {cond} AND t.jobset_id IS NULL
+        "SELECT (t.ctid::text::point)[0]::bigint, t.id FROM {rows} AND {cond}
           ORDER BY (t.ctid::text::point)[0], pg_column_size(t.*) DESC, t.ctid",
-        t = table.name(),
+        rows = super::fillable_rows(table),
         cond = listing.condition()
     )
 }
@@ -365,26 +363,18 @@ impl RowWaits {
     const MAX: Duration = Duration::from_millis(50);
     const SKIPPING: Duration = Duration::from_secs(5);
 
-    pub fn new(c: &mut impl GenericClient, lock_timeout: Duration) -> Result<RowWaits> {
-        let deadlock_ms: i32 = c
-            .query_one(
-                "SELECT setting::int FROM pg_settings WHERE name = 'deadlock_timeout'",
-                &[],
-            )
-            .context("reading deadlock_timeout")?
-            .get(0);
-        let mut max = Self::MAX.min(Duration::from_millis(
-            u64::try_from(deadlock_ms / 2).unwrap_or(1),
-        ));
+    /// With the server's `deadlock_timeout` and the session's `lock_timeout` (0: none).
+    pub fn new(deadlock_timeout: Duration, lock_timeout: Duration) -> RowWaits {
+        let mut max = Self::MAX.min(deadlock_timeout / 2);
         if !lock_timeout.is_zero() {
             max = max.min(lock_timeout);
         }
-        Ok(RowWaits {
+        RowWaits {
             max: max.max(Duration::from_millis(1)),
             skipping_until: None,
             given_up: 0,
             skipping: 0,
-        })
+        }
     }
 }
 
@@ -476,6 +466,16 @@ mod tests {
         let ids = w.peek(size);
         w.advance(ids.len());
         ids
+    }
+
+    #[test]
+    fn a_rounds_wait_for_a_row_stays_under_half_the_deadlock_timeout_and_the_lock_timeout() {
+        let ms = Duration::from_millis;
+        assert_eq!(RowWaits::new(ms(1000), ms(2000)).max, ms(50));
+        assert_eq!(RowWaits::new(ms(60), ms(2000)).max, ms(30));
+        assert_eq!(RowWaits::new(ms(1000), ms(10)).max, ms(10));
+        assert_eq!(RowWaits::new(ms(1000), Duration::ZERO).max, ms(50));
+        assert_eq!(RowWaits::new(ms(1), ms(2000)).max, ms(1));
     }
 
     #[test]
