@@ -40,12 +40,6 @@ fn backfill_is_correct_and_idempotent(strategy: &str) {
     assert_eq!(db.digest_without_jobset_id(), digest);
 }
 
-/// `--json` output of backfill is JSON-lines events; the last line is the report.
-fn last_json_document(stdout: &str) -> serde_json::Value {
-    let last = stdout.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
-    serde_json::from_str(last).unwrap_or_else(|e| panic!("no final JSON document ({e}):\n{stdout}"))
-}
-
 #[test]
 fn per_page_backfill_is_correct_and_idempotent() {
     backfill_is_correct_and_idempotent("per-page");

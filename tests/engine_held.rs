@@ -53,13 +53,11 @@ fn a_row_lock_held_past_every_retry_ends_the_backfill_with_exit_14() {
     let again = run_on(&db, &["--json", "backfill"]);
     again.expect_code(0);
     let (events, report) = again.json_lines();
-    let builds = report["tables"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["table"] == "builds")
-        .unwrap();
-    assert_eq!(builds["rows_updated"], 1, "{report}");
+    assert_eq!(
+        table_report(&report, "builds")["rows_updated"],
+        1,
+        "{report}"
+    );
     assert!(
         events.iter().all(|e| e["event"] != "strategy"),
         "the re-run walked again: {events:?}"
@@ -90,7 +88,7 @@ fn rows_hydra_holds_locked_are_filled_last_without_holding_any_other_row() {
         (r.get::<_, String>(0), r.get::<_, String>(1))
     };
     let mut jobs_holder = db.connect();
-    let jobs_pid = holder_pid(&mut jobs_holder);
+    let jobs_pid = jobs_holder.backend_pid().unwrap();
     jobs_holder.client().batch_execute("BEGIN").unwrap();
     let held_jobs = jobs_holder
         .client()
@@ -101,7 +99,7 @@ fn rows_hydra_holds_locked_are_filled_last_without_holding_any_other_row() {
         .unwrap()
         .len() as i64;
     let mut evaluator = db.connect();
-    let evaluator_pid = holder_pid(&mut evaluator);
+    let evaluator_pid = evaluator.backend_pid().unwrap();
     evaluator.client().batch_execute("BEGIN").unwrap();
     let held_builds = evaluator
         .client()
@@ -150,18 +148,11 @@ fn rows_hydra_holds_locked_are_filled_last_without_holding_any_other_row() {
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(stdout.contains("\"event\":\"held\""), "{stdout}");
     assert_eq!(db.wrong_or_null(), 0);
-    let last = stdout.lines().rfind(|l| !l.trim().is_empty()).unwrap();
-    let report: serde_json::Value = serde_json::from_str(last).unwrap();
-    let table = |name: &str| {
-        report["tables"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["table"] == name)
-            .unwrap()
-            .clone()
-    };
-    let (jobs, builds) = (table("jobs"), table("builds"));
+    let report = last_json_document(&stdout);
+    let (jobs, builds) = (
+        table_report(&report, "jobs"),
+        table_report(&report, "builds"),
+    );
     assert_eq!(jobs["held_rows_filled_after"], held_jobs, "{jobs}");
     assert_eq!(builds["held_rows_filled_after"], held_builds, "{builds}");
     // Once a round's wait ran out, the next rounds left the held rows out at once
@@ -173,18 +164,19 @@ fn rows_hydra_holds_locked_are_filled_last_without_holding_any_other_row() {
     assert!(given_up >= 1 && skipping > given_up, "{builds}");
 }
 
-fn holder_pid(conn: &mut hydra_upgrade::db::Db) -> i64 {
-    i64::from(
-        conn.client()
-            .query_one("SELECT pg_backend_pid()", &[])
-            .unwrap()
-            .get::<_, i32>(0),
-    )
+/// One table's part of a backfill report.
+fn table_report<'a>(report: &'a serde_json::Value, table: &str) -> &'a serde_json::Value {
+    report["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["table"] == table)
+        .unwrap_or_else(|| panic!("no {table} in {report}"))
 }
 
 /// Wait until a session has waited half a second for a lock `holder` holds (a per-page
 /// round waits 50 ms at most, then leaves the held rows out).
-fn wait_for_session_blocked_by(db: &TestDb, holder: i64) {
+fn wait_for_session_blocked_by(db: &TestDb, holder: i32) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let pid = db.query_i64(&format!(

@@ -248,6 +248,12 @@ impl Run {
     }
 }
 
+/// `--json` output of backfill is JSON-lines events; the last line is the report.
+pub fn last_json_document(stdout: &str) -> serde_json::Value {
+    let last = stdout.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("no final JSON document ({e}):\n{stdout}"))
+}
+
 /// The binary with these arguments, none of the environment that would point it at
 /// another database or configuration, and its exit status left to the caller; output
 /// goes where the caller sends it.
