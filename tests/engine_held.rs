@@ -13,6 +13,18 @@ use common::*;
 /// filled; the re-run fills just that row (its walk is not done again).
 #[test]
 fn a_row_lock_held_past_every_retry_ends_the_backfill_with_exit_14() {
+    held_past_every_retry(&["--lock-timeout-ms", "100"]);
+}
+
+/// The same with a `lock_timeout` above the `statement_timeout` (or none): the held row's
+/// wait ends before the statement timeout would cut it off, so it is lock contention
+/// (exit 14, the row listed), not a server too slow for a batch of one (exit 1).
+#[test]
+fn a_held_rows_wait_past_the_statement_timeout_is_lock_contention() {
+    held_past_every_retry(&["--lock-timeout-ms", "5000", "--statement-timeout-ms", "400"]);
+}
+
+fn held_past_every_retry(timeouts: &[&str]) {
     let db = hydra_at(61);
     let mut holder = db.connect();
     let c = holder.client();
@@ -21,18 +33,9 @@ fn a_row_lock_held_past_every_retry_ends_the_backfill_with_exit_14() {
         "BEGIN; SELECT 1 FROM builds WHERE id = (SELECT min(id) FROM builds) FOR UPDATE;",
     )
     .unwrap();
-    let r = run_on(
-        &db,
-        &[
-            "backfill",
-            "--strategy",
-            "keyset",
-            "--lock-timeout-ms",
-            "100",
-            "--max-retries",
-            "1",
-        ],
-    );
+    let mut args = vec!["backfill", "--strategy", "keyset", "--max-retries", "1"];
+    args.extend_from_slice(timeouts);
+    let r = run_on(&db, &args);
     r.expect_code(14);
     assert_contains(
         &r.stderr,

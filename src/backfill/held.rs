@@ -19,6 +19,8 @@
 //! so it delays no one but the row's own next writer, and can be in no deadlock. The list
 //! is kept in the database, so a re-run after the retries ran out fills just these rows.
 
+use std::time::Duration;
+
 use anyhow::{Context, Result};
 use postgres::GenericClient;
 
@@ -150,11 +152,31 @@ const STILL_NULL_JOB: &str = "SELECT EXISTS (SELECT 1 FROM jobs
 const UNLIST_JOB: &str =
     "DELETE FROM hydra_upgrade.held_jobs WHERE (project, jobset, name) = ($1, $2, $3)";
 
+/// How long a held row's fill waits for its lock, from the session's `lock_timeout` and
+/// `statement_timeout` (0: none): the `lock_timeout`, but at most half the
+/// `statement_timeout`. A wait that ran into the statement timeout instead was taken for
+/// a server too slow for a batch of one (exit 1, "raise --statement-timeout-ms"); ended
+/// by the lock timeout it is what it is, lock contention: retried, then exit 14 with the
+/// row left listed for the re-run.
+pub fn row_wait(lock_timeout: Duration, statement_timeout: Duration) -> Duration {
+    if statement_timeout.is_zero() {
+        return lock_timeout;
+    }
+    let half = (statement_timeout / 2).max(Duration::from_millis(1));
+    if lock_timeout.is_zero() {
+        half
+    } else {
+        lock_timeout.min(half)
+    }
+}
+
 /// Fill one held row and take it off the list, in the caller's transaction (which saves
-/// the progress with it). The update waits for the row's lock under the session's
-/// `lock_timeout`; the transaction has written nothing before it, so it holds no other
+/// the progress with it). The update waits for the row's lock at most `wait` (see
+/// [`row_wait`]); the transaction has written nothing before it, so it holds no other
 /// row meanwhile.
-pub fn fill(tx: &mut impl GenericClient, key: &Key) -> Result<Filled> {
+pub fn fill(tx: &mut impl GenericClient, key: &Key, wait: Duration) -> Result<Filled> {
+    tx.batch_execute(&format!("SET LOCAL lock_timeout = {}", wait.as_millis()))
+        .context("setting the held row's lock_timeout")?;
     let (updated, still_null) = match key {
         Key::Build(id) => {
             let n = tx.execute(FILL_BUILD, &[id])?;
@@ -185,5 +207,30 @@ impl std::fmt::Display for Key {
             Key::Build(id) => write!(f, "id {id}"),
             Key::Job(project, jobset, name) => write!(f, "{project}:{jobset}:{name}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::row_wait;
+    use std::time::Duration;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_held_rows_wait_ends_before_the_statement_timeout() {
+        // The defaults: the lock_timeout, well under the statement_timeout.
+        assert_eq!(row_wait(ms(2_000), ms(30_000)), ms(2_000));
+        // A lock_timeout at or above the statement_timeout, or none at all: half of it.
+        assert_eq!(row_wait(ms(5_000), ms(300)), ms(150));
+        assert_eq!(row_wait(ms(300), ms(300)), ms(150));
+        assert_eq!(row_wait(ms(0), ms(300)), ms(150));
+        // No statement_timeout: the lock_timeout, even none.
+        assert_eq!(row_wait(ms(2_000), ms(0)), ms(2_000));
+        assert_eq!(row_wait(ms(0), ms(0)), ms(0));
+        // Never 0 (none) from a tiny statement_timeout.
+        assert_eq!(row_wait(ms(0), ms(1)), ms(1));
     }
 }

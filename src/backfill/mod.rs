@@ -943,6 +943,7 @@ fn fill_held(
     }
     // One row per transaction: never halved, never grown.
     let mut single = Adaptive::new(1, 1, 1, opts.target_batch);
+    let wait = held::row_wait(opts.lock_timeout, opts.statement_timeout);
     let mut transactions = 0;
     while let Some(key) = held::first(db.client(), table)? {
         interrupt.check("Run the same command again to fill the rows left.")?;
@@ -956,7 +957,7 @@ fn fill_held(
             |_| {
                 let mut p = progress.clone();
                 let mut tx = db.client().transaction()?;
-                match held::fill(&mut tx, &key)? {
+                match held::fill(&mut tx, &key, wait)? {
                     held::Filled::Updated => p.rows_updated += 1,
                     held::Filled::Orphan => p.rows_skipped += 1,
                     held::Filled::Already => {}
