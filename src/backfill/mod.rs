@@ -762,17 +762,22 @@ fn run_table(
             // listed a whole window at once (tens of ms at 1M builds) held up Hydra's
             // writes.
             let need = window.per_round(adaptive.size as usize);
+            // A listing cut off by the statement timeout halves the rounds, and is tried
+            // again over the fewer pages that rounds of the new size need.
             while window.waiting() < 2 * need && window.next_to_list() < progress.total {
                 let first = window.next_to_list();
-                let to = (first + (4 * need).max(16) as i64).min(progress.total);
-                let pages = with_retries(
+                let (pages, to) = with_retries(
                     opts,
                     out,
                     interrupt,
                     &format!("{name} page listing"),
                     &mut adaptive,
                     &mut retries,
-                    |_| per_page::list_pages(db.client(), table, listing, first, to - first),
+                    |size| {
+                        let to = window.listing_end(size as usize, progress.total);
+                        per_page::list_pages(db.client(), table, listing, first, to - first)
+                            .map(|pages| (pages, to))
+                    },
                 )?;
                 window.add_listed(pages, to);
             }

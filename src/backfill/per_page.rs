@@ -237,6 +237,19 @@ impl Window {
         ((size as f64 / per_page).ceil() as usize).max(1)
     }
 
+    /// Where the next listing ends (exclusive) for rounds of `size` rows: a few rounds'
+    /// worth of pages, at least `MIN_LISTING` pages, never past `total`. Computed again
+    /// for every try of a listing, so that a listing cut off by the statement timeout is
+    /// retried over fewer pages (the timeout halves `size`).
+    pub fn listing_end(&self, size: usize, total: i64) -> i64 {
+        let pages = (4 * self.per_round(size)).max(Self::MIN_LISTING) as i64;
+        (self.next_to_list + pages).min(total)
+    }
+
+    /// The fewest pages a listing covers (one TID range scan: below this its own cost
+    /// is mostly the round trip).
+    const MIN_LISTING: usize = 16;
+
     /// Admit the pages for the next round of at most `size` rows (never more than `size`
     /// pages in the window).
     pub fn admit(&mut self, size: usize) {
@@ -516,6 +529,22 @@ mod tests {
         assert_eq!(sorted.len(), 40);
         let page0: Vec<i32> = taken.iter().copied().filter(|id| id / 100 == 0).collect();
         assert_eq!(page0, vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn a_listing_covers_fewer_pages_after_a_halving_down_to_sixteen() {
+        let mut w = Window::new(100);
+        // Nothing listed yet: one row a page is assumed, four rounds' worth.
+        assert_eq!(w.listing_end(64, 10_000), 356);
+        assert_eq!(w.listing_end(32, 10_000), 228);
+        assert_eq!(w.listing_end(2, 10_000), 116);
+        // Four rows a page: a round of 64 rows takes 16 pages' worth of new rows.
+        w.add_listed(listed(&[(100, 4), (101, 4)]), 102);
+        assert_eq!(w.listing_end(64, 10_000), 102 + 64);
+        assert_eq!(w.listing_end(32, 10_000), 102 + 32);
+        assert_eq!(w.listing_end(8, 10_000), 102 + 16);
+        // Never past the table's end.
+        assert_eq!(w.listing_end(64, 150), 150);
     }
 
     #[test]
