@@ -73,8 +73,26 @@ pub struct Status {
 }
 
 impl Status {
-    pub fn null_rows(&self) -> i64 {
-        self.jobs_jobset_id.null_rows.unwrap_or(0) + self.builds_jobset_id.null_rows.unwrap_or(0)
+    /// The nullable columns, whose NULL rows count.
+    fn nullable_columns(&self) -> impl Iterator<Item = &Column> {
+        [&self.jobs_jobset_id, &self.builds_jobset_id]
+            .into_iter()
+            .filter(|c| c.exists && c.nullable)
+    }
+
+    /// NULL rows left in Jobs and Builds; `None` when a nullable column's were not
+    /// counted (a lock on the table, or [`detect_stage`]).
+    pub fn null_rows(&self) -> Option<i64> {
+        self.nullable_columns().map(|c| c.null_rows).sum()
+    }
+
+    /// [`Self::null_rows`] in words: "about N" when a count is a sample's estimate.
+    pub fn null_rows_text(&self) -> String {
+        match self.null_rows() {
+            None => "not counted".into(),
+            Some(n) if self.nullable_columns().all(|c| c.exact) => n.to_string(),
+            Some(n) => format!("about {n}"),
+        }
     }
 }
 
@@ -386,9 +404,7 @@ fn count_nulls(c: &mut impl GenericClient, table: &str, exact: bool) -> Result<(
 }
 
 fn next_step(s: &Status) -> String {
-    let uncounted = [&s.jobs_jobset_id, &s.builds_jobset_id]
-        .iter()
-        .any(|c| c.exists && c.nullable && c.null_rows.is_none());
+    let uncounted = s.null_rows().is_none();
     if uncounted && !s.null_rows_counted && s.stage == Stage::Migration {
         return "next: `hydra-upgrade backfill` for the NULL rows left (not counted here), \
                 then verify and finalize."
@@ -411,15 +427,10 @@ fn next_step(s: &Status) -> String {
              the jobset_id columns (schema {} -> 61, seconds). `hydra-upgrade upgrade` does it.",
             s.schema_version
         ),
-        Stage::Migration if s.null_rows() > 0 => format!(
-            "next: backfill jobset_id ({}{} NULL rows left) with `hydra-upgrade backfill` \
+        Stage::Migration if s.null_rows().is_some_and(|n| n > 0) => format!(
+            "next: backfill jobset_id ({} NULL rows left) with `hydra-upgrade backfill` \
              while Hydra keeps serving, then verify and finalize.",
-            if s.jobs_jobset_id.exact && s.builds_jobset_id.exact {
-                ""
-            } else {
-                "about "
-            },
-            s.null_rows()
+            s.null_rows_text()
         ),
         Stage::Migration => "next: `hydra-upgrade verify`, then `hydra-upgrade finalize` (online \
              NOT NULL and indexes), then switch to the final package (pkgs.hydra-unstable). \

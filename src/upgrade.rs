@@ -60,7 +60,7 @@ pub fn plan(s: &Status, stock_final: bool, host: &str) -> Vec<PlannedStep> {
     }
     if !columns_not_null(s) {
         let rows = if s.stage == Stage::Migration {
-            format!("{} NULL rows now", s.null_rows())
+            format!("{} NULL rows now", s.null_rows_text())
         } else {
             "every existing row".into()
         };

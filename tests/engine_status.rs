@@ -57,6 +57,14 @@ fn status_samples_a_large_builds_and_counts_exactly_when_the_sample_sees_no_null
         (estimate - rows).abs() * 10 < rows,
         "estimate {estimate} of {rows}"
     );
+    // plan and the next step give it as what it is.
+    assert_contains(j["next_step"].as_str().unwrap(), "(about ");
+    let plan = run_on(&db, &["plan"]);
+    let plan = &plan.expect_code(0).stdout;
+    assert!(
+        plan.contains("online (about ") && plan.contains(" NULL rows now)"),
+        "{plan}"
+    );
     let j = run_on(&db, &["status", "--json", "--exact"])
         .expect_code(0)
         .json();
