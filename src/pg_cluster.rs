@@ -55,10 +55,7 @@ pub fn find_bindir() -> Result<PathBuf> {
 
 /// The unprivileged account to run the server as, when we are root.
 fn server_account() -> Result<Option<(String, u32, u32)>> {
-    let euid = std::fs::metadata("/proc/self")
-        .map(|m| m.uid())
-        .unwrap_or(u32::MAX);
-    if euid != 0 {
+    if !nix::unistd::geteuid().is_root() {
         return Ok(None);
     }
     let passwd = std::fs::read_to_string("/etc/passwd").context("reading /etc/passwd")?;

@@ -126,14 +126,29 @@ pub struct Traced {
 
 /// The tracefs mount: `/sys/kernel/tracing`, or the older place under debugfs.
 fn tracefs() -> Result<PathBuf> {
-    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.join("instances").is_dir())
-        .context(
-            "--disk-write-trace needs tracefs: run as root, and mount it if it is not \
-             (mount -t tracefs nodev /sys/kernel/tracing)",
-        )
+    let mounted = || {
+        ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.join("instances").is_dir())
+    };
+    if let Some(p) = mounted() {
+        return Ok(p);
+    }
+    // Root on a machine that has not mounted it (a fresh container): mount it, as `perf`
+    // and `trace-cmd` do; it only exposes the kernel's tracing, which root can use anyway.
+    let mount_point = Path::new("/sys/kernel/tracing");
+    if nix::unistd::geteuid().is_root() && mount_point.is_dir() {
+        Cmd::new("mount")
+            .args(["-t", "tracefs", "nodev"])
+            .arg(mount_point)
+            .run()
+            .context("--disk-write-trace needs tracefs, and mounting it failed")?;
+    }
+    mounted().context(
+        "--disk-write-trace needs tracefs: run as root, and mount it if it is not \
+         (mount -t tracefs nodev /sys/kernel/tracing)",
+    )
 }
 
 /// The disk the directory `dir` lives on, as `/proc/diskstats` and the tracepoint name it
@@ -602,7 +617,7 @@ mod tests {
     /// not root. (In the source tree, not the temporary directory: a tmpfs there is no
     /// disk.)
     fn traced_dir(test: &str) -> Option<tempfile::TempDir> {
-        if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
+        if !nix::unistd::geteuid().is_root() {
             eprintln!("{test}: not run, tracing needs root");
             return None;
         }
