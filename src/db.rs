@@ -39,6 +39,8 @@ pub fn check_server_version(version: i32) -> Result<()> {
 
 pub struct Db {
     client: Client,
+    /// To open the session again ([`Db::reconnect`]).
+    config: postgres::Config,
     described: String,
     /// `server_version_num`, read once when first asked for.
     server_version: Option<i32>,
@@ -60,11 +62,58 @@ impl Db {
         })?;
         let mut db = Db {
             client,
+            config: dsn.config.clone(),
             described,
             server_version: None,
         };
         check_server_version(db.server_version()?)?;
         Ok(db)
+    }
+
+    /// Open the session again after the server closed it (PostgreSQL restarted), trying
+    /// every half second for up to `within` while it is down or starting up; a stop
+    /// asked for meanwhile ends the wait. Session state is not carried over: the caller
+    /// takes again what it held (the upgrade lock).
+    pub fn reconnect(
+        &mut self,
+        within: Duration,
+        interrupt: &crate::interrupt::Interrupt,
+    ) -> Result<()> {
+        let began = std::time::Instant::now();
+        loop {
+            match self.config.connect(NoTls) {
+                Ok(client) => {
+                    self.client = client;
+                    self.server_version = None;
+                    return Ok(());
+                }
+                Err(e) if began.elapsed() < within => {
+                    if interrupt.sleep(Duration::from_millis(500)) {
+                        return Err(fail(
+                            Exit::Interrupted,
+                            format!(
+                                "interrupted while connecting to the database ({}) again: {}",
+                                self.described,
+                                error_text(&e)
+                            ),
+                        ));
+                    }
+                }
+                Err(e) => {
+                    return Err(fail(
+                        Exit::Connect,
+                        format!(
+                            "the server closed the connection to the database ({}), and it \
+                             could not be opened again within {} s: {}. Check that PostgreSQL \
+                             is running, then run the same command again.",
+                            self.described,
+                            within.as_secs(),
+                            error_text(&e)
+                        ),
+                    ));
+                }
+            }
+        }
     }
 
     pub fn describe(&self) -> &str {

@@ -162,7 +162,7 @@ pub fn exit_of(err: &anyhow::Error) -> Exit {
 }
 
 /// Did the database connection break under a statement (not: could not be opened)?
-fn lost_connection(err: &anyhow::Error) -> bool {
+pub fn lost_connection(err: &anyhow::Error) -> bool {
     use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
     err.chain().any(|e| {
         // The server closed the session (57P01 admin shutdown, ...), or the socket broke

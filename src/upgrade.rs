@@ -291,6 +291,29 @@ fn confirm_schema(db: &mut Db, phase: Phase) -> Result<()> {
     }
 }
 
+/// How long to wait for PostgreSQL to take connections again after a switch restarted it.
+const RECONNECT_WITHIN: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// [`confirm_schema`] after a switch. An activation that restarts PostgreSQL (a new
+/// system with another PostgreSQL build, a changed `services.postgresql` setting) closes
+/// our session, and with it the upgrade lock: open it again once the server takes
+/// connections, take the lock again, then confirm. (Taken for a failed switch, the closed
+/// session rolled back a switch that had worked.)
+fn confirm_after_switch(db: &mut Db, phase: Phase, out: &Out, interrupt: &Interrupt) -> Result<()> {
+    match confirm_schema(db, phase) {
+        Err(e) if crate::exit::lost_connection(&e) => {
+            out.warn(&format!(
+                "the switch closed our database session ({e:#}; PostgreSQL restarted?): \
+                 connecting again"
+            ));
+            db.reconnect(RECONNECT_WITHIN, interrupt)?;
+            retake_lock(db)?;
+            confirm_schema(db, phase)
+        }
+        other => other,
+    }
+}
+
 /// Switch the host to `phase`: remember what runs now, (for the final phase) verify at
 /// this very moment, activate, wait for hydra-init, confirm the schema and Hydra's
 /// health; roll back when any of that fails.
@@ -299,6 +322,7 @@ fn switch_phase(
     host: &mut dyn Host,
     phase: Phase,
     out: &Out,
+    interrupt: &Interrupt,
     report: &mut Report,
 ) -> Result<()> {
     let step = match phase {
@@ -355,7 +379,7 @@ fn switch_phase(
         report.longest_final_block_seconds = report.longest_final_block_seconds.max(block);
     }
     report.switches.push(sw);
-    let checked = confirm_schema(db, phase)
+    let checked = confirm_after_switch(db, phase, out, interrupt)
         .and_then(|()| timed(report, out, "health check", || host.check_health(out)));
     if let Err(e) = checked {
         if crate::exit::exit_of(&e) == Exit::Interrupted {
@@ -387,14 +411,14 @@ pub fn run(
             "an earlier run was stopped while switching to the {} system; finishing that switch first",
             phase.package()
         ));
-        switch_phase(db, host, phase, out, &mut report)?;
+        switch_phase(db, host, phase, out, interrupt, &mut report)?;
     }
     for _ in 0..8 {
         interrupt.check("Run `hydra-upgrade upgrade` again to continue.")?;
         let s = status::detect_stage(db)?;
         match s.stage {
             Stage::BeforeMigration => {
-                switch_phase(db, host, Phase::Migration, out, &mut report)?;
+                switch_phase(db, host, Phase::Migration, out, interrupt, &mut report)?;
             }
             Stage::Migration if host.rolled_back_from_migration()? => {
                 out.warn(&format!(
@@ -404,14 +428,14 @@ pub fn run(
                      so that no older Hydra writes rows without jobset_id while the backfill runs",
                     s.schema_version
                 ));
-                switch_phase(db, host, Phase::Migration, out, &mut report)?;
+                switch_phase(db, host, Phase::Migration, out, interrupt, &mut report)?;
             }
             Stage::Migration => {
                 if !columns_not_null(&s) {
                     backfill_until_clean(db, host, opts, out, interrupt, &mut report)?;
                 }
                 if opts.stock_final {
-                    switch_phase(db, host, Phase::Final, out, &mut report)?;
+                    switch_phase(db, host, Phase::Final, out, interrupt, &mut report)?;
                 } else {
                     host.record_step("finalize", None)?;
                     let f = timed(&mut report, out, "finalize online", || {
@@ -424,7 +448,7 @@ pub fn run(
             }
             Stage::Final => {
                 if !host.is_on(Phase::Final)? {
-                    switch_phase(db, host, Phase::Final, out, &mut report)?;
+                    switch_phase(db, host, Phase::Final, out, interrupt, &mut report)?;
                 }
                 // `--stock-final`, or a finalize by hand: no step of ours ran after a
                 // backfill killed outright.

@@ -491,6 +491,28 @@ fn an_unhealthy_hydra_after_the_final_switch_rolls_back_to_the_migration_system(
     f.assert_final();
 }
 
+/// An activation that restarts PostgreSQL closes the tool's session (and its upgrade
+/// lock). The tool connects again and confirms the switch; before, the closed session
+/// failed the confirmation and the switch that had worked was rolled back (exit 10).
+#[test]
+fn a_switch_that_restarts_postgresql_is_confirmed_on_a_new_session() {
+    let f = Fake::new(58);
+    f.inject("migration", "restart-db");
+    f.inject("final", "restart-db");
+    let r = f.run(&["--foreground-backfill"]);
+    r.expect_code(0);
+    f.assert_final();
+    assert_eq!(
+        r.stderr
+            .matches("the switch closed our database session")
+            .count(),
+        2,
+        "{}",
+        r.stderr
+    );
+    assert!(!f.calls().contains("switch-to-configuration switch original"));
+}
+
 /// The migration switch's hydra-init adds the columns (schema 61), then Hydra fails its
 /// health check and the host is rolled back to the original system, which keeps running
 /// on schema 61 and writes rows without jobset_id. The re-run switches to the migration
