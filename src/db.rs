@@ -85,7 +85,7 @@ impl Db {
                 Ok(client) => {
                     self.client = client;
                     self.server_version = None;
-                    return Ok(());
+                    return check_server_version(self.server_version()?);
                 }
                 Err(e) if began.elapsed() < within => {
                     if interrupt.sleep(Duration::from_millis(500)) {
@@ -296,6 +296,15 @@ pub fn is_transient(err: &anyhow::Error) -> bool {
             || *s == SqlState::T_R_DEADLOCK_DETECTED
             || *s == SqlState::T_R_SERIALIZATION_FAILURE
     )
+}
+
+/// The shorter of two PostgreSQL timeouts, where 0 means none (so 0 only when both are).
+pub fn shorter_timeout(a: Duration, b: Duration) -> Duration {
+    match (a.is_zero(), b.is_zero()) {
+        (true, _) => b,
+        (_, true) => a,
+        _ => a.min(b),
+    }
 }
 
 /// statement_timeout fired: the batch was too large for the server's current speed.

@@ -59,10 +59,12 @@ pub fn plan(s: &Status, stock_final: bool, host: &str) -> Vec<PlannedStep> {
         );
     }
     if !columns_not_null(s) {
-        let rows = if s.stage == Stage::Migration {
+        let rows = if s.stage != Stage::Migration {
+            "every existing row".into()
+        } else if s.null_rows().is_some() {
             format!("{} NULL rows now", s.null_rows_text())
         } else {
-            "every existing row".into()
+            "NULL rows not counted".into()
         };
         add(
             "backfill",
@@ -167,16 +169,17 @@ fn backfill_once(
         .batch_execute("SELECT pg_advisory_unlock_all()")
         .context("handing the upgrade lock to the backfill")?;
     let detached = host.detached_backfill(out)?;
-    retake_lock(db)?;
+    retake_lock(db, interrupt)?;
     match detached {
         Some(_) => Ok(None),
         None => backfill::run(db, &opts.backfill, out, interrupt).map(Some),
     }
 }
 
-/// Take the upgrade lock back from a backfill that just ended: its session may need a
-/// moment to close on the server.
-fn retake_lock(db: &mut Db) -> Result<()> {
+/// Take the upgrade lock back from a session that just ended (a backfill's, or our own
+/// closed by a PostgreSQL restart): it may need a moment to close on the server. A stop
+/// asked for meanwhile ends the wait.
+fn retake_lock(db: &mut Db, interrupt: &Interrupt) -> Result<()> {
     let start = Instant::now();
     loop {
         match db.take_upgrade_lock() {
@@ -184,7 +187,13 @@ fn retake_lock(db: &mut Db) -> Result<()> {
                 if crate::exit::exit_of(&e) == Exit::Locked
                     && start.elapsed() < std::time::Duration::from_secs(10) =>
             {
-                std::thread::sleep(std::time::Duration::from_millis(100))
+                if interrupt.sleep(std::time::Duration::from_millis(100)) {
+                    return Err(e.context(crate::exit::Failure::new(
+                        Exit::Interrupted,
+                        "interrupted while taking the upgrade lock back; run `hydra-upgrade \
+                         upgrade` again to continue",
+                    )));
+                }
             }
             other => return other,
         }
@@ -298,8 +307,15 @@ const RECONNECT_WITHIN: std::time::Duration = std::time::Duration::from_secs(120
 /// system with another PostgreSQL build, a changed `services.postgresql` setting) closes
 /// our session, and with it the upgrade lock: open it again once the server takes
 /// connections, take the lock again, then confirm. (Taken for a failed switch, the closed
-/// session rolled back a switch that had worked.)
-fn confirm_after_switch(db: &mut Db, phase: Phase, out: &Out, interrupt: &Interrupt) -> Result<()> {
+/// session rolled back a switch that had worked.) The outer error: the database could not
+/// be reached again (or another hydra-upgrade took the lock meanwhile), which says nothing
+/// about the switch; the inner one: the confirmation failed.
+fn confirm_after_switch(
+    db: &mut Db,
+    phase: Phase,
+    out: &Out,
+    interrupt: &Interrupt,
+) -> Result<Result<()>> {
     match confirm_schema(db, phase) {
         Err(e) if crate::exit::lost_connection(&e) => {
             out.warn(&format!(
@@ -307,10 +323,10 @@ fn confirm_after_switch(db: &mut Db, phase: Phase, out: &Out, interrupt: &Interr
                  connecting again"
             ));
             db.reconnect(RECONNECT_WITHIN, interrupt)?;
-            retake_lock(db)?;
-            confirm_schema(db, phase)
+            retake_lock(db, interrupt)?;
+            Ok(confirm_schema(db, phase))
         }
-        other => other,
+        other => Ok(other),
     }
 }
 
@@ -379,8 +395,16 @@ fn switch_phase(
         report.longest_final_block_seconds = report.longest_final_block_seconds.max(block);
     }
     report.switches.push(sw);
-    let checked = confirm_after_switch(db, phase, out, interrupt)
-        .and_then(|()| timed(report, out, "health check", || host.check_health(out)));
+    // Not reaching the database again is no verdict on the switch: it stays pending, and
+    // the re-run confirms it (or rolls it back) as after an interrupt.
+    let confirmed = confirm_after_switch(db, phase, out, interrupt).map_err(|e| {
+        e.context(
+            "the switch is left to be confirmed: the re-run checks hydra-init, the schema \
+             and Hydra's health, and rolls back only if one of them fails",
+        )
+    })?;
+    let checked =
+        confirmed.and_then(|()| timed(report, out, "health check", || host.check_health(out)));
     if let Err(e) = checked {
         if crate::exit::exit_of(&e) == Exit::Interrupted {
             return Err(e);

@@ -13,18 +13,23 @@ use common::*;
 /// filled; the re-run fills just that row (its walk is not done again).
 #[test]
 fn a_row_lock_held_past_every_retry_ends_the_backfill_with_exit_14() {
-    held_past_every_retry(&["--lock-timeout-ms", "100"]);
+    held_past_every_retry(&["--lock-timeout-ms", "100"], "raise --lock-timeout-ms");
 }
 
 /// The same with a `lock_timeout` above the `statement_timeout` (or none): the held row's
 /// wait ends before the statement timeout would cut it off, so it is lock contention
-/// (exit 14, the row listed), not a server too slow for a batch of one (exit 1).
+/// (exit 14, the row listed), not a server too slow for a batch of one (exit 1), and the
+/// hint names the limit that cut the wait.
 #[test]
 fn a_held_rows_wait_past_the_statement_timeout_is_lock_contention() {
-    held_past_every_retry(&["--lock-timeout-ms", "5000", "--statement-timeout-ms", "400"]);
+    held_past_every_retry(
+        &["--lock-timeout-ms", "5000", "--statement-timeout-ms", "400"],
+        "each wait for the row's lock was cut to 200 ms, half the statement_timeout: raise \
+         --statement-timeout-ms",
+    );
 }
 
-fn held_past_every_retry(timeouts: &[&str]) {
+fn held_past_every_retry(timeouts: &[&str], hint: &str) {
     let db = hydra_at(61);
     let mut holder = db.connect();
     let c = holder.client();
@@ -42,6 +47,7 @@ fn held_past_every_retry(timeouts: &[&str]) {
         "still failed after 1 retries because of lock contention",
     );
     assert_contains(&r.stderr, "held by another transaction");
+    assert_contains(&r.stderr, hint);
     assert_eq!(
         db.query_i64("SELECT count(*) FROM builds WHERE jobset_id IS NULL"),
         1,

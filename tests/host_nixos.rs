@@ -510,7 +510,10 @@ fn a_switch_that_restarts_postgresql_is_confirmed_on_a_new_session() {
         "{}",
         r.stderr
     );
-    assert!(!f.calls().contains("switch-to-configuration switch original"));
+    assert!(
+        !f.calls()
+            .contains("switch-to-configuration switch original")
+    );
 }
 
 /// The migration switch's hydra-init adds the columns (schema 61), then Hydra fails its

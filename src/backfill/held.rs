@@ -15,9 +15,10 @@
 //! A row the per-page walk skips is still NULL when the keyset sweep comes to it; a row
 //! the keyset walk skips is written down here, in the batch's own transaction. Once the
 //! walk has ended, those rows are filled one per transaction, each waiting for its lock
-//! (under `lock_timeout`, retried): a transaction of ours that waits holds no other row,
-//! so it delays no one but the row's own next writer, and can be in no deadlock. The list
-//! is kept in the database, so a re-run after the retries ran out fills just these rows.
+//! (under `lock_timeout`, at most half the `statement_timeout`; retried): a transaction
+//! of ours that waits holds no other row, so it delays no one but the row's own next
+//! writer, and can be in no deadlock. The list is kept in the database, so a re-run after
+//! the retries ran out fills just these rows.
 
 use std::time::Duration;
 
@@ -159,15 +160,12 @@ const UNLIST_JOB: &str =
 /// by the lock timeout it is what it is, lock contention: retried, then exit 14 with the
 /// row left listed for the re-run.
 pub fn row_wait(lock_timeout: Duration, statement_timeout: Duration) -> Duration {
-    if statement_timeout.is_zero() {
-        return lock_timeout;
-    }
-    let half = (statement_timeout / 2).max(Duration::from_millis(1));
-    if lock_timeout.is_zero() {
-        half
+    let half = if statement_timeout.is_zero() {
+        Duration::ZERO
     } else {
-        lock_timeout.min(half)
-    }
+        (statement_timeout / 2).max(Duration::from_millis(1))
+    };
+    crate::db::shorter_timeout(lock_timeout, half)
 }
 
 /// Fill one held row and take it off the list, in the caller's transaction (which saves

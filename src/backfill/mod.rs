@@ -949,10 +949,11 @@ fn fill_held(
     // One row per transaction: never halved, never grown.
     let mut single = Adaptive::new(1, 1, 1, opts.target_batch);
     let wait = held::row_wait(opts.lock_timeout, opts.statement_timeout);
+    let capped = wait != opts.lock_timeout;
     let mut transactions = 0;
     while let Some(key) = held::first(db.client(), table)? {
         interrupt.check("Run the same command again to fill the rows left.")?;
-        *progress = with_retries(
+        let filled = with_retries(
             opts,
             out,
             interrupt,
@@ -971,7 +972,17 @@ fn fill_held(
                 tx.commit()?;
                 Ok(p)
             },
-        )?;
+        );
+        *progress = match filled {
+            Err(e) if capped && crate::exit::exit_of(&e) == Exit::RetriesExhausted => {
+                return Err(e.context(format!(
+                    "each wait for the row's lock was cut to {} ms, half the \
+                     statement_timeout: raise --statement-timeout-ms too for longer waits",
+                    wait.as_millis()
+                )));
+            }
+            other => other?,
+        };
         transactions += 1;
     }
     Ok(transactions)

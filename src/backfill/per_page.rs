@@ -378,10 +378,7 @@ impl RowWaits {
 
     /// With the server's `deadlock_timeout` and the session's `lock_timeout` (0: none).
     pub fn new(deadlock_timeout: Duration, lock_timeout: Duration) -> RowWaits {
-        let mut max = Self::MAX.min(deadlock_timeout / 2);
-        if !lock_timeout.is_zero() {
-            max = max.min(lock_timeout);
-        }
+        let max = crate::db::shorter_timeout(Self::MAX.min(deadlock_timeout / 2), lock_timeout);
         RowWaits {
             max: max.max(Duration::from_millis(1)),
             skipping_until: None,

@@ -630,7 +630,7 @@ mod tests {
     }
 
     /// A real trace: a file's block written twice and a megabyte once, each synced, are
-    /// found in that file with their counts. Needs root and tracefs (`.ci/run` mounts it);
+    /// found in that file with their counts. Needs root (tracefs is mounted if it is not);
     /// says so and returns when not root.
     #[test]
     fn a_files_writes_are_traced_to_it() {
