@@ -87,12 +87,13 @@ impl Status {
     }
 
     /// [`Self::null_rows`] in words: "about N" when a count is a sample's estimate.
-    pub fn null_rows_text(&self) -> String {
-        match self.null_rows() {
-            None => "not counted".into(),
-            Some(n) if self.nullable_columns().all(|c| c.exact) => n.to_string(),
-            Some(n) => format!("about {n}"),
-        }
+    pub fn null_rows_text(&self) -> Option<String> {
+        let n = self.null_rows()?;
+        Some(if self.nullable_columns().all(|c| c.exact) {
+            n.to_string()
+        } else {
+            format!("about {n}")
+        })
     }
 }
 
@@ -430,7 +431,7 @@ fn next_step(s: &Status) -> String {
         Stage::Migration if s.null_rows().is_some_and(|n| n > 0) => format!(
             "next: backfill jobset_id ({} NULL rows left) with `hydra-upgrade backfill` \
              while Hydra keeps serving, then verify and finalize.",
-            s.null_rows_text()
+            s.null_rows_text().unwrap_or_default()
         ),
         Stage::Migration => "next: `hydra-upgrade verify`, then `hydra-upgrade finalize` (online \
              NOT NULL and indexes), then switch to the final package (pkgs.hydra-unstable). \

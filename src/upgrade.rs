@@ -59,12 +59,10 @@ pub fn plan(s: &Status, stock_final: bool, host: &str) -> Vec<PlannedStep> {
         );
     }
     if !columns_not_null(s) {
-        let rows = if s.stage != Stage::Migration {
-            "every existing row".into()
-        } else if s.null_rows().is_some() {
-            format!("{} NULL rows now", s.null_rows_text())
-        } else {
-            "NULL rows not counted".into()
+        let rows = match (s.stage, s.null_rows_text()) {
+            (Stage::Migration, Some(n)) => format!("{n} NULL rows now"),
+            (Stage::Migration, None) => "NULL rows not counted".into(),
+            _ => "every existing row".into(),
         };
         add(
             "backfill",
