@@ -124,6 +124,7 @@ let
       target_batch_ms = cfg.backfill.targetBatchMs;
       pause_ms = cfg.backfill.pauseMs;
       pin_cpu = toString cfg.backfill.pinCpu;
+      max_replication_lag_mb = cfg.backfill.maxReplicationLagMb;
     };
   } // optionalAttrs canBuildPhases {
     migration_system = "${migrationSystem}";
@@ -305,6 +306,21 @@ in
           takes the CPU serving the fewest device interrupts, a number names the CPU, "off"
           leaves the scheduler alone. Applies only when PostgreSQL runs on this machine and
           there are at least two CPUs; otherwise the backfill runs unpinned and logs why.
+        '';
+      };
+
+      maxReplicationLagMb = mkOption {
+        type = types.ints.unsigned;
+        default = 512;
+        example = 128;
+        description = ''
+          Between its transactions the backfill waits while a standby or logical subscriber
+          streaming from this PostgreSQL has more than this many MB of WAL not yet stored,
+          until it is within half of it (hydra-upgrade backfill --max-replication-lag-mb).
+          A standby left far behind makes the primary keep its WAL (a replication slot:
+          pg_wal grows until the disk is full) or can no longer follow (no slot). The
+          role the tool connects as needs pg_read_all_stats (or superuser) to see the
+          standbys' positions; the backfill warns when it cannot. 0 never waits.
         '';
       };
     };

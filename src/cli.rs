@@ -170,6 +170,13 @@ pub struct BackfillArgs {
     /// CPU number. Default: the configuration file's `backfill.pin_cpu`, else `auto`.
     #[arg(long, value_name = "auto|off|CPU")]
     pub pin_cpu: Option<crate::backfill::one_cpu::PinCpu>,
+    /// Wait, between transactions, while a standby or logical subscriber streaming from
+    /// this server has more than this much of its WAL not yet stored (`pg_stat_replication`),
+    /// until it is within half of it: a standby left far behind fills the primary's
+    /// `pg_wal` (with a slot) or has to be cloned again (without). 0 never waits.
+    /// Default: the configuration file's `backfill.max_replication_lag_mb`, else 512.
+    #[arg(long, value_name = "MB")]
+    pub max_replication_lag_mb: Option<u64>,
 }
 
 impl BackfillArgs {

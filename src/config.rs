@@ -21,6 +21,7 @@ pub struct BackfillConfig {
     pub pause_ms: Option<u64>,
     /// `backfill --pin-cpu`: `"auto"`, `"off"` or a CPU number (as a string).
     pub pin_cpu: Option<PinCpu>,
+    pub max_replication_lag_mb: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -72,11 +72,24 @@ pub fn run(cli: Cli) -> Result<Exit> {
             let s = status::detect(&mut db, false)?;
             let steps = upgrade::plan(&s, false, "the host");
             let wal = upgrade::wal_outlook(&mut db, &s)?;
+            // Only with a backfill still to come (as the WAL outlook).
+            let replication = match &wal {
+                Some(_) => Some(backfill::replication::Outlook::read(
+                    &mut db,
+                    config
+                        .backfill
+                        .as_ref()
+                        .and_then(|b| b.max_replication_lag_mb)
+                        .unwrap_or(backfill::replication::DEFAULT_MAX_LAG_MB),
+                )?),
+                None => None,
+            };
             if json {
                 print_json(&serde_json::json!({
                     "status": s,
                     "plan": steps,
                     "wal_segments": wal.map(|o| o.data()),
+                    "replication": replication,
                 }))?;
             } else {
                 println!(
@@ -91,6 +104,9 @@ pub fn run(cli: Cli) -> Result<Exit> {
                     for w in o.warnings() {
                         println!("warning: {w}");
                     }
+                }
+                if let Some(line) = replication.as_ref().and_then(|r| r.summary()) {
+                    println!("replication: {line}");
                 }
                 if s.wal_prepared {
                     println!("{}", wal_prepare::REMINDER);

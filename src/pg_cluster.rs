@@ -180,39 +180,18 @@ impl PgCluster {
     ) -> Result<PgCluster> {
         let bin = find_bindir()?;
         let account = server_account()?;
-        let base = match &account {
-            Some((name, uid, gid)) => base_dir_for(name, *uid, *gid)?,
-            None => std::env::temp_dir(),
-        };
-        let dir = tempfile::Builder::new()
-            .prefix("hydra-upgrade-pg.")
-            .tempdir_in(&base)
-            .with_context(|| {
-                format!(
-                    "creating a temporary directory for PostgreSQL in {}",
-                    base.display()
-                )
-            })?;
         let wal = match wal_parent {
             Some(parent) => Some(wal_dir_in(parent, &account)?),
             None => None,
         };
-        for d in std::iter::once(&dir).chain(&wal) {
-            if let Some((_, uid, gid)) = &account {
-                std::os::unix::fs::chown(d.path(), Some(*uid), Some(*gid))
-                    .context("handing the temporary directory to the server account")?;
-            }
+        if let (Some(w), Some((_, uid, gid))) = (&wal, &account) {
+            std::os::unix::fs::chown(w.path(), Some(*uid), Some(*gid))
+                .context("handing the temporary directory to the server account")?;
         }
         let waldir_arg = wal
             .as_ref()
             .map(|w| format!("--waldir={}", w.path().join("pg_wal").display()));
-        let mut cluster = PgCluster {
-            dir,
-            wal,
-            bin,
-            run_as: account.map(|a| a.0),
-            stopped: true,
-        };
+        let mut cluster = PgCluster::unstarted(bin, account, wal)?;
         cluster
             .tool("initdb")
             .args(["-D"])
@@ -244,15 +223,103 @@ impl PgCluster {
             .open(&conf_path)
             .and_then(|mut f| std::io::Write::write_all(&mut f, conf.as_bytes()))
             .with_context(|| format!("adding the server settings to {}", conf_path.display()))?;
+        cluster.start_server()?;
+        Ok(cluster)
+    }
+
+    /// A streaming standby of this cluster (`pg_basebackup`: its settings are this
+    /// cluster's), in a temporary directory and on a socket of its own. It follows this
+    /// cluster until it is stopped.
+    pub fn start_standby(&self) -> Result<PgCluster> {
+        let server_version = self.connect("postgres")?.server_version()?;
+        let mut standby = PgCluster::unstarted(self.bin.clone(), server_account()?, None)?;
+        standby
+            .tool("pg_basebackup")
+            .arg("-D")
+            .arg(standby.data())
+            .arg("-h")
+            .arg(self.socket_dir())
+            .args(["-p", "5432", "-U", SUPERUSER])
+            .args(["-X", "stream", "-c", "fast", "--no-sync"])
+            .run()
+            .context("pg_basebackup of the standby")?;
+        // Written here rather than by `pg_basebackup -R`, whose connection string (from a
+        // newer pg_basebackup than the server, as .ci/older-postgres runs it) may carry
+        // options an older server's libpq refuses.
+        let conninfo = format!(
+            "primary_conninfo = 'host={} port=5432 user={SUPERUSER}'\n",
+            self.socket_dir().display()
+        );
+        let (file, text, signal) = if server_version >= 120_000 {
+            ("postgresql.auto.conf", conninfo, Some("standby.signal"))
+        } else {
+            (
+                "recovery.conf",
+                format!("standby_mode = 'on'\n{conninfo}"),
+                None,
+            )
+        };
+        let write = |name: &str, text: &str| {
+            let path = standby.data().join(name);
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+                .with_context(|| format!("writing the standby's {}", path.display()))
+        };
+        write(file, &text)?;
+        if let Some(signal) = signal {
+            write(signal, "")?;
+        }
+        standby.start_server()?;
+        Ok(standby)
+    }
+
+    /// A cluster whose data directory is not made yet, in a new temporary directory that
+    /// the server account owns.
+    fn unstarted(
+        bin: PathBuf,
+        account: Option<(String, u32, u32)>,
+        wal: Option<TempDir>,
+    ) -> Result<PgCluster> {
+        let base = match &account {
+            Some((name, uid, gid)) => base_dir_for(name, *uid, *gid)?,
+            None => std::env::temp_dir(),
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("hydra-upgrade-pg.")
+            .tempdir_in(&base)
+            .with_context(|| {
+                format!(
+                    "creating a temporary directory for PostgreSQL in {}",
+                    base.display()
+                )
+            })?;
+        if let Some((_, uid, gid)) = &account {
+            std::os::unix::fs::chown(dir.path(), Some(*uid), Some(*gid))
+                .context("handing the temporary directory to the server account")?;
+        }
+        Ok(PgCluster {
+            dir,
+            wal,
+            bin,
+            run_as: account.map(|a| a.0),
+            stopped: true,
+        })
+    }
+
+    /// Start the server on the data directory, listening on the socket directory only.
+    fn start_server(&mut self) -> Result<()> {
         let opts = format!(
             "-c listen_addresses= -c unix_socket_directories={} -c max_connections=60",
-            cluster.socket_dir().display()
+            self.socket_dir().display()
         );
-        let log = cluster.dir.path().join("server.log");
-        let started = cluster
+        let log = self.dir.path().join("server.log");
+        let started = self
             .tool("pg_ctl")
             .arg("-D")
-            .arg(cluster.data())
+            .arg(self.data())
             .arg("-l")
             .arg(&log)
             .args(["-w", "-t", "60", "-o", &opts, "start"])
@@ -263,8 +330,8 @@ impl PgCluster {
                 "starting the throwaway PostgreSQL; server log:\n{log_text}"
             )));
         }
-        cluster.stopped = false;
-        Ok(cluster)
+        self.stopped = false;
+        Ok(())
     }
 
     /// The cluster's data directory.

@@ -154,6 +154,10 @@ fn backfill_argv(args: &UpgradeArgs, global: &Global) -> Result<Vec<String>> {
     opt("horizon-age-secs", Some(b.horizon_age_secs.to_string()));
     opt("horizon-wait-ms", Some(b.horizon_wait_ms.to_string()));
     opt("pin-cpu", b.pin_cpu.map(|p| p.to_string()));
+    opt(
+        "max-replication-lag-mb",
+        b.max_replication_lag_mb.map(|x| x.to_string()),
+    );
     Ok(v)
 }
 
@@ -498,6 +502,8 @@ mod tests {
             "5",
             "--pin-cpu",
             "off",
+            "--max-replication-lag-mb",
+            "64",
             "--db",
             "postgresql://u:secret@h/db",
         ]);
@@ -514,6 +520,7 @@ mod tests {
         assert!(argv.contains("--strategy per-page"), "{argv}");
         assert!(argv.contains("--pause-ms 5"), "{argv}");
         assert!(argv.contains("--pin-cpu off"), "{argv}");
+        assert!(argv.contains("--max-replication-lag-mb 64"), "{argv}");
         assert!(!argv.contains("secret"), "{argv}");
     }
 }

@@ -14,6 +14,7 @@ pub mod held;
 pub mod keyset;
 pub mod one_cpu;
 pub mod per_page;
+pub mod replication;
 pub mod state;
 pub mod wal_segments;
 
@@ -76,6 +77,9 @@ pub struct Options {
     pub horizon_wait: Duration,
     /// Keep this tool and its server process on one CPU ([`one_cpu`]).
     pub pin_cpu: PinCpu,
+    /// Wait while a standby or subscriber is more than this far behind
+    /// ([`replication`]); 0 never waits.
+    pub max_replication_lag_mb: u64,
 }
 
 impl Options {
@@ -97,6 +101,10 @@ impl Options {
             horizon_age: Duration::from_secs(a.horizon_age_secs),
             horizon_wait: Duration::from_millis(a.horizon_wait_ms),
             pin_cpu: a.pin_cpu.or(cfg.pin_cpu).unwrap_or(PinCpu::Auto),
+            max_replication_lag_mb: a
+                .max_replication_lag_mb
+                .or(cfg.max_replication_lag_mb)
+                .unwrap_or(replication::DEFAULT_MAX_LAG_MB),
         }
     }
 }
@@ -125,6 +133,8 @@ pub struct TableReport {
     pub rounds_skipping_held_rows: u64,
     /// Rows the keyset walk found held, filled one at a time after it (`held`).
     pub held_rows_filled_after: u64,
+    /// Time spent waiting for a standby or subscriber to catch up (`replication`).
+    pub replication_wait_seconds: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -652,6 +662,7 @@ fn run_table(
                     row_waits_given_up: 0,
                     rounds_skipping_held_rows: 0,
                     held_rows_filled_after: 0,
+                    replication_wait_seconds: 0.0,
                 };
                 return Ok((report, before));
             }
@@ -697,6 +708,7 @@ fn run_table(
         }
     }
     let mut horizon = HorizonWait::new(opts.horizon_wait);
+    let mut lag = replication::LagWatch::new(opts.max_replication_lag_mb);
     let mut transactions = 0u64;
     let mut retries = 0u64;
     let (mut row_waits_given_up, mut rounds_skipping_held_rows) = (0, 0);
@@ -742,6 +754,11 @@ fn run_table(
                 );
                 last_save = Instant::now();
                 interrupt.check(resume_hint)?;
+            }
+            if let Some(behind) = lag.behind(db, name, out)? {
+                progress.position = window.resume_from();
+                state::save(db.client(), &progress)?;
+                lag.wait(db, name, behind, out, interrupt, resume_hint)?;
             }
             // Something that defeats HOT can start at any time (a forgotten psql session,
             // a long report): look again every 30 s and say so.
@@ -840,6 +857,9 @@ fn run_table(
         let rows_at_sweep = progress.rows_updated;
         loop {
             interrupt.check(resume_hint)?;
+            if let Some(behind) = lag.behind(db, name, out)? {
+                lag.wait(db, name, behind, out, interrupt, resume_hint)?;
+            }
             let t0 = Instant::now();
             let (batch, next) = with_retries(
                 opts,
@@ -904,6 +924,7 @@ fn run_table(
         row_waits_given_up,
         rounds_skipping_held_rows,
         held_rows_filled_after,
+        replication_wait_seconds: lag.waited.as_secs_f64(),
         table,
         strategy: progress.strategy.clone(),
         rows_updated: (progress.rows_updated - rows_before) as u64,
