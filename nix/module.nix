@@ -311,16 +311,18 @@ in
 
       maxReplicationLagMb = mkOption {
         type = types.ints.unsigned;
-        default = 512;
-        example = 128;
+        default = 128;
+        example = 512;
         description = ''
           Between its transactions the backfill waits while a standby or logical subscriber
-          streaming from this PostgreSQL has more than this many MB of WAL not yet stored,
-          until it is within half of it (hydra-upgrade backfill --max-replication-lag-mb).
-          A standby left far behind makes the primary keep its WAL (a replication slot:
-          pg_wal grows until the disk is full) or can no longer follow (no slot). The
-          role the tool connects as needs pg_read_all_stats (or superuser) to see the
-          standbys' positions; the backfill warns when it cannot. 0 never waits.
+          streaming from this PostgreSQL has more than this many MB of WAL (at least two WAL
+          segments) not yet stored, until it is within half of it
+          (hydra-upgrade backfill --max-replication-lag-mb); a receiver that stores nothing
+          for 5 minutes ends the run (exit 17, resumable). A standby left far behind makes
+          the primary keep its WAL (a replication slot: pg_wal grows until the disk is
+          full) or can no longer follow (no slot). A standby with a slot is seen through
+          it; one without needs pg_read_all_stats granted to the role the tool connects
+          as, and the backfill warns when it cannot see one. 0 never waits.
         '';
       };
     };

@@ -174,9 +174,15 @@ pub struct BackfillArgs {
     /// this server has more than this much of its WAL not yet stored (`pg_stat_replication`),
     /// until it is within half of it: a standby left far behind fills the primary's
     /// `pg_wal` (with a slot) or has to be cloned again (without). 0 never waits.
-    /// Default: the configuration file's `backfill.max_replication_lag_mb`, else 512.
+    /// At least two WAL segments. Default: the configuration file's
+    /// `backfill.max_replication_lag_mb`, else 128.
     #[arg(long, value_name = "MB")]
     pub max_replication_lag_mb: Option<u64>,
+    /// End the backfill (exit 17, resumable) when the standby or subscriber it waits for
+    /// has stored no WAL for this long: waiting for ever would hold the upgrade, going on
+    /// would pile the backfill's WAL up behind it.
+    #[arg(long, value_name = "SECONDS", default_value_t = crate::backfill::replication::DEFAULT_STALL_SECS)]
+    pub replication_stall_secs: u64,
 }
 
 impl BackfillArgs {

@@ -44,6 +44,8 @@ pub enum Exit {
     UnsupportedServer = 15,
     /// The database role lacks a privilege a step needs (SQLSTATE 42501).
     Privilege = 16,
+    /// A standby or subscriber the backfill waited for stored nothing for too long.
+    ReplicationStalled = 17,
     /// Stopped by SIGINT/SIGTERM after finishing or rolling back the open batch, or by a
     /// statement of ours cancelled on the server (`pg_cancel_backend`).
     Interrupted = 130,
@@ -55,7 +57,7 @@ impl Exit {
     }
 
     /// One line per code, for `--help` and the README table.
-    pub const ALL: [(Exit, &'static str); 18] = [
+    pub const ALL: [(Exit, &'static str); 19] = [
         (Exit::Ok, "done, or nothing to do"),
         (Exit::Internal, "unexpected error"),
         (Exit::Usage, "bad command-line usage"),
@@ -88,6 +90,10 @@ impl Exit {
             "PostgreSQL server too old (before 10)",
         ),
         (Exit::Privilege, "the database role lacks a privilege"),
+        (
+            Exit::ReplicationStalled,
+            "a standby the backfill waited for stopped catching up; re-run to resume",
+        ),
         (Exit::Interrupted, "interrupted; re-run to resume"),
     ];
 

@@ -105,8 +105,8 @@ pub fn run(cli: Cli) -> Result<Exit> {
                         println!("warning: {w}");
                     }
                 }
-                if let Some(line) = replication.as_ref().and_then(|r| r.summary()) {
-                    println!("replication: {line}");
+                for line in replication.iter().flat_map(|r| r.lines()) {
+                    println!("{line}");
                 }
                 if s.wal_prepared {
                     println!("{}", wal_prepare::REMINDER);

@@ -228,11 +228,20 @@ impl PgCluster {
     }
 
     /// A streaming standby of this cluster (`pg_basebackup`: its settings are this
-    /// cluster's), in a temporary directory and on a socket of its own. It follows this
-    /// cluster until it is stopped.
-    pub fn start_standby(&self) -> Result<PgCluster> {
-        let server_version = self.connect("postgres")?.server_version()?;
-        let mut standby = PgCluster::unstarted(self.bin.clone(), server_account()?, None)?;
+    /// cluster's), in a temporary directory and on a socket of its own, connecting as
+    /// `application_name` and, with `slot`, through a physical replication slot of that
+    /// name (created here). It follows this cluster until it is stopped.
+    pub fn start_standby(&self, application_name: &str, slot: Option<&str>) -> Result<PgCluster> {
+        let mut primary = self.connect("postgres")?;
+        let server_version = primary.server_version()?;
+        if let Some(slot) = slot {
+            primary
+                .client()
+                .execute("SELECT pg_create_physical_replication_slot($1)", &[&slot])
+                .with_context(|| format!("creating the standby's slot {slot}"))?;
+        }
+        let account = server_account()?;
+        let mut standby = PgCluster::unstarted(self.bin.clone(), account.clone(), None)?;
         standby
             .tool("pg_basebackup")
             .arg("-D")
@@ -246,27 +255,36 @@ impl PgCluster {
         // Written here rather than by `pg_basebackup -R`, whose connection string (from a
         // newer pg_basebackup than the server, as .ci/older-postgres runs it) may carry
         // options an older server's libpq refuses.
-        let conninfo = format!(
-            "primary_conninfo = 'host={} port=5432 user={SUPERUSER}'\n",
+        let mut conf = format!(
+            "primary_conninfo = 'host={} port=5432 user={SUPERUSER} application_name={application_name}'\n",
             self.socket_dir().display()
         );
+        if let Some(slot) = slot {
+            conf.push_str(&format!("primary_slot_name = '{slot}'\n"));
+        }
         let (file, text, signal) = if server_version >= 120_000 {
-            ("postgresql.auto.conf", conninfo, Some("standby.signal"))
+            ("postgresql.auto.conf", conf, Some("standby.signal"))
         } else {
             (
                 "recovery.conf",
-                format!("standby_mode = 'on'\n{conninfo}"),
+                format!("standby_mode = 'on'\n{conf}"),
                 None,
             )
         };
-        let write = |name: &str, text: &str| {
+        let write = |name: &str, text: &str| -> Result<()> {
             let path = standby.data().join(name);
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(&path)
                 .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
-                .with_context(|| format!("writing the standby's {}", path.display()))
+                .with_context(|| format!("writing the standby's {}", path.display()))?;
+            // Readable by the server whatever our umask (we may be root).
+            if let Some((_, uid, gid)) = &account {
+                std::os::unix::fs::chown(&path, Some(*uid), Some(*gid))
+                    .with_context(|| format!("handing {} to the server account", path.display()))?;
+            }
+            Ok(())
         };
         write(file, &text)?;
         if let Some(signal) = signal {

@@ -158,6 +158,10 @@ fn backfill_argv(args: &UpgradeArgs, global: &Global) -> Result<Vec<String>> {
         "max-replication-lag-mb",
         b.max_replication_lag_mb.map(|x| x.to_string()),
     );
+    opt(
+        "replication-stall-secs",
+        Some(b.replication_stall_secs.to_string()),
+    );
     Ok(v)
 }
 

@@ -1,61 +1,92 @@
-//! A streaming standby that falls behind: the backfill waits for it, and says when the
-//! role it connects as cannot see how far behind it is. In its own test binary (its own
-//! cluster): a standby follows every database of the cluster.
+//! Standbys that fall behind: the backfill waits for them, gives up on one that stores
+//! nothing, commits as Hydra does under synchronous replication, and sees a standby through
+//! its slot when its role may not read `pg_stat_replication`'s positions. In its own test
+//! binary (its own cluster): the standbys follow every database of the cluster, and each
+//! test holds [`serial`] since stopping a standby's receiver (and, with synchronous
+//! replication, every commit in the cluster) would disturb the others.
 mod common;
 
 use std::io::BufRead;
-use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::*;
 use hydra_upgrade::pg_cluster::PgCluster;
 use serde_json::Value;
 
-/// The cluster's standby, streaming, kept for the binary's run.
-fn standby() -> &'static PgCluster {
-    static STANDBY: OnceLock<&'static PgCluster> = OnceLock::new();
-    STANDBY.get_or_init(|| {
-        let s = cluster().start_standby().expect("starting a standby");
-        s.share_until_exit(std::process::id())
-            .expect("watching the test process")
+/// A standby streaming through a physical slot (as most production standbys do).
+const SLOT_STANDBY: &str = "hu_slot_standby";
+/// A standby with no slot.
+const PLAIN_STANDBY: &str = "hu_plain_standby";
+
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn standbys() -> &'static [&'static PgCluster; 2] {
+    static STANDBYS: OnceLock<[&'static PgCluster; 2]> = OnceLock::new();
+    STANDBYS.get_or_init(|| {
+        let start = |name, slot| {
+            cluster()
+                .start_standby(name, slot)
+                .expect("starting a standby")
+                .share_until_exit(std::process::id())
+                .expect("watching the test process")
+        };
+        [
+            start(SLOT_STANDBY, Some(SLOT_STANDBY)),
+            start(PLAIN_STANDBY, None),
+        ]
     })
 }
 
-/// Wait until the standby has stored all the WAL written so far: until its receiver's
-/// first reply the walsender shows no flush position at all.
-fn standby_caught_up() {
-    standby();
+/// Wait until both standbys stream and have stored all the WAL written so far: until a
+/// receiver's first reply its walsender shows no position at all.
+fn standbys_caught_up() {
+    standbys();
     let mut primary = cluster().connect("postgres").unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !primary
+    while primary
         .client()
         .query_one(
-            "SELECT coalesce(bool_and(flush_lsn >= pg_current_wal_lsn()), false)
-               FROM pg_stat_replication WHERE state = 'streaming'",
+            "SELECT count(*) FROM pg_stat_replication
+              WHERE state = 'streaming' AND flush_lsn >= pg_current_wal_lsn()",
             &[],
         )
         .unwrap()
-        .get::<_, bool>(0)
+        .get::<_, i64>(0)
+        < 2
     {
-        assert!(Instant::now() < deadline, "the standby never caught up");
+        assert!(Instant::now() < deadline, "the standbys never caught up");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
-/// The standby's WAL receiver process: while it is stopped (SIGSTOP) it stays connected
-/// and stores nothing, as a standby on a slow disk or link would.
-fn receiver_pid() -> String {
-    let mut s = standby().connect("postgres").unwrap();
-    let pid: i32 = s
-        .client()
-        .query_one("SELECT pid FROM pg_stat_wal_receiver", &[])
-        .unwrap()
-        .get(0);
-    pid.to_string()
+/// A standby's WAL receiver stopped (SIGSTOP): it stays connected and stores nothing, as
+/// a standby on a slow disk or link would. Let go (SIGCONT) when dropped, so that a
+/// failing test does not leave it stopped for the next.
+struct Stopped(String);
+
+impl Stopped {
+    fn receiver_of(standby: &PgCluster) -> Stopped {
+        let pid: i32 = standby
+            .connect("postgres")
+            .unwrap()
+            .client()
+            .query_one("SELECT pid FROM pg_stat_wal_receiver", &[])
+            .unwrap()
+            .get(0);
+        let pid = pid.to_string();
+        duct::cmd("kill", ["-STOP", &pid]).run().expect("kill");
+        Stopped(pid)
+    }
 }
 
-fn signal(pid: &str, sig: &str) {
-    duct::cmd("kill", [sig, pid]).run().expect("kill");
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = duct::cmd("kill", ["-CONT", &self.0]).run();
+    }
 }
 
 fn nulls(db: &TestDb) -> i64 {
@@ -65,132 +96,242 @@ fn nulls(db: &TestDb) -> i64 {
     )
 }
 
-fn table_waited(report: &Value, table: &str) -> f64 {
+fn table_report<'a>(report: &'a Value, table: &str) -> &'a Value {
     report["tables"]
         .as_array()
         .unwrap()
         .iter()
         .find(|t| t["table"] == table)
-        .unwrap_or_else(|| panic!("no {table} in {report}"))["replication_wait_seconds"]
-        .as_f64()
-        .unwrap()
+        .unwrap_or_else(|| panic!("no {table} in {report}"))
+}
+
+/// WAL the stopped standby does not store: 40 MB, over the smallest limit (two 16 MB
+/// segments), committed so that it is written at once.
+fn write_wal(db: &TestDb) {
+    db.exec("SELECT pg_logical_emit_message(true, 'hydra-upgrade-test', repeat('x', 41943040))");
+}
+
+/// The backfill with `--json`, read event by event.
+fn backfill_events(db: &TestDb, args: &[&str]) -> duct::ReaderHandle {
+    let mut full = vec!["--db", db.dsn.as_str(), "--json", "backfill"];
+    full.extend_from_slice(args);
+    bare_command(&full).stderr_capture().reader().unwrap()
+}
+
+/// Read events until one of `kind` (panics at the end of the output).
+fn until_event(lines: &mut impl Iterator<Item = std::io::Result<String>>, kind: &str) -> Value {
+    let mut seen = Vec::new();
+    for line in lines {
+        let event: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if event["event"] == kind {
+            return event;
+        }
+        seen.push(event);
+    }
+    panic!("no {kind} event before the backfill ended:\n{seen:#?}");
 }
 
 #[test]
 fn a_standby_far_behind_holds_the_backfill_until_it_has_caught_up() {
+    let _serial = serial();
     let db = hydra_at(61);
     let before = nulls(&db);
-    standby_caught_up();
-    let receiver = receiver_pid();
-    signal(&receiver, "-STOP");
-    // 3 MB of WAL the standby does not store (committed, so written at once).
-    db.exec("SELECT pg_logical_emit_message(true, 'hydra-upgrade-test', repeat('x', 3145728))");
-    let reader = bare_command(&[
-        "--db",
-        &db.dsn,
-        "--json",
-        "backfill",
-        "--max-replication-lag-mb",
-        "1",
-    ])
-    .stderr_capture()
-    .reader()
-    .unwrap();
+    standbys_caught_up();
+    let stopped = Stopped::receiver_of(standbys()[0]);
+    write_wal(&db);
+    let reader = backfill_events(&db, &["--max-replication-lag-mb", "1"]);
     let mut lines = std::io::BufReader::new(&reader).lines();
-    let mut seen = Vec::new();
-    let wait = loop {
-        let Some(line) = lines.next() else {
-            signal(&receiver, "-CONT");
-            panic!("the backfill ended without waiting for the standby:\n{seen:#?}");
-        };
-        let event: Value = serde_json::from_str(&line.unwrap()).unwrap();
-        if event["event"] == "replication-wait" {
-            break event;
-        }
-        seen.push(event);
-    };
-    assert_eq!(wait["receiver"], "walreceiver", "{wait}");
-    assert!(wait["behind_bytes"].as_i64().unwrap() > 3_000_000, "{wait}");
+    let wait = until_event(&mut lines, "replication-wait");
+    assert_eq!(wait["receiver"], SLOT_STANDBY, "{wait}");
+    assert_eq!(wait["limit_bytes"], 32 << 20, "{wait}");
+    assert!(wait["behind_bytes"].as_i64().unwrap() > 40 << 20, "{wait}");
     // While it waits, nothing is written, and it keeps waiting.
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(nulls(&db), before);
     assert!(reader.try_wait().unwrap().is_none(), "the backfill ended");
-    signal(&receiver, "-CONT");
+    drop(stopped);
+    let caught_up = until_event(&mut lines, "replication-caught-up");
+    assert!(
+        caught_up["behind_bytes"].as_i64().unwrap() <= 16 << 20,
+        "{caught_up}"
+    );
     let rest: Vec<Value> = lines
         .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
         .collect();
-    let caught_up = rest
-        .iter()
-        .find(|e| e["event"] == "replication-caught-up")
-        .unwrap_or_else(|| panic!("no catching up in {rest:#?}"));
-    assert!(
-        caught_up["behind_bytes"].as_i64().unwrap() <= 512 * 1024,
-        "{caught_up}"
-    );
     let out = reader.try_wait().unwrap().expect("the backfill has ended");
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(db.wrong_or_null(), 0);
     // The wait began before the first batch of Jobs, the first table.
     let report = rest.last().unwrap();
-    assert!(table_waited(report, "jobs") >= 2.0, "{report}");
+    let waited = table_report(report, "jobs")["replication_wait_seconds"]
+        .as_f64()
+        .unwrap();
+    assert!(waited >= 2.0, "{report}");
 }
 
 #[test]
-fn a_role_that_cannot_see_the_standby_is_told_what_to_grant() {
+fn a_standby_that_stores_nothing_ends_the_backfill_with_exit_17_and_the_rerun_finishes() {
+    let _serial = serial();
     let db = hydra_at(61);
-    standby_caught_up();
-    // Hydra's own role on NixOS: owns its database and tables, no superuser, not a
-    // member of pg_read_all_stats.
-    db.exec(&format!(
-        "DO $$ BEGIN CREATE ROLE hu_owner LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
-         ALTER DATABASE {} OWNER TO hu_owner;
-         DO $$ DECLARE t text; BEGIN
-           FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = 'public' LOOP
-             EXECUTE format('ALTER TABLE %I OWNER TO hu_owner', t);
-           END LOOP;
-         END $$",
-        db.name
-    ));
-    let dsn = cluster().dsn_string(&db.name, "hu_owner");
-    let plan = run(&["--db", &dsn, "plan"]);
-    plan.expect_code(0);
-    assert_contains(
-        &plan.stdout,
-        "replication: 1 walsender(s) this role cannot see into (GRANT pg_read_all_stats",
-    );
-    let r = run(&["--db", &dsn, "backfill"]);
-    r.expect_code(0);
-    assert_contains(&r.stderr, "GRANT pg_read_all_stats");
-    assert!(!r.stderr.contains("streaming to"), "{}", r.stderr);
+    standbys_caught_up();
+    let stopped = Stopped::receiver_of(standbys()[1]);
+    write_wal(&db);
+    let args = [
+        "--max-replication-lag-mb",
+        "1",
+        "--replication-stall-secs",
+        "2",
+    ];
+    let mut full = vec!["--db", db.dsn.as_str(), "backfill"];
+    full.extend_from_slice(&args);
+    let r = run(&full);
+    r.expect_code(17);
+    assert_contains(&r.stderr, "hu_plain_standby (walsender pid ");
+    assert_contains(&r.stderr, "has stored no WAL for 2 s");
+    drop(stopped);
+    let again = run(&full);
+    again.expect_code(0);
     assert_eq!(db.wrong_or_null(), 0);
+}
 
-    // With the grant it sees the standby (and waits for nothing: it keeps up).
-    let again = hydra_at(61);
-    again.exec(&format!(
-        "ALTER DATABASE {} OWNER TO hu_owner;
-         DO $$ DECLARE t text; BEGIN
-           FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = 'public' LOOP
-             EXECUTE format('ALTER TABLE %I OWNER TO hu_owner', t);
-           END LOOP;
-         END $$;
-         GRANT pg_read_all_stats TO hu_owner",
-        again.name
-    ));
-    let dsn = cluster().dsn_string(&again.name, "hu_owner");
+#[test]
+fn under_synchronous_replication_the_backfill_commits_as_hydra_does() {
+    let _serial = serial();
+    let db = hydra_at(61);
+    standbys_caught_up();
+    admin_sets(
+        cluster(),
+        "synchronous_standby_names",
+        PLAIN_STANDBY,
+        PLAIN_STANDBY,
+    );
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            let mut db = cluster().connect("postgres").unwrap();
+            hydra_upgrade::wal_prepare::alter_system(&mut db, "synchronous_standby_names", None)
+                .unwrap();
+            hydra_upgrade::wal_prepare::reload(&mut db).unwrap();
+        }
+    }
+    let _reset = Reset;
+    let stopped = Stopped::receiver_of(standbys()[1]);
+    // Not waiting for any standby's lag: only the commits' own waits hold it.
+    let reader = backfill_events(&db, &["--max-replication-lag-mb", "0"]);
+    let mut lines = std::io::BufReader::new(&reader).lines();
+    until_event(&mut lines, "synchronous-replication");
+    let mut watcher = cluster().connect("postgres").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting: i64 = watcher
+            .client()
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE application_name = 'hydra-upgrade' AND wait_event = 'SyncRep'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if waiting == 1 {
+            break;
+        }
+        assert!(
+            reader.try_wait().unwrap().is_none(),
+            "the backfill ended without waiting for the synchronous standby"
+        );
+        assert!(Instant::now() < deadline, "no commit of ours waited");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(stopped);
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let out = reader.try_wait().unwrap().expect("the backfill has ended");
+    assert_eq!(out.status.code(), Some(0), "{rest:#?}");
+    assert_eq!(db.wrong_or_null(), 0);
+}
+
+#[test]
+fn a_role_without_pg_read_all_stats_sees_a_standby_through_its_slot() {
+    let _serial = serial();
+    let owned_by_hydra = |db: &TestDb| {
+        // Hydra's own role on NixOS: owns its database and tables, no superuser.
+        db.exec(&format!(
+            "DO $$ BEGIN CREATE ROLE hu_owner LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+             ALTER DATABASE {} OWNER TO hu_owner;
+             DO $$ DECLARE t text; BEGIN
+               FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = 'public' LOOP
+                 EXECUTE format('ALTER TABLE %I OWNER TO hu_owner', t);
+               END LOOP;
+             END $$",
+            db.name
+        ));
+        cluster().dsn_string(&db.name, "hu_owner")
+    };
+    let db = hydra_at(61);
+    standbys_caught_up();
+    let dsn = owned_by_hydra(&db);
     let plan = run(&["--db", &dsn, "--json", "plan"]);
     plan.expect_code(0);
     let seen = &plan.json()["replication"];
+    // The slot's standby through its slot; the other one not at all.
+    assert_eq!(seen["receivers"][0]["name"], SLOT_STANDBY, "{seen}");
+    assert_eq!(seen["receivers"].as_array().unwrap().len(), 1, "{seen}");
+    assert_eq!(seen["hidden"], 1, "{seen}");
+    assert_eq!(seen["limit_mb"], 128, "{seen}");
+    let text = run(&["--db", &dsn, "plan"]);
+    assert_contains(
+        &text.stdout,
+        "warning: 1 walsender(s) stream from this server with no replication slot, and this \
+         role cannot see how far behind they are: GRANT pg_read_all_stats",
+    );
+    let r = run(&["--db", &dsn, "backfill"]);
+    r.expect_code(0);
+    assert_contains(
+        &r.stderr,
+        &format!("jobs: streaming to {SLOT_STANDBY}; the backfill waits"),
+    );
+    assert_contains(&r.stderr, "GRANT pg_read_all_stats");
+    assert_eq!(db.wrong_or_null(), 0);
+
+    // With the grant it sees both.
+    let again = hydra_at(61);
+    let dsn = owned_by_hydra(&again);
+    again.exec("GRANT pg_read_all_stats TO hu_owner");
+    let plan = run(&["--db", &dsn, "--json", "plan"]);
+    let seen = &plan.json()["replication"];
+    assert_eq!(seen["receivers"].as_array().unwrap().len(), 2, "{seen}");
     assert_eq!(seen["hidden"], 0, "{seen}");
-    assert_eq!(seen["limit_mb"], 512, "{seen}");
-    assert_eq!(seen["receivers"][0]["name"], "walreceiver", "{seen}");
     let r = run(&["--db", &dsn, "backfill"]);
     r.expect_code(0);
     assert!(!r.stderr.contains("pg_read_all_stats"), "{}", r.stderr);
-    assert_contains(&r.stderr, "streaming to walreceiver");
     assert_eq!(again.wrong_or_null(), 0);
     // Nothing left to backfill: nothing to say about replication.
     assert_eq!(
         run(&["--db", &dsn, "--json", "plan"]).json()["replication"],
         Value::Null
     );
+}
+
+#[test]
+fn a_slot_with_no_receiver_is_named_with_the_wal_it_keeps() {
+    let _serial = serial();
+    let db = hydra_at(61);
+    let mut admin = cluster().connect("postgres").unwrap();
+    admin
+        .client()
+        .batch_execute("SELECT pg_create_physical_replication_slot('hu_gone', true)")
+        .unwrap();
+    let plan = run_on(&db, &["plan"]);
+    let r = run_on(&db, &["backfill"]);
+    admin
+        .client()
+        .batch_execute("SELECT pg_drop_replication_slot('hu_gone')")
+        .unwrap();
+    plan.expect_code(0);
+    assert_contains(
+        &plan.stdout,
+        "warning: replication slot(s) with no receiver connected: hu_gone (",
+    );
+    r.expect_code(0);
+    assert_contains(&r.stderr, "with no receiver connected: hu_gone (");
+    assert_contains(&r.stderr, "the backfill does not wait for it");
 }

@@ -107,7 +107,7 @@ let
     "config: state dir, URL, backfill knobs" =
       settings.state_dir == "/var/lib/hydra-upgrade"
       && settings.hydra_url == "http://localhost:3000"
-      && settings.backfill == { strategy = "per-page"; target_batch_ms = 20; pause_ms = 5; pin_cpu = "1"; max_replication_lag_mb = 512; };
+      && settings.backfill == { strategy = "per-page"; target_batch_ms = 20; pause_ms = 5; pin_cpu = "1"; max_replication_lag_mb = 128; };
     "config: CPU pinning is auto by default" =
       (builtins.fromJSON noGuard.system.build.hydraUpgradeConfig.text).backfill.pin_cpu == "auto";
     "config has only keys the tool accepts" = lib.all (k: lib.elem k allowedKeys) (lib.attrNames settings);

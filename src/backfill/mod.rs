@@ -80,6 +80,8 @@ pub struct Options {
     /// Wait while a standby or subscriber is more than this far behind
     /// ([`replication`]); 0 never waits.
     pub max_replication_lag_mb: u64,
+    /// End the run when the receiver waited for stores nothing for this long.
+    pub replication_stall: Duration,
 }
 
 impl Options {
@@ -105,6 +107,7 @@ impl Options {
                 .max_replication_lag_mb
                 .or(cfg.max_replication_lag_mb)
                 .unwrap_or(replication::DEFAULT_MAX_LAG_MB),
+            replication_stall: Duration::from_secs(a.replication_stall_secs),
         }
     }
 }
@@ -512,7 +515,24 @@ pub fn run(db: &mut Db, opts: &Options, out: &Out, interrupt: &Interrupt) -> Res
     db.take_upgrade_lock()?;
     db.with_own_settings(|db| {
         db.set_timeouts(opts.lock_timeout, opts.statement_timeout)?;
-        db.async_commit()?;
+        // With synchronous replication, Hydra's commits wait until the standby has stored
+        // all WAL before their commit record, ours included; asynchronous commits of ours
+        // would let that backlog grow to the replication lag limit. Committing as Hydra
+        // does keeps it to one transaction of ours.
+        let standbys = crate::wal_prepare::setting(db, "synchronous_standby_names")?;
+        if standbys.trim().is_empty() {
+            db.async_commit()?;
+        } else {
+            out.event(
+                "synchronous-replication",
+                &format!(
+                    "backfill: synchronous replication is on (synchronous_standby_names = \
+                     '{standbys}'): each of our commits waits for the standby as Hydra's do, \
+                     so that Hydra's never wait behind a backlog of ours"
+                ),
+                json!({"synchronous_standby_names": standbys}),
+            );
+        }
         run_in_session(db, opts, out, interrupt)
     })
 }
@@ -524,9 +544,10 @@ fn run_in_session(db: &mut Db, opts: &Options, out: &Out, interrupt: &Interrupt)
     held::ensure(db)?;
     // Held until the walk ends, then both processes get their CPUs back.
     let _pinned = pin_to_one_cpu(db, opts.pin_cpu, out)?;
+    let mut lag = replication::LagWatch::new(opts.max_replication_lag_mb, opts.replication_stall);
     let mut walked = Vec::new();
     for table in Table::ALL {
-        match run_table(db, table, opts, out, interrupt) {
+        match run_table(db, table, opts, out, interrupt, &mut lag) {
             Ok(done) => walked.push(done),
             Err(e) => {
                 // Best effort: the connection may be what failed.
@@ -610,8 +631,10 @@ fn run_table(
     opts: &Options,
     out: &Out,
     interrupt: &Interrupt,
+    lag: &mut replication::LagWatch,
 ) -> Result<(TableReport, (i64, i64, i64))> {
     let start = Instant::now();
+    let waited_before = lag.waited;
     let name = table.name();
     let before = table_stats(db, table)?;
     let resume_hint = "Run the same command again to continue from the last committed batch.";
@@ -708,7 +731,6 @@ fn run_table(
         }
     }
     let mut horizon = HorizonWait::new(opts.horizon_wait);
-    let mut lag = replication::LagWatch::new(opts.max_replication_lag_mb);
     let mut transactions = 0u64;
     let mut retries = 0u64;
     let (mut row_waits_given_up, mut rounds_skipping_held_rows) = (0, 0);
@@ -902,8 +924,10 @@ fn run_table(
         state::save(db.client(), &progress)?;
     }
     if progress.phase == PHASE_HELD {
-        held_rows_filled_after =
-            fill_held(db, table, opts, out, interrupt, &mut progress, &mut retries)?;
+        let (filled, fill_retries) =
+            fill_held(db, table, opts, out, interrupt, lag, &mut progress)?;
+        held_rows_filled_after = filled;
+        retries += fill_retries;
         transactions += held_rows_filled_after;
         progress.phase = PHASE_DONE.into();
         progress.finished = true;
@@ -924,7 +948,7 @@ fn run_table(
         row_waits_given_up,
         rounds_skipping_held_rows,
         held_rows_filled_after,
-        replication_wait_seconds: lag.waited.as_secs_f64(),
+        replication_wait_seconds: (lag.waited - waited_before).as_secs_f64(),
         table,
         strategy: progress.strategy.clone(),
         rows_updated: (progress.rows_updated - rows_before) as u64,
@@ -939,20 +963,20 @@ fn run_table(
 
 /// After the keyset walk: the rows other transactions held when the walk came to them,
 /// one per transaction, each waiting for its lock (see `held`). Returns how many there
-/// were (one transaction each).
+/// were (one transaction each) and how many retries they took.
 fn fill_held(
     db: &mut Db,
     table: Table,
     opts: &Options,
     out: &Out,
     interrupt: &Interrupt,
+    lag: &mut replication::LagWatch,
     progress: &mut TableProgress,
-    retries: &mut u64,
-) -> Result<u64> {
+) -> Result<(u64, u64)> {
     let name = table.name();
     let listed = held::count(db.client(), table)?;
     if listed == 0 {
-        return Ok(0);
+        return Ok((0, 0));
     }
     // Listed by the walk (held by others when it came to them), or listed instead of a
     // walk (after a finished one).
@@ -971,16 +995,20 @@ fn fill_held(
     let mut single = Adaptive::new(1, 1, 1, opts.target_batch);
     let wait = held::row_wait(opts.lock_timeout, opts.statement_timeout);
     let capped = wait != opts.lock_timeout;
-    let mut transactions = 0;
+    let (mut transactions, mut retries) = (0, 0);
+    let resume_hint = "Run the same command again to fill the rows left.";
     while let Some(key) = held::first(db.client(), table)? {
-        interrupt.check("Run the same command again to fill the rows left.")?;
+        interrupt.check(resume_hint)?;
+        if let Some(behind) = lag.behind(db, name, out)? {
+            lag.wait(db, name, behind, out, interrupt, resume_hint)?;
+        }
         let filled = with_retries(
             opts,
             out,
             interrupt,
             &format!("{name} row {key} (held by another transaction)"),
             &mut single,
-            retries,
+            &mut retries,
             |_| {
                 let mut p = progress.clone();
                 let mut tx = db.client().transaction()?;
@@ -1006,7 +1034,7 @@ fn fill_held(
         };
         transactions += 1;
     }
-    Ok(transactions)
+    Ok((transactions, retries))
 }
 
 /// Enter the keyset phase: a fresh cursor from the start of the table.

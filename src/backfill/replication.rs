@@ -5,15 +5,20 @@
 //! up does harm on the primary: with a replication slot, PostgreSQL keeps every WAL
 //! segment the standby has not confirmed, and `pg_wal` grows until the disk is full (the
 //! server then stops, Hydra with it); without a slot, a standby that falls behind past what
-//! `pg_wal` keeps can no longer follow and has to be cloned again; with synchronous
-//! replication, every Hydra commit waits for the standby to store our WAL before its own.
+//! `pg_wal` keeps can no longer follow and has to be cloned again.
 //!
-//! So between transactions the backfill looks, at most once a second, at how much WAL each
-//! connected walsender (`pg_stat_replication`: a streaming standby, a logical subscriber)
-//! has sent that its receiver has not yet flushed, and while one is more than the limit
-//! behind it waits, holding no lock and no transaction, until that one is within half the
-//! limit. A standby that disconnects is no longer waited for; an inactive slot (no receiver
-//! connected) is not waited for either, as waiting would not bring it closer.
+//! So between transactions the backfill looks, at most once a second, at how much WAL
+//! each connected walsender (`pg_stat_replication`: a streaming standby, a logical
+//! subscriber, `pg_receivewal`) has written here that its receiver has not yet confirmed
+//! as stored, and while one is more than the limit behind it waits, holding no lock and no
+//! transaction, until that one is within half the limit (or gone). A receiver that stores
+//! nothing for `--replication-stall-secs` ends the run (exit 17) rather than hold it for
+//! ever. A slot with no receiver connected is not waited for (waiting would not bring it
+//! closer); `plan` and the backfill name it, with the WAL it keeps.
+//!
+//! With synchronous replication the backfill's own commits wait for the standby as
+//! Hydra's do (see [`super::run`]), so its WAL never runs ahead of the standby by more
+//! than one transaction; the limit then only matters for the other walsenders.
 
 use std::time::{Duration, Instant};
 
@@ -22,13 +27,18 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::db::Db;
+use crate::exit::{Exit, fail};
 use crate::interrupt::Interrupt;
 use crate::progress::Out;
 
-/// The default limit: a standby this far behind has a few seconds of the walk's WAL to
-/// catch up on, and `pg_wal` at PostgreSQL's default `max_wal_size` (1 GB) still holds
-/// what it has not received.
-pub const DEFAULT_MAX_LAG_MB: u64 = 512;
+/// The default limit. A standby without a slot can follow only while the primary keeps
+/// the WAL since its last checkpoint began, which during the walk at PostgreSQL's default
+/// `max_wal_size` (1 GB) comes to about 480 MB right after a checkpoint; 128 MB stays well
+/// inside that, and is still a few seconds of the walk's WAL for a standby to catch up on.
+pub const DEFAULT_MAX_LAG_MB: u64 = 128;
+
+/// The default time a receiver the backfill waits for may store nothing.
+pub const DEFAULT_STALL_SECS: u64 = 300;
 
 /// How often the backfill looks while it goes on.
 const LOOK_EVERY: Duration = Duration::from_secs(1);
@@ -43,6 +53,11 @@ pub struct Behind {
     pub pid: i32,
     pub name: String,
     pub bytes: i64,
+    /// Up to where its receiver has confirmed (an LSN as a byte position).
+    #[serde(skip)]
+    pub stored: i64,
+    /// A synchronous standby (`sync_state` sync or quorum).
+    pub synchronous: bool,
 }
 
 impl Behind {
@@ -60,83 +75,154 @@ fn mb(bytes: i64) -> String {
     format!("{:.0} MB", bytes as f64 / 1_048_576.0)
 }
 
-/// Every walsender the role can see into, and how many it cannot (without
-/// `pg_read_all_stats` a role sees a walsender's pid only).
+/// Every walsender and how far its receiver has confirmed: from `pg_stat_replication`
+/// when the role may see it (superuser, `pg_read_all_stats`), else from the slot the
+/// walsender streams from (any role may read `pg_replication_slots`; a physical slot's
+/// `restart_lsn` follows its standby's flush position, a logical one's
+/// `confirmed_flush_lsn` its subscriber's). A walsender with neither shows no position
+/// (`hidden` when the role cannot see it; else a receiver that has not reported yet, or a
+/// base backup).
 const WALSENDERS: &str = "
-    SELECT pid,
-           coalesce(nullif(application_name, ''), host(client_addr), 'a local receiver'),
-           state IS NULL,
-           pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn)::bigint
-      FROM pg_stat_replication";
+    SELECT r.pid,
+           coalesce(nullif(r.application_name, ''), s.slot_name::text, host(r.client_addr),
+                    'a local receiver'),
+           pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint,
+           pg_wal_lsn_diff(coalesce(r.flush_lsn,
+                                    CASE s.slot_type WHEN 'logical' THEN s.confirmed_flush_lsn
+                                                     ELSE s.restart_lsn END),
+                           '0/0')::bigint,
+           r.state IS NULL AND s.slot_name IS NULL,
+           coalesce(r.sync_state IN ('sync', 'quorum'), false),
+           pg_size_bytes(current_setting('wal_segment_size'))
+      FROM pg_stat_replication r
+      LEFT JOIN pg_replication_slots s ON s.active_pid = r.pid";
 
-/// The walsenders and how many are hidden from this role.
-pub fn walsenders(db: &mut Db) -> Result<(Vec<Behind>, usize)> {
+/// What one look at the walsenders found.
+#[derive(Debug, Clone, Default)]
+pub struct Walsenders {
+    pub seen: Vec<Behind>,
+    /// Walsenders this role cannot see into, with no slot to tell instead.
+    pub hidden: usize,
+    pub segment_bytes: i64,
+}
+
+pub fn walsenders(db: &mut Db) -> Result<Walsenders> {
     let rows = db
         .client()
         .query(WALSENDERS, &[])
-        .context("reading pg_stat_replication")?;
-    let mut seen = Vec::new();
-    let mut hidden = 0;
+        .context("reading pg_stat_replication and pg_replication_slots")?;
+    let mut found = Walsenders::default();
     for r in rows {
-        if r.get::<_, bool>(2) {
-            hidden += 1;
+        found.segment_bytes = r.get(6);
+        if r.get::<_, bool>(4) {
+            found.hidden += 1;
             continue;
         }
-        // No flush position yet (a receiver starting, a base backup): nothing to wait for.
-        if let Some(bytes) = r.get::<_, Option<i64>>(3) {
-            seen.push(Behind {
+        // No position yet (a receiver starting, a base backup): nothing to wait for.
+        if let Some(stored) = r.get::<_, Option<i64>>(3) {
+            let current: i64 = r.get(2);
+            found.seen.push(Behind {
                 pid: r.get(0),
                 name: r.get(1),
-                bytes,
+                bytes: (current - stored).max(0),
+                stored,
+                synchronous: r.get(5),
             });
         }
     }
-    Ok((seen, hidden))
+    Ok(found)
+}
+
+/// Slots with no receiver connected that keep WAL: name, bytes kept.
+const IDLE_SLOTS: &str = "
+    SELECT slot_name::text, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint
+      FROM pg_replication_slots
+     WHERE NOT active AND restart_lsn IS NOT NULL
+     ORDER BY 2 DESC";
+
+pub fn idle_slots(db: &mut Db) -> Result<Vec<(String, i64)>> {
+    let rows = db
+        .client()
+        .query(IDLE_SLOTS, &[])
+        .context("reading pg_replication_slots")?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+fn idle_slots_text(slots: &[(String, i64)]) -> String {
+    let named: Vec<String> = slots
+        .iter()
+        .map(|(name, kept)| format!("{name} ({} kept)", mb(*kept)))
+        .collect();
+    format!(
+        "replication slot(s) with no receiver connected: {}; PostgreSQL keeps every WAL \
+         segment such a slot has not confirmed, so the backfill's WAL will stay in pg_wal \
+         until its receiver returns or the slot is dropped (pg_drop_replication_slot); \
+         the backfill does not wait for it",
+        named.join(", ")
+    )
+}
+
+fn hidden_text(hidden: usize) -> String {
+    format!(
+        "{hidden} walsender(s) stream from this server with no replication slot, and this \
+         role cannot see how far behind they are: GRANT pg_read_all_stats to it (as a \
+         superuser), or the backfill cannot wait for them"
+    )
 }
 
 /// What `plan` says about replication before a backfill: who streams from this server,
-/// how far behind each is, and the limit the backfill will wait at.
+/// how far behind each is, idle slots, and the limit the backfill will wait at.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outlook {
     pub receivers: Vec<Behind>,
-    /// Walsenders this role cannot see into (it lacks `pg_read_all_stats`).
+    /// Walsenders this role cannot see into (no `pg_read_all_stats`, no slot).
     pub hidden: usize,
+    /// Slots with no receiver connected, and the WAL each keeps.
+    pub idle_slots: Vec<(String, i64)>,
     /// 0: the backfill never waits.
     pub limit_mb: u64,
 }
 
 impl Outlook {
     pub fn read(db: &mut Db, limit_mb: u64) -> Result<Outlook> {
-        let (receivers, hidden) = walsenders(db)?;
+        let w = walsenders(db)?;
         Ok(Outlook {
-            receivers,
-            hidden,
+            receivers: w.seen,
+            hidden: w.hidden,
+            idle_slots: idle_slots(db)?,
             limit_mb,
         })
     }
 
-    /// One line, or none when nothing streams from this server.
-    pub fn summary(&self) -> Option<String> {
-        if self.receivers.is_empty() && self.hidden == 0 {
-            return None;
+    /// Lines for `plan`, none when nothing streams from this server and no slot waits.
+    pub fn lines(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        if !self.receivers.is_empty() {
+            let each: Vec<String> = self
+                .receivers
+                .iter()
+                .map(|b| {
+                    let sync = if b.synchronous { ", synchronous" } else { "" };
+                    format!("{}{sync}", b.describe())
+                })
+                .collect();
+            let wait = if self.limit_mb == 0 {
+                "the backfill will not wait for them (max_replication_lag_mb 0)".to_owned()
+            } else {
+                format!(
+                    "the backfill waits whenever one is more than {} MB behind",
+                    self.limit_mb
+                )
+            };
+            lines.push(format!("replication: {}; {wait}", each.join("; ")));
         }
-        let mut parts: Vec<String> = self.receivers.iter().map(Behind::describe).collect();
-        if self.hidden > 0 {
-            parts.push(format!(
-                "{} walsender(s) this role cannot see into (GRANT pg_read_all_stats to \
-                 it, or the backfill cannot wait for them)",
-                self.hidden
-            ));
+        if self.hidden > 0 && self.limit_mb > 0 {
+            lines.push(format!("warning: {}", hidden_text(self.hidden)));
         }
-        let wait = if self.limit_mb == 0 {
-            "the backfill will not wait for them (max_replication_lag_mb 0)".to_owned()
-        } else {
-            format!(
-                "the backfill waits whenever one is more than {} MB behind",
-                self.limit_mb
-            )
-        };
-        Some(format!("{}; {wait}", parts.join("; ")))
+        if !self.idle_slots.is_empty() {
+            lines.push(format!("warning: {}", idle_slots_text(&self.idle_slots)));
+        }
+        lines
     }
 }
 
@@ -145,28 +231,38 @@ fn furthest(senders: Vec<Behind>) -> Option<Behind> {
     senders.into_iter().max_by_key(|b| b.bytes)
 }
 
-/// The backfill's watch on replication, one per table.
+/// The limit in bytes for `max_lag_mb`, at least two WAL segments: `pg_receivewal`
+/// without `--synchronous` confirms only whole segments, so it shows up to one segment
+/// behind even when it has everything.
+fn limit_bytes(max_lag_mb: u64, segment_bytes: i64) -> i64 {
+    i64::try_from(max_lag_mb)
+        .map_or(i64::MAX, |m| m.saturating_mul(1_048_576))
+        .max(segment_bytes.saturating_mul(2))
+}
+
+/// The backfill's watch on replication, one for the whole run.
 #[derive(Debug)]
 pub struct LagWatch {
-    /// In bytes; `None`: never wait.
-    limit: Option<i64>,
+    /// `None`: never wait.
+    max_lag_mb: Option<u64>,
+    /// In bytes, as of the last look (it depends on the segment size).
+    limit: i64,
+    stall: Duration,
     last_look: Option<Instant>,
-    told_hidden: bool,
-    told_connected: bool,
+    told: bool,
     /// Time spent waiting.
     pub waited: Duration,
 }
 
 impl LagWatch {
     /// `max_lag_mb` 0: never wait.
-    pub fn new(max_lag_mb: u64) -> LagWatch {
-        let limit = (max_lag_mb > 0)
-            .then(|| i64::try_from(max_lag_mb).map_or(i64::MAX, |m| m.saturating_mul(1_048_576)));
+    pub fn new(max_lag_mb: u64, stall: Duration) -> LagWatch {
         LagWatch {
-            limit,
+            max_lag_mb: (max_lag_mb > 0).then_some(max_lag_mb),
+            limit: limit_bytes(max_lag_mb, 0),
+            stall,
             last_look: None,
-            told_hidden: false,
-            told_connected: false,
+            told: false,
             waited: Duration::ZERO,
         }
     }
@@ -174,26 +270,27 @@ impl LagWatch {
     /// Look (at most once a second): the walsender more than the limit behind, if one is.
     /// The caller saves its progress and then calls [`LagWatch::wait`].
     pub fn behind(&mut self, db: &mut Db, table: &str, out: &Out) -> Result<Option<Behind>> {
-        let Some(limit) = self.limit else {
+        let Some(max_lag_mb) = self.max_lag_mb else {
             return Ok(None);
         };
         if self.last_look.is_some_and(|t| t.elapsed() < LOOK_EVERY) {
             return Ok(None);
         }
         self.last_look = Some(Instant::now());
-        let (senders, hidden) = walsenders(db)?;
-        if hidden > 0 && !self.told_hidden {
-            self.told_hidden = true;
-            out.warn(&format!(
-                "{table}: {hidden} standby or subscriber connection(s) are streaming from this \
-                 server, but this role cannot see how far behind they are, so the backfill \
-                 cannot wait for them to keep up; GRANT pg_read_all_stats TO the role it \
-                 connects as (or pass --max-replication-lag-mb 0 to say it need not)"
-            ));
+        let w = walsenders(db)?;
+        let limit = limit_bytes(max_lag_mb, w.segment_bytes);
+        self.limit = limit;
+        if !self.told {
+            self.told = true;
+            self.tell(db, table, &w, limit, out)?;
         }
-        if !senders.is_empty() && !self.told_connected {
-            self.told_connected = true;
-            let names: Vec<&str> = senders.iter().map(|b| b.name.as_str()).collect();
+        Ok(furthest(w.seen).filter(|b| b.bytes > limit))
+    }
+
+    /// Once a run: who streams, who cannot be seen, which slots keep WAL for nobody.
+    fn tell(&self, db: &mut Db, table: &str, w: &Walsenders, limit: i64, out: &Out) -> Result<()> {
+        if !w.seen.is_empty() {
+            let names: Vec<&str> = w.seen.iter().map(|b| b.name.as_str()).collect();
             out.event(
                 "replication",
                 &format!(
@@ -205,10 +302,18 @@ impl LagWatch {
                 json!({"table": table, "receivers": names, "limit_bytes": limit}),
             );
         }
-        Ok(furthest(senders).filter(|b| b.bytes > limit))
+        if w.hidden > 0 {
+            out.warn(&format!("{table}: {}", hidden_text(w.hidden)));
+        }
+        let idle = idle_slots(db)?;
+        if !idle.is_empty() {
+            out.warn(&format!("{table}: {}", idle_slots_text(&idle)));
+        }
+        Ok(())
     }
 
-    /// Wait until every walsender is within half the limit (or gone). Ends on Ctrl-C.
+    /// Wait until every walsender is within half the limit (or gone). Ends on Ctrl-C, and
+    /// with exit 17 when the one waited for stores nothing for the stall time.
     pub fn wait(
         &mut self,
         db: &mut Db,
@@ -218,11 +323,25 @@ impl LagWatch {
         interrupt: &Interrupt,
         resume_hint: &str,
     ) -> Result<()> {
-        let limit = self.limit.unwrap_or(0);
-        let resume_below = limit / 2;
         let start = Instant::now();
-        let mut said = start;
-        let say = |kind: &str, message: String, b: &Behind| {
+        let result = self.wait_for(db, table, first, out, interrupt, resume_hint);
+        self.waited += start.elapsed();
+        self.last_look = Some(Instant::now());
+        result
+    }
+
+    fn wait_for(
+        &mut self,
+        db: &mut Db,
+        table: &str,
+        first: Behind,
+        out: &Out,
+        interrupt: &Interrupt,
+        resume_hint: &str,
+    ) -> Result<()> {
+        let start = Instant::now();
+        let mut limit = self.limit;
+        let say = |kind: &str, message: String, b: &Behind, limit: i64| {
             out.event(
                 kind,
                 &message,
@@ -233,22 +352,42 @@ impl LagWatch {
         say(
             "replication-wait",
             format!(
-                "{table}: waiting: {} (limit {}); the backfill goes on once it is within {}",
+                "{table}: waiting: {}; the backfill goes on once it is within {}",
                 first.describe(),
-                mb(limit),
-                mb(resume_below)
+                mb(limit / 2)
             ),
             &first,
+            limit,
         );
-        let mut last = first;
+        let mut said = start;
+        // The one waited for, and when it last stored something.
+        let (mut last, mut stored_at) = (first, Instant::now());
         loop {
             if interrupt.sleep(POLL) {
-                self.waited += start.elapsed();
                 interrupt.check(resume_hint)?;
             }
-            let now = furthest(walsenders(db)?.0);
+            let w = walsenders(db)?;
+            limit = limit_bytes(self.max_lag_mb.unwrap_or(0), w.segment_bytes);
+            let now = furthest(w.seen);
             match now {
-                Some(b) if b.bytes > resume_below => {
+                Some(b) if b.bytes > limit / 2 => {
+                    if b.pid != last.pid || b.stored > last.stored {
+                        stored_at = Instant::now();
+                    } else if stored_at.elapsed() >= self.stall {
+                        return Err(fail(
+                            Exit::ReplicationStalled,
+                            format!(
+                                "{table}: {} and has stored no WAL for {} s; the backfill \
+                                 stopped (all committed work is kept). See to it (its server \
+                                 log; on a logical subscriber pg_stat_subscription), or drop \
+                                 its slot if it is gone for good, then run the same command \
+                                 again; --max-replication-lag-mb 0 does not wait for any \
+                                 standby (a slot then keeps the backfill's WAL in pg_wal)",
+                                b.describe(),
+                                self.stall.as_secs()
+                            ),
+                        ));
+                    }
                     if said.elapsed() >= SAY_EVERY {
                         said = Instant::now();
                         let message = format!(
@@ -256,7 +395,7 @@ impl LagWatch {
                             start.elapsed().as_secs_f64(),
                             b.describe()
                         );
-                        say("replication-wait", message, &b);
+                        say("replication-wait", message, &b, limit);
                     }
                     last = b;
                 }
@@ -272,9 +411,8 @@ impl LagWatch {
                         "replication-caught-up",
                         message,
                         now.as_ref().unwrap_or(&last),
+                        limit,
                     );
-                    self.waited += start.elapsed();
-                    self.last_look = Some(Instant::now());
                     return Ok(());
                 }
             }
@@ -286,21 +424,61 @@ impl LagWatch {
 mod tests {
     use super::*;
 
+    fn standby(pid: i32, bytes: i64) -> Behind {
+        Behind {
+            pid,
+            name: format!("s{pid}"),
+            bytes,
+            stored: 0,
+            synchronous: false,
+        }
+    }
+
     #[test]
-    fn zero_never_waits_and_megabytes_are_bytes() {
-        assert_eq!(LagWatch::new(0).limit, None);
-        assert_eq!(LagWatch::new(512).limit, Some(512 * 1_048_576));
-        assert_eq!(LagWatch::new(u64::MAX).limit, Some(i64::MAX));
+    fn the_limit_is_at_least_two_segments() {
+        assert_eq!(limit_bytes(128, 16 << 20), 128 << 20);
+        assert_eq!(limit_bytes(1, 16 << 20), 32 << 20);
+        assert_eq!(limit_bytes(u64::MAX, 16 << 20), i64::MAX);
+        assert_eq!(LagWatch::new(0, Duration::ZERO).max_lag_mb, None);
     }
 
     #[test]
     fn the_furthest_behind_is_the_one_waited_for() {
-        let b = |pid, bytes| Behind {
-            pid,
-            name: format!("s{pid}"),
-            bytes,
-        };
         assert_eq!(furthest(vec![]), None);
-        assert_eq!(furthest(vec![b(1, 10), b(2, 30), b(3, 20)]), Some(b(2, 30)));
+        assert_eq!(
+            furthest(vec![standby(1, 10), standby(2, 30), standby(3, 20)]),
+            Some(standby(2, 30))
+        );
+    }
+
+    #[test]
+    fn plan_names_each_receiver_and_what_the_backfill_will_do() {
+        let outlook = |receivers, hidden, idle_slots, limit_mb| Outlook {
+            receivers,
+            hidden,
+            idle_slots,
+            limit_mb,
+        };
+        assert!(outlook(vec![], 0, vec![], 128).lines().is_empty());
+        let mut sync = standby(7, 3 << 20);
+        sync.synchronous = true;
+        assert_eq!(
+            outlook(vec![sync], 0, vec![], 128).lines(),
+            [
+                "replication: s7 (walsender pid 7) is 3 MB behind, synchronous; the backfill \
+              waits whenever one is more than 128 MB behind"
+            ]
+        );
+        let lines = outlook(vec![standby(8, 0)], 2, vec![("gone".into(), 5 << 20)], 0).lines();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines[0].ends_with("will not wait for them (max_replication_lag_mb 0)"),
+            "{lines:?}"
+        );
+        // Not waiting for any: no advice on how to let it wait.
+        assert!(!lines.iter().any(|l| l.contains("GRANT")), "{lines:?}");
+        assert!(lines[1].contains("gone (5 MB kept)"), "{lines:?}");
+        let hidden = outlook(vec![], 1, vec![], 128).lines();
+        assert!(hidden[0].contains("GRANT pg_read_all_stats"), "{hidden:?}");
     }
 }
