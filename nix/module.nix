@@ -318,7 +318,7 @@ in
           streaming from this PostgreSQL has more than this many MB of WAL (at least two WAL
           segments) not yet stored, until it is within half of it
           (hydra-upgrade backfill --max-replication-lag-mb); a receiver that stores nothing
-          for 5 minutes ends the run (exit 17, resumable). A standby left far behind makes
+          for 5 minutes ends the run (exit 17, resumable; --replication-stall-secs). A standby left far behind makes
           the primary keep its WAL (a replication slot: pg_wal grows until the disk is
           full) or can no longer follow (no slot). A standby with a slot is seen through
           it; one without needs pg_read_all_stats granted to the role the tool connects

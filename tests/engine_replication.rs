@@ -194,6 +194,56 @@ fn a_standby_that_stores_nothing_ends_the_backfill_with_exit_17_and_the_rerun_fi
     assert_eq!(db.wrong_or_null(), 0);
 }
 
+/// A receiver that keeps reconnecting without storing anything (a subscriber whose apply
+/// fails and restarts, a standby whose connection drops) is still waited for through its
+/// slot, and still runs into the stall time: before, its walsender's leaving ended the
+/// wait as if it had caught up.
+#[test]
+fn a_standby_whose_walsender_goes_away_is_still_waited_for_through_its_slot() {
+    let _serial = serial();
+    let db = hydra_at(61);
+    standbys_caught_up();
+    let stopped = Stopped::receiver_of(standbys()[0]);
+    write_wal(&db);
+    let reader = backfill_events(
+        &db,
+        &[
+            "--max-replication-lag-mb",
+            "1",
+            "--replication-stall-secs",
+            "6",
+        ],
+    );
+    let mut lines = std::io::BufReader::new(&reader).lines();
+    until_event(&mut lines, "replication-wait");
+    let terminated = Instant::now();
+    let walsender = format!(
+        "SELECT count(*) FROM pg_stat_replication WHERE application_name = '{SLOT_STANDBY}'"
+    );
+    while db.query_i64(&walsender) > 0 {
+        db.exec(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_replication
+              WHERE application_name = '{SLOT_STANDBY}'"
+        ));
+        assert!(
+            terminated.elapsed() < Duration::from_secs(30),
+            "the walsender stays"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let out = reader.try_wait().unwrap().expect("the backfill has ended");
+    assert_eq!(out.status.code(), Some(17), "{rest:#?}");
+    let error = rest.last().unwrap();
+    assert!(
+        error.contains("hu_slot_standby (slot hu_slot_standby, no receiver connected right now)"),
+        "{error}"
+    );
+    drop(stopped);
+    run_on(&db, &["backfill"]).expect_code(0);
+    assert_eq!(db.wrong_or_null(), 0);
+}
+
 #[test]
 fn under_synchronous_replication_the_backfill_commits_as_hydra_does() {
     let _serial = serial();
@@ -205,13 +255,26 @@ fn under_synchronous_replication_the_backfill_commits_as_hydra_does() {
         PLAIN_STANDBY,
         PLAIN_STANDBY,
     );
+    // Put back even when the test fails (without a panic inside a panic).
     struct Reset;
     impl Drop for Reset {
         fn drop(&mut self) {
-            let mut db = cluster().connect("postgres").unwrap();
-            hydra_upgrade::wal_prepare::alter_system(&mut db, "synchronous_standby_names", None)
-                .unwrap();
-            hydra_upgrade::wal_prepare::reload(&mut db).unwrap();
+            let reset = cluster().connect("postgres").and_then(|mut db| {
+                hydra_upgrade::wal_prepare::alter_system(
+                    &mut db,
+                    "synchronous_standby_names",
+                    None,
+                )?;
+                hydra_upgrade::wal_prepare::reload(&mut db)?;
+                hydra_upgrade::wal_prepare::wait_for_settings(
+                    &mut db,
+                    &["synchronous_standby_names"],
+                    |_, now| now.is_empty(),
+                )
+            });
+            if let Err(e) = reset {
+                eprintln!("resetting synchronous_standby_names: {e:#}");
+            }
         }
     }
     let _reset = Reset;
@@ -277,12 +340,29 @@ fn a_role_without_pg_read_all_stats_sees_a_standby_through_its_slot() {
     assert_eq!(seen["receivers"].as_array().unwrap().len(), 1, "{seen}");
     assert_eq!(seen["hidden"], 1, "{seen}");
     assert_eq!(seen["limit_mb"], 128, "{seen}");
+    assert_eq!(seen["limit_bytes"], 128 << 20, "{seen}");
     let text = run(&["--db", &dsn, "plan"]);
     assert_contains(
         &text.stdout,
         "warning: 1 walsender(s) stream from this server with no replication slot, and this \
          role cannot see how far behind they are: GRANT pg_read_all_stats",
     );
+    // It waits for the slot's standby: this one stores nothing, so the run ends at the
+    // stall time.
+    let stopped = Stopped::receiver_of(standbys()[0]);
+    write_wal(&db);
+    let r = run(&[
+        "--db",
+        &dsn,
+        "backfill",
+        "--max-replication-lag-mb",
+        "1",
+        "--replication-stall-secs",
+        "2",
+    ]);
+    r.expect_code(17);
+    assert_contains(&r.stderr, "hu_slot_standby (walsender pid ");
+    drop(stopped);
     let r = run(&["--db", &dsn, "backfill"]);
     r.expect_code(0);
     assert_contains(

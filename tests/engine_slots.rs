@@ -13,7 +13,11 @@ fn a_logical_slot_does_not_turn_auto_to_keyset() {
     db.exec("SELECT pg_drop_replication_slot('hu_test_slot')");
     r.expect_code(0);
     assert_contains(&r.stderr, "builds: strategy per-page");
-    assert!(!r.stderr.contains("holds back the xmin horizon"), "{}", r.stderr);
+    assert!(
+        !r.stderr.contains("holds back the xmin horizon"),
+        "{}",
+        r.stderr
+    );
     // But named as a slot nobody reads from, which keeps the backfill's WAL.
     assert_contains(&r.stderr, "with no receiver connected: hu_test_slot (");
 }

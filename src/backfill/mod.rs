@@ -518,20 +518,32 @@ pub fn run(db: &mut Db, opts: &Options, out: &Out, interrupt: &Interrupt) -> Res
         // With synchronous replication, Hydra's commits wait until the standby has stored
         // all WAL before their commit record, ours included; asynchronous commits of ours
         // would let that backlog grow to the replication lag limit. Committing as Hydra
-        // does keeps it to one transaction of ours.
-        let standbys = crate::wal_prepare::setting(db, "synchronous_standby_names")?;
-        if standbys.trim().is_empty() {
-            db.async_commit()?;
-        } else {
+        // does keeps it to one transaction of ours. Only where commits do wait for a
+        // standby: with synchronous_commit local or off nobody's do.
+        let row = db
+            .client()
+            .query_one(
+                "SELECT current_setting('synchronous_standby_names'),
+                        current_setting('synchronous_commit')",
+                &[],
+            )
+            .context("reading synchronous_standby_names and synchronous_commit")?;
+        let (standbys, commit): (String, String) = (row.get(0), row.get(1));
+        let waits_for_standby = !standbys.trim().is_empty()
+            && ["on", "remote_write", "remote_apply"].contains(&commit.as_str());
+        if waits_for_standby {
             out.event(
                 "synchronous-replication",
                 &format!(
                     "backfill: synchronous replication is on (synchronous_standby_names = \
-                     '{standbys}'): each of our commits waits for the standby as Hydra's do, \
-                     so that Hydra's never wait behind a backlog of ours"
+                     '{standbys}', synchronous_commit = {commit}): each of our commits waits \
+                     for the standby as Hydra's do, so that Hydra's never wait behind a \
+                     backlog of ours"
                 ),
-                json!({"synchronous_standby_names": standbys}),
+                json!({"synchronous_standby_names": standbys, "synchronous_commit": commit}),
             );
+        } else {
+            db.async_commit()?;
         }
         run_in_session(db, opts, out, interrupt)
     })

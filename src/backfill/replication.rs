@@ -32,9 +32,12 @@ use crate::interrupt::Interrupt;
 use crate::progress::Out;
 
 /// The default limit. A standby without a slot can follow only while the primary keeps
-/// the WAL since its last checkpoint began, which during the walk at PostgreSQL's default
-/// `max_wal_size` (1 GB) comes to about 480 MB right after a checkpoint; 128 MB stays well
-/// inside that, and is still a few seconds of the walk's WAL for a standby to catch up on.
+/// the WAL it needs: from 11 on, what was written since the last checkpoint began, which
+/// during the walk at PostgreSQL's default `max_wal_size` (1 GB) comes right after a
+/// checkpoint to about `checkpoint_completion_target` x the WAL between checkpoints:
+/// 0.9 x 539 MB (about 485 MB) from 14, 0.5 x 683 MB (about 340 MB) on 11-13; PostgreSQL
+/// 10 keeps back to the checkpoint before (about 615 MB); worked out from PostgreSQL's
+/// checkpoint arithmetic, not measured. 128 MB stays well inside all of them, and is still a few seconds of the walk's WAL for a standby to catch up on.
 pub const DEFAULT_MAX_LAG_MB: u64 = 128;
 
 /// The default time a receiver the backfill waits for may store nothing.
@@ -50,8 +53,15 @@ const SAY_EVERY: Duration = Duration::from_secs(30);
 /// One walsender: its receiver's name and how far behind it is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Behind {
-    pub pid: i32,
+    /// Its walsender; `None` for a slot whose receiver has gone for now (see
+    /// [`LagWatch::wait`]).
+    pub pid: Option<i32>,
     pub name: String,
+    /// Who it is across reconnections: its slot, else its name and address.
+    #[serde(skip)]
+    pub key: String,
+    #[serde(skip)]
+    pub slot: Option<String>,
     pub bytes: i64,
     /// Up to where its receiver has confirmed (an LSN as a byte position).
     #[serde(skip)]
@@ -62,12 +72,12 @@ pub struct Behind {
 
 impl Behind {
     fn describe(&self) -> String {
-        format!(
-            "{} (walsender pid {}) is {} behind",
-            self.name,
-            self.pid,
-            mb(self.bytes)
-        )
+        let via = match (self.pid, &self.slot) {
+            (Some(pid), _) => format!("walsender pid {pid}"),
+            (None, Some(slot)) => format!("slot {slot}, no receiver connected right now"),
+            (None, None) => "no receiver connected".to_owned(),
+        };
+        format!("{} ({via}) is {} behind", self.name, mb(self.bytes))
     }
 }
 
@@ -93,7 +103,9 @@ const WALSENDERS: &str = "
                            '0/0')::bigint,
            r.state IS NULL AND s.slot_name IS NULL,
            coalesce(r.sync_state IN ('sync', 'quorum'), false),
-           pg_size_bytes(current_setting('wal_segment_size'))
+           pg_size_bytes(current_setting('wal_segment_size')),
+           s.slot_name::text,
+           host(r.client_addr)
       FROM pg_stat_replication r
       LEFT JOIN pg_replication_slots s ON s.active_pid = r.pid";
 
@@ -121,9 +133,20 @@ pub fn walsenders(db: &mut Db) -> Result<Walsenders> {
         // No position yet (a receiver starting, a base backup): nothing to wait for.
         if let Some(stored) = r.get::<_, Option<i64>>(3) {
             let current: i64 = r.get(2);
+            let name: String = r.get(1);
+            let slot: Option<String> = r.get(7);
+            let key = match &slot {
+                Some(slot) => format!("slot {slot}"),
+                None => format!(
+                    "{name}@{}",
+                    r.get::<_, Option<String>>(8).unwrap_or_default()
+                ),
+            };
             found.seen.push(Behind {
-                pid: r.get(0),
-                name: r.get(1),
+                pid: Some(r.get(0)),
+                name,
+                key,
+                slot,
                 bytes: (current - stored).max(0),
                 stored,
                 synchronous: r.get(5),
@@ -131,6 +154,35 @@ pub fn walsenders(db: &mut Db) -> Result<Walsenders> {
         }
     }
     Ok(found)
+}
+
+/// A slot whose receiver is not connected: how far behind it is.
+const SLOT_POSITION: &str = "
+    SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint,
+           pg_wal_lsn_diff(CASE slot_type WHEN 'logical' THEN confirmed_flush_lsn
+                                          ELSE restart_lsn END, '0/0')::bigint
+      FROM pg_replication_slots
+     WHERE slot_name = $1 AND NOT active";
+
+/// `of`'s slot while its receiver is away (a subscriber restarting after a failed apply,
+/// a standby reconnecting): as far behind as the slot keeps it.
+fn left_behind(db: &mut Db, of: &Behind) -> Result<Option<Behind>> {
+    let Some(slot) = &of.slot else {
+        return Ok(None);
+    };
+    let row = db
+        .client()
+        .query_opt(SLOT_POSITION, &[slot])
+        .context("reading pg_replication_slots")?;
+    Ok(row.and_then(|r| {
+        let (current, stored): (i64, Option<i64>) = (r.get(0), r.get(1));
+        stored.map(|stored| Behind {
+            pid: None,
+            bytes: (current - stored).max(0),
+            stored,
+            ..of.clone()
+        })
+    }))
 }
 
 /// Slots with no receiver connected that keep WAL: name, bytes kept.
@@ -179,18 +231,26 @@ pub struct Outlook {
     pub hidden: usize,
     /// Slots with no receiver connected, and the WAL each keeps.
     pub idle_slots: Vec<(String, i64)>,
-    /// 0: the backfill never waits.
+    /// As configured; 0: the backfill never waits.
     pub limit_mb: u64,
+    /// What the backfill waits at (at least two WAL segments); 0: never.
+    pub limit_bytes: i64,
 }
 
 impl Outlook {
     pub fn read(db: &mut Db, limit_mb: u64) -> Result<Outlook> {
         let w = walsenders(db)?;
+        let limit_bytes = if limit_mb == 0 {
+            0
+        } else {
+            limit_bytes(limit_mb, w.segment_bytes)
+        };
         Ok(Outlook {
             receivers: w.seen,
             hidden: w.hidden,
             idle_slots: idle_slots(db)?,
             limit_mb,
+            limit_bytes,
         })
     }
 
@@ -210,8 +270,8 @@ impl Outlook {
                 "the backfill will not wait for them (max_replication_lag_mb 0)".to_owned()
             } else {
                 format!(
-                    "the backfill waits whenever one is more than {} MB behind",
-                    self.limit_mb
+                    "the backfill waits whenever one is more than {} behind",
+                    mb(self.limit_bytes)
                 )
             };
             lines.push(format!("replication: {}; {wait}", each.join("; ")));
@@ -247,7 +307,12 @@ pub struct LagWatch {
     max_lag_mb: Option<u64>,
     /// In bytes, as of the last look (it depends on the segment size).
     limit: i64,
-    stall: Duration,
+    /// `None`: wait however long it takes.
+    stall: Option<Duration>,
+    /// The receiver last waited for, how far it had stored and since when: kept across
+    /// waits and reconnections, so that one that keeps reconnecting without storing
+    /// anything still runs into the stall time.
+    storing: Option<(String, i64, Instant)>,
     last_look: Option<Instant>,
     told: bool,
     /// Time spent waiting.
@@ -255,12 +320,13 @@ pub struct LagWatch {
 }
 
 impl LagWatch {
-    /// `max_lag_mb` 0: never wait.
+    /// `max_lag_mb` 0: never wait; `stall` zero: wait however long it takes.
     pub fn new(max_lag_mb: u64, stall: Duration) -> LagWatch {
         LagWatch {
             max_lag_mb: (max_lag_mb > 0).then_some(max_lag_mb),
             limit: limit_bytes(max_lag_mb, 0),
-            stall,
+            stall: (!stall.is_zero()).then_some(stall),
+            storing: None,
             last_look: None,
             told: false,
             waited: Duration::ZERO,
@@ -360,34 +426,26 @@ impl LagWatch {
             limit,
         );
         let mut said = start;
-        // The one waited for, and when it last stored something.
-        let (mut last, mut stored_at) = (first, Instant::now());
+        let mut last = first;
+        self.check_storing(table, &last)?;
         loop {
             if interrupt.sleep(POLL) {
                 interrupt.check(resume_hint)?;
             }
             let w = walsenders(db)?;
             limit = limit_bytes(self.max_lag_mb.unwrap_or(0), w.segment_bytes);
-            let now = furthest(w.seen);
+            let mut now = furthest(w.seen);
+            // Its receiver away for now (no walsender of its own): its slot still keeps it
+            // behind, and it will be back.
+            if now.as_ref().is_none_or(|b| b.key != last.key)
+                && let Some(away) = left_behind(db, &last)?
+                && now.as_ref().is_none_or(|b| away.bytes > b.bytes)
+            {
+                now = Some(away);
+            }
             match now {
                 Some(b) if b.bytes > limit / 2 => {
-                    if b.pid != last.pid || b.stored > last.stored {
-                        stored_at = Instant::now();
-                    } else if stored_at.elapsed() >= self.stall {
-                        return Err(fail(
-                            Exit::ReplicationStalled,
-                            format!(
-                                "{table}: {} and has stored no WAL for {} s; the backfill \
-                                 stopped (all committed work is kept). See to it (its server \
-                                 log; on a logical subscriber pg_stat_subscription), or drop \
-                                 its slot if it is gone for good, then run the same command \
-                                 again; --max-replication-lag-mb 0 does not wait for any \
-                                 standby (a slot then keeps the backfill's WAL in pg_wal)",
-                                b.describe(),
-                                self.stall.as_secs()
-                            ),
-                        ));
-                    }
+                    self.check_storing(table, &b)?;
                     if said.elapsed() >= SAY_EVERY {
                         said = Instant::now();
                         let message = format!(
@@ -400,9 +458,14 @@ impl LagWatch {
                     last = b;
                 }
                 _ => {
-                    let how = now
-                        .as_ref()
-                        .map_or_else(|| format!("{} is gone", last.name), Behind::describe);
+                    let how = match &now {
+                        Some(b) => {
+                            // Caught up: a later wait starts its stall time afresh.
+                            self.storing = None;
+                            b.describe()
+                        }
+                        None => format!("{} is gone", last.name),
+                    };
                     let message = format!(
                         "{table}: going on after {:.1} s: {how}",
                         start.elapsed().as_secs_f64()
@@ -418,6 +481,38 @@ impl LagWatch {
             }
         }
     }
+
+    /// Note how far `b` has stored; fail with exit 17 when the receiver waited for has
+    /// stored nothing for the stall time, whichever walsender it came through.
+    fn check_storing(&mut self, table: &str, b: &Behind) -> Result<()> {
+        let since = match &mut self.storing {
+            Some((key, stored, since)) if *key == b.key => {
+                if b.stored > *stored {
+                    (*stored, *since) = (b.stored, Instant::now());
+                }
+                *since
+            }
+            _ => {
+                self.storing = Some((b.key.clone(), b.stored, Instant::now()));
+                return Ok(());
+            }
+        };
+        match self.stall {
+            Some(stall) if since.elapsed() >= stall => Err(fail(
+                Exit::ReplicationStalled,
+                format!(
+                    "{table}: {} and has stored no WAL for {} s; the backfill stopped (all \
+                     committed work is kept). See to it (its server log; on a logical \
+                     subscriber pg_stat_subscription), or drop its slot if it is gone for \
+                     good, then run the same command again; --max-replication-lag-mb 0 does \
+                     not wait for any standby (a slot then keeps the backfill's WAL in pg_wal)",
+                    b.describe(),
+                    stall.as_secs()
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -426,8 +521,10 @@ mod tests {
 
     fn standby(pid: i32, bytes: i64) -> Behind {
         Behind {
-            pid,
+            pid: Some(pid),
             name: format!("s{pid}"),
+            key: format!("s{pid}@"),
+            slot: None,
             bytes,
             stored: 0,
             synchronous: false,
@@ -443,6 +540,31 @@ mod tests {
     }
 
     #[test]
+    fn a_receiver_that_stores_nothing_stalls_whichever_walsender_it_comes_through() {
+        let mut watch = LagWatch::new(1, Duration::from_millis(50));
+        let mut b = standby(1, 100 << 20);
+        b.key = "slot s".into();
+        assert!(watch.check_storing("builds", &b).is_ok());
+        std::thread::sleep(Duration::from_millis(60));
+        // Reconnected: another walsender, the same slot, nothing more stored.
+        b.pid = Some(2);
+        let e = watch.check_storing("builds", &b).unwrap_err();
+        assert_eq!(crate::exit::exit_of(&e), Exit::ReplicationStalled);
+        assert!(
+            format!("{e:#}").contains("has stored no WAL for 0 s"),
+            "{e:#}"
+        );
+        // Storing again starts the time afresh.
+        b.stored += 1;
+        assert!(watch.check_storing("builds", &b).is_ok());
+        // Zero: wait however long it takes.
+        let mut never = LagWatch::new(1, Duration::ZERO);
+        assert!(never.check_storing("builds", &b).is_ok());
+        std::thread::sleep(Duration::from_millis(10));
+        assert!(never.check_storing("builds", &b).is_ok());
+    }
+
+    #[test]
     fn the_furthest_behind_is_the_one_waited_for() {
         assert_eq!(furthest(vec![]), None);
         assert_eq!(
@@ -453,11 +575,12 @@ mod tests {
 
     #[test]
     fn plan_names_each_receiver_and_what_the_backfill_will_do() {
-        let outlook = |receivers, hidden, idle_slots, limit_mb| Outlook {
+        let outlook = |receivers, hidden, idle_slots, limit_mb: u64| Outlook {
             receivers,
             hidden,
             idle_slots,
             limit_mb,
+            limit_bytes: limit_bytes(limit_mb, 16 << 20),
         };
         assert!(outlook(vec![], 0, vec![], 128).lines().is_empty());
         let mut sync = standby(7, 3 << 20);
