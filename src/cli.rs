@@ -179,8 +179,9 @@ pub struct BackfillArgs {
     #[arg(long, value_name = "MB")]
     pub max_replication_lag_mb: Option<u64>,
     /// End the backfill (exit 17, resumable) when the standby or subscriber it waits for
-    /// has stored no WAL for this long: waiting for ever would hold the upgrade, going on
-    /// would pile the backfill's WAL up behind it.
+    /// has stored no WAL for this long, across its reconnections: waiting for ever would
+    /// hold the upgrade, going on would pile the backfill's WAL up behind it. 0 waits
+    /// however long it takes.
     #[arg(long, value_name = "SECONDS", default_value_t = crate::backfill::replication::DEFAULT_STALL_SECS)]
     pub replication_stall_secs: u64,
 }

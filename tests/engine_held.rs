@@ -173,16 +173,6 @@ fn rows_hydra_holds_locked_are_filled_last_without_holding_any_other_row() {
     assert!(given_up >= 1 && skipping > given_up, "{builds}");
 }
 
-/// One table's part of a backfill report.
-fn table_report<'a>(report: &'a serde_json::Value, table: &str) -> &'a serde_json::Value {
-    report["tables"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["table"] == table)
-        .unwrap_or_else(|| panic!("no {table} in {report}"))
-}
-
 /// Wait until a session has waited half a second for a lock `holder` holds (a per-page
 /// round waits 50 ms at most, then leaves the held rows out).
 fn wait_for_session_blocked_by(db: &TestDb, holder: i32) {

@@ -96,15 +96,6 @@ fn nulls(db: &TestDb) -> i64 {
     )
 }
 
-fn table_report<'a>(report: &'a Value, table: &str) -> &'a Value {
-    report["tables"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["table"] == table)
-        .unwrap_or_else(|| panic!("no {table} in {report}"))
-}
-
 /// WAL the stopped standby does not store: 40 MB, over the smallest limit (two 16 MB
 /// segments), committed so that it is written at once.
 fn write_wal(db: &TestDb) {
@@ -315,23 +306,9 @@ fn under_synchronous_replication_the_backfill_commits_as_hydra_does() {
 #[test]
 fn a_role_without_pg_read_all_stats_sees_a_standby_through_its_slot() {
     let _serial = serial();
-    let owned_by_hydra = |db: &TestDb| {
-        // Hydra's own role on NixOS: owns its database and tables, no superuser.
-        db.exec(&format!(
-            "DO $$ BEGIN CREATE ROLE hu_owner LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
-             ALTER DATABASE {} OWNER TO hu_owner;
-             DO $$ DECLARE t text; BEGIN
-               FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = 'public' LOOP
-                 EXECUTE format('ALTER TABLE %I OWNER TO hu_owner', t);
-               END LOOP;
-             END $$",
-            db.name
-        ));
-        cluster().dsn_string(&db.name, "hu_owner")
-    };
     let db = hydra_at(61);
     standbys_caught_up();
-    let dsn = owned_by_hydra(&db);
+    let dsn = owned_by_hydra_role(&db);
     let plan = run(&["--db", &dsn, "--json", "plan"]);
     plan.expect_code(0);
     let seen = &plan.json()["replication"];
@@ -374,7 +351,7 @@ fn a_role_without_pg_read_all_stats_sees_a_standby_through_its_slot() {
 
     // With the grant it sees both.
     let again = hydra_at(61);
-    let dsn = owned_by_hydra(&again);
+    let dsn = owned_by_hydra_role(&again);
     again.exec("GRANT pg_read_all_stats TO hu_owner");
     let plan = run(&["--db", &dsn, "--json", "plan"]);
     let seen = &plan.json()["replication"];

@@ -184,19 +184,8 @@ fn plan_tells_the_same_before_the_backfill_and_nothing_after_it() {
 #[test]
 fn a_role_that_may_not_look_into_pg_wal_still_backfills() {
     let db = hydra_at(61);
-    // Hydra's own role on NixOS: owns its database and tables, no superuser, no
-    // pg_monitor.
-    db.exec(&format!(
-        "DO $$ BEGIN CREATE ROLE hu_owner LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
-         ALTER DATABASE {} OWNER TO hu_owner;
-         DO $$ DECLARE t text; BEGIN
-           FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = 'public' LOOP
-             EXECUTE format('ALTER TABLE %I OWNER TO hu_owner', t);
-           END LOOP;
-         END $$",
-        db.name
-    ));
-    let dsn = cluster().dsn_string(&db.name, "hu_owner");
+    // Hydra's own role on NixOS: no pg_monitor.
+    let dsn = owned_by_hydra_role(&db);
     let plan = run(&["--db", &dsn, "plan"]);
     plan.expect_code(0);
     assert_contains(&plan.stdout, "needs superuser or the pg_monitor role");

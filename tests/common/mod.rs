@@ -135,6 +135,32 @@ pub fn empty_db() -> TestDb {
     new_db("template_empty")
 }
 
+/// Hand `db` and its tables to the role `hu_owner` (created if need be), as Hydra's own
+/// role on NixOS has them: owner, no superuser, no monitoring role. Its DSN.
+pub fn owned_by_hydra_role(db: &TestDb) -> String {
+    db.exec(&format!(
+        "DO $$ BEGIN CREATE ROLE hu_owner LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         ALTER DATABASE {} OWNER TO hu_owner;
+         DO $$ DECLARE t text; BEGIN
+           FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = 'public' LOOP
+             EXECUTE format('ALTER TABLE %I OWNER TO hu_owner', t);
+           END LOOP;
+         END $$",
+        db.name
+    ));
+    cluster().dsn_string(&db.name, "hu_owner")
+}
+
+/// One table's part of a backfill report.
+pub fn table_report<'a>(report: &'a serde_json::Value, table: &str) -> &'a serde_json::Value {
+    report["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["table"] == table)
+        .unwrap_or_else(|| panic!("no {table} in {report}"))
+}
+
 /// SQL that fills `jobset_id` of the Builds rows (`b`) matching `condition` at once, as a
 /// partly done or finished backfill leaves them.
 pub fn fill_builds_where(condition: &str) -> String {
