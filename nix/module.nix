@@ -314,7 +314,8 @@ in
         default = 128;
         example = 512;
         description = ''
-          Between its transactions the backfill waits while a standby or logical subscriber
+          Between its transactions the backfill (and before each VALIDATE and index build
+          the online finalize) waits while a standby or logical subscriber
           streaming from this PostgreSQL has more than this many MB of WAL (at least two WAL
           segments) not yet stored, until it is within half of it
           (hydra-upgrade backfill --max-replication-lag-mb); a receiver that stores nothing

@@ -170,18 +170,26 @@ pub struct BackfillArgs {
     /// CPU number. Default: the configuration file's `backfill.pin_cpu`, else `auto`.
     #[arg(long, value_name = "auto|off|CPU")]
     pub pin_cpu: Option<crate::backfill::one_cpu::PinCpu>,
-    /// Wait, between transactions, while a standby or logical subscriber streaming from
-    /// this server has more than this much of its WAL not yet stored (`pg_stat_replication`),
-    /// until it is within half of it: a standby left far behind fills the primary's
-    /// `pg_wal` (with a slot) or has to be cloned again (without). 0 never waits.
-    /// At least two WAL segments. Default: the configuration file's
+    #[command(flatten)]
+    pub replication: ReplicationArgs,
+}
+
+/// The watch on standbys, shared by the backfill and the final phase.
+#[derive(Debug, Clone, Args)]
+pub struct ReplicationArgs {
+    /// Wait, between transactions (the backfill) and before each step that reads or writes
+    /// a whole table (the final phase), while a standby or logical subscriber streaming
+    /// from this server has more than this much of its WAL not yet stored
+    /// (`pg_stat_replication`), until it is within half of it: a standby left far behind
+    /// fills the primary's `pg_wal` (with a slot) or has to be cloned again (without). 0
+    /// never waits. At least two WAL segments. Default: the configuration file's
     /// `backfill.max_replication_lag_mb`, else 128.
     #[arg(long, value_name = "MB")]
     pub max_replication_lag_mb: Option<u64>,
-    /// End the backfill (exit 17, resumable) when the standby or subscriber it waits for
-    /// has stored no WAL for this long, across its reconnections: waiting for ever would
-    /// hold the upgrade, going on would pile the backfill's WAL up behind it. 0 waits
-    /// however long it takes.
+    /// End the run (exit 17, resumable) when the standby or subscriber it waits for has
+    /// stored no WAL for this long, across its reconnections: waiting for ever would hold
+    /// the upgrade, going on would pile our WAL up behind it. 0 waits however long it
+    /// takes.
     #[arg(long, value_name = "SECONDS", default_value_t = crate::backfill::replication::DEFAULT_STALL_SECS)]
     pub replication_stall_secs: u64,
 }
@@ -206,6 +214,8 @@ pub struct FinalizeArgs {
     /// How often a DDL step is retried on lock timeout.
     #[arg(long, value_name = "N", default_value_t = crate::finalize::DEFAULT_MAX_RETRIES)]
     pub max_retries: u32,
+    #[command(flatten)]
+    pub replication: ReplicationArgs,
 }
 
 #[derive(Debug, Clone, Args)]

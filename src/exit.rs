@@ -44,7 +44,8 @@ pub enum Exit {
     UnsupportedServer = 15,
     /// The database role lacks a privilege a step needs (SQLSTATE 42501).
     Privilege = 16,
-    /// A standby or subscriber the backfill waited for stored nothing for too long.
+    /// A standby or subscriber the backfill or finalize waited for stored nothing for too
+    /// long.
     ReplicationStalled = 17,
     /// Stopped by SIGINT/SIGTERM after finishing or rolling back the open batch, or by a
     /// statement of ours cancelled on the server (`pg_cancel_backend`).
@@ -92,7 +93,7 @@ impl Exit {
         (Exit::Privilege, "the database role lacks a privilege"),
         (
             Exit::ReplicationStalled,
-            "a standby the backfill waited for stopped catching up; re-run to resume",
+            "a standby the backfill or finalize waited for stopped catching up; re-run to resume",
         ),
         (Exit::Interrupted, "interrupted; re-run to resume"),
     ];

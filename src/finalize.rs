@@ -12,7 +12,9 @@
 //!    transaction renames them to Hydra's names and sets `SchemaVersion` = 65.
 //!
 //! Every short step runs under a small `lock_timeout`, retried with backoff, so Hydra's
-//! writes never queue behind us for longer than that. Each step checks what is already
+//! writes never queue behind us for longer than that. Before each long online step it
+//! waits while a standby is far behind (`--max-replication-lag-mb`,
+//! [`crate::backfill::replication`]): an index build logs its whole index. Each step checks what is already
 //! done, so an interrupted finalize simply runs again. The result is the catalog Hydra's
 //! own upgrade files produce (the tests diff them), and the final package's hydra-init
 //! finds nothing left to do.
@@ -23,10 +25,14 @@ use anyhow::{Context, Result};
 use postgres::error::SqlState;
 use serde::Serialize;
 
+use crate::backfill::replication::{self, LagWatch, Waiter};
 use crate::backfill::{Table, state};
+use crate::cli::FinalizeArgs;
+use crate::config::Config;
 use crate::db::{self, Db};
 use crate::exit::{Exit, Failure, fail};
 use crate::hydra_schema::step_sql;
+use crate::interrupt::Interrupt;
 use crate::progress::Out;
 
 /// lock_timeout of each short write-blocking step: while we wait for the lock, Hydra's
@@ -41,6 +47,8 @@ pub const DEFAULT_MAX_RETRIES: u32 = 30;
 pub struct Options {
     pub lock_timeout: Duration,
     pub max_retries: u32,
+    /// The watch on standbys before each long online step.
+    pub replication: replication::Settings,
 }
 
 impl Options {
@@ -49,6 +57,18 @@ impl Options {
         Options {
             lock_timeout: Duration::from_millis(DEFAULT_LOCK_TIMEOUT_MS),
             max_retries: DEFAULT_MAX_RETRIES,
+            replication: replication::Settings {
+                max_lag_mb: replication::DEFAULT_MAX_LAG_MB,
+                stall: Duration::from_secs(replication::DEFAULT_STALL_SECS),
+            },
+        }
+    }
+
+    pub fn from_args(a: &FinalizeArgs, config: &Config) -> Options {
+        Options {
+            lock_timeout: Duration::from_millis(a.lock_timeout_ms),
+            max_retries: a.max_retries,
+            replication: replication::Settings::from_args(&a.replication, config),
         }
     }
 }
@@ -70,6 +90,8 @@ pub struct Report {
     /// Online steps (writes go on): VALIDATE, CREATE INDEX CONCURRENTLY.
     pub online_steps: Vec<LockStep>,
     pub seconds: f64,
+    /// Time spent waiting for a standby or subscriber before the online steps.
+    pub replication_wait_seconds: f64,
     /// When the final phase began (what `LockStep::at` counts from).
     #[serde(skip)]
     pub began: Option<Instant>,
@@ -198,6 +220,28 @@ fn short_step(
     }
 }
 
+/// Before a step that reads or writes a whole table (it cannot be paused once begun):
+/// wait while a standby or subscriber is more than the limit behind.
+fn standbys_first(
+    db: &mut Db,
+    lag: &mut LagWatch,
+    table: Table,
+    out: &Out,
+    interrupt: &Interrupt,
+) -> Result<()> {
+    if let Some(behind) = lag.behind(db, table.name(), out)? {
+        lag.wait(
+            db,
+            table.name(),
+            behind,
+            out,
+            interrupt,
+            "Run the same command again: finalize goes on from the step it reached.",
+        )?;
+    }
+    Ok(())
+}
+
 fn online_step(db: &mut Db, report: &mut Report, what: &str, sql: &str) -> Result<()> {
     let start = Instant::now();
     db.client()
@@ -214,13 +258,25 @@ fn online_step(db: &mut Db, report: &mut Report, what: &str, sql: &str) -> Resul
 /// Carry out upgrade-62..65 online. The caller has verified that no NULL row is left.
 ///
 /// The session's timeouts are lifted for the long online steps and reset when it ends,
-/// failed or not: `upgrade` goes on with the same connection.
-pub fn run(db: &mut Db, opts: &Options, out: &Out) -> Result<Report> {
-    db.with_own_settings(|db| run_in_session(db, opts, out))
+/// failed or not: `upgrade` goes on with the same connection. `interrupt` ends a wait
+/// for a standby (exit 130).
+pub fn run(db: &mut Db, opts: &Options, out: &Out, interrupt: &Interrupt) -> Result<Report> {
+    let mut lag = LagWatch::new(opts.replication, Waiter::Finalize);
+    let result = db.with_own_settings(|db| run_in_session(db, opts, out, interrupt, &mut lag));
+    result.map(|report| Report {
+        replication_wait_seconds: lag.waited.as_secs_f64(),
+        ..report
+    })
 }
 
 /// [`run`], free to change its session's settings.
-fn run_in_session(db: &mut Db, opts: &Options, out: &Out) -> Result<Report> {
+fn run_in_session(
+    db: &mut Db,
+    opts: &Options,
+    out: &Out,
+    interrupt: &Interrupt,
+    lag: &mut LagWatch,
+) -> Result<Report> {
     let start = Instant::now();
     let mut report = Report {
         began: Some(start),
@@ -270,6 +326,9 @@ fn run_in_session(db: &mut Db, opts: &Options, out: &Out) -> Result<Report> {
                 )?;
             }
             if constraint_state(db, table)? == Some(false) {
+                // Its scan may log each page it sets hint bits on (data checksums or
+                // wal_log_hints): every page the backfill rewrote.
+                standbys_first(db, lag, table, out, interrupt)?;
                 out.say(&format!(
                     "finalize: validating the check on {name} (writes go on)"
                 ));
@@ -338,6 +397,7 @@ fn run_in_session(db: &mut Db, opts: &Options, out: &Out) -> Result<Report> {
                 )?;
             }
             if index_state(db, temp)?.is_none() {
+                standbys_first(db, lag, Table::Builds, out, interrupt)?;
                 out.say(&format!(
                     "finalize: building {real} concurrently (writes go on)"
                 ));

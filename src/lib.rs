@@ -43,9 +43,13 @@ pub(crate) fn print_json(value: &impl Serialize) -> Result<()> {
 }
 
 fn flow_options(b: &cli::BackfillArgs, config: &Config, stock_final: bool) -> upgrade::Options {
+    let backfill = backfill::Options::from_args(b, config);
     upgrade::Options {
-        backfill: backfill::Options::from_args(b, config),
-        finalize: finalize::Options::defaults(),
+        finalize: finalize::Options {
+            replication: backfill.replication,
+            ..finalize::Options::defaults()
+        },
+        backfill,
         stock_final,
         max_rounds: 3,
     }
@@ -74,13 +78,12 @@ pub fn run(cli: Cli) -> Result<Exit> {
             let wal = upgrade::wal_outlook(&mut db, &s)?;
             // Only with a backfill still to come (as the WAL outlook).
             let replication = match &wal {
+                // The limit a run would use: the config file's, else the default.
                 Some(_) => Some(backfill::replication::Outlook::read(
                     &mut db,
-                    config
-                        .backfill
-                        .as_ref()
-                        .and_then(|b| b.max_replication_lag_mb)
-                        .unwrap_or(backfill::replication::DEFAULT_MAX_LAG_MB),
+                    backfill::Options::from_args(&cli::BackfillArgs::defaults(), &config)
+                        .replication
+                        .max_lag_mb,
                 )?),
                 None => None,
             };
@@ -204,11 +207,11 @@ pub fn run(cli: Cli) -> Result<Exit> {
                     format!("finalize is refused while rows are left: {}", v.summary()),
                 ));
             }
-            let opts = finalize::Options {
-                lock_timeout: std::time::Duration::from_millis(args.lock_timeout_ms),
-                max_retries: args.max_retries,
-            };
-            let r = finalize::run(&mut db, &opts, &out)?;
+            let opts = finalize::Options::from_args(args, &config);
+            // No handler of ours: Ctrl-C ends the process at once, as during an index
+            // build it must (PostgreSQL drops the half-built index's work; a re-run
+            // rebuilds it), and ends a wait for a standby the same way.
+            let r = finalize::run(&mut db, &opts, &out, &Interrupt::default())?;
             if json {
                 print_json(&r)?
             } else {

@@ -147,7 +147,8 @@ pub struct PgCluster {
     /// `--waldir`; `data/pg_wal` is then a symlink to it).
     wal: Option<TempDir>,
     bin: PathBuf,
-    run_as: Option<String>,
+    /// The unprivileged account the server runs as (name, uid, gid), when we are root.
+    account: Option<(String, u32, u32)>,
     stopped: bool,
 }
 
@@ -217,12 +218,7 @@ impl PgCluster {
                 .with_context(|| format!("server setting {s:?} is not name=value"))?;
             conf.push_str(&format!("{name} = '{}'\n", value.replace('\'', "''")));
         }
-        let conf_path = cluster.data().join("postgresql.conf");
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(&conf_path)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, conf.as_bytes()))
-            .with_context(|| format!("adding the server settings to {}", conf_path.display()))?;
+        cluster.append_to_data_file("postgresql.conf", &conf)?;
         cluster.start_server()?;
         Ok(cluster)
     }
@@ -240,8 +236,7 @@ impl PgCluster {
                 .execute("SELECT pg_create_physical_replication_slot($1)", &[&slot])
                 .with_context(|| format!("creating the standby's slot {slot}"))?;
         }
-        let account = server_account()?;
-        let mut standby = PgCluster::unstarted(self.bin.clone(), account.clone(), None)?;
+        let mut standby = PgCluster::unstarted(self.bin.clone(), self.account.clone(), None)?;
         standby
             .tool("pg_basebackup")
             .arg("-D")
@@ -271,24 +266,9 @@ impl PgCluster {
                 None,
             )
         };
-        let write = |name: &str, text: &str| -> Result<()> {
-            let path = standby.data().join(name);
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
-                .with_context(|| format!("writing the standby's {}", path.display()))?;
-            // Readable by the server whatever our umask (we may be root).
-            if let Some((_, uid, gid)) = &account {
-                std::os::unix::fs::chown(&path, Some(*uid), Some(*gid))
-                    .with_context(|| format!("handing {} to the server account", path.display()))?;
-            }
-            Ok(())
-        };
-        write(file, &text)?;
+        standby.append_to_data_file(file, &text)?;
         if let Some(signal) = signal {
-            write(signal, "")?;
+            standby.append_to_data_file(signal, "")?;
         }
         standby.start_server()?;
         Ok(standby)
@@ -322,9 +302,26 @@ impl PgCluster {
             dir,
             wal,
             bin,
-            run_as: account.map(|a| a.0),
+            account,
             stopped: true,
         })
+    }
+
+    /// Append `text` to the file `name` in the data directory (made if missing) and hand
+    /// it to the server account, so the server reads it whatever our umask.
+    fn append_to_data_file(&self, name: &str, text: &str) -> Result<()> {
+        let path = self.data().join(name);
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+            .with_context(|| format!("writing {}", path.display()))?;
+        if let Some((_, uid, gid)) = &self.account {
+            std::os::unix::fs::chown(&path, Some(*uid), Some(*gid))
+                .with_context(|| format!("handing {} to the server account", path.display()))?;
+        }
+        Ok(())
     }
 
     /// Start the server on the data directory, listening on the socket directory only.
@@ -382,7 +379,7 @@ impl PgCluster {
     /// A server tool, run as the server account when we are root.
     pub fn tool(&self, name: &str) -> Cmd {
         let cmd = Cmd::new(self.bin.join(name));
-        match &self.run_as {
+        match self.account.as_ref().map(|a| &a.0) {
             Some(user) => cmd.wrapped(&["runuser", "-u", user, "--"]),
             None => cmd,
         }

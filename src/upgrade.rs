@@ -461,7 +461,7 @@ pub fn run(
                 } else {
                     host.record_step("finalize", None)?;
                     let f = timed(&mut report, out, "finalize online", || {
-                        finalize::run(db, &opts.finalize, out)
+                        finalize::run(db, &opts.finalize, out, interrupt)
                     })?;
                     note(host, &report)?;
                     report.longest_final_block_seconds = f.longest_block();

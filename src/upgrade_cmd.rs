@@ -156,11 +156,11 @@ fn backfill_argv(args: &UpgradeArgs, global: &Global) -> Result<Vec<String>> {
     opt("pin-cpu", b.pin_cpu.map(|p| p.to_string()));
     opt(
         "max-replication-lag-mb",
-        b.max_replication_lag_mb.map(|x| x.to_string()),
+        b.replication.max_replication_lag_mb.map(|x| x.to_string()),
     );
     opt(
         "replication-stall-secs",
-        Some(b.replication_stall_secs.to_string()),
+        Some(b.replication.replication_stall_secs.to_string()),
     );
     Ok(v)
 }

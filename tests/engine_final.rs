@@ -355,8 +355,10 @@ fn finalize_hands_its_connection_back_with_the_databases_settings() {
     let opts = hydra_upgrade::finalize::Options {
         lock_timeout: Duration::from_millis(100),
         max_retries: 0,
+        ..hydra_upgrade::finalize::Options::defaults()
     };
-    let failed = hydra_upgrade::finalize::run(&mut conn, &opts, &out)
+    let interrupt = hydra_upgrade::interrupt::Interrupt::default();
+    let failed = hydra_upgrade::finalize::run(&mut conn, &opts, &out, &interrupt)
         .expect_err("Builds' writer holds its lock");
     assert_eq!(
         hydra_upgrade::exit::exit_of(&failed),
@@ -373,6 +375,7 @@ fn finalize_hands_its_connection_back_with_the_databases_settings() {
         &mut conn,
         &hydra_upgrade::finalize::Options::defaults(),
         &out,
+        &interrupt,
     )
     .unwrap();
     assert_eq!(db.version(), 65);

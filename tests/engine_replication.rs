@@ -1,6 +1,7 @@
 //! Standbys that fall behind: the backfill waits for them, gives up on one that stores
 //! nothing, commits as Hydra does under synchronous replication, and sees a standby through
-//! its slot when its role may not read `pg_stat_replication`'s positions. In its own test
+//! its slot when its role may not read `pg_stat_replication`'s positions; finalize waits
+//! for them before its long steps. In its own test
 //! binary (its own cluster): the standbys follow every database of the cluster, and each
 //! test holds [`serial`] since stopping a standby's receiver (and, with synchronous
 //! replication, every commit in the cluster) would disturb the others.
@@ -119,7 +120,7 @@ fn until_event(lines: &mut impl Iterator<Item = std::io::Result<String>>, kind: 
         }
         seen.push(event);
     }
-    panic!("no {kind} event before the backfill ended:\n{seen:#?}");
+    panic!("no {kind} event before the run ended:\n{seen:#?}");
 }
 
 #[test]
@@ -391,4 +392,70 @@ fn a_slot_with_no_receiver_is_named_with_the_wal_it_keeps() {
     r.expect_code(0);
     assert_contains(&r.stderr, "with no receiver connected: hu_gone (");
     assert_contains(&r.stderr, "the backfill does not wait for it");
+}
+
+/// Finalize's index builds each log their whole index and cannot be paused once begun:
+/// before each long step it waits, as the backfill does between transactions.
+#[test]
+fn a_standby_far_behind_holds_finalize_before_its_long_steps() {
+    let _serial = serial();
+    // At 61 the first long step is Jobs' VALIDATE: its check is there, not yet validated.
+    let db = hydra_at(61);
+    run_on(&db, &["backfill"]).expect_code(0);
+    finalize_held_by_a_standby(&db, "jobs", || {
+        assert_eq!(
+            db.query_i64(
+                "SELECT count(*) FROM pg_constraint
+                  WHERE conname LIKE 'hydra_upgrade_%' AND NOT convalidated"
+            ),
+            1
+        );
+        assert_eq!(db.version(), 61);
+    });
+    // At 63 (Hydra's own SET NOT NULL done) it is the first index build: none begun.
+    let db = hydra_at(61);
+    run_on(&db, &["backfill"]).expect_code(0);
+    db.upgrade_to(63);
+    finalize_held_by_a_standby(&db, "builds", || {
+        assert_eq!(
+            db.query_i64("SELECT count(*) FROM pg_class WHERE relname LIKE 'hydra_upgrade_tmp_%'"),
+            0
+        );
+        assert_eq!(db.version(), 63);
+    });
+}
+
+/// Finalize on `db` with a standby stopped 40 MB behind: it waits before its first long
+/// step (on `table`), where `while_waiting` holds, and finishes once the standby is let go.
+fn finalize_held_by_a_standby(db: &TestDb, table: &str, while_waiting: impl Fn()) {
+    standbys_caught_up();
+    let stopped = Stopped::receiver_of(standbys()[0]);
+    write_wal(db);
+    let reader = bare_command(&[
+        "--db",
+        db.dsn.as_str(),
+        "--json",
+        "finalize",
+        "--max-replication-lag-mb",
+        "1",
+    ])
+    .stderr_capture()
+    .reader()
+    .unwrap();
+    let mut lines = std::io::BufReader::new(&reader).lines();
+    let wait = until_event(&mut lines, "replication-wait");
+    assert_eq!(wait["receiver"], SLOT_STANDBY, "{wait}");
+    assert_eq!(wait["table"], table, "{wait}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(reader.try_wait().unwrap().is_none(), "finalize ended");
+    while_waiting();
+    drop(stopped);
+    until_event(&mut lines, "replication-caught-up");
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let out = reader.try_wait().unwrap().expect("finalize has ended");
+    assert_eq!(out.status.code(), Some(0), "{rest:#?}");
+    assert_eq!(db.version(), 65);
+    let report: Value = serde_json::from_str(rest.last().unwrap()).unwrap();
+    let waited = report["replication_wait_seconds"].as_f64().unwrap();
+    assert!(waited >= 2.0, "{report}");
 }

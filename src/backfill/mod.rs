@@ -77,11 +77,8 @@ pub struct Options {
     pub horizon_wait: Duration,
     /// Keep this tool and its server process on one CPU ([`one_cpu`]).
     pub pin_cpu: PinCpu,
-    /// Wait while a standby or subscriber is more than this far behind
-    /// ([`replication`]); 0 never waits.
-    pub max_replication_lag_mb: u64,
-    /// End the run when the receiver waited for stores nothing for this long.
-    pub replication_stall: Duration,
+    /// The watch on standbys and subscribers ([`replication`]).
+    pub replication: replication::Settings,
 }
 
 impl Options {
@@ -103,11 +100,7 @@ impl Options {
             horizon_age: Duration::from_secs(a.horizon_age_secs),
             horizon_wait: Duration::from_millis(a.horizon_wait_ms),
             pin_cpu: a.pin_cpu.or(cfg.pin_cpu).unwrap_or(PinCpu::Auto),
-            max_replication_lag_mb: a
-                .max_replication_lag_mb
-                .or(cfg.max_replication_lag_mb)
-                .unwrap_or(replication::DEFAULT_MAX_LAG_MB),
-            replication_stall: Duration::from_secs(a.replication_stall_secs),
+            replication: replication::Settings::from_args(&a.replication, config),
         }
     }
 }
@@ -556,7 +549,7 @@ fn run_in_session(db: &mut Db, opts: &Options, out: &Out, interrupt: &Interrupt)
     held::ensure(db)?;
     // Held until the walk ends, then both processes get their CPUs back.
     let _pinned = pin_to_one_cpu(db, opts.pin_cpu, out)?;
-    let mut lag = replication::LagWatch::new(opts.max_replication_lag_mb, opts.replication_stall);
+    let mut lag = replication::LagWatch::new(opts.replication, replication::Waiter::Backfill);
     let mut walked = Vec::new();
     for table in Table::ALL {
         match run_table(db, table, opts, out, interrupt, &mut lag) {

@@ -19,6 +19,11 @@
 //! With synchronous replication the backfill's own commits wait for the standby as
 //! Hydra's do (see [`super::run`]), so its WAL never runs ahead of the standby by more
 //! than one transaction; the limit then only matters for the other walsenders.
+//!
+//! The final phase ([`crate::finalize`]) looks the same way before each step that reads
+//! or writes a whole table (`VALIDATE CONSTRAINT`, whose scan may log every page it sets
+//! hint bits on, and each `CREATE INDEX CONCURRENTLY`, which logs its whole index): a step
+//! cannot be paused once begun, so a standby starts each at most the limit behind.
 
 use std::time::{Duration, Instant};
 
@@ -26,6 +31,8 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::cli::ReplicationArgs;
+use crate::config::Config;
 use crate::db::Db;
 use crate::exit::{Exit, fail};
 use crate::interrupt::Interrupt;
@@ -49,6 +56,50 @@ const LOOK_EVERY: Duration = Duration::from_secs(1);
 const POLL: Duration = Duration::from_millis(500);
 /// How often a wait says it is still waiting.
 const SAY_EVERY: Duration = Duration::from_secs(30);
+
+/// How the watch is set (`--max-replication-lag-mb`, `--replication-stall-secs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// Wait while a standby or subscriber is more than this far behind; 0 never waits.
+    pub max_lag_mb: u64,
+    /// End the run when the receiver waited for stores nothing for this long; zero: never.
+    pub stall: Duration,
+}
+
+impl Settings {
+    /// The command line's, else the configuration file's limit, else the defaults.
+    pub fn from_args(a: &ReplicationArgs, config: &Config) -> Settings {
+        Settings {
+            max_lag_mb: a
+                .max_replication_lag_mb
+                .or(config
+                    .backfill
+                    .as_ref()
+                    .and_then(|b| b.max_replication_lag_mb))
+                .unwrap_or(DEFAULT_MAX_LAG_MB),
+            stall: Duration::from_secs(a.replication_stall_secs),
+        }
+    }
+}
+
+/// Who waits, as the watch's messages name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waiter {
+    Backfill,
+    Finalize,
+}
+
+impl Waiter {
+    fn name(self) -> &'static str {
+        match self {
+            Waiter::Backfill => "the backfill",
+            Waiter::Finalize => "finalize",
+        }
+    }
+}
+
+/// What `plan` names: both phases wait.
+const BOTH: &str = "the backfill and finalize";
 
 /// One walsender: its receiver's name and how far behind it is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -200,30 +251,31 @@ pub fn idle_slots(db: &mut Db) -> Result<Vec<(String, i64)>> {
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
-fn idle_slots_text(slots: &[(String, i64)]) -> String {
+fn idle_slots_text(slots: &[(String, i64)], who: &str) -> String {
     let named: Vec<String> = slots
         .iter()
         .map(|(name, kept)| format!("{name} ({} kept)", mb(*kept)))
         .collect();
     format!(
         "replication slot(s) with no receiver connected: {}; PostgreSQL keeps every WAL \
-         segment such a slot has not confirmed, so the backfill's WAL will stay in pg_wal \
+         segment such a slot has not confirmed, so the WAL we write will stay in pg_wal \
          until its receiver returns or the slot is dropped (pg_drop_replication_slot); \
-         the backfill does not wait for it",
+         {who} does not wait for it",
         named.join(", ")
     )
 }
 
-fn hidden_text(hidden: usize) -> String {
+fn hidden_text(hidden: usize, who: &str) -> String {
     format!(
         "{hidden} walsender(s) stream from this server with no replication slot, and this \
          role cannot see how far behind they are: GRANT pg_read_all_stats to it (as a \
-         superuser), or the backfill cannot wait for them"
+         superuser), or {who} cannot wait for them"
     )
 }
 
 /// What `plan` says about replication before a backfill: who streams from this server,
-/// how far behind each is, idle slots, and the limit the backfill will wait at.
+/// how far behind each is, idle slots, and the limit the backfill and finalize will wait
+/// at.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outlook {
     pub receivers: Vec<Behind>,
@@ -231,9 +283,9 @@ pub struct Outlook {
     pub hidden: usize,
     /// Slots with no receiver connected, and the WAL each keeps.
     pub idle_slots: Vec<(String, i64)>,
-    /// As configured; 0: the backfill never waits.
+    /// As configured; 0: never waits.
     pub limit_mb: u64,
-    /// What the backfill waits at (at least two WAL segments); 0: never.
+    /// What the backfill and finalize wait at (at least two WAL segments); 0: never.
     pub limit_bytes: i64,
 }
 
@@ -267,20 +319,23 @@ impl Outlook {
                 })
                 .collect();
             let wait = if self.limit_mb == 0 {
-                "the backfill will not wait for them (max_replication_lag_mb 0)".to_owned()
+                format!("{BOTH} will not wait for them (max_replication_lag_mb 0)")
             } else {
                 format!(
-                    "the backfill waits whenever one is more than {} behind",
+                    "{BOTH} wait whenever one is more than {} behind",
                     mb(self.limit_bytes)
                 )
             };
             lines.push(format!("replication: {}; {wait}", each.join("; ")));
         }
         if self.hidden > 0 && self.limit_mb > 0 {
-            lines.push(format!("warning: {}", hidden_text(self.hidden)));
+            lines.push(format!("warning: {}", hidden_text(self.hidden, BOTH)));
         }
         if !self.idle_slots.is_empty() {
-            lines.push(format!("warning: {}", idle_slots_text(&self.idle_slots)));
+            lines.push(format!(
+                "warning: {}",
+                idle_slots_text(&self.idle_slots, "hydra-upgrade")
+            ));
         }
         lines
     }
@@ -300,9 +355,10 @@ fn limit_bytes(max_lag_mb: u64, segment_bytes: i64) -> i64 {
         .max(segment_bytes.saturating_mul(2))
 }
 
-/// The backfill's watch on replication, one for the whole run.
+/// The watch on replication of a backfill or final phase, one for the whole run.
 #[derive(Debug)]
 pub struct LagWatch {
+    who: Waiter,
     /// `None`: never wait.
     max_lag_mb: Option<u64>,
     /// In bytes, as of the last look (it depends on the segment size).
@@ -321,8 +377,10 @@ pub struct LagWatch {
 
 impl LagWatch {
     /// `max_lag_mb` 0: never wait; `stall` zero: wait however long it takes.
-    pub fn new(max_lag_mb: u64, stall: Duration) -> LagWatch {
+    pub fn new(settings: Settings, who: Waiter) -> LagWatch {
+        let Settings { max_lag_mb, stall } = settings;
         LagWatch {
+            who,
             max_lag_mb: (max_lag_mb > 0).then_some(max_lag_mb),
             limit: limit_bytes(max_lag_mb, 0),
             stall: (!stall.is_zero()).then_some(stall),
@@ -360,20 +418,27 @@ impl LagWatch {
             out.event(
                 "replication",
                 &format!(
-                    "{table}: streaming to {}; the backfill waits whenever one is more than \
-                     {} behind (--max-replication-lag-mb)",
+                    "{table}: streaming to {}; {} waits whenever one is more than {} behind \
+                     (--max-replication-lag-mb)",
                     names.join(", "),
+                    self.who.name(),
                     mb(limit)
                 ),
                 json!({"table": table, "receivers": names, "limit_bytes": limit}),
             );
         }
         if w.hidden > 0 {
-            out.warn(&format!("{table}: {}", hidden_text(w.hidden)));
+            out.warn(&format!(
+                "{table}: {}",
+                hidden_text(w.hidden, self.who.name())
+            ));
         }
         let idle = idle_slots(db)?;
         if !idle.is_empty() {
-            out.warn(&format!("{table}: {}", idle_slots_text(&idle)));
+            out.warn(&format!(
+                "{table}: {}",
+                idle_slots_text(&idle, self.who.name())
+            ));
         }
         Ok(())
     }
@@ -418,8 +483,9 @@ impl LagWatch {
         say(
             "replication-wait",
             format!(
-                "{table}: waiting: {}; the backfill goes on once it is within {}",
+                "{table}: waiting: {}; {} goes on once it is within {}",
                 first.describe(),
+                self.who.name(),
                 mb(limit / 2)
             ),
             &first,
@@ -501,13 +567,14 @@ impl LagWatch {
             Some(stall) if since.elapsed() >= stall => Err(fail(
                 Exit::ReplicationStalled,
                 format!(
-                    "{table}: {} and has stored no WAL for {} s; the backfill stopped (all \
-                     committed work is kept). See to it (its server log; on a logical \
-                     subscriber pg_stat_subscription), or drop its slot if it is gone for \
-                     good, then run the same command again; --max-replication-lag-mb 0 does \
-                     not wait for any standby (a slot then keeps the backfill's WAL in pg_wal)",
+                    "{table}: {} and has stored no WAL for {} s; {} stopped (all committed \
+                     work is kept). See to it (its server log; on a logical subscriber \
+                     pg_stat_subscription), or drop its slot if it is gone for good, then run \
+                     the same command again; --max-replication-lag-mb 0 does not wait for \
+                     any standby (a slot then keeps the WAL we write in pg_wal)",
                     b.describe(),
-                    stall.as_secs()
+                    stall.as_secs(),
+                    self.who.name()
                 ),
             )),
             _ => Ok(()),
@@ -518,6 +585,10 @@ impl LagWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn watch(max_lag_mb: u64, stall: Duration) -> LagWatch {
+        LagWatch::new(Settings { max_lag_mb, stall }, Waiter::Backfill)
+    }
 
     fn standby(pid: i32, bytes: i64) -> Behind {
         Behind {
@@ -536,19 +607,19 @@ mod tests {
         assert_eq!(limit_bytes(128, 16 << 20), 128 << 20);
         assert_eq!(limit_bytes(1, 16 << 20), 32 << 20);
         assert_eq!(limit_bytes(u64::MAX, 16 << 20), i64::MAX);
-        assert_eq!(LagWatch::new(0, Duration::ZERO).max_lag_mb, None);
+        assert_eq!(watch(0, Duration::ZERO).max_lag_mb, None);
     }
 
     #[test]
     fn a_receiver_that_stores_nothing_stalls_whichever_walsender_it_comes_through() {
-        let mut watch = LagWatch::new(1, Duration::from_millis(50));
+        let mut lag = watch(1, Duration::from_millis(50));
         let mut b = standby(1, 100 << 20);
         b.key = "slot s".into();
-        assert!(watch.check_storing("builds", &b).is_ok());
+        assert!(lag.check_storing("builds", &b).is_ok());
         std::thread::sleep(Duration::from_millis(60));
         // Reconnected: another walsender, the same slot, nothing more stored.
         b.pid = Some(2);
-        let e = watch.check_storing("builds", &b).unwrap_err();
+        let e = lag.check_storing("builds", &b).unwrap_err();
         assert_eq!(crate::exit::exit_of(&e), Exit::ReplicationStalled);
         assert!(
             format!("{e:#}").contains("has stored no WAL for 0 s"),
@@ -556,9 +627,9 @@ mod tests {
         );
         // Storing again starts the time afresh.
         b.stored += 1;
-        assert!(watch.check_storing("builds", &b).is_ok());
+        assert!(lag.check_storing("builds", &b).is_ok());
         // Zero: wait however long it takes.
-        let mut never = LagWatch::new(1, Duration::ZERO);
+        let mut never = watch(1, Duration::ZERO);
         assert!(never.check_storing("builds", &b).is_ok());
         std::thread::sleep(Duration::from_millis(10));
         assert!(never.check_storing("builds", &b).is_ok());
@@ -589,7 +660,7 @@ mod tests {
             outlook(vec![sync], 0, vec![], 128).lines(),
             [
                 "replication: s7 (walsender pid 7) is 3 MB behind, synchronous; the backfill \
-              waits whenever one is more than 128 MB behind"
+              and finalize wait whenever one is more than 128 MB behind"
             ]
         );
         let lines = outlook(vec![standby(8, 0)], 2, vec![("gone".into(), 5 << 20)], 0).lines();

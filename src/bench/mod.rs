@@ -1238,7 +1238,12 @@ fn run_final_contender(
             }
         }
         "final-ours" => {
-            let report = finalize::run(&mut db, &finalize::Options::defaults(), &engine_out())?;
+            let report = finalize::run(
+                &mut db,
+                &finalize::Options::defaults(),
+                &engine_out(),
+                &crate::interrupt::Interrupt::default(),
+            )?;
             for (steps, into) in [
                 (&report.blocking_steps, &mut r.blocking_steps),
                 (&report.online_steps, &mut r.online_steps),
