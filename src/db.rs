@@ -287,6 +287,12 @@ pub fn sqlstate(err: &anyhow::Error) -> Option<SqlState> {
         .and_then(|e| e.code().cloned())
 }
 
+/// `SET LOCAL lock_timeout` to `wait`, for the transaction it runs in: how long one of our
+/// statements may queue for a lock (and Hydra's requests queue behind it).
+pub fn local_lock_timeout(wait: Duration) -> String {
+    format!("SET LOCAL lock_timeout = {}", wait.as_millis())
+}
+
 /// Lock timeout, deadlock, serialization failure: the batch did nothing and can simply
 /// be tried again.
 pub fn is_transient(err: &anyhow::Error) -> bool {

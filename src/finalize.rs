@@ -176,10 +176,7 @@ fn short_step(
         let start = Instant::now();
         let result = (|| {
             let mut tx = db.client().transaction()?;
-            tx.batch_execute(&format!(
-                "SET LOCAL lock_timeout = {}",
-                opts.lock_timeout.as_millis()
-            ))?;
+            tx.batch_execute(&db::local_lock_timeout(opts.lock_timeout))?;
             step(&mut tx)?;
             tx.commit()?;
             Ok(())

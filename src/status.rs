@@ -321,7 +321,7 @@ fn count_nulls_waiting(
     wait: Duration,
 ) -> Result<Option<(i64, bool)>> {
     let mut tx = c.transaction()?;
-    tx.batch_execute(&format!("SET LOCAL lock_timeout = {}", wait.as_millis()))?;
+    tx.batch_execute(&crate::db::local_lock_timeout(wait))?;
     match count_nulls(&mut tx, table, exact) {
         Ok(counted) => {
             tx.commit()?;

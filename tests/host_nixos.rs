@@ -492,16 +492,30 @@ fn an_unhealthy_hydra_after_the_final_switch_rolls_back_to_the_migration_system(
 }
 
 /// An activation that restarts PostgreSQL closes the tool's session (and its upgrade
-/// lock). The tool connects again and confirms the switch; before, the closed session
-/// failed the confirmation and the switch that had worked was rolled back (exit 10).
+/// lock). The tool connects again, takes the upgrade lock again and confirms the switch;
+/// before, the closed session failed the confirmation and the switch that had worked was
+/// rolled back (exit 10).
 #[test]
 fn a_switch_that_restarts_postgresql_is_confirmed_on_a_new_session() {
     let f = Fake::new(58);
     f.inject("migration", "restart-db");
     f.inject("final", "restart-db");
+    std::fs::write(f.state("log-upgrade-lock"), "").unwrap();
     let r = f.run(&["--foreground-backfill"]);
     r.expect_code(0);
     f.assert_final();
+    // The health check right after the migration switch runs on the new session, which
+    // holds the upgrade lock again (no other upgrade can start in between).
+    let calls = f.calls();
+    let after_switch = &calls[pos(&calls, "switch-to-configuration switch migration")..];
+    let health = after_switch
+        .find("show -p LoadState,ActiveState hydra-server.service")
+        .expect("a health check after the migration switch");
+    let lock_line = after_switch[health..]
+        .lines()
+        .nth(1)
+        .expect("the lock logged after the health check's call");
+    assert_eq!(lock_line, "upgrade-lock 1", "{after_switch}");
     assert_eq!(
         r.stderr
             .matches("the switch closed our database session")

@@ -173,7 +173,7 @@ pub fn row_wait(lock_timeout: Duration, statement_timeout: Duration) -> Duration
 /// [`row_wait`]); the transaction has written nothing before it, so it holds no other
 /// row meanwhile.
 pub fn fill(tx: &mut impl GenericClient, key: &Key, wait: Duration) -> Result<Filled> {
-    tx.batch_execute(&format!("SET LOCAL lock_timeout = {}", wait.as_millis()))
+    tx.batch_execute(&crate::db::local_lock_timeout(wait))
         .context("setting the held row's lock_timeout")?;
     let (updated, still_null) = match key {
         Key::Build(id) => {

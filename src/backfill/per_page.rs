@@ -406,8 +406,8 @@ pub fn update_round(
             .with_context(what)?
     } else {
         c.batch_execute(&format!(
-            "BEGIN; SET LOCAL lock_timeout = {}",
-            waits.max.as_millis()
+            "BEGIN; {}",
+            crate::db::local_lock_timeout(waits.max)
         ))
         .with_context(what)?;
         match c.query_one(&st.update, &[&ids]) {
