@@ -174,7 +174,8 @@ pub struct BackfillArgs {
     pub replication: ReplicationArgs,
 }
 
-/// The watch on standbys, shared by the backfill and the final phase.
+// The watch on standbys, shared by the backfill and the final phase (a plain comment: a
+// doc comment here would become the help text of a command it is flattened into).
 #[derive(Debug, Clone, Args)]
 pub struct ReplicationArgs {
     /// Wait, between transactions (the backfill) and before each step that reads or writes

@@ -14,8 +14,8 @@
 //! Every short step runs under a small `lock_timeout`, retried with backoff, so Hydra's
 //! writes never queue behind us for longer than that. Before each long online step it
 //! waits while a standby is far behind (`--max-replication-lag-mb`,
-//! [`crate::backfill::replication`]): an index build logs its whole index. Each step checks what is already
-//! done, so an interrupted finalize simply runs again. The result is the catalog Hydra's
+//! [`crate::backfill::replication`]): an index build logs its whole index. Each step
+//! checks what is already done, so an interrupted finalize simply runs again. The result is the catalog Hydra's
 //! own upgrade files produce (the tests diff them), and the final package's hydra-init
 //! finds nothing left to do.
 
@@ -52,15 +52,13 @@ pub struct Options {
 }
 
 impl Options {
-    /// The options `hydra-upgrade finalize` runs with when no knob is set.
+    /// The options `hydra-upgrade finalize` runs with when neither a knob nor the
+    /// configuration file sets one.
     pub fn defaults() -> Options {
         Options {
             lock_timeout: Duration::from_millis(DEFAULT_LOCK_TIMEOUT_MS),
             max_retries: DEFAULT_MAX_RETRIES,
-            replication: replication::Settings {
-                max_lag_mb: replication::DEFAULT_MAX_LAG_MB,
-                stall: Duration::from_secs(replication::DEFAULT_STALL_SECS),
-            },
+            replication: replication::Settings::default(),
         }
     }
 
@@ -218,7 +216,8 @@ fn short_step(
 }
 
 /// Before a step that reads or writes a whole table (it cannot be paused once begun):
-/// wait while a standby or subscriber is more than the limit behind.
+/// stop here if asked to (within `upgrade`, Ctrl-C), then wait while a standby or
+/// subscriber is more than the limit behind.
 fn standbys_first(
     db: &mut Db,
     lag: &mut LagWatch,
@@ -226,15 +225,10 @@ fn standbys_first(
     out: &Out,
     interrupt: &Interrupt,
 ) -> Result<()> {
-    if let Some(behind) = lag.behind(db, table.name(), out)? {
-        lag.wait(
-            db,
-            table.name(),
-            behind,
-            out,
-            interrupt,
-            "Run the same command again: finalize goes on from the step it reached.",
-        )?;
+    const RESUME: &str = "Run the same command again: finalize goes on from the step it reached.";
+    interrupt.check(RESUME)?;
+    if let Some(behind) = lag.behind_now(db, table.name(), out)? {
+        lag.wait(db, table.name(), behind, out, interrupt, RESUME)?;
     }
     Ok(())
 }

@@ -76,16 +76,19 @@ pub fn run(cli: Cli) -> Result<Exit> {
             let s = status::detect(&mut db, false)?;
             let steps = upgrade::plan(&s, false, "the host");
             let wal = upgrade::wal_outlook(&mut db, &s)?;
-            // Only with a backfill still to come (as the WAL outlook).
-            let replication = match &wal {
-                // The limit a run would use: the config file's, else the default.
-                Some(_) => Some(backfill::replication::Outlook::read(
+            // While a backfill or finalize is still to come: both wait for standbys, at
+            // the limit a run would use (the config file's, else the default).
+            let replication = if s.stage == status::Stage::Final {
+                None
+            } else {
+                let settings = backfill::replication::Settings::from_args(
+                    &cli::BackfillArgs::defaults().replication,
+                    &config,
+                );
+                Some(backfill::replication::Outlook::read(
                     &mut db,
-                    backfill::Options::from_args(&cli::BackfillArgs::defaults(), &config)
-                        .replication
-                        .max_lag_mb,
-                )?),
-                None => None,
+                    settings.max_lag_mb,
+                )?)
             };
             if json {
                 print_json(&serde_json::json!({
@@ -215,8 +218,13 @@ pub fn run(cli: Cli) -> Result<Exit> {
             if json {
                 print_json(&r)?
             } else {
+                let waited = if r.replication_wait_seconds > 0.0 {
+                    format!("; waited {:.1}s for standbys", r.replication_wait_seconds)
+                } else {
+                    String::new()
+                };
                 println!(
-                    "finalize: done in {:.1}s; longest write-blocking lock {:.3}s; schema is 65. next: switch to the final package",
+                    "finalize: done in {:.1}s; longest write-blocking lock {:.3}s{waited}; schema is 65. next: switch to the final package",
                     r.seconds,
                     r.longest_block()
                 );

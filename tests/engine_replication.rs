@@ -362,7 +362,15 @@ fn a_role_without_pg_read_all_stats_sees_a_standby_through_its_slot() {
     r.expect_code(0);
     assert!(!r.stderr.contains("pg_read_all_stats"), "{}", r.stderr);
     assert_eq!(again.wrong_or_null(), 0);
-    // Nothing left to backfill: nothing to say about replication.
+    // Nothing left to backfill: finalize, still to come, waits for them too.
+    let plan = run(&["--db", &dsn, "--json", "plan"]).json();
+    assert_eq!(
+        plan["replication"]["receivers"].as_array().unwrap().len(),
+        2,
+        "{plan}"
+    );
+    run(&["--db", &dsn, "finalize"]).expect_code(0);
+    // At the final stage: nothing to say about replication.
     assert_eq!(
         run(&["--db", &dsn, "--json", "plan"]).json()["replication"],
         Value::Null

@@ -66,6 +66,15 @@ pub struct Settings {
     pub stall: Duration,
 }
 
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            max_lag_mb: DEFAULT_MAX_LAG_MB,
+            stall: Duration::from_secs(DEFAULT_STALL_SECS),
+        }
+    }
+}
+
 impl Settings {
     /// The command line's, else the configuration file's limit, else the defaults.
     pub fn from_args(a: &ReplicationArgs, config: &Config) -> Settings {
@@ -409,6 +418,13 @@ impl LagWatch {
             self.tell(db, table, &w, limit, out)?;
         }
         Ok(furthest(w.seen).filter(|b| b.bytes > limit))
+    }
+
+    /// [`LagWatch::behind`] without its once-a-second limit: before a step that cannot be
+    /// paused once begun (finalize's), however soon after the last look.
+    pub fn behind_now(&mut self, db: &mut Db, table: &str, out: &Out) -> Result<Option<Behind>> {
+        self.last_look = None;
+        self.behind(db, table, out)
     }
 
     /// Once a run: who streams, who cannot be seen, which slots keep WAL for nobody.
