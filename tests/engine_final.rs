@@ -141,6 +141,39 @@ fn backfilled_with_a_builds_writer_mid_transaction() -> (TestDb, Db) {
     (db, holder)
 }
 
+/// Within `upgrade` a Ctrl-C sets the stop flag (the handler holds the signal): finalize
+/// stops before its next long step, which cannot be stopped once begun, with exit 130,
+/// and the re-run finishes.
+#[test]
+fn an_asked_for_stop_ends_finalize_before_its_next_long_step() {
+    let db = hydra_at(61);
+    run_on(&db, &["backfill"]).expect_code(0);
+    let mut conn = db.connect();
+    let out = hydra_upgrade::progress::Out::new(true);
+    let opts = hydra_upgrade::finalize::Options::defaults();
+    let stop = hydra_upgrade::interrupt::Interrupt::default();
+    stop.request();
+    let stopped = hydra_upgrade::finalize::run(&mut conn, &opts, &out, &stop)
+        .expect_err("a stop was asked for");
+    assert_eq!(
+        hydra_upgrade::exit::exit_of(&stopped),
+        hydra_upgrade::exit::Exit::Interrupted,
+        "{stopped:#}"
+    );
+    // Stopped before Jobs' VALIDATE: its check added, not validated.
+    assert_eq!(db.version(), 61);
+    assert_eq!(
+        db.query_i64(
+            "SELECT count(*) FROM pg_constraint
+              WHERE conname LIKE 'hydra_upgrade_%' AND NOT convalidated"
+        ),
+        1
+    );
+    drop(conn);
+    run_on(&db, &["finalize"]).expect_code(0);
+    assert_eq!(db.version(), 65);
+}
+
 #[test]
 fn finalize_waits_out_a_conflicting_lock_with_short_retries() {
     let (db, mut holder) = backfilled_with_a_builds_writer_mid_transaction();
