@@ -15,9 +15,9 @@
 //! writes never queue behind us for longer than that. Before each long online step it
 //! waits while a standby is far behind (`--max-replication-lag-mb`,
 //! [`crate::backfill::replication`]): an index build logs its whole index. Each step
-//! checks what is already done, so an interrupted finalize simply runs again. The result is the catalog Hydra's
-//! own upgrade files produce (the tests diff them), and the final package's hydra-init
-//! finds nothing left to do.
+//! checks what is already done, so an interrupted finalize simply runs again. The result
+//! is the catalog Hydra's own upgrade files produce (the tests diff them), and the final
+//! package's hydra-init finds nothing left to do.
 
 use std::time::{Duration, Instant};
 

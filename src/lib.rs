@@ -211,9 +211,10 @@ pub fn run(cli: Cli) -> Result<Exit> {
                 ));
             }
             let opts = finalize::Options::from_args(args, &config);
-            // No handler of ours: Ctrl-C ends the process at once, as during an index
-            // build it must (PostgreSQL drops the half-built index's work; a re-run
-            // rebuilds it), and ends a wait for a standby the same way.
+            // No handler of ours: Ctrl-C ends the process at once, during a wait for a
+            // standby as during an index build (which the server carries on or ends by
+            // itself: the re-run drops an invalid leftover and builds it again, or renames
+            // a finished one).
             let r = finalize::run(&mut db, &opts, &out, &Interrupt::default())?;
             if json {
                 print_json(&r)?
