@@ -103,9 +103,9 @@ fn write_wal(db: &TestDb) {
     db.exec("SELECT pg_logical_emit_message(true, 'hydra-upgrade-test', repeat('x', 41943040))");
 }
 
-/// The backfill with `--json`, read event by event.
-fn backfill_events(db: &TestDb, args: &[&str]) -> duct::ReaderHandle {
-    let mut full = vec!["--db", db.dsn.as_str(), "--json", "backfill"];
+/// The command (`args` from the subcommand on) with `--json`, read event by event.
+fn json_events(db: &TestDb, args: &[&str]) -> duct::ReaderHandle {
+    let mut full = vec!["--db", db.dsn.as_str(), "--json"];
     full.extend_from_slice(args);
     bare_command(&full).stderr_capture().reader().unwrap()
 }
@@ -131,7 +131,7 @@ fn a_standby_far_behind_holds_the_backfill_until_it_has_caught_up() {
     standbys_caught_up();
     let stopped = Stopped::receiver_of(standbys()[0]);
     write_wal(&db);
-    let reader = backfill_events(&db, &["--max-replication-lag-mb", "1"]);
+    let reader = json_events(&db, &["backfill", "--max-replication-lag-mb", "1"]);
     let mut lines = std::io::BufReader::new(&reader).lines();
     let wait = until_event(&mut lines, "replication-wait");
     assert_eq!(wait["receiver"], SLOT_STANDBY, "{wait}");
@@ -197,9 +197,10 @@ fn a_standby_whose_walsender_goes_away_is_still_waited_for_through_its_slot() {
     standbys_caught_up();
     let stopped = Stopped::receiver_of(standbys()[0]);
     write_wal(&db);
-    let reader = backfill_events(
+    let reader = json_events(
         &db,
         &[
+            "backfill",
             "--max-replication-lag-mb",
             "1",
             "--replication-stall-secs",
@@ -272,7 +273,7 @@ fn under_synchronous_replication_the_backfill_commits_as_hydra_does() {
     let _reset = Reset;
     let stopped = Stopped::receiver_of(standbys()[1]);
     // Not waiting for any standby's lag: only the commits' own waits hold it.
-    let reader = backfill_events(&db, &["--max-replication-lag-mb", "0"]);
+    let reader = json_events(&db, &["backfill", "--max-replication-lag-mb", "0"]);
     let mut lines = std::io::BufReader::new(&reader).lines();
     until_event(&mut lines, "synchronous-replication");
     let mut watcher = cluster().connect("postgres").unwrap();
@@ -411,13 +412,7 @@ fn a_standby_far_behind_holds_finalize_before_its_long_steps() {
     let db = hydra_at(61);
     run_on(&db, &["backfill"]).expect_code(0);
     finalize_held_by_a_standby(&db, "jobs", || {
-        assert_eq!(
-            db.query_i64(
-                "SELECT count(*) FROM pg_constraint
-                  WHERE conname LIKE 'hydra_upgrade_%' AND NOT convalidated"
-            ),
-            1
-        );
+        assert_eq!(db.unvalidated_helper_checks(), 1);
         assert_eq!(db.version(), 61);
     });
     // At 63 (Hydra's own SET NOT NULL done) it is the first index build: none begun.
@@ -439,17 +434,7 @@ fn finalize_held_by_a_standby(db: &TestDb, table: &str, while_waiting: impl Fn()
     standbys_caught_up();
     let stopped = Stopped::receiver_of(standbys()[0]);
     write_wal(db);
-    let reader = bare_command(&[
-        "--db",
-        db.dsn.as_str(),
-        "--json",
-        "finalize",
-        "--max-replication-lag-mb",
-        "1",
-    ])
-    .stderr_capture()
-    .reader()
-    .unwrap();
+    let reader = json_events(db, &["finalize", "--max-replication-lag-mb", "1"]);
     let mut lines = std::io::BufReader::new(&reader).lines();
     let wait = until_event(&mut lines, "replication-wait");
     assert_eq!(wait["receiver"], SLOT_STANDBY, "{wait}");

@@ -513,15 +513,8 @@ pub fn run(db: &mut Db, opts: &Options, out: &Out, interrupt: &Interrupt) -> Res
         // would let that backlog grow to the replication lag limit. Committing as Hydra
         // does keeps it to one transaction of ours. Only where commits do wait for a
         // standby: with synchronous_commit local or off nobody's do.
-        let row = db
-            .client()
-            .query_one(
-                "SELECT current_setting('synchronous_standby_names'),
-                        current_setting('synchronous_commit')",
-                &[],
-            )
-            .context("reading synchronous_standby_names and synchronous_commit")?;
-        let (standbys, commit): (String, String) = (row.get(0), row.get(1));
+        let standbys = crate::wal_prepare::setting(db, "synchronous_standby_names")?;
+        let commit = crate::wal_prepare::setting(db, "synchronous_commit")?;
         let waits_for_standby = !standbys.trim().is_empty()
             && ["on", "remote_write", "remote_apply"].contains(&commit.as_str());
         if waits_for_standby {

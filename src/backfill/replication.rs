@@ -44,7 +44,8 @@ use crate::progress::Out;
 /// checkpoint to about `checkpoint_completion_target` x the WAL between checkpoints:
 /// 0.9 x 539 MB (about 485 MB) from 14, 0.5 x 683 MB (about 340 MB) on 11-13; PostgreSQL
 /// 10 keeps back to the checkpoint before (about 615 MB); worked out from PostgreSQL's
-/// checkpoint arithmetic, not measured. 128 MB stays well inside all of them, and is still a few seconds of the walk's WAL for a standby to catch up on.
+/// checkpoint arithmetic, not measured. 128 MB stays well inside all of them, and is
+/// still a few seconds of the walk's WAL for a standby to catch up on.
 pub const DEFAULT_MAX_LAG_MB: u64 = 128;
 
 /// The default time a receiver the backfill waits for may store nothing.

@@ -82,6 +82,15 @@ impl TestDb {
         self.query_i64("SELECT version::bigint FROM SchemaVersion")
     }
 
+    /// finalize's helper `CHECK (jobset_id IS NOT NULL)` constraints added and not yet
+    /// validated (as after its `NOT VALID` step, before its `VALIDATE`).
+    pub fn unvalidated_helper_checks(&self) -> i64 {
+        self.query_i64(
+            "SELECT count(*) FROM pg_constraint
+              WHERE conname LIKE 'hydra_upgrade_%' AND NOT convalidated",
+        )
+    }
+
     /// Bring the schema to `version` as hydra-init would.
     pub fn upgrade_to(&self, version: i32) {
         hydra_schema::apply_steps(&mut self.connect(), version).expect("applying schema steps");
