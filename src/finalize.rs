@@ -108,6 +108,17 @@ impl Report {
             .map(|s| s.seconds)
             .fold(0.0, f64::max)
     }
+
+    /// The text summary `finalize` ends with.
+    pub fn render(&self) -> String {
+        format!(
+            "finalize: done in {:.1}s; longest write-blocking lock {:.3}s{}; schema is 65. \
+             next: switch to the final package\n",
+            self.seconds,
+            self.longest_block(),
+            replication::waited_text(self.replication_wait_seconds)
+        )
+    }
 }
 
 /// Helper constraint names and temporary index names (ours, never Hydra's).
@@ -433,4 +444,33 @@ fn run_in_session(
     state::drop_all(db)?;
     report.seconds = start.elapsed().as_secs_f64();
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_says_the_wait_for_standbys_only_when_there_was_one() {
+        let mut report = Report {
+            blocking_steps: vec![LockStep {
+                step: "rename".into(),
+                seconds: 0.004,
+                at: 1.0,
+            }],
+            seconds: 12.34,
+            ..Report::default()
+        };
+        assert_eq!(
+            report.render(),
+            "finalize: done in 12.3s; longest write-blocking lock 0.004s; schema is 65. \
+             next: switch to the final package\n"
+        );
+        report.replication_wait_seconds = 7.54;
+        assert_eq!(
+            report.render(),
+            "finalize: done in 12.3s; longest write-blocking lock 0.004s; waited 7.5s for \
+             standbys; schema is 65. next: switch to the final package\n"
+        );
+    }
 }

@@ -146,17 +146,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
             if json {
                 print_json(&report)?;
             } else {
-                for t in &report.tables {
-                    println!(
-                        "{}: {} rows updated in {:.1}s ({}), {} orphans skipped",
-                        t.table.name(),
-                        t.rows_updated,
-                        t.seconds,
-                        t.strategy,
-                        t.rows_skipped
-                    );
-                }
-                println!("next: `hydra-upgrade verify`");
+                print!("{}", report.render());
             }
             Ok(Exit::Ok)
         }
@@ -219,16 +209,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
             if json {
                 print_json(&r)?
             } else {
-                let waited = if r.replication_wait_seconds > 0.0 {
-                    format!("; waited {:.1}s for standbys", r.replication_wait_seconds)
-                } else {
-                    String::new()
-                };
-                println!(
-                    "finalize: done in {:.1}s; longest write-blocking lock {:.3}s{waited}; schema is 65. next: switch to the final package",
-                    r.seconds,
-                    r.longest_block()
-                );
+                print!("{}", r.render());
             }
             Ok(Exit::Ok)
         }

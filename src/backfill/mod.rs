@@ -143,6 +143,23 @@ impl Report {
     pub fn rows_updated(&self) -> u64 {
         self.tables.iter().map(|t| t.rows_updated).sum()
     }
+
+    /// The text summary `backfill` ends with: a line per table, then the next step.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        for t in &self.tables {
+            text += &format!(
+                "{}: {} rows updated in {:.1}s ({}), {} orphans skipped{}\n",
+                t.table.name(),
+                t.rows_updated,
+                t.seconds,
+                t.strategy,
+                t.rows_skipped,
+                replication::waited_text(t.replication_wait_seconds)
+            );
+        }
+        text + "next: `hydra-upgrade verify`\n"
+    }
 }
 
 /// The smallest batch the adaptation goes to on its own, in heap pages (per-page) and in
@@ -1075,6 +1092,38 @@ pub fn require_columns(status: &crate::status::Status) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_summary_says_each_tables_wait_for_standbys_only_when_there_was_one() {
+        let table = |table, rows_updated, replication_wait_seconds| TableReport {
+            table,
+            strategy: "per-page".into(),
+            rows_updated,
+            rows_skipped: 1,
+            transactions: 10,
+            retries: 0,
+            seconds: 2.04,
+            why: String::new(),
+            hot_share: Some(0.96),
+            bytes_before: 100,
+            bytes_after: 102,
+            horizon_wait_seconds: 0.0,
+            row_waits_given_up: 0,
+            rounds_skipping_held_rows: 0,
+            held_rows_filled_after: 0,
+            replication_wait_seconds,
+        };
+        let report = Report {
+            tables: vec![table(Table::Jobs, 5, 0.0), table(Table::Builds, 900, 31.46)],
+            seconds: 35.0,
+        };
+        assert_eq!(
+            report.render(),
+            "jobs: 5 rows updated in 2.0s (per-page), 1 orphans skipped\n\
+             builds: 900 rows updated in 2.0s (per-page), 1 orphans skipped; waited 31.5s for standbys\n\
+             next: `hydra-upgrade verify`\n"
+        );
+    }
 
     #[test]
     fn a_fixed_cost_over_the_target_does_not_shrink_batches_below_the_floor() {

@@ -108,6 +108,15 @@ impl Waiter {
     }
 }
 
+/// A summary's note of the time waited for standbys: empty when there was no wait.
+pub fn waited_text(seconds: f64) -> String {
+    if seconds > 0.0 {
+        format!("; waited {seconds:.1}s for standbys")
+    } else {
+        String::new()
+    }
+}
+
 /// What `plan` names: both phases wait.
 const BOTH: &str = "the backfill and finalize";
 
