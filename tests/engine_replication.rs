@@ -452,3 +452,41 @@ fn finalize_held_by_a_standby(db: &TestDb, table: &str, while_waiting: impl Fn()
     let waited = report["replication_wait_seconds"].as_f64().unwrap();
     assert!(waited >= 2.0, "{report}");
 }
+
+/// Finalize's look before a long step is taken however soon after the last one: with the
+/// backfill's once-a-second limit, a quick Jobs step would let Builds' begin unlooked at.
+#[test]
+fn the_look_before_a_long_step_is_taken_however_soon_after_the_last() {
+    use hydra_upgrade::backfill::replication::{LagWatch, Settings, Waiter};
+    let _serial = serial();
+    let db = hydra_at(61);
+    let mut conn = db.connect();
+    let out = hydra_upgrade::progress::Out::new(true);
+    let settings = Settings {
+        max_lag_mb: 1,
+        stall: Duration::from_secs(300),
+    };
+    let mut watch = LagWatch::new(settings, Waiter::Finalize);
+    standbys_caught_up();
+    assert_eq!(watch.behind(&mut conn, "jobs", &out).unwrap(), None);
+    let looked = Instant::now();
+    let _stopped = Stopped::receiver_of(standbys()[0]);
+    // Four segment switches, each after a record: at least three whole 16 MB segments the
+    // stopped standby does not have, in milliseconds (the limit is two segments).
+    db.exec(
+        &"SELECT pg_logical_emit_message(false, 'hydra-upgrade-test', 'x'); \
+          SELECT pg_switch_wal();"
+            .repeat(4),
+    );
+    // The limited look, within the second, is not taken (on a machine too slow to get
+    // here within the second it is, and proves nothing).
+    if looked.elapsed() < Duration::from_millis(900) {
+        assert_eq!(watch.behind(&mut conn, "builds", &out).unwrap(), None);
+    }
+    let behind = watch
+        .behind_now(&mut conn, "builds", &out)
+        .unwrap()
+        .expect("the stopped standby is seen behind");
+    assert_eq!(behind.name, SLOT_STANDBY);
+    assert!(behind.bytes > 32 << 20, "{behind:?}");
+}
