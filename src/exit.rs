@@ -195,13 +195,13 @@ pub fn lost_connection(err: &anyhow::Error) -> bool {
 pub fn report(err: &anyhow::Error, json: bool) -> Exit {
     let code = exit_of(err);
     let message = format!("{err:#}");
-    eprintln!("hydra-upgrade: error: {message}");
+    crate::errln!("hydra-upgrade: error: {message}");
     let hint = hint(err, code);
     if let Some(hint) = hint {
-        eprintln!("hydra-upgrade: hint: {hint}");
+        crate::errln!("hydra-upgrade: hint: {hint}");
     }
     if json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::json!({"event": "error", "exit": code.code(), "message": message, "hint": hint})
         );

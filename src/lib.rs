@@ -38,7 +38,7 @@ use progress::Out;
 /// A `--json` document, on one line: after JSON-lines events (backfill, upgrade) the
 /// final report is one more line, so line-by-line readers get it whole.
 pub(crate) fn print_json(value: &impl Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string(value)?);
+    crate::outln!("{}", serde_json::to_string(value)?);
     Ok(())
 }
 
@@ -67,7 +67,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
             if json {
                 print_json(&s)?
             } else {
-                print!("{}", status::render(&s))
+                progress::print_text(&status::render(&s))
             }
             Ok(Exit::Ok)
         }
@@ -98,24 +98,25 @@ pub fn run(cli: Cli) -> Result<Exit> {
                     "replication": replication,
                 }))?;
             } else {
-                println!(
+                crate::outln!(
                     "schema {} ({:?}); `hydra-upgrade upgrade` would:",
-                    s.schema_version, s.stage
+                    s.schema_version,
+                    s.stage
                 );
                 for (i, st) in steps.iter().enumerate() {
-                    println!("{:>2}. {:<17} {}", i + 1, st.step, st.description);
+                    crate::outln!("{:>2}. {:<17} {}", i + 1, st.step, st.description);
                 }
                 if let Some(o) = wal {
-                    println!("backfill's WAL: {}", o.summary());
+                    crate::outln!("backfill's WAL: {}", o.summary());
                     for w in o.warnings() {
-                        println!("warning: {w}");
+                        crate::outln!("warning: {w}");
                     }
                 }
                 for line in replication.iter().flat_map(|r| r.lines()) {
-                    println!("{line}");
+                    crate::outln!("{line}");
                 }
                 if s.wal_prepared {
-                    println!("{}", wal_prepare::REMINDER);
+                    crate::outln!("{}", wal_prepare::REMINDER);
                 }
             }
             Ok(Exit::Ok)
@@ -146,7 +147,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
             if json {
                 print_json(&report)?;
             } else {
-                print!("{}", report.render());
+                progress::print_text(&report.render());
             }
             Ok(Exit::Ok)
         }
@@ -162,7 +163,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
             if json {
                 print_json(&v)?
             } else {
-                print!("{}", v.render())
+                progress::print_text(&v.render())
             }
             Ok(if v.clean { Exit::Ok } else { Exit::RowsLeft })
         }
@@ -209,7 +210,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
             if json {
                 print_json(&r)?
             } else {
-                print!("{}", r.render());
+                progress::print_text(&r.render());
             }
             Ok(Exit::Ok)
         }
@@ -226,7 +227,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
             if json {
                 print_json(&r)?
             } else {
-                print!("{}", r.render())
+                progress::print_text(&r.render())
             }
             Ok(Exit::Ok)
         }
@@ -246,7 +247,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
                     if json {
                         print_json(&r)?;
                     } else {
-                        println!(
+                        crate::outln!(
                             "wal prepare: {} MB of WAL segments ready for about {} MB of WAL, in {:.1}s; \
                              after the upgrade: `hydra-upgrade wal reset`",
                             r.ready_after_bytes >> 20,

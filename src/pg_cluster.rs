@@ -472,7 +472,7 @@ impl PgCluster {
 impl Drop for PgCluster {
     fn drop(&mut self) {
         if let Err(e) = self.stop() {
-            eprintln!("warning: stopping the throwaway PostgreSQL failed: {e:#}");
+            crate::errln!("warning: stopping the throwaway PostgreSQL failed: {e:#}");
         }
     }
 }

@@ -1,11 +1,47 @@
 //! How the tool talks while it works: a progress bar on a terminal, one plain line per
 //! interval elsewhere (systemd journal, pipes), or JSON lines with `--json`.
 
-use std::io::IsTerminal;
+use std::fmt;
+use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
+
+/// Write to stdout, ignoring a failure. Everything the tool prints goes through here or
+/// [`write_err`] ([`crate::outln!`], [`crate::errln!`]): `println!` panics when its stream
+/// has gone away (a dropped SSH session's terminal answers EIO, a pipe whose reader
+/// exited EPIPE), and a backfill must not end because nobody is watching it.
+pub fn write_out(args: fmt::Arguments) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_fmt(args).and_then(|()| out.flush());
+}
+
+/// Text that ends its own lines, on stdout ([`write_out`]).
+pub fn print_text(text: &str) {
+    write_out(format_args!("{text}"));
+}
+
+/// [`write_out`] for stderr.
+pub fn write_err(args: fmt::Arguments) {
+    let _ = std::io::stderr().lock().write_fmt(args);
+}
+
+/// `println!` that never panics ([`write_out`]).
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::progress::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `eprintln!` that never panics ([`write_err`]).
+#[macro_export]
+macro_rules! errln {
+    ($($arg:tt)*) => {
+        $crate::progress::write_err(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -43,9 +79,9 @@ impl Out {
             if let (Some(obj), Value::Object(extra)) = (doc.as_object_mut(), data) {
                 obj.extend(extra);
             }
-            println!("{doc}");
+            crate::outln!("{doc}");
         } else {
-            eprintln!("{message}");
+            crate::errln!("{message}");
         }
     }
 

@@ -277,7 +277,7 @@ fn confirm(yes: bool) -> Result<()> {
              `hydra-upgrade upgrade --dry-run`), then run again with --yes",
         ));
     }
-    eprint!("Proceed with this upgrade? [y/N] ");
+    crate::progress::write_err(format_args!("Proceed with this upgrade? [y/N] "));
     let _ = std::io::stderr().flush();
     let mut answer = String::new();
     std::io::stdin().lock().read_line(&mut answer)?;
@@ -297,16 +297,16 @@ fn print_report(r: &upgrade::Report, out: &Out, json: bool, host: &str) -> Resul
         return Ok(());
     }
     for (step, secs) in &r.steps {
-        println!("{step:<40} {secs:>8.1}s");
+        crate::outln!("{step:<40} {secs:>8.1}s");
     }
     let version = r
         .final_status
         .as_ref()
         .map(|s| s.schema_version)
         .unwrap_or(0);
-    println!("upgrade complete: schema {version}, Hydra is healthy on {host}");
+    crate::outln!("upgrade complete: schema {version}, Hydra is healthy on {host}");
     if r.longest_final_block_seconds > 0.0 {
-        println!(
+        crate::outln!(
             "longest write-blocking lock of the final phase: {:.3}s",
             r.longest_final_block_seconds
         );
@@ -372,17 +372,18 @@ fn dry_run(
             .collect();
         crate::print_json(&serde_json::json!({"dry_run": true, "status": s, "steps": doc}))?;
     } else {
-        println!(
+        crate::outln!(
             "dry run: schema {} ({:?}); `hydra-upgrade upgrade` would run, in order:",
-            s.schema_version, s.stage
+            s.schema_version,
+            s.stage
         );
         for (step, cmds) in &steps {
-            println!("== {step}");
+            crate::outln!("== {step}");
             for cmd in cmds {
-                println!("   {cmd}");
+                crate::outln!("   {cmd}");
             }
         }
-        println!("nothing was changed.");
+        crate::outln!("nothing was changed.");
     }
     Ok(Exit::Ok)
 }
@@ -425,15 +426,17 @@ pub fn run(
         s.stage == Stage::Final && host.pending_switch().is_none() && host.is_on(Phase::Final)?;
     if !nothing_to_do {
         if !global.json {
-            eprintln!(
+            crate::errln!(
                 "database {}: schema {} ({:?}). The upgrade will:",
-                s.database, s.schema_version, s.stage
+                s.database,
+                s.schema_version,
+                s.stage
             );
             for (i, st) in upgrade::plan(&s, opts.stock_final, &host.describe())
                 .iter()
                 .enumerate()
             {
-                eprintln!("{:>2}. {:<17} {}", i + 1, st.step, st.description);
+                crate::errln!("{:>2}. {:<17} {}", i + 1, st.step, st.description);
             }
         }
         confirm(args.yes)?;

@@ -307,3 +307,26 @@ fn a_cancelled_verify_exits_130_with_a_hint() {
     );
     run_on(&db, &["verify"]).expect_code(0);
 }
+
+/// Nobody reading our output any more (a dropped SSH session's terminal answers EIO, a
+/// pipe whose reader has exited EPIPE) does not end a backfill: `println!` would panic
+/// at its first line; our writes drop what cannot be written.
+#[test]
+fn a_backfill_whose_output_has_nowhere_to_go_runs_to_its_end() {
+    for json in [false, true] {
+        let db = hydra_at(61);
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let mut args = vec!["--db", db.dsn.as_str(), "backfill"];
+        if json {
+            args.push("--json");
+        }
+        let out = bare_command(&args)
+            .stdout_file(writer.try_clone().unwrap())
+            .stderr_file(writer)
+            .run()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "--json: {json}");
+        assert_eq!(db.wrong_or_null(), 0);
+    }
+}
