@@ -3,6 +3,7 @@
 //! shown (they may carry PGPASSWORD); only their names are.
 
 use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -158,18 +159,21 @@ impl Cmd {
         Ok(Output { stdout, stderr })
     }
 
-    /// Run to the end with stdout/stderr going to ours.
+    /// Run to the end, its output going to our stderr: both its streams, so that our
+    /// stdout carries only the tool's own (one JSON stream with `--json`); an activation
+    /// prints to stdout.
     fn run_inherit_status(&self) -> Result<std::process::ExitStatus> {
         let out = self
             .expression()
+            .stdout_to_stderr()
             .unchecked()
             .run()
             .with_context(|| format!("cannot start `{}`", self.display()))?;
         Ok(out.status)
     }
 
-    /// Run to the end with stdout/stderr going to ours (long activations); non-zero exit
-    /// is an error.
+    /// Run to the end with its output going to our stderr (long activations); non-zero
+    /// exit is an error.
     pub fn run_inherit(&self) -> Result<()> {
         let status = self.run_inherit_status()?;
         if !status.success() {
@@ -178,10 +182,37 @@ impl Cmd {
         Ok(())
     }
 
-    /// Run to the end with stdout/stderr going to ours and return the exit code (`None`
-    /// when a signal ended it); a non-zero code is not an error here.
+    /// Run to the end with its output going to our stderr and return the exit code
+    /// (`None` when a signal ended it); a non-zero code is not an error here.
     pub fn run_inherit_code(&self) -> Result<Option<i32>> {
         Ok(self.run_inherit_status()?.code())
+    }
+
+    /// Start in the background, its stdout going to our stderr (so that ours stays one JSON
+    /// stream with `--json`), until [`Running::stop`] or our end, however we end: killed
+    /// with us, it never lives on writing to the terminal.
+    pub fn start_to_stderr(&self) -> Result<Running> {
+        let handle = self
+            .expression()
+            .stdin_null()
+            .stdout_to_stderr()
+            .unchecked()
+            .before_spawn(|command| {
+                // SAFETY: the hook runs in the child between fork and exec, where only
+                // async-signal-safe calls are allowed; prctl is a plain system call.
+                unsafe {
+                    command.pre_exec(|| {
+                        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+                Ok(())
+            })
+            .start()
+            .with_context(|| format!("cannot start `{}`", self.display()))?;
+        Ok(Running(handle))
     }
 
     /// Start in the background with no streams attached, and do not wait for it.
@@ -194,6 +225,16 @@ impl Cmd {
             .start()
             .with_context(|| format!("cannot start `{}`", self.display()))?;
         Ok(())
+    }
+}
+
+/// A command started by [`Cmd::start_to_stderr`].
+pub struct Running(duct::Handle);
+
+impl Running {
+    /// End it (SIGKILL) and reap it; it may have ended by itself.
+    pub fn stop(self) {
+        let _ = self.0.kill();
     }
 }
 

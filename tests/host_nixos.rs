@@ -145,7 +145,15 @@ impl Fake {
     }
 
     /// `hydra-upgrade --db ... upgrade <args>` with the fake tools first on PATH.
+    /// The upgrade command, its output captured.
     fn expr(&self, args: &[String], env: &[(&str, String)]) -> duct::Expression {
+        self.expr_uncaptured(args, env)
+            .stdout_capture()
+            .stderr_capture()
+    }
+
+    /// The upgrade command, its output not redirected.
+    fn expr_uncaptured(&self, args: &[String], env: &[(&str, String)]) -> duct::Expression {
         let mut full: Vec<String> = vec!["--db".into(), self.db.dsn.clone(), "upgrade".into()];
         full.extend(args.iter().cloned());
         let path = format!("{FAKE_BIN}:{}", std::env::var("PATH").unwrap_or_default());
@@ -162,8 +170,6 @@ impl Fake {
             .env_remove("PGPASSWORD")
             .env_remove("HYDRA_UPGRADE_CONFIG")
             .stdin_null()
-            .stdout_capture()
-            .stderr_capture()
             .unchecked();
         for (k, v) in env {
             e = e.env(k, v);
@@ -258,6 +264,20 @@ fn alive(pid: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// The live processes whose command line mentions `needle`.
+fn processes_naming(needle: &Path) -> Vec<String> {
+    let needle = needle.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| {
+            let pid = e.ok()?.file_name().into_string().ok()?;
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            (text.contains(&needle) && alive(&pid)).then_some(pid)
+        })
+        .collect()
+}
+
 fn kill(pid: &str, signal: &str) {
     let _ = std::process::Command::new("kill")
         .args([signal, pid.trim()])
@@ -316,9 +336,20 @@ fn full_upgrade_from_58_to_65_with_explicit_systems() {
         &c,
         "systemd-run --wait --pipe --collect --service-type=exec --quiet --no-ask-password --unit=hydra-upgrade-switch-migration",
     );
-    let d = pos(&c, "--unit=hydra-upgrade-backfill");
+    let d = pos(
+        &c,
+        "systemd-run --wait --collect --service-type=exec --quiet --no-ask-password --unit=hydra-upgrade-backfill -p",
+    );
     let e = pos(&c, "switch-to-configuration switch final");
     assert!(a < b && b < d && d < e, "{c}");
+    // The backfill unit's output goes to its journal, shown to us while we wait for it;
+    // the activation's stdout (to our stderr) does not mix with ours.
+    let journal =
+        std::fs::read_to_string(f.state("journal/hydra-upgrade-backfill.service")).unwrap();
+    assert_contains(&journal, "next: `hydra-upgrade verify`");
+    assert_contains(&r.stderr, "next: `hydra-upgrade verify`");
+    assert_contains(&r.stderr, "setting up /etc...");
+    assert!(!r.stdout.contains("setting up /etc"), "{}", r.stdout);
     assert!(
         c.contains("systemctl show -p ActiveState,Result,ExecMainStatus hydra-init.service"),
         "{c}"
@@ -595,7 +626,7 @@ fn null_rows_right_before_the_final_switch_refuse_it() {
         &[
             (
                 "FAKE_READLINK_HOOK_WHEN",
-                f.state("units/hydra-upgrade-backfill.service.log")
+                f.state("journal/hydra-upgrade-backfill.service")
                     .display()
                     .to_string(),
             ),
@@ -644,7 +675,7 @@ fn a_failed_verify_before_the_final_switch_leaves_no_switch_to_finish() {
             &[
                 (
                     "FAKE_READLINK_HOOK_WHEN",
-                    f.state("units/hydra-upgrade-backfill.service.log")
+                    f.state("journal/hydra-upgrade-backfill.service")
                         .display()
                         .to_string(),
                 ),
@@ -894,16 +925,34 @@ fn sigint_after_the_migration_switch_stops_then_resumes() {
 #[test]
 fn an_ssh_drop_during_the_backfill_leaves_it_running_and_a_rerun_follows_it() {
     let f = Fake::new(61);
-    let h = f.spawn(&SLOW_BACKFILL);
+    // Our output goes to a pipe that the dropped session takes away, as its terminal.
+    let (reader, writer) = std::io::pipe().unwrap();
+    let mut a = f.args(&SLOW_BACKFILL);
+    a.extend(f.systems_args());
+    a.push("--yes".into());
+    let h = f
+        .expr_uncaptured(&a, &[])
+        .stdout_file(writer.try_clone().unwrap())
+        .stderr_file(writer)
+        .start()
+        .unwrap();
     let pid_file = f.state("units/hydra-upgrade-backfill.service.pid");
     wait_for("the backfill unit", || pid_file.exists());
     std::thread::sleep(Duration::from_millis(300));
-    // the session goes away: our process and the systemd-run client die
+    // the session goes away: our process, the systemd-run client and the terminal
     let client =
         std::fs::read_to_string(f.state("units/hydra-upgrade-backfill.service.client-pid"))
             .unwrap();
+    let journal = f.state("journal/hydra-upgrade-backfill.service");
+    assert_eq!(processes_naming(&journal).len(), 1, "one journal follower");
     h.kill().unwrap();
     kill(&client, "-KILL");
+    // Our journal follower ends with us, even killed outright (while the terminal is
+    // still there to write to).
+    wait_for("the journal follower to end", || {
+        processes_naming(&journal).is_empty()
+    });
+    drop(reader);
     let unit_pid = std::fs::read_to_string(&pid_file).unwrap();
     assert!(
         alive(&unit_pid),
@@ -916,6 +965,12 @@ fn an_ssh_drop_during_the_backfill_leaves_it_running_and_a_rerun_follows_it() {
         "hydra-upgrade-backfill.service, started by an earlier run, is still running",
     );
     f.assert_final();
+    // The unit ran to its end, its output in its journal, not in the session that went
+    // away.
+    let history =
+        std::fs::read_to_string(f.state("units/hydra-upgrade-backfill.service.rc-history"))
+            .unwrap();
+    assert_eq!(history.lines().next(), Some("0"), "{history}");
     let _ = h.wait();
 }
 

@@ -95,13 +95,14 @@ pub fn switch_unit(label: &str) -> String {
     format!("hydra-upgrade-switch-{label}")
 }
 
-/// `systemd-run` starting a transient service `unit` that we wait for, with its output
-/// piped to ours, collected when done, never asking for a password (as nixos-rebuild).
-fn transient_unit(unit: &str) -> Cmd {
+/// `systemd-run` starting a transient service `unit` that we wait for (its exit status
+/// is ours), collected when done, never asking for a password (as nixos-rebuild); with
+/// `pipe` its output comes through ours, else it goes to the unit's journal.
+fn transient_unit(unit: &str, pipe: bool) -> Cmd {
     Cmd::new("systemd-run")
+        .arg("--wait")
+        .args(pipe.then_some("--pipe"))
         .args([
-            "--wait",
-            "--pipe",
             "--collect",
             "--service-type=exec",
             "--quiet",
@@ -111,13 +112,14 @@ fn transient_unit(unit: &str) -> Cmd {
 }
 
 /// `<system>/bin/switch-to-configuration switch|test` under `systemd-run`, so that the
-/// activation runs to its end even when our SSH session or process dies.
+/// activation runs to its end even when our SSH session or process dies. Its output is
+/// piped to ours (`--pipe`), over SSH too, as nixos-rebuild shows it.
 pub fn activate(system: &Path, mode: SwitchMode, label: &str) -> Cmd {
     let action = match mode {
         SwitchMode::Switch => "switch",
         SwitchMode::Test => "test",
     };
-    transient_unit(&switch_unit(label))
+    transient_unit(&switch_unit(label), true)
         .arg("--")
         .arg(system.join("bin/switch-to-configuration"))
         .arg(action)
@@ -202,20 +204,27 @@ pub fn nix_copy(dest: &str, paths: &[&Path]) -> Cmd {
         .args(paths.iter().map(|p| p.as_os_str()))
 }
 
-/// Run `argv` (a hydra-upgrade invocation) as the transient unit `hydra-upgrade-backfill`
-/// (through `/bin/sh`, which every NixOS system has, to send its stdout to stderr):
-/// it keeps running when the terminal or SSH session goes away; its progress goes to the
-/// journal and, while we wait, to our stderr. The database DSN reaches it through an
-/// `EnvironmentFile` (mode 0600), never through a command line.
+/// Run `argv` (a hydra-upgrade invocation) as the transient unit `hydra-upgrade-backfill`:
+/// it keeps running when the terminal or SSH session goes away. Its output goes to the
+/// journal, not through our streams: with `--pipe` it would write to our terminal or pipe,
+/// which an SSH drop takes away; we show it from the journal while we wait
+/// ([`journal_follow`]). The database DSN reaches it through an `EnvironmentFile` (mode
+/// 0600), never through a command line.
 pub fn backfill_unit(env_file: &Path, argv: &[String]) -> Cmd {
-    transient_unit(BACKFILL_UNIT)
+    transient_unit(BACKFILL_UNIT, false)
         .arg("-p")
         .arg(format!("EnvironmentFile={}", env_file.display()))
         .arg("--")
-        // Its stdout goes to stderr, so that ours stays one JSON stream with --json.
-        .args(["/bin/sh", "-c", "exec \"$@\" >&2", BACKFILL_UNIT])
         .args(argv)
         .stdin_bytes(Vec::new())
+}
+
+/// Follow a unit's journal from `since` (seconds since the epoch) on, its messages only.
+pub fn journal_follow(unit: &str, since: u64) -> Cmd {
+    Cmd::new("journalctl")
+        .args(["--follow", "--quiet", "--no-pager", "--output=cat"])
+        .arg(format!("--unit={unit}.service"))
+        .arg(format!("--since=@{since}"))
 }
 
 /// Parse `systemctl show` output into (key, value) pairs.
@@ -353,12 +362,9 @@ mod tests {
             d.contains("-p EnvironmentFile=/var/lib/hydra-upgrade/backfill.env"),
             "{d}"
         );
-        assert!(
-            d.ends_with(
-                "-- /bin/sh -c 'exec \"$@\" >&2' hydra-upgrade-backfill /bin/hydra-upgrade backfill"
-            ),
-            "{d}"
-        );
+        assert!(d.ends_with("-- /bin/hydra-upgrade backfill"), "{d}");
+        // Its output goes to the journal, not to our streams, which an SSH drop takes away.
+        assert!(!d.contains("--pipe"), "{d}");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use super::http;
 use super::state::StateFile;
 use super::{Host, Phase, SwitchReport};
 use crate::cli::SwitchMode;
-use crate::exec::Cmd;
+use crate::exec::{Cmd, Running};
 use crate::exit::{Exit, exit_of, fail};
 use crate::interrupt::Interrupt;
 use crate::progress::Out;
@@ -139,27 +139,43 @@ impl NixosHost {
         Ok(())
     }
 
-    /// Wait while a transient unit of ours (an activation or the backfill) still runs.
+    /// Wait while a transient unit of ours (an activation or the backfill) still runs;
+    /// while the backfill's does, show its journal.
     fn wait_unit_gone(&self, unit: &str, out: &Out) -> Result<bool> {
         let mut said = false;
-        loop {
-            let kv = self.show(&format!("{unit}.service"), &["ActiveState"])?;
+        let mut following = None;
+        let result = loop {
+            let kv = match self.show(&format!("{unit}.service"), &["ActiveState"]) {
+                Ok(kv) => kv,
+                Err(e) => break Err(e),
+            };
             let state = Self::prop(&kv, "ActiveState");
             if !matches!(
                 state,
                 "active" | "activating" | "deactivating" | "reloading"
             ) {
-                return Ok(said);
+                break Ok(said);
             }
             if !said {
+                let shown = if unit == c::BACKFILL_UNIT {
+                    following = follow_journal(unit, out);
+                    "its progress follows, from its journal"
+                } else {
+                    // An activation's output went to the run that started it (--pipe).
+                    "`systemctl status` shows its state"
+                };
                 out.say(&format!(
                     "{unit}.service, started by an earlier run, is still running; waiting for it \
-                     (`journalctl -fu {unit}` shows its progress)"
+                     ({shown})"
                 ));
                 said = true;
             }
-            self.sleep()?;
-        }
+            if let Err(e) = self.sleep() {
+                break Err(e);
+            }
+        };
+        stop_following(following);
+        result
     }
 
     /// Poll hydra-init.service until the oneshot has finished: `active` with
@@ -614,13 +630,16 @@ impl Host for NixosHost {
         write_env_file(&env_file, &d.env)?;
         let cmd = c::backfill_unit(&env_file, &d.argv);
         out.say(&format!(
-            "running the backfill as {}.service so that a dropped session cannot stop it \
-             (`journalctl -fu {}` shows its progress)\n$ {}",
+            "running the backfill as {}.service so that a dropped session cannot stop it; \
+             its progress goes to its journal (`journalctl -fu {}`), shown here while we \
+             wait\n$ {}",
             c::BACKFILL_UNIT,
             c::BACKFILL_UNIT,
             cmd.display()
         ));
+        let following = follow_journal(c::BACKFILL_UNIT, out);
         let code = cmd.run_inherit_code();
+        stop_following(following);
         let _ = std::fs::remove_file(&env_file);
         if self.interrupt.requested() {
             // Ctrl-C means stop the backfill, not only our wait for it: SIGTERM makes it
@@ -741,6 +760,32 @@ impl Host for NixosHost {
             _ => {}
         }
         v
+    }
+}
+
+/// Show a local unit's journal on our stderr from now on, while we wait for the unit
+/// ([`stop_following`]). Without `journalctl` the wait goes on unshown.
+fn follow_journal(unit: &str, out: &Out) -> Option<Running> {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    match c::journal_follow(unit, since).start_to_stderr() {
+        Ok(running) => Some(running),
+        Err(e) => {
+            out.warn(&format!(
+                "{e:#}; `journalctl -fu {unit}` shows its progress"
+            ));
+            None
+        }
+    }
+}
+
+/// Stop showing a unit's journal, once the journal has had a moment to pass on the unit's
+/// last lines.
+fn stop_following(following: Option<Running>) {
+    if let Some(running) = following {
+        std::thread::sleep(Duration::from_millis(500));
+        running.stop();
     }
 }
 
