@@ -80,8 +80,9 @@ pub enum Command {
     Backfill(BackfillArgs),
     /// Prove nothing is left: exact NULL, orphan and wrong jobset_id counts, with samples.
     Verify,
-    /// Carry out the effect of upgrade-62..65 online (no long write-blocking lock) and
-    /// record schema 65, so the final package's hydra-init has nothing left to do.
+    /// Carry out the effect of upgrade-62..65 online (no long write-blocking lock on
+    /// PostgreSQL 12 and later) and record schema 65, so the final package's hydra-init
+    /// has nothing left to do.
     Finalize(FinalizeArgs),
     /// Run the whole upgrade on a throwaway PostgreSQL: synthetic data by default, or a
     /// copy of production (--from-dump / --from-db). Reports durations and lock times.
@@ -127,13 +128,16 @@ const BATCH_SIZE_MAX: u64 = i32::MAX as u64;
 
 #[derive(Debug, Clone, Args)]
 pub struct BackfillArgs {
-    /// Batch selection strategy.
+    /// Batch selection strategy. Default: the configuration file's `backfill.strategy`,
+    /// else `auto`.
     #[arg(long, value_enum)]
     pub strategy: Option<StrategyChoice>,
     /// Target duration of one batch transaction; the batch size adapts towards it.
+    /// Default: the configuration file's `backfill.target_batch_ms`, else 20.
     #[arg(long, value_name = "MS")]
     pub target_batch_ms: Option<u64>,
-    /// Pause between batches (throttle).
+    /// Pause between batches (throttle). Default: the configuration file's
+    /// `backfill.pause_ms`, else 0.
     #[arg(long, value_name = "MS")]
     pub pause_ms: Option<u64>,
     /// First batch size (keys for keyset, heap pages for per-page).

@@ -83,7 +83,7 @@ pub fn plan(s: &Status, stock_final: bool, host: &str) -> Vec<PlannedStep> {
             ),
         );
     } else {
-        add("finalize", "apply the effect of upgrade-62..65 online: NOT NULL via a validated CHECK, both indexes CONCURRENTLY, SchemaVersion 65; only sub-second locks".into());
+        add("finalize", "apply the effect of upgrade-62..65 online: NOT NULL via a validated CHECK, both indexes CONCURRENTLY, SchemaVersion 65; only sub-second write-blocking locks from PostgreSQL 12 on".into());
         add(
             "switch-final",
             format!(

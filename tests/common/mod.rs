@@ -321,8 +321,7 @@ pub fn run_on(db: &TestDb, args: &[&str]) -> Run {
     run(&full)
 }
 
-/// Start the binary in the background (for interrupt tests).
-/// Start the binary with these arguments only.
+/// Start the binary in the background with these arguments only (for interrupt tests).
 pub fn spawn(args: &[&str]) -> duct::Handle {
     command(args).start().expect("starting hydra-upgrade")
 }
