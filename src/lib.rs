@@ -76,6 +76,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
             let s = status::detect(&mut db, false)?;
             let steps = upgrade::plan(&s, false, "the host");
             let wal = upgrade::wal_outlook(&mut db, &s)?;
+            let hot = upgrade::hot_outlook(&mut db, &s)?;
             // While a backfill or finalize is still to come: both wait for standbys, at
             // the limit a run would use (the config file's, else the default).
             let replication = if s.stage == status::Stage::Final {
@@ -95,6 +96,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
                     "status": s,
                     "plan": steps,
                     "wal_segments": wal.map(|o| o.data()),
+                    "hot_blockers": hot,
                     "replication": replication,
                 }))?;
             } else {
@@ -111,6 +113,13 @@ pub fn run(cli: Cli) -> Result<Exit> {
                     for w in o.warnings() {
                         crate::outln!("warning: {w}");
                     }
+                }
+                for b in &hot {
+                    crate::outln!(
+                        "warning: HOT updates of Builds are defeated right now: {b}; the \
+                         backfill would walk Builds by keyset (slower, and Builds grows) \
+                         unless that ends first"
+                    );
                 }
                 for line in replication.iter().flat_map(|r| r.lines()) {
                     crate::outln!("{line}");

@@ -2,7 +2,7 @@
 //! migration package, backfill, verify, finalize online, switch to the final package.
 //! The database decides where to start, so a re-run after any interruption continues.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -99,6 +99,17 @@ pub fn plan(s: &Status, stock_final: bool, host: &str) -> Vec<PlannedStep> {
 /// finalize, and the plan says the same.
 fn columns_not_null(s: &Status) -> bool {
     s.stage == Stage::Migration && !s.jobs_jobset_id.nullable && !s.builds_jobset_id.nullable
+}
+
+/// What defeats HOT updates of Builds right now, when the plan still has a backfill: with
+/// any of it `--strategy auto` walks Builds by keyset (`backfill::hot_blockers`, at the
+/// default `--horizon-age-secs`).
+pub fn hot_outlook(db: &mut Db, s: &Status) -> Result<Vec<String>> {
+    if s.stage == Stage::Final || columns_not_null(s) {
+        return Ok(Vec::new());
+    }
+    let age = Duration::from_secs(crate::cli::BackfillArgs::defaults().horizon_age_secs);
+    backfill::hot_blockers(db, backfill::Table::Builds, age)
 }
 
 /// What the backfill's walk of Builds will ask of `pg_wal`, when the plan still has one

@@ -490,3 +490,92 @@ fn the_look_before_a_long_step_is_taken_however_soon_after_the_last() {
     assert_eq!(behind.name, SLOT_STANDBY);
     assert!(behind.bytes > 32 << 20, "{behind:?}");
 }
+
+/// A standby with `hot_standby_feedback` holds back the xmin horizon through its slot
+/// even with no query running (its xmin moves with its feedback only): `auto` walks
+/// Builds by keyset, saying why and what the admin can do.
+#[test]
+fn a_standby_with_hot_standby_feedback_turns_auto_to_keyset() {
+    /// Sets the slot standby's hot_standby_feedback, and off again when dropped.
+    struct Feedback;
+    impl Feedback {
+        fn set(on: bool) {
+            let mut standby = standbys()[0].connect("postgres").unwrap();
+            let value = if on { "on" } else { "off" };
+            for sql in [
+                format!("ALTER SYSTEM SET hot_standby_feedback = {value}"),
+                "SELECT pg_reload_conf()".into(),
+            ] {
+                standby.client().batch_execute(&sql).unwrap();
+            }
+            slot_xmin_until(!on);
+        }
+    }
+    impl Drop for Feedback {
+        fn drop(&mut self) {
+            Feedback::set(false);
+        }
+    }
+    /// Wait until the slot's xmin is cleared (`cleared`), or set.
+    fn slot_xmin_until(cleared: bool) {
+        let mut primary = cluster().connect("postgres").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while primary
+            .client()
+            .query_one(
+                "SELECT xmin IS NULL FROM pg_replication_slots WHERE slot_name = $1",
+                &[&SLOT_STANDBY],
+            )
+            .unwrap()
+            .get::<_, bool>(0)
+            != cleared
+        {
+            assert!(Instant::now() < deadline, "the slot's xmin never changed");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let _serial = serial();
+    let db = hydra_at(61);
+    standbys_caught_up();
+    Feedback::set(true);
+    let _off = Feedback;
+    // `plan` says so beforehand.
+    let plan = run_on(&db, &["plan"]);
+    plan.expect_code(0);
+    assert_contains(
+        &plan.stdout,
+        &format!(
+            "warning: HOT updates of Builds are defeated right now: replication slot \
+             {SLOT_STANDBY} holds back the xmin horizon ("
+        ),
+    );
+    let r = run_on(&db, &["backfill"]);
+    r.expect_code(0);
+    assert_contains(&r.stderr, "builds: strategy keyset");
+    assert_contains(
+        &r.stderr,
+        &format!("replication slot {SLOT_STANDBY} holds back the xmin horizon ("),
+    );
+    assert_contains(&r.stderr, "hot_standby_feedback = on; turned off there");
+    assert_eq!(db.wrong_or_null(), 0);
+    // Why: walked per page all the same, hardly any update of Builds is HOT (0.0 % where
+    // 96 % are without the standby's feedback, `--nocapture` prints it).
+    let db = hydra_at(61);
+    let r = run_on(&db, &["--json", "backfill", "--strategy", "per-page"]);
+    r.expect_code(0);
+    let (_, report) = r.json_lines();
+    let hot = table_report(&report, "builds")["hot_share"]
+        .as_f64()
+        .unwrap();
+    eprintln!(
+        "per-page with the standby's feedback: {:.1} % HOT",
+        100.0 * hot
+    );
+    assert!(hot < 0.5, "{report}");
+    // With the feedback off, `plan` has nothing to warn about.
+    drop(_off);
+    let plan = run_on(&hydra_at(61), &["--json", "plan"]);
+    plan.expect_code(0);
+    let (_, doc) = plan.json_lines();
+    assert_eq!(doc["hot_blockers"], serde_json::json!([]), "{doc}");
+}

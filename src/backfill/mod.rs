@@ -428,16 +428,30 @@ pub fn hot_blockers(db: &mut Db, table: Table, horizon_age: Duration) -> Result<
     }
     // Only a slot's `xmin` (a physical slot fed by hot_standby_feedback) holds back the
     // pruning of user tables, in every database; a logical slot's `catalog_xmin` only
-    // holds back the system catalogs, which HOT on Builds does not care about.
+    // holds back the system catalogs, which HOT on Builds does not care about. Even a
+    // standby with no query running holds it back: its xmin moves only with its feedback,
+    // every wal_receiver_status_interval (10 s), while a page's rows are all updated
+    // within about a second.
     let slots = db.client().query(
-        "SELECT slot_name::text FROM pg_replication_slots WHERE xmin IS NOT NULL",
+        "SELECT slot_name::text, active, age(xmin)::bigint FROM pg_replication_slots
+          WHERE xmin IS NOT NULL",
         &[],
     )?;
     for r in slots {
-        let name: String = r.get(0);
-        why.push(format!(
-            "replication slot {name} holds back the xmin horizon"
-        ));
+        let (name, active, age): (String, bool, i64) = (r.get(0), r.get(1), r.get(2));
+        why.push(if active {
+            format!(
+                "replication slot {name} holds back the xmin horizon ({age} transactions): its \
+                 standby runs with hot_standby_feedback = on; turned off there for the \
+                 backfill (queries on the standby may then be cancelled), HOT can work"
+            )
+        } else {
+            format!(
+                "replication slot {name}, with no standby connected, holds back the xmin \
+                 horizon ({age} transactions) where its standby left it; drop it if that \
+                 standby is gone for good"
+            )
+        });
     }
     Ok(why)
 }
