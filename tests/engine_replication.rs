@@ -572,10 +572,20 @@ fn a_standby_with_hot_standby_feedback_turns_auto_to_keyset() {
         100.0 * hot
     );
     assert!(hot < 0.5, "{report}");
-    // With the feedback off, `plan` has nothing to warn about.
+    // With the feedback off, `plan` has nothing to warn about, and the same walk's
+    // updates are HOT.
     drop(_off);
-    let plan = run_on(&hydra_at(61), &["--json", "plan"]);
+    let db = hydra_at(61);
+    let plan = run_on(&db, &["--json", "plan"]);
     plan.expect_code(0);
     let (_, doc) = plan.json_lines();
     assert_eq!(doc["hot_blockers"], serde_json::json!([]), "{doc}");
+    let r = run_on(&db, &["--json", "backfill", "--strategy", "per-page"]);
+    r.expect_code(0);
+    let (_, report) = r.json_lines();
+    let hot = table_report(&report, "builds")["hot_share"]
+        .as_f64()
+        .unwrap();
+    eprintln!("per-page without it: {:.1} % HOT", 100.0 * hot);
+    assert!(hot > 0.5, "{report}");
 }
