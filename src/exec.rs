@@ -159,51 +159,48 @@ impl Cmd {
         Ok(Output { stdout, stderr })
     }
 
-    /// Run to the end, its output going to our stderr: both its streams, so that our
-    /// stdout carries only the tool's own (one JSON stream with `--json`); an activation
-    /// prints to stdout.
-    fn run_inherit_status(&self) -> Result<std::process::ExitStatus> {
-        let out = self
+    /// Run to the end (long activations), its output going to our stderr: both its
+    /// streams, so that our stdout carries only the tool's own (one JSON stream with
+    /// `--json`); an activation prints to stdout. A non-zero exit is an error.
+    pub fn run_inherit(&self) -> Result<()> {
+        let status = self
             .expression()
             .stdout_to_stderr()
             .unchecked()
             .run()
-            .with_context(|| format!("cannot start `{}`", self.display()))?;
-        Ok(out.status)
-    }
-
-    /// Run to the end with its output going to our stderr (long activations); non-zero
-    /// exit is an error.
-    pub fn run_inherit(&self) -> Result<()> {
-        let status = self.run_inherit_status()?;
+            .with_context(|| format!("cannot start `{}`", self.display()))?
+            .status;
         if !status.success() {
             anyhow::bail!("`{}` failed ({})", self.display(), describe_status(status));
         }
         Ok(())
     }
 
-    /// Run to the end with its output going to our stderr and return the exit code
-    /// (`None` when a signal ended it); a non-zero code is not an error here.
-    pub fn run_inherit_code(&self) -> Result<Option<i32>> {
-        Ok(self.run_inherit_status()?.code())
-    }
-
     /// Start in the background, its stdout going to our stderr (so that ours stays one JSON
-    /// stream with `--json`), until [`Running::stop`] or our end, however we end: killed
-    /// with us, it never lives on writing to the terminal.
+    /// stream with `--json`), until the [`Running`] is dropped or we end, however we end:
+    /// killed with us, it never lives on writing to the terminal. In a process group of
+    /// its own, so that the terminal's Ctrl-C reaches only us, and we decide what it ends.
     pub fn start_to_stderr(&self) -> Result<Running> {
+        let parent = std::process::id();
         let handle = self
             .expression()
             .stdin_null()
             .stdout_to_stderr()
             .unchecked()
-            .before_spawn(|command| {
+            .before_spawn(move |command| {
+                command.process_group(0);
                 // SAFETY: the hook runs in the child between fork and exec, where only
-                // async-signal-safe calls are allowed; prctl is a plain system call.
+                // async-signal-safe calls are allowed: prctl, getppid and _exit are plain
+                // system calls. The death signal follows the thread that spawned the
+                // child: the tool's main thread, which lives as long as the process.
                 unsafe {
-                    command.pre_exec(|| {
+                    command.pre_exec(move || {
                         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
                             return Err(std::io::Error::last_os_error());
+                        }
+                        // We may have died between the fork and the prctl.
+                        if u32::try_from(libc::getppid()) != Ok(parent) {
+                            libc::_exit(1);
                         }
                         Ok(())
                     });
@@ -228,13 +225,21 @@ impl Cmd {
     }
 }
 
-/// A command started by [`Cmd::start_to_stderr`].
+/// A command started by [`Cmd::start_to_stderr`]; dropped, it is killed (if it still
+/// runs) and reaped.
 pub struct Running(duct::Handle);
 
 impl Running {
-    /// End it (SIGKILL) and reap it; it may have ended by itself.
-    pub fn stop(self) {
+    /// Its exit code once it has ended (`Some(None)`: a signal ended it).
+    pub fn try_code(&self) -> Result<Option<Option<i32>>> {
+        Ok(self.0.try_wait()?.map(|o| o.status.code()))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
         let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

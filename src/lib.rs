@@ -116,9 +116,9 @@ pub fn run(cli: Cli) -> Result<Exit> {
                 }
                 for b in &hot {
                     crate::outln!(
-                        "warning: HOT updates of Builds are defeated right now: {b}; the \
-                         backfill would walk Builds by keyset (slower, and Builds grows) \
-                         unless that ends first"
+                        "warning: HOT updates of Builds are defeated right now: {b}; unless \
+                         that ends first, `--strategy auto` walks Builds by keyset (slower, \
+                         and Builds grows)"
                     );
                 }
                 for line in replication.iter().flat_map(|r| r.lines()) {

@@ -1005,6 +1005,27 @@ fn ctrl_c_during_the_backfill_stops_its_unit_then_resumes() {
     f.assert_final();
 }
 
+/// A SIGTERM to the tool alone (not to the systemd-run client, which runs in a process
+/// group of its own) stops the backfill unit at once, not when the backfill ends.
+#[test]
+fn sigterm_to_the_tool_alone_stops_the_backfill_unit() {
+    let f = Fake::new(61);
+    let h = f.spawn(&SLOW_BACKFILL);
+    let pid_file = f.state("units/hydra-upgrade-backfill.service.pid");
+    wait_for("the backfill unit", || pid_file.exists());
+    std::thread::sleep(Duration::from_millis(300));
+    for pid in h.pids() {
+        kill(&pid.to_string(), "-TERM");
+    }
+    let out = h.wait().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert_contains(&stderr, "systemctl stop hydra-upgrade-backfill.service");
+    assert!(f.db.wrong_or_null() > 0, "stopped before the end");
+    f.run(&SLOW_BACKFILL).expect_code(0);
+    f.assert_final();
+}
+
 #[test]
 fn ctrl_c_during_an_activation_does_not_roll_back_and_a_rerun_finishes_the_switch() {
     let f = Fake::new(58);

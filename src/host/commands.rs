@@ -219,12 +219,20 @@ pub fn backfill_unit(env_file: &Path, argv: &[String]) -> Cmd {
         .stdin_bytes(Vec::new())
 }
 
-/// Follow a unit's journal from `since` (seconds since the epoch) on, its messages only.
-pub fn journal_follow(unit: &str, since: u64) -> Cmd {
+/// Follow what a unit's processes write to the journal (not systemd's own lines about
+/// the unit) from `since` on, the messages only.
+pub fn journal_follow(unit: &str, since: std::time::SystemTime) -> Cmd {
+    let since = since
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     Cmd::new("journalctl")
         .args(["--follow", "--quiet", "--no-pager", "--output=cat"])
-        .arg(format!("--unit={unit}.service"))
-        .arg(format!("--since=@{since}"))
+        .arg(format!(
+            "--since=@{}.{:06}",
+            since.as_secs(),
+            since.subsec_micros()
+        ))
+        .arg(format!("_SYSTEMD_UNIT={unit}.service"))
 }
 
 /// Parse `systemctl show` output into (key, value) pairs.
@@ -365,6 +373,16 @@ mod tests {
         assert!(d.ends_with("-- /bin/hydra-upgrade backfill"), "{d}");
         // Its output goes to the journal, not to our streams, which an SSH drop takes away.
         assert!(!d.contains("--pipe"), "{d}");
+    }
+
+    #[test]
+    fn the_journal_follower_reads_the_units_own_lines_from_a_moment_on() {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_micros(1_700_000_000_000_123);
+        assert_eq!(
+            journal_follow(BACKFILL_UNIT, at).display(),
+            "journalctl --follow --quiet --no-pager --output=cat --since=@1700000000.000123 \
+             _SYSTEMD_UNIT=hydra-upgrade-backfill.service"
+        );
     }
 
     #[test]

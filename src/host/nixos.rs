@@ -178,6 +178,23 @@ impl NixosHost {
         result
     }
 
+    /// Run the `systemd-run --wait` client of a unit to its end, looking every 100 ms for a
+    /// stop asked for (Ctrl-C, or a SIGTERM to us alone, which the client never sees):
+    /// then it returns at once, the unit still running, for the caller to stop. The
+    /// client's exit code otherwise (`None`: a signal ended it).
+    fn wait_for_client(&self, cmd: &Cmd) -> Result<Option<i32>> {
+        let client = cmd.start_to_stderr()?;
+        loop {
+            if self.interrupt.requested() {
+                return Ok(None);
+            }
+            if let Some(code) = client.try_code()? {
+                return Ok(code);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Poll hydra-init.service until the oneshot has finished: `active` with
     /// `Result=success` is done; `failed` (or active with another result) is a failure.
     pub fn wait_hydra_init(&self, out: &Out) -> Result<()> {
@@ -638,35 +655,37 @@ impl Host for NixosHost {
             cmd.display()
         ));
         let following = follow_journal(c::BACKFILL_UNIT, out);
-        let code = cmd.run_inherit_code();
-        stop_following(following);
+        let code = self.wait_for_client(&cmd);
         let _ = std::fs::remove_file(&env_file);
         if self.interrupt.requested() {
-            // Ctrl-C means stop the backfill, not only our wait for it: SIGTERM makes it
-            // finish or roll back its open batch.
+            // Ctrl-C or SIGTERM means stop the backfill, not only our wait for it: SIGTERM
+            // makes it finish or roll back its open batch (its last lines still shown).
             let stop = self.on(c::unit_stop(c::BACKFILL_UNIT));
             out.say(&format!("$ {}", stop.display()));
             if let Err(e) = stop.run() {
                 out.warn(&format!("{e:#}"));
             }
+            stop_following(following);
             return Err(fail(
                 Exit::Interrupted,
                 "interrupted; the backfill stopped after its open batch and every committed \
                  batch is kept. Run `hydra-upgrade upgrade` again to continue.",
             ));
         }
+        stop_following(following);
         match code? {
             Some(0) => Ok(Some(start.elapsed().as_secs_f64())),
             Some(code) => {
                 let exit = exit_from_code(code);
+                // Its last lines, in case the journal passed them on after we stopped
+                // showing it.
                 Err(fail(
                     exit,
                     format!(
-                        "the backfill in {}.service ended with exit code {code}; its log: \
-                         `journalctl -u {}`. Committed batches are kept: run `hydra-upgrade \
-                         upgrade` again to continue.",
+                        "the backfill in {}.service ended with exit code {code}. Committed \
+                         batches are kept: run `hydra-upgrade upgrade` again to continue.{}",
                         c::BACKFILL_UNIT,
-                        c::BACKFILL_UNIT
+                        self.journal(c::BACKFILL_UNIT)
                     ),
                 ))
             }
@@ -766,10 +785,7 @@ impl Host for NixosHost {
 /// Show a local unit's journal on our stderr from now on, while we wait for the unit
 /// ([`stop_following`]). Without `journalctl` the wait goes on unshown.
 fn follow_journal(unit: &str, out: &Out) -> Option<Running> {
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    match c::journal_follow(unit, since).start_to_stderr() {
+    match c::journal_follow(unit, std::time::SystemTime::now()).start_to_stderr() {
         Ok(running) => Some(running),
         Err(e) => {
             out.warn(&format!(
@@ -781,11 +797,10 @@ fn follow_journal(unit: &str, out: &Out) -> Option<Running> {
 }
 
 /// Stop showing a unit's journal, once the journal has had a moment to pass on the unit's
-/// last lines.
+/// last lines (a failure's error names them again from the journal).
 fn stop_following(following: Option<Running>) {
-    if let Some(running) = following {
+    if following.is_some() {
         std::thread::sleep(Duration::from_millis(500));
-        running.stop();
     }
 }
 
