@@ -77,7 +77,7 @@ pub enum Command {
     /// What `upgrade` would do next; changes nothing.
     Plan,
     /// Fill Jobs.jobset_id and Builds.jobset_id online, in short resumable batches.
-    Backfill(BackfillArgs),
+    Backfill(BackfillCmd),
     /// Prove nothing is left: exact NULL, orphan and wrong jobset_id counts, with samples.
     Verify,
     /// Carry out the effect of upgrade-62..65 online (no long write-blocking lock on
@@ -176,6 +176,18 @@ pub struct BackfillArgs {
     pub pin_cpu: Option<crate::backfill::one_cpu::PinCpu>,
     #[command(flatten)]
     pub replication: ReplicationArgs,
+}
+
+/// The `backfill` command: the knobs, and where `upgrade` wants the report of a backfill
+/// it runs in a unit of its own.
+#[derive(Debug, Clone, Args)]
+pub struct BackfillCmd {
+    #[command(flatten)]
+    pub knobs: BackfillArgs,
+    /// Also write the final report as JSON to this file, once the backfill has ended
+    /// (`upgrade` reads it from its backfill unit).
+    #[arg(long, value_name = "PATH", hide = true)]
+    pub report_file: Option<PathBuf>,
 }
 
 // The watch on standbys, shared by the backfill and the final phase (a plain comment: a

@@ -42,6 +42,24 @@ pub(crate) fn print_json(value: &impl Serialize) -> Result<()> {
     Ok(())
 }
 
+/// `backfill --report-file`: the report for `upgrade`, which ran the backfill in a unit
+/// of its own. The backfill has ended well by then: a failure to write is only warned
+/// about (`upgrade` then reports the backfill without its figures).
+fn write_report_file(path: Option<&std::path::Path>, report: &backfill::Report, out: &Out) {
+    let Some(path) = path else {
+        return;
+    };
+    let written = serde_json::to_string(report)
+        .map_err(anyhow::Error::from)
+        .and_then(|text| Ok(std::fs::write(path, text)?));
+    if let Err(e) = written {
+        out.warn(&format!(
+            "cannot write the report to {}: {e:#}",
+            path.display()
+        ));
+    }
+}
+
 fn flow_options(b: &cli::BackfillArgs, config: &Config, stock_final: bool) -> upgrade::Options {
     let backfill = backfill::Options::from_args(b, config);
     upgrade::Options {
@@ -130,7 +148,8 @@ pub fn run(cli: Cli) -> Result<Exit> {
             }
             Ok(Exit::Ok)
         }
-        Command::Backfill(args) => {
+        Command::Backfill(cmd) => {
+            let args = &cmd.knobs;
             let interrupt = Interrupt::install()?;
             let mut db = connect()?;
             let s = status::detect_stage(&mut db)?;
@@ -142,17 +161,20 @@ pub fn run(cli: Cli) -> Result<Exit> {
             if done {
                 backfill::autoanalyze::release_left_over(&mut db, &out)?;
                 out.say("nothing to backfill: both jobset_id columns are NOT NULL already");
+                // The report a script reads last: no table walked.
+                let report = backfill::Report {
+                    tables: Vec::new(),
+                    seconds: 0.0,
+                };
+                write_report_file(cmd.report_file.as_deref(), &report, &out);
                 if json {
-                    // The report a script reads last: no table walked.
-                    print_json(&backfill::Report {
-                        tables: Vec::new(),
-                        seconds: 0.0,
-                    })?;
+                    print_json(&report)?;
                 }
                 return Ok(Exit::Ok);
             }
             let opts = backfill::Options::from_args(args, &config);
             let report = backfill::run(&mut db, &opts, &out, &interrupt)?;
+            write_report_file(cmd.report_file.as_deref(), &report, &out);
             if json {
                 print_json(&report)?;
             } else {

@@ -180,7 +180,7 @@ fn backfill_once(
     let detached = host.detached_backfill(out)?;
     retake_lock(db, interrupt)?;
     match detached {
-        Some(_) => Ok(None),
+        Some(d) => Ok(d.report),
         None => backfill::run(db, &opts.backfill, out, interrupt).map(Some),
     }
 }

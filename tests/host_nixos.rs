@@ -1170,5 +1170,11 @@ fn json_mode_gives_events_and_a_final_report() {
             .iter()
             .any(|e| e["event"] == "step_done" && e["step"] == "backfill")
     );
+    // The backfill ran in its unit: its report came back through the state directory.
+    let tables = doc["backfills"][0]["tables"].as_array().unwrap();
+    assert_eq!(tables.len(), 2, "{doc}");
+    assert_eq!(tables[1]["table"], "builds", "{doc}");
+    assert!(tables[1]["rows_updated"].as_u64().unwrap() > 0, "{doc}");
+    assert!(!f.root.join("upgrade-state/backfill-report.json").exists());
     f.assert_final();
 }

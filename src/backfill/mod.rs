@@ -22,7 +22,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::cli::{BackfillArgs, StrategyChoice};
@@ -34,7 +34,7 @@ use crate::progress::Out;
 use one_cpu::PinCpu;
 use state::{PHASE_DONE, PHASE_HELD, PHASE_KEYS, PHASE_PAGES, TableProgress};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Table {
     Jobs,
@@ -105,7 +105,7 @@ impl Options {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TableReport {
     pub table: Table,
     pub strategy: String,
@@ -133,7 +133,7 @@ pub struct TableReport {
     pub replication_wait_seconds: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub tables: Vec<TableReport>,
     pub seconds: f64,

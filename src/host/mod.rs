@@ -41,6 +41,13 @@ pub struct SwitchReport {
     pub schema_steps: Vec<AppliedStep>,
 }
 
+/// A backfill run outside this process, ended well.
+#[derive(Debug, Clone)]
+pub struct Detached {
+    /// Its report, when it could be read back from the unit.
+    pub report: Option<crate::backfill::Report>,
+}
+
 pub trait Host {
     fn describe(&self) -> String;
     /// Check, before anything changes, that the host can carry the upgrade.
@@ -97,9 +104,9 @@ pub trait Host {
     fn follow_running_backfill(&mut self, _out: &Out) -> Result<()> {
         Ok(())
     }
-    /// Run the backfill outside this process (so a dropped session cannot stop it) and
-    /// return its duration, or `None` to have it run in this process.
-    fn detached_backfill(&mut self, _out: &Out) -> Result<Option<f64>> {
+    /// Run the backfill outside this process (so a dropped session cannot stop it), or
+    /// return `None` to have it run in this process.
+    fn detached_backfill(&mut self, _out: &Out) -> Result<Option<Detached>> {
         Ok(None)
     }
     /// The commands a step would run on this host, for `--dry-run`.

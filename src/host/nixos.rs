@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use super::commands::{self as c, Target};
 use super::http;
 use super::state::StateFile;
-use super::{Host, Phase, SwitchReport};
+use super::{Detached, Host, Phase, SwitchReport};
 use crate::cli::SwitchMode;
 use crate::exec::{Cmd, Running};
 use crate::exit::{Exit, exit_of, fail};
@@ -633,11 +633,10 @@ impl Host for NixosHost {
         Ok(())
     }
 
-    fn detached_backfill(&mut self, out: &Out) -> Result<Option<f64>> {
+    fn detached_backfill(&mut self, out: &Out) -> Result<Option<Detached>> {
         let Some(d) = self.settings.detached_backfill.clone() else {
             return Ok(None);
         };
-        let start = Instant::now();
         let dir = self
             .state
             .dir()
@@ -645,7 +644,12 @@ impl Host for NixosHost {
             .context("no state directory for the backfill's environment file")?;
         let env_file = dir.join("backfill.env");
         write_env_file(&env_file, &d.env)?;
-        let cmd = c::backfill_unit(&env_file, &d.argv);
+        // The unit's report comes back through a file: its output is the journal's.
+        let report_file = dir.join("backfill-report.json");
+        let _ = std::fs::remove_file(&report_file);
+        let mut argv = d.argv.clone();
+        argv.extend(["--report-file".into(), report_file.display().to_string()]);
+        let cmd = c::backfill_unit(&env_file, &argv);
         out.say(&format!(
             "running the backfill as {}.service so that a dropped session cannot stop it; \
              its progress goes to its journal (`journalctl -fu {}`), shown here while we \
@@ -674,7 +678,9 @@ impl Host for NixosHost {
         }
         stop_following(following);
         match code? {
-            Some(0) => Ok(Some(start.elapsed().as_secs_f64())),
+            Some(0) => Ok(Some(Detached {
+                report: read_report_file(&report_file, out),
+            })),
             Some(code) => {
                 let exit = exit_from_code(code);
                 // Its last lines, in case the journal passed them on after we stopped
@@ -802,6 +808,23 @@ fn stop_following(following: Option<Running>) {
     if following.is_some() {
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// The report the backfill unit wrote (`backfill --report-file`), removed once read;
+/// `None`, with a warning, if it cannot be read.
+fn read_report_file(path: &Path, out: &Out) -> Option<crate::backfill::Report> {
+    let read = std::fs::read_to_string(path)
+        .map_err(anyhow::Error::from)
+        .and_then(|text| Ok(serde_json::from_str(&text)?));
+    let _ = std::fs::remove_file(path);
+    read.map_err(|e| {
+        out.warn(&format!(
+            "the backfill unit ended well, but its report {} cannot be read ({e:#}); the \
+             summary lists the backfill without its figures",
+            path.display()
+        ))
+    })
+    .ok()
 }
 
 /// Write `NAME="value"` lines readable by systemd and `sh`, mode 0600.
