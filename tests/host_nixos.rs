@@ -144,15 +144,15 @@ impl Fake {
         ]
     }
 
-    /// `hydra-upgrade --db ... upgrade <args>` with the fake tools first on PATH.
-    /// The upgrade command, its output captured.
+    /// [`Fake::expr_uncaptured`], its output captured.
     fn expr(&self, args: &[String], env: &[(&str, String)]) -> duct::Expression {
         self.expr_uncaptured(args, env)
             .stdout_capture()
             .stderr_capture()
     }
 
-    /// The upgrade command, its output not redirected.
+    /// `hydra-upgrade --db ... upgrade <args>` with the fake tools first on PATH, its
+    /// output not redirected.
     fn expr_uncaptured(&self, args: &[String], env: &[(&str, String)]) -> duct::Expression {
         let mut full: Vec<String> = vec!["--db".into(), self.db.dsn.clone(), "upgrade".into()];
         full.extend(args.iter().cloned());
