@@ -101,11 +101,16 @@ fn columns_not_null(s: &Status) -> bool {
     s.stage == Stage::Migration && !s.jobs_jobset_id.nullable && !s.builds_jobset_id.nullable
 }
 
+/// Whether the plan still has a backfill (before schema 65, with a column still nullable).
+fn backfill_to_come(s: &Status) -> bool {
+    s.stage != Stage::Final && !columns_not_null(s)
+}
+
 /// What defeats HOT updates of Builds right now, when the plan still has a backfill: with
 /// any of it `--strategy auto` walks Builds by keyset (`backfill::hot_blockers`, at the
 /// default `--horizon-age-secs`).
 pub fn hot_outlook(db: &mut Db, s: &Status) -> Result<Vec<String>> {
-    if s.stage == Stage::Final || columns_not_null(s) {
+    if !backfill_to_come(s) {
         return Ok(Vec::new());
     }
     let age = Duration::from_secs(crate::cli::BackfillArgs::defaults().horizon_age_secs);
@@ -115,7 +120,7 @@ pub fn hot_outlook(db: &mut Db, s: &Status) -> Result<Vec<String>> {
 /// What the backfill's walk of Builds will ask of `pg_wal`, when the plan still has one
 /// (`backfill::wal_segments`).
 pub fn wal_outlook(db: &mut Db, s: &Status) -> Result<Option<backfill::wal_segments::Outlook>> {
-    if s.stage == Stage::Final || columns_not_null(s) {
+    if !backfill_to_come(s) {
         return Ok(None);
     }
     let remaining =

@@ -982,21 +982,18 @@ fn foreground_backfill_runs_in_the_process() {
     assert!(!f.calls().contains("hydra-upgrade-backfill"));
 }
 
-#[test]
-fn ctrl_c_during_the_backfill_stops_its_unit_then_resumes() {
-    let f = Fake::new(61);
+/// Start a slow upgrade, let its backfill unit run a moment, `stop` it: we end with exit
+/// 130, the unit stopped before the end (rows left, schema 61), and the re-run finishes.
+fn backfill_unit_stopped_midway(f: &Fake, stop: impl Fn(&duct::Handle)) {
     let h = f.spawn(&SLOW_BACKFILL);
     let pid_file = f.state("units/hydra-upgrade-backfill.service.pid");
     wait_for("the backfill unit", || pid_file.exists());
     std::thread::sleep(Duration::from_millis(300));
-    ctrl_c(&f, &h, "hydra-upgrade-backfill");
+    stop(&h);
     let out = h.wait().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
-    assert!(
-        stderr.contains("systemctl stop hydra-upgrade-backfill.service"),
-        "{stderr}"
-    );
+    assert_contains(&stderr, "systemctl stop hydra-upgrade-backfill.service");
     let unit_pid = std::fs::read_to_string(&pid_file).unwrap();
     assert!(!alive(&unit_pid), "the backfill unit must be stopped");
     assert!(f.db.wrong_or_null() > 0, "stopped before the end");
@@ -1005,25 +1002,22 @@ fn ctrl_c_during_the_backfill_stops_its_unit_then_resumes() {
     f.assert_final();
 }
 
+#[test]
+fn ctrl_c_during_the_backfill_stops_its_unit_then_resumes() {
+    let f = Fake::new(61);
+    backfill_unit_stopped_midway(&f, |h| ctrl_c(&f, h, "hydra-upgrade-backfill"));
+}
+
 /// A SIGTERM to the tool alone (not to the systemd-run client, which runs in a process
 /// group of its own) stops the backfill unit at once, not when the backfill ends.
 #[test]
 fn sigterm_to_the_tool_alone_stops_the_backfill_unit() {
     let f = Fake::new(61);
-    let h = f.spawn(&SLOW_BACKFILL);
-    let pid_file = f.state("units/hydra-upgrade-backfill.service.pid");
-    wait_for("the backfill unit", || pid_file.exists());
-    std::thread::sleep(Duration::from_millis(300));
-    for pid in h.pids() {
-        kill(&pid.to_string(), "-TERM");
-    }
-    let out = h.wait().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{stderr}");
-    assert_contains(&stderr, "systemctl stop hydra-upgrade-backfill.service");
-    assert!(f.db.wrong_or_null() > 0, "stopped before the end");
-    f.run(&SLOW_BACKFILL).expect_code(0);
-    f.assert_final();
+    backfill_unit_stopped_midway(&f, |h| {
+        for pid in h.pids() {
+            kill(&pid.to_string(), "-TERM");
+        }
+    });
 }
 
 #[test]
