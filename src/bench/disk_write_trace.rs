@@ -358,9 +358,39 @@ impl Tracer {
             .join()
             .map_err(|_| anyhow::anyhow!("the trace's thread panicked"));
         let lost_events = lost_events(&self.instance);
-        std::fs::remove_dir(&self.instance).ok();
+        if let Err(e) = remove_instance(&self.instance) {
+            crate::errln!("warning: {e:#}");
+        }
         disabled.context("ending the trace")?;
         Ok((writes??, lost_events))
+    }
+}
+
+/// Remove a tracing instance. The kernel refuses (EBUSY) while any of its files is open,
+/// and a child that another thread forks holds a copy of the reader's `trace_pipe` until
+/// it execs (`O_CLOEXEC`): a moment, but a removal right after the reader ends can fall
+/// in it (one `.ci/run` did). So a busy instance is retried for a while.
+fn remove_instance(instance: &Path) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match std::fs::remove_dir(instance) {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ResourceBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "removing the tracing instance {0}: remove it once nothing reads it \
+                         (rmdir {0})",
+                        instance.display()
+                    )
+                });
+            }
+        }
     }
 }
 
@@ -741,6 +771,25 @@ mod tests {
         let instance = tracer.instance.clone();
         assert!(instance.is_dir());
         drop(tracer);
+        assert!(!instance.exists(), "{} left behind", instance.display());
+    }
+
+    /// An instance whose file someone else holds open for a moment (as a child forked
+    /// while the reader had `trace_pipe` open holds that until it execs) is still removed.
+    #[test]
+    fn an_instance_held_open_for_a_moment_is_still_removed() {
+        let Some(dir) = traced_dir("an_instance_held_open_for_a_moment_is_still_removed") else {
+            return;
+        };
+        let tracer = start(dir.path()).unwrap();
+        let instance = tracer.instance.clone();
+        let held = std::fs::File::open(instance.join("tracing_on")).unwrap();
+        let let_go = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(held);
+        });
+        tracer.stop().unwrap();
+        let_go.join().unwrap();
         assert!(!instance.exists(), "{} left behind", instance.display());
     }
 
