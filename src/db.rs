@@ -15,6 +15,10 @@ use crate::exit::{Exit, fail};
 /// ("hydra-up" in ASCII).
 const UPGRADE_LOCK_KEY: i64 = 0x6879_6472_612d_7570;
 
+/// How long [`Db::take_upgrade_lock_waiting`] waits for another session to let go of the
+/// upgrade lock before taking it for another run at work.
+pub const UPGRADE_LOCK_WAIT: Duration = Duration::from_secs(10);
+
 /// The oldest PostgreSQL hydra-upgrade runs on: the suite runs on 10 to 15
 /// (`.ci/older-postgres`); 9.x lacks what the backfill reads from `pg_stat_activity`.
 pub const MIN_SERVER_VERSION: i32 = 100_000;
@@ -229,6 +233,47 @@ impl Db {
                 (r.get(0), r.get(1), r.get(2), r.get(3));
             format!("pid {pid} ({app}, from {addr}, connected {age}s ago)")
         }))
+    }
+
+    /// [`Self::take_upgrade_lock`], waiting up to [`UPGRADE_LOCK_WAIT`] for its holder to
+    /// let go: the session of a run that has just ended needs a moment to close on the
+    /// server (a backfill unit's; ours, closed by a PostgreSQL restart; one whose tool was
+    /// killed, which PostgreSQL notices only once the statement running then has ended).
+    /// A holder still there after that is another run at work: [`Exit::Locked`]. A stop
+    /// asked for meanwhile ends the wait.
+    pub fn take_upgrade_lock_waiting(
+        &mut self,
+        interrupt: &crate::interrupt::Interrupt,
+        out: &crate::progress::Out,
+    ) -> Result<()> {
+        let began = std::time::Instant::now();
+        let mut said = false;
+        loop {
+            let e = match self.take_upgrade_lock() {
+                Err(e) if crate::exit::exit_of(&e) == Exit::Locked => e,
+                other => return other,
+            };
+            if began.elapsed() >= UPGRADE_LOCK_WAIT {
+                return Err(e);
+            }
+            if !said {
+                said = true;
+                let who = self
+                    .upgrade_lock_holder()?
+                    .unwrap_or_else(|| "another session".into());
+                out.say(&format!(
+                    "the upgrade lock is held by {who}; waiting up to {} s for it to be let go",
+                    UPGRADE_LOCK_WAIT.as_secs()
+                ));
+            }
+            if interrupt.sleep(Duration::from_millis(100)) {
+                return Err(e.context(crate::exit::Failure::new(
+                    Exit::Interrupted,
+                    "interrupted while waiting for the upgrade lock; run the same command \
+                     again to continue",
+                )));
+            }
+        }
     }
 
     /// Take the database-wide upgrade lock (session advisory lock) or fail with

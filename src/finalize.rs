@@ -284,7 +284,7 @@ fn run_in_session(
         began: Some(start),
         ..Report::default()
     };
-    db.take_upgrade_lock()?;
+    db.take_upgrade_lock_waiting(interrupt, out)?;
     // A backfill killed outright may have left autoanalyze held off; the final catalog
     // must be Hydra's own.
     crate::backfill::autoanalyze::release(db, out, true)?;

@@ -224,7 +224,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
             }
             // First the lock: while a backfill runs, "another hydra-upgrade is working"
             // (exit 8, naming it) says more than the rows it has not reached yet.
-            db.take_upgrade_lock()?;
+            db.take_upgrade_lock_waiting(&Interrupt::default(), &out)?;
             let v = verify::run(&mut db)?;
             if !v.clean {
                 return Err(fail(

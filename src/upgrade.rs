@@ -183,34 +183,10 @@ fn backfill_once(
         .batch_execute("SELECT pg_advisory_unlock_all()")
         .context("handing the upgrade lock to the backfill")?;
     let detached = host.detached_backfill(out)?;
-    retake_lock(db, interrupt)?;
+    db.take_upgrade_lock_waiting(interrupt, out)?;
     match detached {
         Some(d) => Ok(d.report),
         None => backfill::run(db, &opts.backfill, out, interrupt).map(Some),
-    }
-}
-
-/// Take the upgrade lock back from a session that just ended (a backfill's, or our own
-/// closed by a PostgreSQL restart): it may need a moment to close on the server. A stop
-/// asked for meanwhile ends the wait.
-fn retake_lock(db: &mut Db, interrupt: &Interrupt) -> Result<()> {
-    let start = Instant::now();
-    loop {
-        match db.take_upgrade_lock() {
-            Err(e)
-                if crate::exit::exit_of(&e) == Exit::Locked
-                    && start.elapsed() < std::time::Duration::from_secs(10) =>
-            {
-                if interrupt.sleep(std::time::Duration::from_millis(100)) {
-                    return Err(e.context(crate::exit::Failure::new(
-                        Exit::Interrupted,
-                        "interrupted while taking the upgrade lock back; run `hydra-upgrade \
-                         upgrade` again to continue",
-                    )));
-                }
-            }
-            other => return other,
-        }
     }
 }
 
@@ -337,7 +313,7 @@ fn confirm_after_switch(
                  connecting again"
             ));
             db.reconnect(RECONNECT_WITHIN, interrupt)?;
-            retake_lock(db, interrupt)?;
+            db.take_upgrade_lock_waiting(interrupt, out)?;
             Ok(confirm_schema(db, phase))
         }
         other => Ok(other),
@@ -437,7 +413,7 @@ pub fn run(
 ) -> Result<Report> {
     let mut report = Report::default();
     host.follow_running_backfill(out)?;
-    db.take_upgrade_lock()?;
+    db.take_upgrade_lock_waiting(interrupt, out)?;
     if host.pending_switch() == Some(Phase::Final)
         && status::detect_stage(db)?.stage == Stage::BeforeMigration
     {

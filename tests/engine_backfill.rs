@@ -95,6 +95,36 @@ fn auto_warns_about_an_old_snapshot_and_names_its_pid() {
     assert_eq!(db.wrong_or_null(), 0);
 }
 
+/// From PostgreSQL 14 a snapshot held in another database does not hold back pruning
+/// here: auto keeps the per-page walk, names nothing, and its updates are HOT. Before 14
+/// it does, and auto picks keyset, naming it.
+#[test]
+fn an_old_snapshot_in_another_database_counts_only_before_postgresql_14() {
+    let db = hydra_at(61);
+    let elsewhere = empty_db();
+    let mut holder = elsewhere.connect();
+    let c = holder.client();
+    let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1;")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1_500));
+    let r = run_on(&db, &["--json", "backfill", "--horizon-age-secs", "1"]);
+    c.batch_execute("ROLLBACK").unwrap();
+    r.expect_code(0);
+    let builds = &last_json_document(&r.stdout)["tables"][1];
+    let said = format!("{}{}", r.stdout, r.stderr);
+    if db.query_i64("SELECT current_setting('server_version_num')::bigint") >= 140000 {
+        assert_eq!(builds["strategy"], "per-page", "{builds}\n{said}");
+        assert!(!said.contains(&format!("pid {pid}")), "{said}");
+        let hot = builds["hot_share"].as_f64().unwrap();
+        assert!(hot > 0.8, "HOT share {hot}");
+    } else {
+        assert_eq!(builds["strategy"], "keyset", "{builds}");
+        assert_contains(&said, &format!("pid {pid}"));
+    }
+    assert_eq!(db.wrong_or_null(), 0);
+}
+
 #[test]
 fn orphans_are_skipped_reported_and_fail_verify() {
     let db = hydra_at(61);
@@ -238,6 +268,53 @@ fn null_rows_from_an_older_writer_are_caught_by_verify() {
     run_on(&db, &["verify"]).expect_code(0);
 }
 
+/// A run started while the session of one that has just ended still holds the upgrade
+/// lock (a tool killed outright leaves its session until the statement it ran ends)
+/// waits for it to be let go, and goes on.
+#[test]
+fn a_backfill_waits_for_the_upgrade_lock_of_a_session_about_to_end() {
+    let db = hydra_at(61);
+    let mut holder = db.connect();
+    holder.take_upgrade_lock().unwrap();
+    let holder_pid = holder
+        .client()
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get::<_, i32>(0);
+    let handle = spawn_on(&db, &["backfill"]);
+    // Until the run has tried the lock (its last statement names it) and waits.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while db.query_i64(&format!(
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND pid NOT IN ({holder_pid}, pg_backend_pid())
+            AND query ILIKE '%advisory%'"
+    )) == 0
+    {
+        if let Some(out) = handle.try_wait().unwrap() {
+            panic!(
+                "the run ended before the lock was let go: {:?}\n{}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run never tried the lock"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    drop(holder);
+    let out = handle.wait().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_contains(
+        &stderr,
+        &format!("the upgrade lock is held by pid {holder_pid}"),
+    );
+    assert_eq!(db.wrong_or_null(), 0);
+}
+
 #[test]
 fn a_second_backfill_is_refused_while_one_runs() {
     let db = hydra_at(61);
@@ -245,6 +322,7 @@ fn a_second_backfill_is_refused_while_one_runs() {
     holder.take_upgrade_lock().unwrap();
     let r = run_on(&db, &["backfill"]);
     r.expect_code(8);
+    assert_contains(&r.stderr, "waiting up to 10 s for it to be let go");
     assert_contains(
         &r.stderr,
         "another hydra-upgrade is already working on this database: pid",
@@ -324,12 +402,37 @@ fn concurrent_writers_see_no_error_and_lose_no_update() {
 
 #[test]
 fn per_page_waits_out_a_short_old_snapshot_and_keeps_hot() {
-    let db = hydra_at(61);
-    let mut holder = db.connect();
-    let c = holder.client();
     // A report (or an autovacuum ANALYZE) holding a snapshot when the backfill starts.
-    c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM projects;")
-        .unwrap();
+    per_page_waits_out_and_keeps_hot(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM projects;",
+        false,
+    );
+}
+
+#[test]
+fn per_page_waits_out_a_short_transaction_idle_after_a_write_and_keeps_hot() {
+    // A client that wrote and waits in its transaction: READ COMMITTED, so no snapshot
+    // between statements, but its transaction id holds pruning back as well.
+    per_page_waits_out_and_keeps_hot("BEGIN; SELECT txid_current();", false);
+}
+
+#[test]
+fn per_page_waits_out_a_write_transaction_in_another_database_and_keeps_hot() {
+    // Every snapshot taken while it runs, ours included, has it as running: whatever
+    // the database, it holds pruning back here too (a snapshot of another database
+    // does not from PostgreSQL 14: an_old_snapshot_in_another_database_...).
+    per_page_waits_out_and_keeps_hot("BEGIN; SELECT txid_current();", true);
+}
+
+/// The backfill started while another session (of another database if `elsewhere`)
+/// runs `hold` and stays in its transaction waits for it between rounds, and its
+/// updates stay HOT.
+fn per_page_waits_out_and_keeps_hot(hold: &str, elsewhere: bool) {
+    let db = hydra_at(61);
+    let other = empty_db();
+    let mut holder = if elsewhere { &other } else { &db }.connect();
+    let c = holder.client();
+    c.batch_execute(hold).unwrap();
     let handle = spawn_on(
         &db,
         &[

@@ -65,6 +65,8 @@ fn interrupt_and_resume(strategy: &str, sig: &str, delay: Duration) {
     std::thread::sleep(delay);
     if sig == "-KILL" {
         handle.kill().unwrap();
+        handle.wait().ok();
+        db.wait_until_no_other_session();
     } else {
         signal(&handle, sig);
         let out = handle.wait().unwrap();

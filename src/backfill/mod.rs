@@ -320,7 +320,7 @@ fn ran_out_its_time(opts: &Options, began: Instant) -> bool {
 
 /// Waiting out short-lived snapshots before a per-page round. A round's HOT updates need
 /// the previous round's dead versions pruned, which no session with an older snapshot
-/// allows: an autovacuum ANALYZE of Builds (which the backfill itself triggers) holds one
+/// (or, idle in its transaction, an older transaction id) allows: an autovacuum ANALYZE of Builds (which the backfill itself triggers) holds one
 /// for seconds, and every round in that time moves its rows to other pages. So each
 /// round waits, at most `max` (polling every 10 ms), for such sessions to end. A session
 /// that stays in the way for more than 15 s (a long report, pg_dump) is named once and
@@ -403,10 +403,12 @@ pub fn hot_blockers(db: &mut Db, table: Table, horizon_age: Duration) -> Result<
                 extract(epoch FROM now() - coalesce(xact_start, backend_start))::bigint
            FROM pg_stat_activity
           WHERE pid <> pg_backend_pid()
-            AND (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL AND NOT {})
+            AND (backend_xid IS NOT NULL
+                 OR backend_xmin IS NOT NULL AND NOT {} AND {})
             AND now() - coalesce(xact_start, backend_start) > make_interval(secs => $1)
           ORDER BY 4 DESC LIMIT 5",
-        per_page::PLAIN_VACUUM
+        per_page::PLAIN_VACUUM,
+        per_page::SNAPSHOT_COUNTS_HERE
     );
     let old = db.client().query(&sql, &[&secs])?;
     for r in old {
@@ -536,7 +538,7 @@ fn has_fillable(db: &mut Db, table: Table) -> Result<bool> {
 /// verify (a count over all of Builds, minutes at tens of millions of rows) must not be
 /// cut off at the backfill's statement_timeout, nor finalize's commits be asynchronous.
 pub fn run(db: &mut Db, opts: &Options, out: &Out, interrupt: &Interrupt) -> Result<Report> {
-    db.take_upgrade_lock()?;
+    db.take_upgrade_lock_waiting(interrupt, out)?;
     db.with_own_settings(|db| {
         db.set_timeouts(opts.lock_timeout, opts.statement_timeout)?;
         // With synchronous replication, Hydra's commits wait until the standby has stored

@@ -243,6 +243,10 @@ fn read_pipe(pipe: &Path, stop: &AtomicBool, disk: &str) -> Result<Vec<Write>> {
         .with_context(|| format!("opening {}", pipe.display()))?;
     let (mut writes, mut pending, mut buf) = (Vec::new(), Vec::new(), vec![0u8; 1 << 16]);
     loop {
+        // Whether the stop came before this read: then a read that finds nothing has
+        // seen every event traced before the stop. (A stop looked at only after an empty
+        // read could have come with the last events, traced after that read.)
+        let stopping = stop.load(Ordering::SeqCst);
         // Nothing to read now: tracefs answers an empty pipe with EAGAIN; a read of 0 bytes
         // (end of file) is taken the same way, so that the loop neither spins nor outlives
         // `stop`.
@@ -264,7 +268,7 @@ fn read_pipe(pipe: &Path, stop: &AtomicBool, disk: &str) -> Result<Vec<Write>> {
             Err(e) => return Err(e).context("reading the trace"),
         };
         if idle {
-            if stop.load(Ordering::Relaxed) {
+            if stopping {
                 return Ok(writes);
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -349,7 +353,7 @@ impl Tracer {
     /// dropped, remove the instance (its `trace_pipe` closed by then); once.
     fn end(&mut self) -> Result<(Vec<Write>, u64)> {
         let reader = self.reader.take().context("the trace was ended already")?;
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.store(true, Ordering::SeqCst);
         let disabled = std::fs::write(
             self.instance.join("events/block/block_rq_issue/enable"),
             "0",

@@ -74,6 +74,26 @@ impl TestDb {
             .get(0)
     }
 
+    /// Until no other client session is connected to this database: a tool killed
+    /// outright leaves its session on the server until the statement it was running
+    /// ends (a COMMIT among them), so what it committed is only known then.
+    pub fn wait_until_no_other_session(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while self.query_i64(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND pid <> pg_backend_pid()
+                AND backend_type = 'client backend'",
+        ) > 0
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a session stayed connected to {}",
+                self.name
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     pub fn exec(&self, sql: &str) {
         self.connect().client().batch_execute(sql).expect(sql);
     }
