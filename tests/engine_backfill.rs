@@ -96,8 +96,7 @@ fn auto_warns_about_an_old_snapshot_and_names_its_pid() {
 }
 
 /// From PostgreSQL 14 a snapshot held in another database does not hold back pruning
-/// here: auto keeps the per-page walk, names nothing, and its updates are HOT. Before 14
-/// it does, and auto picks keyset, naming it.
+/// here, and auto does not name it. Before 14 it does, and auto picks keyset, naming it.
 #[test]
 fn an_old_snapshot_in_another_database_counts_only_before_postgresql_14() {
     let db = hydra_at(61);
@@ -114,10 +113,9 @@ fn an_old_snapshot_in_another_database_counts_only_before_postgresql_14() {
     let builds = &last_json_document(&r.stdout)["tables"][1];
     let said = format!("{}{}", r.stdout, r.stderr);
     if db.query_i64("SELECT current_setting('server_version_num')::bigint") >= 140000 {
-        assert_eq!(builds["strategy"], "per-page", "{builds}\n{said}");
+        // (Not the strategy: another test's write transaction open over a second
+        // would rightly turn auto to keyset.)
         assert!(!said.contains(&format!("pid {pid}")), "{said}");
-        let hot = builds["hot_share"].as_f64().unwrap();
-        assert!(hot > 0.8, "HOT share {hot}");
     } else {
         assert_eq!(builds["strategy"], "keyset", "{builds}");
         assert_contains(&said, &format!("pid {pid}"));

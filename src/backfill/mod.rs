@@ -320,11 +320,11 @@ fn ran_out_its_time(opts: &Options, began: Instant) -> bool {
 
 /// Waiting out short-lived snapshots before a per-page round. A round's HOT updates need
 /// the previous round's dead versions pruned, which no session with an older snapshot
-/// (or, idle in its transaction, an older transaction id) allows: an autovacuum ANALYZE of Builds (which the backfill itself triggers) holds one
-/// for seconds, and every round in that time moves its rows to other pages. So each
-/// round waits, at most `max` (polling every 10 ms), for such sessions to end. A session
-/// that stays in the way for more than 15 s (a long report, pg_dump) is named once and
-/// no longer waited for.
+/// (or, idle in its transaction, an older transaction id) allows: an autovacuum ANALYZE
+/// of Builds (which the backfill itself triggers) holds one for seconds, and every round
+/// in that time moves its rows to other pages. So each round waits, at most `max`
+/// (polling every 10 ms), for such sessions to end. A session that stays in the way for
+/// more than 15 s (a long report, pg_dump) is named once and no longer waited for.
 struct HorizonWait {
     max: Duration,
     first_seen: HashMap<i32, Instant>,
