@@ -874,8 +874,9 @@ fn killed_during_the_final_switch_then_resumed_while_activation_still_runs() {
     });
     h.kill().unwrap();
     // re-run while the activation is still paused: it waits for the running unit. The
-    // pause is lifted only once the re-run has asked for the unit's state (a fixed sleep
-    // here lost the race on a loaded machine: the activation had ended by then).
+    // pause is lifted only once the re-run has been told the unit's state (the fake logs
+    // a `show` after deciding its answer; a fixed sleep here lost the race on a loaded
+    // machine: the activation had ended by then).
     let asked = || {
         f.calls()
             .matches("systemctl show -p ActiveState hydra-upgrade-switch-final.service")
@@ -938,13 +939,14 @@ fn an_ssh_drop_during_the_backfill_leaves_it_running_and_a_rerun_follows_it() {
         .unwrap();
     let pid_file = f.state("units/hydra-upgrade-backfill.service.pid");
     wait_for("the backfill unit", || pid_file.exists());
-    std::thread::sleep(Duration::from_millis(300));
     // the session goes away: our process, the systemd-run client and the terminal
     let client =
         std::fs::read_to_string(f.state("units/hydra-upgrade-backfill.service.client-pid"))
             .unwrap();
     let journal = f.state("journal/hydra-upgrade-backfill.service");
-    assert_eq!(processes_naming(&journal).len(), 1, "one journal follower");
+    wait_for("one journal follower", || {
+        processes_naming(&journal).len() == 1
+    });
     h.kill().unwrap();
     kill(&client, "-KILL");
     // Our journal follower ends with us, even killed outright (while the terminal is
