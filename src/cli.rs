@@ -156,13 +156,14 @@ pub struct BackfillArgs {
     /// How often one batch is retried on lock timeout, deadlock or serialization failure.
     #[arg(long, value_name = "N", default_value_t = 12)]
     pub max_retries: u32,
-    /// A transaction or snapshot open longer than this anywhere in the cluster keeps
+    /// A transaction that has written, open longer than this anywhere in the cluster, or
+    /// a snapshot as old in this database (in any database before PostgreSQL 14) keeps
     /// dead rows from being pruned; `auto` then uses keyset and the run warns about it.
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     pub horizon_age_secs: u64,
-    /// Per-page: before each round, wait up to this long for sessions whose snapshot is
-    /// older than the previous round (an autovacuum ANALYZE) to end, so its rows can stay
-    /// on their pages (HOT). 0 never waits.
+    /// Per-page: before each round, wait up to this long for sessions whose snapshot (an
+    /// autovacuum ANALYZE) or whose transaction idle after a write is older than the
+    /// previous round to end, so its rows can stay on their pages (HOT). 0 never waits.
     #[arg(long, value_name = "MS", default_value_t = 2_000)]
     pub horizon_wait_ms: u64,
     /// Keep this tool and its PostgreSQL server process on one CPU (`auto`: of those both
