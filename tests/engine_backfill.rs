@@ -281,13 +281,7 @@ fn a_backfill_waits_for_the_upgrade_lock_of_a_session_about_to_end() {
         .get::<_, i32>(0);
     let handle = spawn_on(&db, &["backfill"]);
     // Until the run has tried the lock (its last statement names it) and waits.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while db.query_i64(&format!(
-        "SELECT count(*) FROM pg_stat_activity
-          WHERE datname = current_database() AND pid NOT IN ({holder_pid}, pg_backend_pid())
-            AND query ILIKE '%advisory%'"
-    )) == 0
-    {
+    wait_for("the run to try the lock", || {
         if let Some(out) = handle.try_wait().unwrap() {
             panic!(
                 "the run ended before the lock was let go: {:?}\n{}",
@@ -295,12 +289,12 @@ fn a_backfill_waits_for_the_upgrade_lock_of_a_session_about_to_end() {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the run never tried the lock"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        db.query_i64(&format!(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND pid NOT IN ({holder_pid}, pg_backend_pid())
+                AND query ILIKE '%advisory%'"
+        )) > 0
+    });
     std::thread::sleep(Duration::from_millis(300));
     drop(holder);
     let out = handle.wait().unwrap();
@@ -444,16 +438,7 @@ fn per_page_waits_out_and_keeps_hot(hold: &str, elsewhere: bool) {
     );
     // Hold the snapshot until Builds' first round has committed (the next round must
     // then wait for it), and a little longer.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while db.query_string("SELECT (count(*) > 0)::text FROM builds WHERE jobset_id IS NOT NULL")
-        != "true"
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "Builds never got a row"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for("Builds' first row", || builds_started(&db));
     std::thread::sleep(Duration::from_millis(400));
     c.batch_execute("ROLLBACK").unwrap();
     let out = handle.wait().unwrap();
@@ -745,14 +730,7 @@ fn autoanalyze_is_held_off_during_the_walk_only() {
         &db,
         &["backfill", "--strategy", "per-page", "--pause-ms", "30"],
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while db.query_i64("SELECT count(*) FROM builds WHERE jobset_id IS NOT NULL") == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "Builds never got a row"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for("Builds' first row", || builds_started(&db));
     for table in ["jobs", "builds"] {
         assert_eq!(
             reloptions(&db, table),
@@ -830,22 +808,14 @@ fn the_backfill_keeps_itself_and_its_server_process_on_one_cpu() {
         .unwrap();
     let handle = spawn_on(&db, &["--json", "backfill", "--lock-timeout-ms", "60000"]);
     let ours = handle.pids()[0];
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let server = loop {
+    let server = wait_for_value("the backfill to wait for the row", || {
         let pid = db.query_i64(&format!(
             "SELECT coalesce(max(pid), 0)::bigint FROM pg_stat_activity
               WHERE datname = '{}' AND wait_event_type = 'Lock'",
             db.name
         ));
-        if pid != 0 {
-            break pid as u32;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the backfill never waited for the row"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+        (pid != 0).then_some(pid as u32)
+    });
     let cpu = allowed_cpus(server).unwrap();
     let seen_ours = allowed_cpus(ours).ok();
     c.batch_execute("COMMIT").unwrap();
@@ -1077,22 +1047,9 @@ fn a_round_cut_off_by_the_statement_timeout_is_halved_and_the_walk_goes_on() {
     let mut holder = db.connect();
     let locker = std::thread::spawn(move || {
         let c = holder.client();
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while c
-            .query_one(
-                "SELECT count(*) FROM builds WHERE jobset_id IS NOT NULL",
-                &[],
-            )
-            .unwrap()
-            .get::<_, i64>(0)
-            == 0
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the walk never started"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_for("the walk to start", || {
+            c.query_one(BUILDS_STARTED, &[]).unwrap().get::<_, bool>(0)
+        });
         c.batch_execute("BEGIN; LOCK TABLE builds IN SHARE MODE")
             .unwrap();
         let _ = released_rx.recv();

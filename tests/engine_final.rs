@@ -175,19 +175,13 @@ fn finalize_waits_out_a_conflicting_lock_with_short_retries() {
     let handle = spawn_on(&db, &["finalize", "--lock-timeout-ms", "100"]);
     // Until finalize has waited in the lock queue behind the writer at least once, and
     // a little longer than one attempt's lock_timeout.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while db.query_i64(
-        "SELECT count(*) FROM pg_stat_activity
-          WHERE datname = current_database() AND application_name = 'hydra-upgrade'
-            AND wait_event_type = 'Lock'",
-    ) == 0
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "finalize never waited for the writer's lock"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for("finalize to wait for the writer's lock", || {
+        db.query_i64(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND application_name = 'hydra-upgrade'
+                AND wait_event_type = 'Lock'",
+        ) > 0
+    });
     std::thread::sleep(Duration::from_millis(300));
     c.batch_execute("COMMIT").unwrap();
     let out = handle.wait().unwrap();

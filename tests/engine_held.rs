@@ -5,8 +5,6 @@
 //! take the HOT updates from the other binaries' backfills.
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 
 /// A row held past every retry ends the run with exit 14, once every other row is
@@ -176,22 +174,13 @@ fn rows_hydra_holds_locked_are_filled_last_without_holding_any_other_row() {
 /// Wait until a session has waited half a second for a lock `holder` holds (a per-page
 /// round waits 50 ms at most, then leaves the held rows out).
 fn wait_for_session_blocked_by(db: &TestDb, holder: i32) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let pid = db.query_i64(&format!(
-            "SELECT coalesce(max(pid), 0)::bigint FROM pg_stat_activity
+    wait_for(&format!("a session to wait for {holder}"), || {
+        db.query_i64(&format!(
+            "SELECT count(*) FROM pg_stat_activity
               WHERE {holder} = ANY (pg_blocking_pids(pid))
                 AND now() - query_start > interval '500 ms'"
-        ));
-        if pid != 0 {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no session ever waited for {holder}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        )) > 0
+    });
 }
 
 /// After a finished walk the NULL rows left are listed in one read when there are few

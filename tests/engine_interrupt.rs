@@ -43,11 +43,7 @@ fn filled(db: &TestDb) -> i64 {
 /// (Jobs done, Builds not begun) leaves nothing to resume, which is not what these tests
 /// are about.
 fn wait_until_started(db: &TestDb) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while db.query_i64("SELECT count(*) FROM builds WHERE jobset_id IS NOT NULL") == 0 {
-        assert!(Instant::now() < deadline, "the backfill never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for("the backfill to start", || builds_started(db));
 }
 
 fn signal(handle: &duct::Handle, sig: &str) {

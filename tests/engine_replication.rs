@@ -47,21 +47,18 @@ fn standbys() -> &'static [&'static PgCluster; 2] {
 fn standbys_caught_up() {
     standbys();
     let mut primary = cluster().connect("postgres").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while primary
-        .client()
-        .query_one(
-            "SELECT count(*) FROM pg_stat_replication
-              WHERE state = 'streaming' AND flush_lsn >= pg_current_wal_lsn()",
-            &[],
-        )
-        .unwrap()
-        .get::<_, i64>(0)
-        < 2
-    {
-        assert!(Instant::now() < deadline, "the standbys never caught up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for("the standbys to catch up", || {
+        primary
+            .client()
+            .query_one(
+                "SELECT count(*) FROM pg_stat_replication
+                  WHERE state = 'streaming' AND flush_lsn >= pg_current_wal_lsn()",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+            == 2
+    });
 }
 
 /// A standby's WAL receiver stopped (SIGSTOP): it stays connected and stores nothing, as
@@ -209,21 +206,12 @@ fn a_standby_whose_walsender_goes_away_is_still_waited_for_through_its_slot() {
     );
     let mut lines = std::io::BufReader::new(&reader).lines();
     until_event(&mut lines, "replication-wait");
-    let terminated = Instant::now();
-    let walsender = format!(
-        "SELECT count(*) FROM pg_stat_replication WHERE application_name = '{SLOT_STANDBY}'"
-    );
-    while db.query_i64(&walsender) > 0 {
-        db.exec(&format!(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_replication
+    wait_for("the walsender to go", || {
+        db.query_i64(&format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_replication
               WHERE application_name = '{SLOT_STANDBY}'"
-        ));
-        assert!(
-            terminated.elapsed() < Duration::from_secs(30),
-            "the walsender stays"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        )) == 0
+    });
     let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
     let out = reader.try_wait().unwrap().expect("the backfill has ended");
     assert_eq!(out.status.code(), Some(17), "{rest:#?}");
@@ -277,9 +265,12 @@ fn under_synchronous_replication_the_backfill_commits_as_hydra_does() {
     let mut lines = std::io::BufReader::new(&reader).lines();
     until_event(&mut lines, "synchronous-replication");
     let mut watcher = cluster().connect("postgres").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let waiting: i64 = watcher
+    wait_for("a commit of ours to wait for the standby", || {
+        assert!(
+            reader.try_wait().unwrap().is_none(),
+            "the backfill ended without waiting for the synchronous standby"
+        );
+        watcher
             .client()
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity
@@ -287,17 +278,9 @@ fn under_synchronous_replication_the_backfill_commits_as_hydra_does() {
                 &[],
             )
             .unwrap()
-            .get(0);
-        if waiting == 1 {
-            break;
-        }
-        assert!(
-            reader.try_wait().unwrap().is_none(),
-            "the backfill ended without waiting for the synchronous standby"
-        );
-        assert!(Instant::now() < deadline, "no commit of ours waited");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+            .get::<_, i64>(0)
+            == 1
+    });
     drop(stopped);
     let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
     let out = reader.try_wait().unwrap().expect("the backfill has ended");
@@ -519,20 +502,17 @@ fn a_standby_with_hot_standby_feedback_turns_auto_to_keyset() {
     /// Wait until the slot's xmin is cleared (`cleared`), or set.
     fn slot_xmin_until(cleared: bool) {
         let mut primary = cluster().connect("postgres").unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while primary
-            .client()
-            .query_one(
-                "SELECT xmin IS NULL FROM pg_replication_slots WHERE slot_name = $1",
-                &[&SLOT_STANDBY],
-            )
-            .unwrap()
-            .get::<_, bool>(0)
-            != cleared
-        {
-            assert!(Instant::now() < deadline, "the slot's xmin never changed");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for("the slot's xmin to change", || {
+            primary
+                .client()
+                .query_one(
+                    "SELECT xmin IS NULL FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&SLOT_STANDBY],
+                )
+                .unwrap()
+                .get::<_, bool>(0)
+                == cleared
+        });
     }
     let _serial = serial();
     let db = hydra_at(61);

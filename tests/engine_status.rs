@@ -407,17 +407,11 @@ fn status_names_a_queued_lock_request_and_the_session_it_waits_behind() {
             .batch_execute("BEGIN; LOCK TABLE builds IN ACCESS EXCLUSIVE MODE; COMMIT")
             .unwrap();
     });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while db.query_i64(&format!(
-        "SELECT count(*) FROM pg_locks WHERE pid = {init_pid} AND NOT granted"
-    )) == 0
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the lock request never queued"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for("the lock request to queue", || {
+        db.query_i64(&format!(
+            "SELECT count(*) FROM pg_locks WHERE pid = {init_pid} AND NOT granted"
+        )) > 0
+    });
     let r = run_on(&db, &["status"]);
     hydra.client().batch_execute("COMMIT").unwrap();
     waiter.join().unwrap();

@@ -24,18 +24,12 @@ fn a_plain_vacuum_is_not_taken_for_an_old_snapshot() {
             .batch_execute("VACUUM projects")
             .map_err(|e| e.to_string())
     });
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while db.query_i64(
-        "SELECT count(*) FROM pg_stat_activity
-          WHERE query = 'VACUUM projects' AND backend_xmin IS NOT NULL",
-    ) == 0
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no waiting VACUUM seen"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for("the VACUUM to wait", || {
+        db.query_i64(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE query = 'VACUUM projects' AND backend_xmin IS NOT NULL",
+        ) > 0
+    });
     std::thread::sleep(Duration::from_millis(1500));
     let r = run_on(&db, &["backfill", "--horizon-age-secs", "1"]);
     locker.client().batch_execute("ROLLBACK").unwrap();

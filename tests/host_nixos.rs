@@ -5,7 +5,7 @@ mod common;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use hydra_upgrade::hydra_schema;
@@ -240,17 +240,6 @@ fn link_name(p: &Path) -> String {
         .unwrap()
         .to_string_lossy()
         .into_owned()
-}
-
-fn wait_for(what: &str, cond: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Whether a process runs (a zombie does not count).

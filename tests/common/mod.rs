@@ -78,20 +78,16 @@ impl TestDb {
     /// outright leaves its session on the server until the statement it was running
     /// ends (a COMMIT among them), so what it committed is only known then.
     pub fn wait_until_no_other_session(&self) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while self.query_i64(
-            "SELECT count(*) FROM pg_stat_activity
-              WHERE datname = current_database() AND pid <> pg_backend_pid()
-                AND backend_type = 'client backend'",
-        ) > 0
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "a session stayed connected to {}",
-                self.name
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        wait_for(
+            &format!("the other sessions to leave {}", self.name),
+            || {
+                self.query_i64(
+                    "SELECT count(*) FROM pg_stat_activity
+                      WHERE datname = current_database() AND pid <> pg_backend_pid()
+                        AND backend_type = 'client backend'",
+                ) == 0
+            },
+        );
     }
 
     pub fn exec(&self, sql: &str) {
@@ -221,12 +217,11 @@ pub fn session_settings(conn: &mut Db) -> Vec<String> {
 }
 
 /// Cancel (`pg_cancel_backend`) the sessions of `db` that wait for a lock, as an admin
-/// would, once there is one: waits up to 60 s for `what` to start waiting.
+/// would, once there is one: waits for `what` to start waiting.
 pub fn cancel_lock_waiters(db: &TestDb, what: &str) {
     let mut admin = db.connect();
-    let start = std::time::Instant::now();
-    loop {
-        let cancelled: i64 = admin
+    wait_for(&format!("{what} to wait for a lock"), || {
+        admin
             .client()
             .query_one(
                 "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity
@@ -235,16 +230,45 @@ pub fn cancel_lock_waiters(db: &TestDb, what: &str) {
                 &[],
             )
             .unwrap()
-            .get(0);
-        if cancelled > 0 {
-            return;
+            .get::<_, i64>(0)
+            > 0
+    });
+}
+
+/// How long a test waits for another process to do what it waits for before it fails:
+/// far longer than any of them takes, so only a fault reaches it.
+pub const WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Look every 20 ms until `cond` holds; fail, naming `what`, after [`WAIT_LIMIT`].
+#[track_caller]
+pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    wait_for_value(what, || cond().then_some(()))
+}
+
+/// Look every 20 ms until `probe` finds a value and return it; fail, naming `what`,
+/// after [`WAIT_LIMIT`].
+#[track_caller]
+pub fn wait_for_value<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(found) = probe() {
+            return found;
         }
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(60),
-            "{what} never waited for a lock"
-        );
+        assert!(start.elapsed() < WAIT_LIMIT, "timed out waiting for {what}");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+/// Whether a backfill has committed a row of Builds: its walk of Builds has begun.
+pub const BUILDS_STARTED: &str = "SELECT EXISTS (SELECT FROM builds WHERE jobset_id IS NOT NULL)";
+
+/// [`BUILDS_STARTED`] in `db`.
+pub fn builds_started(db: &TestDb) -> bool {
+    db.connect()
+        .client()
+        .query_one(BUILDS_STARTED, &[])
+        .expect(BUILDS_STARTED)
+        .get(0)
 }
 
 /// `haystack` (a command's stdout or stderr) contains `needle`; if not, the failure shows
