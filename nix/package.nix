@@ -10,12 +10,14 @@ rustPlatform.buildRustPackage {
   pname = cargoToml.package.name;
   version = cargoToml.package.version;
 
-  # Only what cargo needs: a change to docs/, nix/ or the README does not rebuild.
+  # Only what cargo and the tests need: a change to docs/ or nix/ does not rebuild. (The
+  # README is in: a unit test checks its table of exit codes against the code.)
   src = lib.fileset.toSource {
     inherit root;
     fileset = lib.fileset.unions [
       (root + "/Cargo.toml")
       (root + "/Cargo.lock")
+      (root + "/README.md")
       (root + "/src")
       (lib.fileset.maybeMissing (root + "/tests"))
       (lib.fileset.maybeMissing (root + "/benches"))

@@ -799,7 +799,8 @@ mod tests {
 
     /// A data directory's files by name: the database's relations and their forks, other
     /// databases, other directories; a `pg_wal` linked to another filesystem (`/dev/shm`,
-    /// where there is one) left out, one on the same filesystem kept.
+    /// where there is one and the source tree is not on it) left out, one on the same
+    /// filesystem kept.
     #[test]
     fn a_clusters_files_are_named_and_other_filesystems_left_out() {
         let data = tempfile::Builder::new()
@@ -820,7 +821,9 @@ mod tests {
             std::fs::write(d.join(f), b"x").unwrap();
         }
         let shm = Path::new("/dev/shm");
-        let elsewhere = shm.is_dir().then(|| tempfile::tempdir_in(shm).unwrap());
+        let device = |p: &Path| std::fs::metadata(p).unwrap().dev();
+        let elsewhere =
+            (shm.is_dir() && device(shm) != device(d)).then(|| tempfile::tempdir_in(shm).unwrap());
         let wal = elsewhere
             .as_ref()
             .map_or(d.join("wal-here"), |t| t.path().to_owned());

@@ -153,9 +153,24 @@ mod tests {
         vec.iter().filter(|b| **b & 1 == 1).count()
     }
 
+    /// The file system of `dir` when its files' pages are not the page cache's to drop:
+    /// tmpfs and ramfs pages are the files themselves, ZFS caches in its own ARC. (A Nix
+    /// build directory can be on any of them.)
+    fn pages_kept_by_file_system(dir: &Path) -> Option<&'static str> {
+        // statfs(2)'s f_type of each (linux/magic.h; ZFS's own).
+        match nix::sys::statfs::statfs(dir).unwrap().filesystem_type().0 as i64 {
+            0x0102_1994 => Some("tmpfs"),
+            0x8584_58f6 => Some("ramfs"),
+            0x2fc1_2fc1 => Some("zfs"),
+            _ => None,
+        }
+    }
+
     /// Files written through the page cache and made clean, then evicted: none of their
     /// pages is cached any more, and their data stay. (In the source tree, not the
-    /// temporary directory: a tmpfs there would keep every page in memory.)
+    /// temporary directory: a tmpfs there would keep every page in memory. Where the
+    /// source tree itself is on such a file system, as a Nix build's can be, only the
+    /// counts and the data are checked, and the test says so.)
     #[test]
     fn a_directorys_files_leave_the_page_cache_and_keep_their_data() {
         let dir = tempfile::Builder::new()
@@ -170,14 +185,24 @@ mod tests {
             f.sync_all().unwrap();
         }
         let cached = |name: &str| resident_pages(&dir.path().join(name));
+        let kept_by = pages_kept_by_file_system(dir.path());
         assert!(
-            names.iter().any(|n| cached(n) > 0),
+            kept_by.is_some() || names.iter().any(|n| cached(n) > 0),
             "nothing cached to begin with"
         );
         let evicted = evict(dir.path()).unwrap();
         assert_eq!((evicted.files, evicted.mb), (3, 12.0));
-        for name in names {
-            assert_eq!(cached(name), 0, "{name} still cached");
+        match kept_by {
+            Some(fs) => eprintln!(
+                "the eviction itself is not checked: {} is on {fs}, whose pages the page \
+                 cache does not drop",
+                dir.path().display()
+            ),
+            None => {
+                for name in names {
+                    assert_eq!(cached(name), 0, "{name} still cached");
+                }
+            }
         }
         assert_eq!(std::fs::read(dir.path().join("16385.1")).unwrap(), data);
         let missing = evict(&dir.path().join("nothing")).unwrap_err();
