@@ -4,7 +4,7 @@
   inputs = {
     # Builds the tool (edition 2024 and let chains need rustc >= 1.88).
     nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.11";
-    # The last release with pkgs.hydra-migration and pkgs.hydra-unstable: the VM test's
+    # A release with both pkgs.hydra-migration and pkgs.hydra-unstable: the VM test's
     # Hydra and the 2020 module-evaluation check.
     nixpkgs-2009.url = "github:NixOS/nixpkgs/nixos-20.09";
   };
@@ -45,7 +45,8 @@
             migration = drv c.system.build.hydraUpgrade.migration;
             final = drv c.system.build.hydraUpgrade.final;
             hydraInitGuarded = lib.hasInfix "schema-guard.sh" c.systemd.services.hydra-init.preStart;
-            activation = lib.hasInfix "hydra-upgrade-config.json" c.system.activationScripts.hydra-upgrade.text;
+            # (20.09 keeps only the whole `script`, later releases the fragments too)
+            activation = lib.hasInfix "hydra-upgrade-config.json" c.system.activationScripts.script;
             # (escapeShellArg quotes every word in 20.09's lib, only the unsafe ones now)
             walPrepare =
               let unquoted = s: lib.replaceStrings [ "'" ] [ "" ] s; u = c.systemd.services.hydra-upgrade;

@@ -1,9 +1,10 @@
 # NixOS module: services.hydra-upgrade
 #
-# Era constraint: this module must evaluate on nixos-20.09 (the last release that carries
-# pkgs.hydra-migration and pkgs.hydra-unstable) and on current nixpkgs. It therefore uses
-# only lib functions that existed in 2020: mkOption, mkEnableOption, mkIf, mkMerge,
-# mkOverride, mkAfter, types.{bool,str,package,nullOr,enum,ints.unsigned,path}, ...
+# Era constraint: this module must evaluate on nixos-20.09 (a release that carries both
+# pkgs.hydra-migration and pkgs.hydra-unstable, as nixos-20.03 does) and on current
+# nixpkgs. It therefore uses only lib functions that existed in 2020: mkOption,
+# mkEnableOption, mkIf, mkMerge, mkOverride, mkAfter,
+# types.{bool,str,package,nullOr,enum,ints.unsigned,path}, ...
 # Not used on purpose: mkPackageOption (2022), literalExpression (2021; we pick
 # `lib.literalExpression or lib.literalExample`), mdDoc, lib.getExe, lib.fileset.
 # nix/tests/eval-module.nix evaluates it against both a 2020 and a current nixpkgs lib.
@@ -146,7 +147,11 @@ let
         else if lib.hasPrefix "database=" w then "dbname=" + removePrefix "database=" w
         else w;
     in map fix words;
-  conninfo = concatStringsSep " " (conninfoWords ++ [ "application_name=hydra-upgrade-guard" ]);
+  # The guard gives up after 10 s on a server it cannot reach (unless the DBI string sets
+  # its own connect_timeout, which comes later and wins), rather than holding hydra-init
+  # for the TCP timeout before it lets it go on.
+  conninfo = concatStringsSep " "
+    ([ "connect_timeout=10" ] ++ conninfoWords ++ [ "application_name=hydra-upgrade-guard" ]);
 
   utilLinux = pkgs.util-linux or pkgs.utillinux;
 
@@ -387,6 +392,8 @@ in
       systemd.services.hydra-upgrade = {
         description = "Carry Hydra through the jobset_id schema upgrade (hydra-upgrade upgrade)";
         after = [ "network.target" "postgresql.service" ];
+        # A start by hand brings up a local PostgreSQL too (a remote one is not ours).
+        wants = optional config.services.postgresql.enable "postgresql.service";
         restartIfChanged = false;
         stopIfChanged = false;
         environment = {

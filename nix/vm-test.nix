@@ -213,7 +213,11 @@ in
           assert json.loads(machine.succeed("hydra-upgrade status --json"))["wal_prepared"]
           assert sql("SELECT current_setting('checkpoint_timeout')") == "30min"
           machine.succeed("systemctl kill --signal=SIGKILL hydra-upgrade.service")
-          machine.wait_until_fails("systemctl is-active --quiet hydra-upgrade.service")
+          # (`is-active` fails for the whole run of a oneshot, "activating"): until the
+          # unit has ended, its ExecStopPost included.
+          machine.wait_until_succeeds(
+              "systemctl show -p ActiveState --value hydra-upgrade.service | grep -qxE 'failed|inactive'"
+          )
           # ... and its ExecStopPost resets however the unit ended, a kill -9 too.
           machine.wait_until_succeeds(
               "hydra-upgrade status --json | jq -e '.wal_prepared == false'"

@@ -97,7 +97,9 @@ let
     "phase systems are marked" = migCfg.services.hydra-upgrade.internal.phase == "migration" && finCfg.services.hydra-upgrade.internal.phase == "final";
     "phase systems carry no warnings" = migCfg.warnings == [ ] && finCfg.warnings == [ ];
     "phase systems drop the parent's specialisations" = main.specialisation ? mine && migCfg.specialisation == { } && finCfg.specialisation == { };
-    "phase systems leave the config file alone" = !(migCfg.system.activationScripts ? hydra-upgrade) && !(finCfg.system.activationScripts ? hydra-upgrade);
+    "phase systems leave the config file alone" =
+      !(hasInfix "/etc/hydra-upgrade" migCfg.system.activationScripts.script)
+      && !(hasInfix "/etc/hydra-upgrade" finCfg.system.activationScripts.script);
     "migration system keeps the final system in its closure" = map toString migCfg.system.extraDependencies == [ "${fin}" ];
     "parent keeps both in its closure" = map toString main.system.extraDependencies == [ "${mig}" "${fin}" ];
     "phase systems keep the schema guard" = hasInfix "schema-guard.sh" migCfg.systemd.services.hydra-init.preStart;
@@ -112,7 +114,7 @@ let
       (builtins.fromJSON noGuard.system.build.hydraUpgradeConfig.text).backfill.pin_cpu == "auto";
     "config has only keys the tool accepts" = lib.all (k: lib.elem k allowedKeys) (lib.attrNames settings);
     "activation installs the config file and GC roots" =
-      let t = main.system.activationScripts.hydra-upgrade.text; in
+      let t = main.system.activationScripts.script; in
       hasInfix "/etc/hydra-upgrade/config.json" t && hasInfix "${mig}" t && hasInfix "${fin}" t
       && hasInfix "/nix/var/nix/gcroots/hydra-upgrade" t;
 
@@ -122,6 +124,9 @@ let
       hasInfix "bin/hydra-upgrade upgrade --yes" u.serviceConfig.ExecStart
       && !u.restartIfChanged && u.serviceConfig.Type == "oneshot";
     "no unit named like the tool's transient backfill unit" = !(main.systemd.services ? hydra-upgrade-backfill);
+    "the unit wants a local PostgreSQL, not a remote one's" =
+      main.systemd.services.hydra-upgrade.wants == [ "postgresql.service" ]
+      && remoteDb.systemd.services.hydra-upgrade.wants == [ ];
     "state dir created" = lib.elem "d /var/lib/hydra-upgrade 0700 root root -" main.systemd.tmpfiles.rules;
 
     "walPrepare off by default: the unit neither prepares nor resets" =
@@ -148,10 +153,10 @@ let
     "hydra-init keeps its own preStart, guard appended" =
       let p = main.systemd.services.hydra-init.preStart; in
       hasInfix "mkdir -p /var/lib/hydra" p && hasInfix "schema-guard.sh" p
-      && hasInfix "'dbname=hydra user=hydra application_name=hydra-upgrade-guard'" p
+      && hasInfix "'connect_timeout=10 dbname=hydra user=hydra application_name=hydra-upgrade-guard'" p
       && hasInfix "hydra-2020-02-06" p;
     "guard converts a DBI string with db=, host, port" =
-      hasInfix "'dbname=hydra host=db.example.org port=5433 user=ci application_name=hydra-upgrade-guard'"
+      hasInfix "'connect_timeout=10 dbname=hydra host=db.example.org port=5433 user=ci application_name=hydra-upgrade-guard'"
         remoteDb.systemd.services.hydra-init.preStart;
     "remote database (PostgreSQL not enabled here): the guard's psql comes from pkgs.postgresql" =
       hasInfix "postgresql-11/bin/psql" remoteDb.systemd.services.hydra-init.preStart;

@@ -13,6 +13,7 @@ let
       wantedBy = mkOption { type = types.listOf types.str; default = [ ]; };
       after = mkOption { type = types.listOf types.str; default = [ ]; };
       requires = mkOption { type = types.listOf types.str; default = [ ]; };
+      wants = mkOption { type = types.listOf types.str; default = [ ]; };
       environment = mkOption { type = types.attrsOf types.str; default = { }; };
       path = mkOption { type = types.listOf types.package; default = [ ]; };
       preStart = mkOption { type = types.lines; default = ""; };
@@ -34,7 +35,7 @@ let
   failed = lib.filter (a: !a.assertion) config.assertions;
   fingerprint = builtins.toJSON {
     hydra = "${config.services.hydra.package}";
-    activation = lib.mapAttrs (_: a: a.text) config.system.activationScripts;
+    activation = config.system.activationScripts.script;
     extra = map toString config.system.extraDependencies;
     units = lib.mapAttrs (_: u: [ u.preStart (u.serviceConfig.ExecStart or "") u.postStop ]) config.systemd.services;
     packages = map toString config.environment.systemPackages;
@@ -61,7 +62,14 @@ in
     assertions = mkOption { type = types.listOf types.unspecified; default = [ ]; };
     warnings = mkOption { type = types.listOf types.str; default = [ ]; };
     system.extraDependencies = mkOption { type = types.listOf types.package; default = [ ]; };
-    system.activationScripts = mkOption { type = types.attrsOf activationScript; default = { }; };
+    # As nixos-20.09's: its apply keeps only the whole script, the fragments by name are
+    # gone from the evaluated config (later releases keep both), so what reads the
+    # activation must read `script`.
+    system.activationScripts = mkOption {
+      type = types.attrsOf activationScript;
+      default = { };
+      apply = set: { script = lib.concatMapStrings (a: a.text) (lib.attrValues set); };
+    };
     system.build = mkOption { type = types.attrsOf types.unspecified; default = { }; };
     nixpkgs.initialSystem = mkOption { type = types.str; };
     specialisation = mkOption { type = types.attrsOf types.unspecified; default = { }; };
