@@ -1,6 +1,6 @@
 # The hydra-upgrade package. Needs a nixpkgs whose Rust knows edition 2024 and let
 # chains (rustc >= 1.88): the flake builds it from its own `nixpkgs` input.
-{ lib, rustPlatform, postgresql }:
+{ lib, rustPlatform, postgresql, util-linux }:
 
 let
   root = ./..;
@@ -29,8 +29,10 @@ rustPlatform.buildRustPackage {
 
   # The test suite starts throwaway PostgreSQL clusters (initdb, pg_ctl, postgres,
   # pg_dump, pg_trgm) in temporary directories. The build user is not root, so initdb
-  # runs directly. Tests that fake a NixOS host use sh from the build environment.
-  nativeCheckInputs = [ postgresql ];
+  # runs directly. Tests that fake a NixOS host use sh from the build environment, and
+  # setsid (util-linux, not in stdenv) for the fake systemd-run's units. .ci/unprivileged
+  # runs the suite with a PATH of just these and stdenv's programs.
+  nativeCheckInputs = [ postgresql util-linux ];
   doCheck = true;
   # The throwaway clusters need a short socket directory and no locale surprises.
   preCheck = ''
