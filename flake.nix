@@ -65,7 +65,13 @@
       });
 
       apps = forAllSystems (system: pkgs:
-        let app = { type = "app"; program = "${self.packages.${system}.default}/bin/hydra-upgrade"; };
+        let
+          app = {
+            type = "app";
+            program = "${self.packages.${system}.default}/bin/hydra-upgrade";
+            # (recent `nix flake check` warns about an app without it)
+            meta.description = "Carry a self-hosted Hydra through its jobset_id schema upgrade";
+          };
         in { upgrade = app; default = app; });
 
       # Adds pkgs.hydra-upgrade. A nixpkgs whose Rust is too old for the crate (such as
