@@ -3,7 +3,7 @@
 # carries it through both phases. Modelled on nixpkgs' nixos/tests/hydra/db-migration.nix
 # (2020), with the tool doing the work instead of hand-run steps.
 #
-# Built from nixos-20.09, the last branch with pkgs.hydra-migration and pkgs.hydra-unstable.
+# Built from nixos-20.09, a branch with both pkgs.hydra-migration and pkgs.hydra-unstable.
 # Run: nix build .#checks.x86_64-linux.vm-test   (needs KVM and internet)
 { nixpkgs                 # nixos-20.09 source tree
 , system ? "x86_64-linux"
