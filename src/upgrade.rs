@@ -336,8 +336,12 @@ fn switch_phase(
         Phase::Final => "switch-final",
     };
     host.record_step(step, None)?;
-    let prepared_here = host.pending_switch() != Some(phase);
-    if prepared_here {
+    let resumed = host.pending_switch() == Some(phase);
+    if !resumed {
+        // Remembers the running system to roll back to; the switch counts as under way
+        // (one for a re-run to finish) only once `switch` begins it, so a run stopped
+        // during the verify below (minutes at tens of millions of builds) leaves none, and
+        // the re-run decides afresh (with its own --stock-final).
         host.prepare_switch(phase, out)?;
     }
     if phase == Phase::Final {
@@ -347,26 +351,28 @@ fn switch_phase(
         let v = match verified {
             Ok(v) => v,
             Err(e) => {
-                // Nothing on the host has changed: forget the switch prepared here, so that
-                // a re-run decides afresh (with its own --stock-final) instead of finishing
-                // a switch that never began.
-                if prepared_here {
+                if !resumed {
                     let _ = host.abort_switch();
                 }
                 return Err(e);
             }
         };
         if !v.clean {
-            host.abort_switch()?;
             out.say(&v.render());
+            let refused = format!(
+                "the final switch is refused: verify is not clean right before it: {}. Stop \
+                 whatever writes these rows (an older Hydra evaluator), then run \
+                 `hydra-upgrade upgrade` again.",
+                v.summary()
+            );
+            if resumed && host.pending_switch_began()? {
+                // An earlier run's activation went ahead: back to where it began.
+                return Err(host.roll_back(phase, out, anyhow::anyhow!(refused)));
+            }
+            host.abort_switch()?;
             return Err(fail(
                 Exit::RowsLeft,
-                format!(
-                    "the final switch is refused: verify is not clean right before it: {}. The \
-                     host stays on the migration system. Stop whatever writes these rows (an \
-                     older Hydra evaluator), then run `hydra-upgrade upgrade` again.",
-                    v.summary()
-                ),
+                format!("{refused} The host stays on the system it runs."),
             ));
         }
     }
@@ -461,7 +467,12 @@ pub fn run(
                 }
             }
             Stage::Final => {
-                if !host.is_on(Phase::Final)? {
+                if host.moved_on_from_final()? {
+                    out.say(
+                        "the final switch was made by an earlier run, and the host has moved on \
+                         to a system of its own since: nothing to switch",
+                    );
+                } else if !host.is_on(Phase::Final)? {
                     switch_phase(db, host, Phase::Final, out, interrupt, &mut report)?;
                 }
                 // `--stock-final`, or a finalize by hand: no step of ours ran after a

@@ -304,7 +304,15 @@ fn print_report(r: &upgrade::Report, out: &Out, json: bool, host: &str) -> Resul
         .as_ref()
         .map(|s| s.schema_version)
         .unwrap_or(0);
-    crate::outln!("upgrade complete: schema {version}, Hydra is healthy on {host}");
+    if r.switches.is_empty() {
+        // Hydra's health is checked after each switch; with none, it was not looked at.
+        crate::outln!(
+            "upgrade complete: schema {version}; this run switched nothing on {host} (Hydra's \
+             health not checked: `systemctl status 'hydra-*'`)"
+        );
+    } else {
+        crate::outln!("upgrade complete: schema {version}, Hydra is healthy on {host}");
+    }
     if r.longest_final_block_seconds > 0.0 {
         crate::outln!(
             "longest write-blocking lock of the final phase: {:.3}s",
@@ -410,21 +418,25 @@ pub fn run(
         let build = build_commands(args, config);
         return dry_run(host.as_ref(), &s, opts.stock_final, build, global.json);
     }
-    out.event(
-        "step_start",
-        "==> preflight",
-        serde_json::json!({"step": "preflight"}),
-    );
-    host.record_step("preflight", None)?;
-    host.preflight(out)?;
-    out.event(
-        "step_done",
-        "<== preflight: done",
-        serde_json::json!({"step": "preflight"}),
-    );
-    let nothing_to_do =
-        s.stage == Stage::Final && host.pending_switch().is_none() && host.is_on(Phase::Final)?;
+    // A finished upgrade: schema 65 and the host on the final system, or moved on from it
+    // to a system of the admin's own. No preflight then: the phase systems it checks may
+    // be garbage-collected by now, and nothing will be switched.
+    let nothing_to_do = s.stage == Stage::Final
+        && host.pending_switch().is_none()
+        && (host.is_on(Phase::Final)? || host.moved_on_from_final()?);
     if !nothing_to_do {
+        out.event(
+            "step_start",
+            "==> preflight",
+            serde_json::json!({"step": "preflight"}),
+        );
+        host.record_step("preflight", None)?;
+        host.preflight(out)?;
+        out.event(
+            "step_done",
+            "<== preflight: done",
+            serde_json::json!({"step": "preflight"}),
+        );
         if !global.json {
             crate::errln!(
                 "database {}: schema {} ({:?}). The upgrade will:",

@@ -58,35 +58,18 @@ impl Fake {
         ] {
             std::fs::create_dir_all(root.join(d)).unwrap();
         }
-        for (name, target) in [
-            ("original", None),
-            ("migration", Some(61)),
-            ("final", Some(65)),
-        ] {
-            let sys = root.join("systems").join(name);
-            std::fs::create_dir_all(sys.join("bin")).unwrap();
-            std::fs::create_dir_all(sys.join("sql")).unwrap();
-            std::os::unix::fs::symlink(
-                Path::new(FAKE_BIN).join("switch-to-configuration"),
-                sys.join("bin/switch-to-configuration"),
-            )
-            .unwrap();
-            if let Some(t) = target {
-                std::fs::write(sys.join("target-version"), t.to_string()).unwrap();
-                for n in 58..=t {
-                    std::fs::write(
-                        sys.join(format!("sql/upgrade-{n}.sql")),
-                        hydra_schema::step_sql(n).unwrap(),
-                    )
-                    .unwrap();
-                }
-            }
-        }
         let f = Fake {
             _dir: dir,
             root,
             db,
         };
+        for (name, target) in [
+            ("original", None),
+            ("migration", Some(61)),
+            ("final", Some(65)),
+        ] {
+            f.add_system(name, target);
+        }
         let orig = f.system("original");
         std::os::unix::fs::symlink(&orig, f.state("current-system")).unwrap();
         std::os::unix::fs::symlink(&orig, f.state("profile")).unwrap();
@@ -107,6 +90,38 @@ impl Fake {
 
     fn system(&self, name: &str) -> PathBuf {
         self.root.join("systems").join(name)
+    }
+
+    /// A fake NixOS system `name` whose hydra-init brings the schema to `target` (none:
+    /// a Hydra that knows no upgrade of ours).
+    fn add_system(&self, name: &str, target: Option<i32>) {
+        let sys = self.system(name);
+        std::fs::create_dir_all(sys.join("bin")).unwrap();
+        std::fs::create_dir_all(sys.join("sql")).unwrap();
+        std::os::unix::fs::symlink(
+            Path::new(FAKE_BIN).join("switch-to-configuration"),
+            sys.join("bin/switch-to-configuration"),
+        )
+        .unwrap();
+        if let Some(t) = target {
+            std::fs::write(sys.join("target-version"), t.to_string()).unwrap();
+            for n in 58..=t {
+                std::fs::write(
+                    sys.join(format!("sql/upgrade-{n}.sql")),
+                    hydra_schema::step_sql(n).unwrap(),
+                )
+                .unwrap();
+            }
+        }
+    }
+
+    /// Point the running system and the system profile at `name`, as a `nixos-rebuild
+    /// switch` of the admin's own would.
+    fn rebuild_into(&self, name: &str) {
+        for link in ["current-system", "profile"] {
+            std::fs::remove_file(self.state(link)).unwrap();
+            std::os::unix::fs::symlink(self.system(name), self.state(link)).unwrap();
+        }
     }
 
     fn state(&self, rel: &str) -> PathBuf {
@@ -702,6 +717,163 @@ fn a_failed_verify_before_the_final_switch_leaves_no_switch_to_finish() {
         r.stderr
     );
     assert_contains(&r.stdout, "finalize");
+    f.assert_final();
+}
+
+/// After the upgrade, the admin pins the final package and rebuilds into a system of their
+/// own. A later `upgrade` switches nothing: not back to the tool's final system (with the
+/// systems named again, or remembered in the state file), nor does it refuse because the
+/// phase systems have been garbage-collected since; and it does not claim a health check
+/// it did not make.
+#[test]
+fn a_rerun_after_the_upgrade_leaves_a_host_that_moved_on_alone() {
+    let f = Fake::new(58);
+    let r = f.run(&[]);
+    r.expect_code(0);
+    assert_contains(&r.stdout, "Hydra is healthy on");
+    f.assert_final();
+    f.add_system("pinned", Some(65));
+    f.rebuild_into("pinned");
+    let calls = f.calls().len();
+    let r = f.run(&[]);
+    r.expect_code(0);
+    assert_contains(&r.stderr, "the host has moved on");
+    assert_contains(&r.stdout, "this run switched nothing");
+    assert!(!r.stdout.contains("Hydra is healthy"), "{}", r.stdout);
+    assert_eq!(
+        (f.current(), f.profile()),
+        ("pinned".into(), "pinned".into())
+    );
+    assert!(
+        !f.calls()[calls..].contains("switch-to-configuration"),
+        "{}",
+        &f.calls()[calls..]
+    );
+    // the phase systems collected, the re-run without flags (systems from the state file)
+    std::fs::remove_dir_all(f.system("migration")).unwrap();
+    std::fs::remove_dir_all(f.system("final")).unwrap();
+    let r = f.run_raw(&f.args(&["--yes"]), &[]);
+    r.expect_code(0);
+    assert_contains(&r.stdout, "this run switched nothing");
+    assert_eq!(
+        (f.current(), f.profile()),
+        ("pinned".into(), "pinned".into())
+    );
+    assert_eq!(f.db.version(), 65);
+}
+
+/// A `--stock-final` run killed while its verify right before the final switch runs (it
+/// waits here for a lock; at tens of millions of builds it simply takes minutes) leaves
+/// no switch pending: the re-run without `--stock-final` finalizes online, as asked,
+/// instead of finishing a stock final switch whose activation never began.
+#[test]
+fn killed_during_the_verify_before_the_final_switch_leaves_no_switch_to_finish() {
+    let f = Fake::new(58);
+    let psql = find_bindir().unwrap().join("psql");
+    // When the tool remembers the running system before the final switch, a session
+    // takes Builds' ACCESS EXCLUSIVE lock for three seconds.
+    let hook = f.root.join("lock-builds.sh");
+    std::fs::write(
+        &hook,
+        format!(
+            "{psql} '{dsn}' -Xq -c 'BEGIN; LOCK TABLE builds IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(3)' >/dev/null 2>&1 &\n\
+             until [ \"$({psql} '{dsn}' -XtAc \"SELECT count(*) FROM pg_locks WHERE relation = 'builds'::regclass AND mode = 'AccessExclusiveLock' AND granted\")\" = 1 ]; do sleep 0.05; done\n",
+            psql = psql.display(),
+            dsn = f.db.dsn
+        ),
+    )
+    .unwrap();
+    let mut a = f.args(&["--stock-final", "--yes"]);
+    a.extend(f.systems_args());
+    let handle = f
+        .expr(
+            &a,
+            &[
+                (
+                    "FAKE_READLINK_HOOK_WHEN",
+                    f.state("journal/hydra-upgrade-backfill.service")
+                        .display()
+                        .to_string(),
+                ),
+                ("FAKE_READLINK_HOOK", format!("sh {}", hook.display())),
+            ],
+        )
+        .start()
+        .unwrap();
+    let mut admin = f.db.connect();
+    wait_for(
+        "the verify before the final switch to wait for the lock",
+        || {
+            let waiting: i64 = admin
+                .client()
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event_type = 'Lock'
+                    AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            waiting > 0
+        },
+    );
+    handle.kill().unwrap();
+    assert!(
+        f.upgrade_state()["switching_to"].is_null(),
+        "{}",
+        f.upgrade_state()
+    );
+    assert_eq!(f.current(), "migration");
+    // (the killed run's session holds the upgrade lock until the lock holder lets go and
+    // its verify ends; the re-run waits for it)
+    let r = f.run(&[]);
+    r.expect_code(0);
+    assert!(
+        !r.stderr.contains("finishing that switch first"),
+        "{}",
+        r.stderr
+    );
+    assert_contains(&r.stdout, "finalize online");
+    f.assert_final();
+}
+
+/// A `--stock-final` run killed during the final activation, whose hydra-init then fails
+/// on a row without jobset_id that an old evaluator wrote meanwhile: the host runs the
+/// final system with Hydra down. The re-run's verify before finishing that switch is not
+/// clean: it rolls back to the migration system (exit 10) instead of saying the host
+/// stays on it, and the run after that backfills the row and finishes.
+#[test]
+fn a_resumed_final_switch_with_null_rows_rolls_back_to_the_migration_system() {
+    let f = Fake::new(58);
+    std::fs::write(f.state("pause-stc-final"), "").unwrap();
+    f.inject("final", "fail-init");
+    let h = f.spawn(&["--stock-final"]);
+    wait_for("the final activation", || {
+        f.state("paused-stc-final").exists()
+    });
+    h.kill().unwrap();
+    f.db.exec(
+        "INSERT INTO builds (finished, timestamp, project, jobset, job, drvpath, system)
+         SELECT 0, 0, project, jobset, job, '/nix/store/late.drv', 'x86_64-linux' FROM builds LIMIT 1",
+    );
+    std::fs::remove_file(f.state("pause-stc-final")).unwrap();
+    wait_for("the final activation to end", || {
+        f.state("units/hydra-upgrade-switch-final.service.rc")
+            .exists()
+    });
+    let _ = h.wait();
+    assert_eq!(f.current(), "final");
+    assert_eq!(f.upgrade_state()["switching_to"], "final");
+    let r = f.run(&["--stock-final"]);
+    r.expect_code(10);
+    assert_contains(&r.stderr, "the final switch is refused");
+    assert_contains(&r.stderr, "rolling back to");
+    assert_eq!(f.current(), "migration");
+    assert_eq!(f.db.version(), 61);
+    assert!(f.upgrade_state()["switching_to"].is_null());
+    std::fs::remove_file(f.system("final").join("fail-init")).unwrap();
+    let r = f.run(&["--stock-final"]);
+    r.expect_code(0);
     f.assert_final();
 }
 

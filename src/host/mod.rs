@@ -63,11 +63,23 @@ pub trait Host {
     fn rolled_back_from_migration(&mut self) -> Result<bool> {
         Ok(false)
     }
+    /// Whether the final switch was confirmed by an earlier run and the host has since
+    /// moved on to a system of its own (neither phase system): a finished upgrade, not a
+    /// switch to make again. False when the host cannot tell.
+    fn moved_on_from_final(&mut self) -> Result<bool> {
+        Ok(false)
+    }
+    /// Whether the pending switch (see [`Host::pending_switch`]) got as far as changing
+    /// the running system: the host no longer runs the system remembered before it.
+    fn pending_switch_began(&mut self) -> Result<bool> {
+        Ok(false)
+    }
     /// A switch an earlier run started and did not confirm (it was interrupted).
     fn pending_switch(&self) -> Option<Phase> {
         None
     }
-    /// Remember what runs now (to roll back to) before switching to `phase`.
+    /// Remember what runs now (to roll back to) before switching to `phase`. The switch
+    /// becomes pending (one a re-run finishes) only once [`Host::switch`] begins it.
     fn prepare_switch(&mut self, _phase: Phase, _out: &Out) -> Result<()> {
         Ok(())
     }

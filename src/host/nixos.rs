@@ -410,6 +410,19 @@ impl Host for NixosHost {
         )
     }
 
+    fn moved_on_from_final(&mut self) -> Result<bool> {
+        Ok(self.state.state.switched_final.is_some()
+            && !self.is_on(Phase::Final)?
+            && !self.is_on(Phase::Migration)?)
+    }
+
+    fn pending_switch_began(&mut self) -> Result<bool> {
+        let Some(previous) = self.state.state.previous_system.clone() else {
+            return Ok(false);
+        };
+        Ok(self.pending_switch().is_some() && self.current()? != previous)
+    }
+
     fn pending_switch(&self) -> Option<Phase> {
         match self.state.state.switching_to.as_deref() {
             Some("migration") => Some(Phase::Migration),
@@ -442,10 +455,7 @@ impl Host for NixosHost {
             "remembering the running system {} to roll back to",
             previous.display()
         ));
-        self.record(|s| {
-            s.previous_system = Some(previous);
-            s.switching_to = Some(label(phase).to_owned());
-        })
+        self.record(|s| s.previous_system = Some(previous))
     }
 
     fn abort_switch(&mut self) -> Result<()> {
@@ -458,7 +468,11 @@ impl Host for NixosHost {
     fn switch(&mut self, phase: Phase, out: &Out) -> Result<SwitchReport> {
         let start = Instant::now();
         if self.pending_switch() != Some(phase) {
-            self.prepare_switch(phase, out)?;
+            if self.state.state.previous_system.is_none() {
+                self.prepare_switch(phase, out)?;
+            }
+            // From here on the switch is under way: a re-run finishes (or rolls back) it.
+            self.record(|s| s.switching_to = Some(label(phase).to_owned()))?;
         }
         // An activation an earlier run started may still be running in its unit.
         self.wait_unit_gone(&c::switch_unit(label(phase)), out)?;
@@ -532,6 +546,7 @@ impl Host for NixosHost {
         let current = self.current()?;
         self.record(|s| {
             s.switching_to = None;
+            s.previous_system = None;
             s.rolled_back_from = None;
             match phase {
                 Phase::Migration => s.switched_migration = Some(current),
