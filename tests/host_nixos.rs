@@ -877,6 +877,32 @@ fn a_resumed_final_switch_with_null_rows_rolls_back_to_the_migration_system() {
     f.assert_final();
 }
 
+/// Right after an activation the host may fail to answer for a moment (over
+/// `--target-host`, sshd restarting with the new system refuses connections): failed looks
+/// at hydra-init and at Hydra's units are looked at again, not taken for a failed switch.
+#[test]
+fn a_host_that_does_not_answer_for_a_moment_after_a_switch_is_not_rolled_back() {
+    let f = Fake::new(58);
+    std::fs::write(f.state("pause-stc-migration"), "").unwrap();
+    let h = f.spawn(&[]);
+    wait_for("the migration activation", || {
+        f.state("paused-stc-migration").exists()
+    });
+    std::fs::write(f.state("fail-show-hydra-init.service"), "3").unwrap();
+    std::fs::write(f.state("fail-show-hydra-server.service"), "2").unwrap();
+    std::fs::remove_file(f.state("pause-stc-migration")).unwrap();
+    let out = h.wait().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_contains(&stderr, "cannot ask systemd about hydra-init.service");
+    assert!(!stderr.contains("rolling back"), "{stderr}");
+    for unit in ["hydra-init", "hydra-server"] {
+        let left = std::fs::read_to_string(f.state(&format!("fail-show-{unit}.service"))).unwrap();
+        assert_eq!(left.trim(), "0", "{unit}: every injected failure was met");
+    }
+    f.assert_final();
+}
+
 #[test]
 fn dry_run_prints_every_command_and_changes_nothing() {
     let f = Fake::new(58);

@@ -60,6 +60,9 @@ pub fn label(phase: Phase) -> &'static str {
 /// Polls of an `inactive` hydra-init after a switch before giving up (it should be
 /// activating or done).
 const INACTIVE_POLLS: u32 = 30;
+/// How long the host may fail to answer `systemctl show` while hydra-init is waited for
+/// before that ends the wait (and the switch is rolled back).
+const UNANSWERED_GRACE: Duration = Duration::from_secs(60);
 
 pub struct NixosHost {
     pub settings: Settings,
@@ -201,8 +204,38 @@ impl NixosHost {
         let start = Instant::now();
         let mut last = String::new();
         let mut inactive_polls = 0;
+        let mut unanswered_since: Option<Instant> = None;
         loop {
-            let kv = self.show(c::HYDRA_INIT, &["ActiveState", "Result", "ExecMainStatus"])?;
+            let kv = match self.show(c::HYDRA_INIT, &["ActiveState", "Result", "ExecMainStatus"]) {
+                Ok(kv) => {
+                    unanswered_since = None;
+                    kv
+                }
+                Err(e) => {
+                    // One failed look (an SSH connection refused while sshd restarts with
+                    // the new system) is no verdict on the switch: look again, for a while.
+                    let first = unanswered_since.is_none();
+                    let since = *unanswered_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > UNANSWERED_GRACE
+                        || start.elapsed() > self.settings.init_timeout
+                    {
+                        return Err(e.context(format!(
+                            "asking systemd about {} (no answer for {}s)",
+                            c::HYDRA_INIT,
+                            since.elapsed().as_secs()
+                        )));
+                    }
+                    if first {
+                        out.warn(&format!(
+                            "cannot ask systemd about {} ({e:#}); asking again for up to {}s",
+                            c::HYDRA_INIT,
+                            UNANSWERED_GRACE.as_secs()
+                        ));
+                    }
+                    self.sleep()?;
+                    continue;
+                }
+            };
             let (state, result, status) = (
                 Self::prop(&kv, "ActiveState"),
                 Self::prop(&kv, "Result"),
@@ -249,7 +282,14 @@ impl NixosHost {
     fn health_problems(&self) -> Result<Vec<(String, Option<String>)>> {
         let mut problems = Vec::new();
         for unit in c::HYDRA_UNITS {
-            let kv = self.show(unit, &["LoadState", "ActiveState"])?;
+            // A failed look is a problem like any other: retried until the health timeout.
+            let kv = match self.show(unit, &["LoadState", "ActiveState"]) {
+                Ok(kv) => kv,
+                Err(e) => {
+                    problems.push((format!("cannot ask systemd about {unit}: {e:#}"), None));
+                    continue;
+                }
+            };
             let (load, active) = (Self::prop(&kv, "LoadState"), Self::prop(&kv, "ActiveState"));
             if load != "loaded" {
                 if unit == "hydra-server.service" {
