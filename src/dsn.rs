@@ -213,7 +213,7 @@ fn fill_defaults(config: &mut postgres::Config) {
 }
 
 /// The pgpass file libpq would read: `$PGPASSFILE`, else `~/.pgpass`.
-fn pgpass_path() -> Option<PathBuf> {
+pub fn pgpass_path() -> Option<PathBuf> {
     env("PGPASSFILE")
         .map(PathBuf::from)
         .or_else(|| env("HOME").map(|h| Path::new(&h).join(".pgpass")))

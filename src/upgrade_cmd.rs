@@ -241,6 +241,18 @@ fn build_nixos_host(
                 env.push((name.to_owned(), v));
             }
         }
+        // A system unit has neither $HOME nor $USER: hand it the role this process
+        // resolved (a DSN's own user= still wins) and the pgpass file it would read.
+        if std::env::var_os("PGUSER").is_none()
+            && let Some(user) = dsn.config.get_user()
+        {
+            env.push(("PGUSER".to_owned(), user.to_owned()));
+        }
+        if std::env::var_os("PGPASSFILE").is_none()
+            && let Some(file) = crate::dsn::pgpass_path().filter(|f| f.is_file())
+        {
+            env.push(("PGPASSFILE".to_owned(), file.display().to_string()));
+        }
         Some(DetachedBackfill {
             argv: backfill_argv(args, global)?,
             env,

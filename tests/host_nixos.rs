@@ -169,7 +169,12 @@ impl Fake {
     /// `hydra-upgrade --db ... upgrade <args>` with the fake tools first on PATH, its
     /// output not redirected.
     fn expr_uncaptured(&self, args: &[String], env: &[(&str, String)]) -> duct::Expression {
-        let mut full: Vec<String> = vec!["--db".into(), self.db.dsn.clone(), "upgrade".into()];
+        self.expr_on(&self.db.dsn, args, env)
+    }
+
+    /// [`Fake::expr_uncaptured`] with another DSN for the test database.
+    fn expr_on(&self, dsn: &str, args: &[String], env: &[(&str, String)]) -> duct::Expression {
+        let mut full: Vec<String> = vec!["--db".into(), dsn.to_owned(), "upgrade".into()];
         full.extend(args.iter().cloned());
         let path = format!("{FAKE_BIN}:{}", std::env::var("PATH").unwrap_or_default());
         let psql = find_bindir().unwrap().join("psql");
@@ -900,6 +905,64 @@ fn a_host_that_does_not_answer_for_a_moment_after_a_switch_is_not_rolled_back() 
         let left = std::fs::read_to_string(f.state(&format!("fail-show-{unit}.service"))).unwrap();
         assert_eq!(left.trim(), "0", "{unit}: every injected failure was met");
     }
+    f.assert_final();
+}
+
+/// The detached backfill is a system unit, which has neither `$HOME` nor `$USER`. A DSN
+/// without `user=` and a password in `~/.pgpass` (an admin's root shell) work for the tool
+/// itself; the unit gets the role and the pgpass file the tool resolved, and works too.
+#[test]
+fn the_backfill_unit_uses_the_role_and_pgpass_file_of_the_tool() {
+    let f = Fake::new(58);
+    let c = cluster();
+    {
+        let mut admin = c.connect("postgres").unwrap();
+        admin
+            .client()
+            .batch_execute(
+                "SET password_encryption = 'scram-sha-256';
+                 DO $$ BEGIN CREATE ROLE pwadmin LOGIN SUPERUSER PASSWORD 'pgpass-s3cret';
+                 EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+            )
+            .unwrap();
+    }
+    c.prepend_hba("local all pwadmin scram-sha-256").unwrap();
+    let home = f.root.join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let pgpass = home.join(".pgpass");
+    std::fs::write(
+        &pgpass,
+        format!("localhost:5432:{}:pwadmin:pgpass-s3cret\n", f.db.name),
+    )
+    .unwrap();
+    std::fs::set_permissions(&pgpass, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let dsn = format!(
+        "host={} port=5432 dbname={}",
+        c.socket_dir().display(),
+        f.db.name
+    );
+    let mut a = f.args(&["--yes"]);
+    a.extend(f.systems_args());
+    let out = f
+        .expr_on(
+            &dsn,
+            &a,
+            &[
+                ("HOME", home.display().to_string()),
+                ("USER", "pwadmin".into()),
+            ],
+        )
+        .env_remove("PGUSER")
+        .env_remove("PGPASSFILE")
+        .run()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        f.calls().contains("--unit=hydra-upgrade-backfill"),
+        "the backfill ran in its unit"
+    );
+    assert!(!stderr.contains("pgpass-s3cret"), "{stderr}");
     f.assert_final();
 }
 
