@@ -345,6 +345,11 @@ fn switch_phase(
         host.prepare_switch(phase, out)?;
     }
     if phase == Phase::Final {
+        if resumed {
+            // A stock final activation still running holds Builds under its hydra-init's
+            // locks: the verify would wait on them without a word.
+            host.await_running_switch(phase, out)?;
+        }
         let verified = timed(report, out, "verify before the final switch", || {
             verify::run(db)
         });

@@ -425,7 +425,9 @@ pub fn run(
             args, global, config, &dsn, out, &interrupt,
         )?)
     };
-    let s = status::detect(&mut db, false)?;
+    // A NULL count that would wait for a lock (a stock hydra-init's, of an activation an
+    // earlier run left running) is left out of the plan instead of holding up every word.
+    let s = status::detect_with(&mut db, false, Some(status::STATUS_LOCK_WAIT))?;
     if args.dry_run {
         let build = build_commands(args, config);
         return dry_run(host.as_ref(), &s, opts.stock_final, build, global.json);

@@ -1152,6 +1152,45 @@ fn killed_during_the_final_switch_then_resumed_while_activation_still_runs() {
     );
 }
 
+/// Killed during a `--stock-final` activation whose hydra-init holds Builds' ACCESS
+/// EXCLUSIVE lock (for hours on a large table): the re-run neither hangs without a word
+/// counting NULL rows for its plan nor in the verify before finishing the switch; it says
+/// that the activation still runs and waits for it, then finishes.
+#[test]
+fn a_rerun_during_a_stock_final_activation_that_holds_builds_waits_for_it_saying_so() {
+    let f = Fake::new(61);
+    std::fs::write(f.state("pause-stc-final"), "").unwrap();
+    let h = f.spawn(&["--stock-final"]);
+    wait_for("the final activation", || {
+        f.state("paused-stc-final").exists()
+    });
+    h.kill().unwrap();
+    // as the final system's hydra-init would, from its first schema step on
+    let mut init = f.db.connect();
+    init.client()
+        .batch_execute("BEGIN; LOCK TABLE builds IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let asked = || {
+        f.calls()
+            .matches("systemctl show -p ActiveState hydra-upgrade-switch-final.service")
+            .count()
+    };
+    let before = asked();
+    let rerun = f.spawn(&["--stock-final"]);
+    wait_for("the re-run to look at the running activation", || {
+        asked() > before
+    });
+    init.client().batch_execute("COMMIT").unwrap();
+    std::fs::remove_file(f.state("pause-stc-final")).unwrap();
+    let out = rerun.wait().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_contains(&stderr, "NULL rows not counted");
+    assert_contains(&stderr, "still running; waiting for it");
+    let _ = h.wait();
+    f.assert_final();
+}
+
 #[test]
 fn sigint_after_the_migration_switch_stops_then_resumes() {
     let f = Fake::new(58);

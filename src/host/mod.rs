@@ -74,6 +74,11 @@ pub trait Host {
     fn pending_switch_began(&mut self) -> Result<bool> {
         Ok(false)
     }
+    /// Wait while the activation of a pending switch to `phase`, started by an earlier
+    /// run, still runs in its unit (its hydra-init may hold locks on Builds for hours).
+    fn await_running_switch(&mut self, _phase: Phase, _out: &Out) -> Result<()> {
+        Ok(())
+    }
     /// A switch an earlier run started and did not confirm (it was interrupted).
     fn pending_switch(&self) -> Option<Phase> {
         None

@@ -463,6 +463,11 @@ impl Host for NixosHost {
         Ok(self.pending_switch().is_some() && self.current()? != previous)
     }
 
+    fn await_running_switch(&mut self, phase: Phase, out: &Out) -> Result<()> {
+        self.wait_unit_gone(&c::switch_unit(label(phase)), out)
+            .map(|_| ())
+    }
+
     fn pending_switch(&self) -> Option<Phase> {
         match self.state.state.switching_to.as_deref() {
             Some("migration") => Some(Phase::Migration),
