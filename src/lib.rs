@@ -92,7 +92,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
         Command::Plan => {
             let mut db = connect()?;
             let s = status::detect(&mut db, false)?;
-            let steps = upgrade::plan(&s, false, "the host");
+            let steps = upgrade::plan(&s, false, "the host", None);
             let wal = upgrade::wal_outlook(&mut db, &s)?;
             let hot = upgrade::hot_outlook(&mut db, &s)?;
             // While a backfill or finalize is still to come: both wait for standbys, at

@@ -35,10 +35,34 @@ pub struct PlannedStep {
     pub description: String,
 }
 
-/// What `upgrade` would do next, from this status. Changes nothing.
-pub fn plan(s: &Status, stock_final: bool, host: &str) -> Vec<PlannedStep> {
+/// What `upgrade` would do next, from this status and the switch an earlier run left
+/// under way (`pending`, from the host's state file). Changes nothing.
+pub fn plan(s: &Status, stock_final: bool, host: &str, pending: Option<Phase>) -> Vec<PlannedStep> {
     let mut steps = Vec::new();
     let mut add = |step, description: String| steps.push(PlannedStep { step, description });
+    match pending {
+        // `run` forgets a pending final switch before the migration schema.
+        Some(Phase::Final) if s.stage == Stage::Migration => {
+            add(
+                "switch-final",
+                format!(
+                    "finish the switch to the hydra-unstable system that an earlier run began on \
+                     {host} (verify first; its hydra-init applies upgrade-{}..65, whatever \
+                     --stock-final says now), then check hydra-init and Hydra's health",
+                    s.schema_version + 1
+                ),
+            );
+            return steps;
+        }
+        Some(Phase::Migration) if s.stage == Stage::Migration => add(
+            "switch-migration",
+            format!(
+                "finish the switch to the hydra-migration system that an earlier run began on \
+                 {host}: check hydra-init and Hydra's health"
+            ),
+        ),
+        _ => {}
+    }
     if s.stage == Stage::Final {
         add(
             "switch-final",

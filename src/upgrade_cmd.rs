@@ -190,7 +190,7 @@ fn build_nixos_host(
         .or_else(|| config.state_dir.clone())
         .unwrap_or_else(|| PathBuf::from(state::DEFAULT_DIR));
     let mut state = if args.dry_run {
-        StateFile::in_memory()
+        StateFile::read_only(&state_dir)?
     } else {
         StateFile::open(&state_dir)?
     };
@@ -366,7 +366,7 @@ fn dry_run(
     build: Vec<String>,
     json: bool,
 ) -> Result<Exit> {
-    let plan = upgrade::plan(s, stock_final, &host.describe());
+    let plan = upgrade::plan(s, stock_final, &host.describe(), host.pending_switch());
     let mut steps = Vec::new();
     if !build.is_empty() {
         steps.push(("build".to_owned(), build));
@@ -458,9 +458,14 @@ pub fn run(
                 s.schema_version,
                 s.stage
             );
-            for (i, st) in upgrade::plan(&s, opts.stock_final, &host.describe())
-                .iter()
-                .enumerate()
+            for (i, st) in upgrade::plan(
+                &s,
+                opts.stock_final,
+                &host.describe(),
+                host.pending_switch(),
+            )
+            .iter()
+            .enumerate()
             {
                 crate::errln!("{:>2}. {:<17} {}", i + 1, st.step, st.description);
             }

@@ -869,8 +869,21 @@ fn a_resumed_final_switch_with_null_rows_rolls_back_to_the_migration_system() {
     let _ = h.wait();
     assert_eq!(f.current(), "final");
     assert_eq!(f.upgrade_state()["switching_to"], "final");
+    // a dry run, without the flags that named the systems, shows what the re-run will do:
+    // finish that switch (with the remembered final system), no online finalize
+    let state_before = f.upgrade_state();
+    let r = f.run_raw(&f.args(&["--dry-run"]), &[]);
+    r.expect_code(0);
+    assert_contains(&r.stdout, "== switch-final");
+    assert_contains(&r.stdout, &f.system("final").display().to_string());
+    assert!(!r.stdout.contains("== finalize"), "{}", r.stdout);
+    assert_eq!(f.upgrade_state(), state_before, "a dry run writes no state");
     let r = f.run(&["--stock-final"]);
     r.expect_code(10);
+    assert_contains(
+        &r.stderr,
+        "finish the switch to the hydra-unstable system that an earlier run began",
+    );
     assert_contains(&r.stderr, "the final switch is refused");
     assert_contains(&r.stderr, "rolling back to");
     assert_eq!(f.current(), "migration");

@@ -104,6 +104,18 @@ impl StateFile {
         })
     }
 
+    /// The state file of `dir` as it stands, for a dry run: read if it exists, never
+    /// written (nor the directory made).
+    pub fn read_only(dir: &Path) -> Result<StateFile> {
+        let mut file = if dir.join(FILE).exists() {
+            StateFile::open(dir)?
+        } else {
+            StateFile::in_memory()
+        };
+        file.dir = None;
+        Ok(file)
+    }
+
     pub fn dir(&self) -> Option<&Path> {
         self.dir.as_deref()
     }
