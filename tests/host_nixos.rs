@@ -979,6 +979,39 @@ fn the_backfill_unit_uses_the_role_and_pgpass_file_of_the_tool() {
     f.assert_final();
 }
 
+/// A Hydra URL this machine cannot reach while hydra-server runs (the default
+/// `http://<target>:3000` behind the target's firewall) would fail the health check after
+/// every switch and roll back switches that worked: the preflight refuses it, before
+/// anything changes (exit 3).
+#[test]
+fn a_hydra_url_that_does_not_answer_while_hydra_runs_is_refused_before_any_switch() {
+    let f = Fake::new(58);
+    let mut a: Vec<String> = f
+        .args(&["--yes"])
+        .into_iter()
+        .map(|arg| {
+            if arg == hydra_url() {
+                // nothing listens on port 1
+                "http://127.0.0.1:1/".to_owned()
+            } else {
+                arg
+            }
+        })
+        .collect();
+    a.extend(f.systems_args());
+    let r = f.run_raw(&a, &[]);
+    r.expect_code(3);
+    assert_contains(&r.stderr, "does not answer from here");
+    assert_contains(&r.stderr, "pass --hydra-url");
+    assert_eq!(f.current(), "original");
+    assert!(
+        !f.calls().contains("switch-to-configuration"),
+        "{}",
+        f.calls()
+    );
+    assert_eq!(f.db.version(), 58);
+}
+
 #[test]
 fn dry_run_prints_every_command_and_changes_nothing() {
     let f = Fake::new(58);
@@ -1167,8 +1200,9 @@ fn killed_during_the_final_switch_then_resumed_while_activation_still_runs() {
 
 /// Killed during a `--stock-final` activation whose hydra-init holds Builds' ACCESS
 /// EXCLUSIVE lock (for hours on a large table): the re-run neither hangs without a word
-/// counting NULL rows for its plan nor in the verify before finishing the switch; it says
-/// that the activation still runs and waits for it, then finishes.
+/// counting NULL rows for its plan (the count gives up after a few seconds) nor in the
+/// verify before finishing the switch; it says that the activation still runs and waits
+/// for it, then finishes.
 #[test]
 fn a_rerun_during_a_stock_final_activation_that_holds_builds_waits_for_it_saying_so() {
     let f = Fake::new(61);
@@ -1198,7 +1232,10 @@ fn a_rerun_during_a_stock_final_activation_that_holds_builds_waits_for_it_saying
     let out = rerun.wait().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert_contains(&stderr, "NULL rows not counted");
+    assert_contains(
+        &stderr,
+        "finish the switch to the hydra-unstable system that an earlier run began",
+    );
     assert_contains(&stderr, "still running; waiting for it");
     let _ = h.wait();
     f.assert_final();

@@ -63,6 +63,9 @@ const INACTIVE_POLLS: u32 = 30;
 /// How long the host may fail to answer `systemctl show` while hydra-init is waited for
 /// before that ends the wait (and the switch is rolled back).
 const UNANSWERED_GRACE: Duration = Duration::from_secs(60);
+/// How long the preflight gives a running hydra-server's URL to answer (at most the
+/// health timeout).
+const URL_CHECK_WAIT: Duration = Duration::from_secs(30);
 
 pub struct NixosHost {
     pub settings: Settings,
@@ -278,6 +281,45 @@ impl NixosHost {
         }
     }
 
+    /// Before anything changes: if hydra-server runs, its URL must answer from here (any
+    /// HTTP status). The health check after each switch probes that URL and rolls the
+    /// switch back when it does not answer, so a URL this machine cannot reach (the
+    /// default `http://<target>:3000` behind a firewall, or a hydra-server listening on
+    /// localhost only) would roll back switches that worked. Not while a switch is
+    /// pending: Hydra may be down mid-activation, which the re-run handles.
+    fn check_hydra_url_reachable(&self) -> Result<()> {
+        if self.pending_switch().is_some() {
+            return Ok(());
+        }
+        let start = Instant::now();
+        let wait = self.settings.health_timeout.min(URL_CHECK_WAIT);
+        loop {
+            let kv = self.show("hydra-server.service", &["ActiveState"])?;
+            if Self::prop(&kv, "ActiveState") != "active" {
+                return Ok(());
+            }
+            let err = match http::get_status(&self.settings.hydra_url, Duration::from_secs(5)) {
+                Ok(_) => return Ok(()),
+                Err(e) => e,
+            };
+            if start.elapsed() >= wait {
+                return Err(fail(
+                    Exit::Config,
+                    format!(
+                        "hydra-server.service is active on {}, yet {} does not answer from here \
+                         ({err:#}). The health check after each switch probes this URL and rolls \
+                         the switch back when it does not answer: pass --hydra-url (or hydra_url \
+                         in the config file) with an address of Hydra that this machine reaches. \
+                         Nothing was changed.",
+                        self.settings.target.describe(),
+                        self.settings.hydra_url
+                    ),
+                ));
+            }
+            self.sleep()?;
+        }
+    }
+
     /// One round of health checks: the list of problems (empty = healthy).
     fn health_problems(&self) -> Result<Vec<(String, Option<String>)>> {
         let mut problems = Vec::new();
@@ -420,6 +462,7 @@ impl Host for NixosHost {
                 ));
             }
         }
+        self.check_hydra_url_reachable()?;
         let systems = self.settings.systems.clone();
         self.record(|s| {
             s.migration_system = systems[0].clone();
