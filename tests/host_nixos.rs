@@ -531,6 +531,48 @@ fn an_unhealthy_hydra_after_the_final_switch_rolls_back_to_the_migration_system(
     f.assert_final();
 }
 
+/// Ctrl-C while a failed switch is being rolled back reaches the rollback's systemd-run
+/// client, not its activation, which goes on in its unit: exit 130 (not 11, "the
+/// rollback failed"), and the re-run waits for that unit before it activates anything, so
+/// that two activations never overlap.
+#[test]
+fn ctrl_c_during_a_rollback_exits_130_and_the_rerun_waits_for_the_rollback_unit() {
+    let f = Fake::new(58);
+    f.inject("migration", "unhealthy");
+    std::fs::write(f.state("pause-stc-original"), "").unwrap();
+    let h = f.spawn(&[]);
+    wait_for("the rollback's activation", || {
+        f.state("paused-stc-original").exists()
+    });
+    ctrl_c(&f, &h, "hydra-upgrade-switch-rollback");
+    let out = h.wait().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert_contains(&stderr, "Interrupted while rolling back to");
+    assert_eq!(f.upgrade_state()["switching_to"], "migration");
+    // fixed meanwhile; the rollback's activation is still paused when the re-run starts
+    std::fs::remove_file(f.system("migration").join("unhealthy")).unwrap();
+    let asked = || {
+        f.calls()
+            .matches("systemctl show -p ActiveState hydra-upgrade-switch-rollback.service")
+            .count()
+    };
+    let before = asked();
+    let rerun = f.spawn(&[]);
+    wait_for("the re-run to look at the rollback's unit", || {
+        asked() > before
+    });
+    std::fs::remove_file(f.state("pause-stc-original")).unwrap();
+    let out = rerun.wait().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_contains(
+        &stderr,
+        "hydra-upgrade-switch-rollback.service, started by an earlier run, is still running",
+    );
+    f.assert_final();
+}
+
 /// An activation that restarts PostgreSQL closes the tool's session (and its upgrade
 /// lock). The tool connects again, takes the upgrade lock again and confirms the switch;
 /// before, the closed session failed the confirmation and the switch that had worked was
@@ -1378,7 +1420,7 @@ fn ctrl_c_during_an_activation_does_not_roll_back_and_a_rerun_finishes_the_switc
         "{stderr}"
     );
     assert!(
-        !f.calls().contains("hydra-upgrade-switch-rollback"),
+        !f.calls().contains("--unit=hydra-upgrade-switch-rollback"),
         "{}",
         f.calls()
     );

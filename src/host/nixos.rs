@@ -63,6 +63,8 @@ const INACTIVE_POLLS: u32 = 30;
 /// How long the host may fail to answer `systemctl show` while hydra-init is waited for
 /// before that ends the wait (and the switch is rolled back).
 const UNANSWERED_GRACE: Duration = Duration::from_secs(60);
+/// The label of the rollback's activation unit (`hydra-upgrade-switch-rollback`).
+const ROLLBACK: &str = "rollback";
 /// How long the preflight gives a running hydra-server's URL to answer (at most the
 /// health timeout).
 const URL_CHECK_WAIT: Duration = Duration::from_secs(30);
@@ -182,6 +184,16 @@ impl NixosHost {
         };
         stop_following(following);
         result
+    }
+
+    /// Wait while an activation an earlier run started still runs: the one to `phase`, or
+    /// a rollback (an interrupted run leaves it going on in its unit), so that no two
+    /// activations overlap.
+    fn wait_switch_units(&self, phase: Phase, out: &Out) -> Result<()> {
+        for unit in [c::switch_unit(label(phase)), c::switch_unit(ROLLBACK)] {
+            self.wait_unit_gone(&unit, out)?;
+        }
+        Ok(())
     }
 
     /// Run the `systemd-run --wait` client of a unit to its end, looking every 100 ms for a
@@ -507,8 +519,7 @@ impl Host for NixosHost {
     }
 
     fn await_running_switch(&mut self, phase: Phase, out: &Out) -> Result<()> {
-        self.wait_unit_gone(&c::switch_unit(label(phase)), out)
-            .map(|_| ())
+        self.wait_switch_units(phase, out)
     }
 
     fn pending_switch(&self) -> Option<Phase> {
@@ -563,7 +574,7 @@ impl Host for NixosHost {
             self.record(|s| s.switching_to = Some(label(phase).to_owned()))?;
         }
         // An activation an earlier run started may still be running in its unit.
-        self.wait_unit_gone(&c::switch_unit(label(phase)), out)?;
+        self.wait_switch_units(phase, out)?;
         let already = match self.system(phase) {
             Some(sys) => self.current()? == sys,
             None => false,
@@ -679,10 +690,27 @@ impl Host for NixosHost {
         if self.settings.mode == SwitchMode::Switch {
             steps.push(self.on(c::set_profile(&previous)));
         }
-        steps.push(self.on(c::activate(&previous, self.settings.mode, "rollback")));
+        steps.push(self.on(c::activate(&previous, self.settings.mode, ROLLBACK)));
         for cmd in steps {
             out.say(&format!("$ {}", cmd.display()));
             if let Err(e) = cmd.run_inherit() {
+                if self.interrupt.requested() {
+                    // Ctrl-C reached the systemd-run client, not the activation: the switch
+                    // stays pending, and the re-run waits for the rollback's unit, then
+                    // checks the switch again (and rolls back if it still fails).
+                    return fail(
+                        Exit::Interrupted,
+                        format!(
+                            "switching to the {} system failed: {why:#}{journal}\nInterrupted \
+                             while rolling back to {} ({e:#}); an activation already started \
+                             goes on in its unit {}.service. Run `hydra-upgrade upgrade` again: \
+                             it waits for that unit, then checks the switch again.",
+                            label(phase),
+                            previous.display(),
+                            c::switch_unit(ROLLBACK)
+                        ),
+                    );
+                }
                 return fail(
                     Exit::HostFailed,
                     format!(
@@ -868,7 +896,7 @@ impl Host for NixosHost {
                 }
                 v.push(format!(
                     "(on failure) {}",
-                    on(c::activate(&prev, self.settings.mode, "rollback"))
+                    on(c::activate(&prev, self.settings.mode, ROLLBACK))
                 ));
             }
             "backfill" => match &self.settings.detached_backfill {
