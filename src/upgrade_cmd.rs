@@ -195,7 +195,31 @@ fn build_nixos_host(
         StateFile::open(&state_dir)?
     };
     let database = dsn.describe();
-    if !state.state.database.is_empty() && state.state.database != database {
+    // The database is its name, host and port; the role a run connects as is not part of
+    // it (a DSN spelled without `user=` by another admin names the same database).
+    let without_user = |d: &str| {
+        d.split_whitespace()
+            .filter(|t| !t.starts_with("user="))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    if !state.state.database.is_empty()
+        && without_user(&state.state.database) != without_user(&database)
+    {
+        if let Some(to) = &state.state.switching_to {
+            // Starting afresh would forget that switch and where to roll it back to.
+            return Err(fail(
+                Exit::Config,
+                format!(
+                    "the state file in {} belongs to another database ({}), and a switch to \
+                     the {to} system is under way there: name that database as before (--db, \
+                     HYDRA_DBI or the config file) to finish it, or, if it is done with, move \
+                     the state file away and run again",
+                    state_dir.display(),
+                    state.state.database
+                ),
+            ));
+        }
         out.warn(&format!(
             "the state file in {} belongs to another database ({}); starting a fresh one",
             state_dir.display(),

@@ -169,11 +169,23 @@ impl Fake {
     /// `hydra-upgrade --db ... upgrade <args>` with the fake tools first on PATH, its
     /// output not redirected.
     fn expr_uncaptured(&self, args: &[String], env: &[(&str, String)]) -> duct::Expression {
-        self.expr_on(&self.db.dsn, args, env)
+        self.expr_uncaptured_on(&self.db.dsn, args, env)
     }
 
-    /// [`Fake::expr_uncaptured`] with another DSN for the test database.
+    /// [`Fake::expr`] with another DSN (another database, or another role).
     fn expr_on(&self, dsn: &str, args: &[String], env: &[(&str, String)]) -> duct::Expression {
+        self.expr_uncaptured_on(dsn, args, env)
+            .stdout_capture()
+            .stderr_capture()
+    }
+
+    /// [`Fake::expr_uncaptured`] with another DSN.
+    fn expr_uncaptured_on(
+        &self,
+        dsn: &str,
+        args: &[String],
+        env: &[(&str, String)],
+    ) -> duct::Expression {
         let mut full: Vec<String> = vec!["--db".into(), dsn.to_owned(), "upgrade".into()];
         full.extend(args.iter().cloned());
         let path = format!("{FAKE_BIN}:{}", std::env::var("PATH").unwrap_or_default());
@@ -1017,6 +1029,7 @@ fn the_backfill_unit_uses_the_role_and_pgpass_file_of_the_tool() {
         f.calls().contains("--unit=hydra-upgrade-backfill"),
         "the backfill ran in its unit"
     );
+    assert_contains(&stderr, "==> backfill");
     assert!(!stderr.contains("pgpass-s3cret"), "{stderr}");
     f.assert_final();
 }
@@ -1199,6 +1212,52 @@ fn killed_during_the_migration_switch_then_resumed() {
     let r = f.run(&[]);
     r.expect_code(0);
     assert_contains(&r.stderr, "finishing that switch first");
+    f.assert_final();
+}
+
+/// A re-run that connects as another role (another admin, a DSN without `user=`) names
+/// the same database: the state file, and the switch it says is under way, are kept. A
+/// run for another database refuses (exit 3) rather than forget that switch.
+#[test]
+fn a_pending_switch_outlives_another_role_and_is_not_dropped_for_another_database() {
+    let f = Fake::new(58);
+    std::fs::write(f.state("pause-stc-migration"), "").unwrap();
+    let h = f.spawn(&[]);
+    wait_for("the migration activation", || {
+        f.state("paused-stc-migration").exists()
+    });
+    h.kill().unwrap();
+    std::fs::remove_file(f.state("pause-stc-migration")).unwrap();
+    let _ = h.wait();
+    assert_eq!(f.upgrade_state()["switching_to"], "migration");
+    let other = hydra_at(58);
+    let mut a = f.args(&["--yes"]);
+    a.extend(f.systems_args());
+    let out = f.expr_on(&other.dsn, &a, &[]).run().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert_contains(
+        &stderr,
+        "a switch to the migration system is under way there",
+    );
+    assert_eq!(f.upgrade_state()["switching_to"], "migration");
+    assert_eq!(other.version(), 58, "nothing done to the other database");
+    cluster()
+        .connect("postgres")
+        .unwrap()
+        .client()
+        .batch_execute(
+            "DO $$ BEGIN CREATE ROLE other_admin LOGIN SUPERUSER;
+             EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+        )
+        .unwrap();
+    let as_other_role = f.db.dsn.replace("user=postgres", "user=other_admin");
+    assert_ne!(as_other_role, f.db.dsn);
+    let out = f.expr_on(&as_other_role, &a, &[]).run().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_contains(&stderr, "finishing that switch first");
+    assert!(!stderr.contains("belongs to another database"), "{stderr}");
     f.assert_final();
 }
 
