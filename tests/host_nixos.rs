@@ -709,22 +709,18 @@ fn null_rows_right_before_the_final_switch_refuse_it() {
     f.assert_final();
 }
 
-/// A `--stock-final` run whose verify right before the final switch fails (here: waiting
-/// for a lock, cancelled by an admin) leaves no pending switch: the host never left the
-/// migration system. So a re-run without `--stock-final` finalizes online, as asked,
-/// instead of "finishing" a stock final switch that never began.
-#[test]
-fn a_failed_verify_before_the_final_switch_leaves_no_switch_to_finish() {
-    let f = Fake::new(58);
+/// Start `upgrade --stock-final`; when, after its backfill, it reads the running system
+/// to remember before the final switch, a session takes Builds' ACCESS EXCLUSIVE lock
+/// (as a hydra-init would) until [`release_builds`], so the verify before the switch
+/// waits.
+fn stock_final_run_locking_builds_before_the_final_switch(f: &Fake) -> duct::Handle {
     let psql = find_bindir().unwrap().join("psql");
-    // At the moment the tool remembers the running system before the final switch, a
-    // session takes Builds' ACCESS EXCLUSIVE lock and keeps it (as hydra-init would).
     let hook = f.root.join("lock-builds.sh");
     std::fs::write(
         &hook,
         format!(
             "{psql} '{dsn}' -Xq -c 'BEGIN; LOCK TABLE builds IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(120)' >/dev/null 2>&1 &\n\
-             until [ \"$({psql} '{dsn}' -XtAc \"SELECT count(*) FROM pg_locks WHERE relation = 'builds'::regclass AND mode = 'AccessExclusiveLock' AND granted\")\" = 1 ]; do sleep 0.05; done\n",
+             until [ \"$({psql} '{dsn}' -XtAc \"SELECT count(*) FROM pg_locks WHERE database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND relation = 'builds'::regclass AND mode = 'AccessExclusiveLock' AND granted\")\" = 1 ]; do sleep 0.05; done\n",
             psql = psql.display(),
             dsn = f.db.dsn
         ),
@@ -732,24 +728,25 @@ fn a_failed_verify_before_the_final_switch_leaves_no_switch_to_finish() {
     .unwrap();
     let mut a = f.args(&["--stock-final", "--yes"]);
     a.extend(f.systems_args());
-    let handle = f
-        .expr(
-            &a,
-            &[
-                (
-                    "FAKE_READLINK_HOOK_WHEN",
-                    f.state("journal/hydra-upgrade-backfill.service")
-                        .display()
-                        .to_string(),
-                ),
-                ("FAKE_READLINK_HOOK", format!("sh {}", hook.display())),
-            ],
-        )
-        .start()
-        .unwrap();
-    // The verify before the switch waits for the lock: an admin cancels it.
-    cancel_lock_waiters(&f.db, "the verify before the final switch");
-    let out = handle.wait().unwrap();
+    f.expr(
+        &a,
+        &[
+            (
+                "FAKE_READLINK_HOOK_WHEN",
+                f.state("journal/hydra-upgrade-backfill.service")
+                    .display()
+                    .to_string(),
+            ),
+            ("FAKE_READLINK_HOOK", format!("sh {}", hook.display())),
+        ],
+    )
+    .start()
+    .unwrap()
+}
+
+/// End the session that [`stock_final_run_locking_builds_before_the_final_switch`] made
+/// lock Builds.
+fn release_builds(f: &Fake) {
     f.db.connect()
         .client()
         .execute(
@@ -759,15 +756,35 @@ fn a_failed_verify_before_the_final_switch_leaves_no_switch_to_finish() {
             &[],
         )
         .unwrap();
+}
+
+/// A `--stock-final` run whose verify right before the final switch fails (here: waiting
+/// for a lock, cancelled by an admin) leaves no pending switch: the host never left the
+/// migration system. So a re-run without `--stock-final` finalizes online, as asked,
+/// instead of "finishing" a stock final switch that never began.
+#[test]
+fn a_failed_verify_before_the_final_switch_leaves_no_switch_to_finish() {
+    let f = Fake::new(58);
+    let handle = stock_final_run_locking_builds_before_the_final_switch(&f);
+    // The verify before the switch waits for the lock: an admin cancels it.
+    cancel_lock_waiters(&f.db, "the verify before the final switch");
+    let out = handle.wait().unwrap();
+    release_builds(&f);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
-    assert_eq!(f.current(), "migration");
     assert_eq!(f.db.version(), 61);
+    the_rerun_finalizes_online(&f);
+}
+
+/// No switch left pending, the host still on the migration system: a re-run without
+/// `--stock-final` finalizes online, as asked, and finishes.
+fn the_rerun_finalizes_online(f: &Fake) {
     assert!(
         f.upgrade_state()["switching_to"].is_null(),
         "{}",
         f.upgrade_state()
     );
+    assert_eq!(f.current(), "migration");
     let r = f.run(&[]);
     r.expect_code(0);
     assert!(
@@ -775,7 +792,7 @@ fn a_failed_verify_before_the_final_switch_leaves_no_switch_to_finish() {
         "{}",
         r.stderr
     );
-    assert_contains(&r.stdout, "finalize");
+    assert_contains(&r.stdout, "finalize online");
     f.assert_final();
 }
 
@@ -828,37 +845,7 @@ fn a_rerun_after_the_upgrade_leaves_a_host_that_moved_on_alone() {
 #[test]
 fn killed_during_the_verify_before_the_final_switch_leaves_no_switch_to_finish() {
     let f = Fake::new(58);
-    let psql = find_bindir().unwrap().join("psql");
-    // When the tool remembers the running system before the final switch, a session
-    // takes Builds' ACCESS EXCLUSIVE lock for three seconds.
-    let hook = f.root.join("lock-builds.sh");
-    std::fs::write(
-        &hook,
-        format!(
-            "{psql} '{dsn}' -Xq -c 'BEGIN; LOCK TABLE builds IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(3)' >/dev/null 2>&1 &\n\
-             until [ \"$({psql} '{dsn}' -XtAc \"SELECT count(*) FROM pg_locks WHERE relation = 'builds'::regclass AND mode = 'AccessExclusiveLock' AND granted\")\" = 1 ]; do sleep 0.05; done\n",
-            psql = psql.display(),
-            dsn = f.db.dsn
-        ),
-    )
-    .unwrap();
-    let mut a = f.args(&["--stock-final", "--yes"]);
-    a.extend(f.systems_args());
-    let handle = f
-        .expr(
-            &a,
-            &[
-                (
-                    "FAKE_READLINK_HOOK_WHEN",
-                    f.state("journal/hydra-upgrade-backfill.service")
-                        .display()
-                        .to_string(),
-                ),
-                ("FAKE_READLINK_HOOK", format!("sh {}", hook.display())),
-            ],
-        )
-        .start()
-        .unwrap();
+    let handle = stock_final_run_locking_builds_before_the_final_switch(&f);
     let mut admin = f.db.connect();
     wait_for(
         "the verify before the final switch to wait for the lock",
@@ -877,23 +864,10 @@ fn killed_during_the_verify_before_the_final_switch_leaves_no_switch_to_finish()
         },
     );
     handle.kill().unwrap();
-    assert!(
-        f.upgrade_state()["switching_to"].is_null(),
-        "{}",
-        f.upgrade_state()
-    );
-    assert_eq!(f.current(), "migration");
-    // (the killed run's session holds the upgrade lock until the lock holder lets go and
-    // its verify ends; the re-run waits for it)
-    let r = f.run(&[]);
-    r.expect_code(0);
-    assert!(
-        !r.stderr.contains("finishing that switch first"),
-        "{}",
-        r.stderr
-    );
-    assert_contains(&r.stdout, "finalize online");
-    f.assert_final();
+    // The killed run's session holds the upgrade lock until its verify ends, once Builds
+    // is let go; the re-run waits for it.
+    release_builds(&f);
+    the_rerun_finalizes_online(&f);
 }
 
 /// A `--stock-final` run killed during the final activation, whose hydra-init then fails
