@@ -838,6 +838,32 @@ fn a_rerun_after_the_upgrade_leaves_a_host_that_moved_on_alone() {
     assert_eq!(f.db.version(), 65);
 }
 
+/// After the upgrade the host went back, not on: to the system from before the upgrade
+/// (a `--mode test` switch undone by a reboot), or to an older generation whose hydra-init
+/// the schema guard refuses at schema 65. A re-run switches to the final system again.
+#[test]
+fn a_rerun_after_the_host_went_back_to_an_older_system_switches_to_the_final_one() {
+    let f = Fake::new(58);
+    f.run(&[]).expect_code(0);
+    f.rebuild_into("original");
+    let r = f.run(&[]);
+    r.expect_code(0);
+    assert!(!r.stderr.contains("moved on"), "{}", r.stderr);
+    assert_contains(&r.stdout, "Hydra is healthy on");
+    f.assert_final();
+    f.add_system("older", None);
+    f.rebuild_into("older");
+    std::fs::write(
+        f.state("units/hydra-init.service"),
+        "LoadState=loaded\nActiveState=failed\nResult=exit-code\nExecMainStatus=1\n",
+    )
+    .unwrap();
+    let r = f.run(&[]);
+    r.expect_code(0);
+    assert!(!r.stderr.contains("moved on"), "{}", r.stderr);
+    f.assert_final();
+}
+
 /// A `--stock-final` run killed while its verify right before the final switch runs (it
 /// waits here for a lock; at tens of millions of builds it simply takes minutes) leaves
 /// no switch pending: the re-run without `--stock-final` finalizes online, as asked,

@@ -64,8 +64,9 @@ pub trait Host {
         Ok(false)
     }
     /// Whether the final switch was confirmed by an earlier run and the host has since
-    /// moved on to a system of its own (neither phase system): a finished upgrade, not a
-    /// switch to make again. False when the host cannot tell.
+    /// moved on to a system of its own (neither phase system nor the one from before the
+    /// upgrade, and its hydra-init has not failed): a finished upgrade, not a switch to
+    /// make again. False when the host cannot tell.
     fn moved_on_from_final(&mut self) -> Result<bool> {
         Ok(false)
     }

@@ -506,9 +506,20 @@ impl Host for NixosHost {
     }
 
     fn moved_on_from_final(&mut self) -> Result<bool> {
-        Ok(self.state.state.switched_final.is_some()
-            && !self.is_on(Phase::Final)?
-            && !self.is_on(Phase::Migration)?)
+        if self.state.state.switched_final.is_none()
+            || self.is_on(Phase::Final)?
+            || self.is_on(Phase::Migration)?
+        {
+            return Ok(false);
+        }
+        // Not moved on but back: the system from before the upgrade (a `--mode test`
+        // switch undone by a reboot, a boot into an older generation), or any system whose
+        // hydra-init fails (an older Hydra's, refused at schema 65 by the schema guard).
+        if self.state.state.before_upgrade.as_deref() == Some(self.current()?.as_path()) {
+            return Ok(false);
+        }
+        let kv = self.show(c::HYDRA_INIT, &["ActiveState"])?;
+        Ok(Self::prop(&kv, "ActiveState") != "failed")
     }
 
     fn pending_switch_began(&mut self) -> Result<bool> {
@@ -554,7 +565,12 @@ impl Host for NixosHost {
             "remembering the running system {} to roll back to",
             previous.display()
         ));
-        self.record(|s| s.previous_system = Some(previous))
+        self.record(|s| {
+            if phase == Phase::Migration && s.before_upgrade.is_none() {
+                s.before_upgrade = Some(previous.clone());
+            }
+            s.previous_system = Some(previous);
+        })
     }
 
     fn abort_switch(&mut self) -> Result<()> {

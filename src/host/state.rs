@@ -36,6 +36,8 @@ pub struct State {
     /// re-run after an interruption still knows where to roll back to.
     pub switching_to: Option<String>,
     pub previous_system: Option<PathBuf>,
+    /// The system the host ran before the first switch to the migration system.
+    pub before_upgrade: Option<PathBuf>,
     /// The system the host ran after the last successful switch, per phase.
     pub switched_migration: Option<PathBuf>,
     pub switched_final: Option<PathBuf>,
