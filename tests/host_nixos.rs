@@ -1056,8 +1056,16 @@ fn a_hydra_url_that_does_not_answer_while_hydra_runs_is_refused_before_any_switc
     a.extend(f.systems_args());
     let r = f.run_raw(&a, &[]);
     r.expect_code(3);
-    assert_contains(&r.stderr, "does not answer from here");
+    assert_contains(&r.stderr, "did not answer from here");
     assert_contains(&r.stderr, "pass --hydra-url");
+    // a URL that cannot be checked at all is refused at once
+    let a: Vec<String> = a
+        .into_iter()
+        .map(|arg| arg.replace("http://127.0.0.1:1/", "https://hydra.example/"))
+        .collect();
+    let r = f.run_raw(&a, &[]);
+    r.expect_code(3);
+    assert_contains(&r.stderr, "--hydra-url: only http:// URLs can be checked");
     assert_eq!(f.current(), "original");
     assert!(
         !f.calls().contains("switch-to-configuration"),
@@ -1081,6 +1089,8 @@ fn dry_run_prints_every_command_and_changes_nothing() {
     let order = [
         "readlink -f /run/current-system".to_owned(),
         format!("test -x {m}/bin/switch-to-configuration"),
+        "systemctl show -p ActiveState hydra-server.service".into(),
+        format!("GET {}", hydra_url()),
         format!("nix-env -p /nix/var/nix/profiles/system --set {m}"),
         format!("--unit=hydra-upgrade-switch-migration -- {m}/bin/switch-to-configuration switch"),
         "systemctl show -p ActiveState,Result,ExecMainStatus hydra-init.service".into(),

@@ -65,9 +65,6 @@ const INACTIVE_POLLS: u32 = 30;
 const UNANSWERED_GRACE: Duration = Duration::from_secs(60);
 /// The label of the rollback's activation unit (`hydra-upgrade-switch-rollback`).
 const ROLLBACK: &str = "rollback";
-/// How long the preflight gives a running hydra-server's URL to answer (at most the
-/// health timeout).
-const URL_CHECK_WAIT: Duration = Duration::from_secs(30);
 
 pub struct NixosHost {
     pub settings: Settings,
@@ -303,8 +300,10 @@ impl NixosHost {
         if self.pending_switch().is_some() {
             return Ok(());
         }
+        // A URL that cannot be checked at all is a configuration error, not worth waiting.
+        http::parse_url(&self.settings.hydra_url)
+            .map_err(|e| fail(Exit::Config, format!("--hydra-url: {e:#}")))?;
         let start = Instant::now();
-        let wait = self.settings.health_timeout.min(URL_CHECK_WAIT);
         loop {
             let kv = self.show("hydra-server.service", &["ActiveState"])?;
             if Self::prop(&kv, "ActiveState") != "active" {
@@ -314,17 +313,19 @@ impl NixosHost {
                 Ok(_) => return Ok(()),
                 Err(e) => e,
             };
-            if start.elapsed() >= wait {
+            if start.elapsed() >= self.settings.health_timeout {
                 return Err(fail(
                     Exit::Config,
                     format!(
-                        "hydra-server.service is active on {}, yet {} does not answer from here \
-                         ({err:#}). The health check after each switch probes this URL and rolls \
-                         the switch back when it does not answer: pass --hydra-url (or hydra_url \
-                         in the config file) with an address of Hydra that this machine reaches. \
-                         Nothing was changed.",
+                        "hydra-server.service is active on {}, yet {} did not answer from here \
+                         within {}s ({err:#}). The health check after each switch probes this \
+                         URL and rolls the switch back when it does not answer: if Hydra is \
+                         still starting, run again in a while (or raise --health-timeout-secs); \
+                         else pass --hydra-url (or hydra_url in the config file) with an address \
+                         of Hydra that this machine reaches. Nothing was changed.",
                         self.settings.target.describe(),
-                        self.settings.hydra_url
+                        self.settings.hydra_url,
+                        self.settings.health_timeout.as_secs()
                     ),
                 ));
             }
@@ -707,23 +708,36 @@ impl Host for NixosHost {
             steps.push(self.on(c::set_profile(&previous)));
         }
         steps.push(self.on(c::activate(&previous, self.settings.mode, ROLLBACK)));
-        for cmd in steps {
+        let last = steps.len() - 1;
+        for (i, cmd) in steps.into_iter().enumerate() {
             out.say(&format!("$ {}", cmd.display()));
             if let Err(e) = cmd.run_inherit() {
                 if self.interrupt.requested() {
                     // Ctrl-C reached the systemd-run client, not the activation: the switch
-                    // stays pending, and the re-run waits for the rollback's unit, then
-                    // checks the switch again (and rolls back if it still fails).
+                    // stays pending, and the re-run waits for the rollback's unit, then makes
+                    // the switch again (and rolls back if it still fails).
+                    let where_ = if i == last {
+                        format!(
+                            "its activation goes on in {}.service",
+                            c::switch_unit(ROLLBACK)
+                        )
+                    } else {
+                        "no activation of it had begun".to_owned()
+                    };
                     return fail(
                         Exit::Interrupted,
                         format!(
                             "switching to the {} system failed: {why:#}{journal}\nInterrupted \
-                             while rolling back to {} ({e:#}); an activation already started \
-                             goes on in its unit {}.service. Run `hydra-upgrade upgrade` again: \
-                             it waits for that unit, then checks the switch again.",
+                             while rolling back to {} ({e:#}): {where_}. Run `hydra-upgrade \
+                             upgrade` again: it waits for any activation still running, then \
+                             switches to the {} system again (rolling back once more if it still \
+                             fails); or roll back by hand: `nix-env -p {} --set {prev} && \
+                             {prev}/bin/switch-to-configuration switch`.",
                             label(phase),
                             previous.display(),
-                            c::switch_unit(ROLLBACK)
+                            label(phase),
+                            c::SYSTEM_PROFILE,
+                            prev = previous.display()
                         ),
                     );
                 }
@@ -869,6 +883,13 @@ impl Host for NixosHost {
                 }
                 v.push(on(c::unit_show(c::HYDRA_INIT, &["LoadState"])));
                 v.push(on(c::unit_show("hydra-server.service", &["LoadState"])));
+                if self.pending_switch().is_none() {
+                    v.push(on(c::unit_show("hydra-server.service", &["ActiveState"])));
+                    v.push(format!(
+                        "(from here) GET {} while hydra-server is active: it must answer",
+                        self.settings.hydra_url
+                    ));
+                }
             }
             "switch-migration" | "switch-final" => {
                 let phase = if step == "switch-final" {
