@@ -323,6 +323,44 @@ fn ctrl_c(f: &Fake, h: &duct::Handle, unit: &str) {
     kill(&client, "-INT");
 }
 
+/// Start `upgrade` (with `extra`) with the activation of `system` paused, and wait until
+/// it has got there (lift the pause by removing `pause-stc-<system>`).
+fn spawn_paused_at(f: &Fake, extra: &[&str], system: &str) -> duct::Handle {
+    std::fs::write(f.state(&format!("pause-stc-{system}")), "").unwrap();
+    let h = f.spawn(extra);
+    wait_for(&format!("the activation of the {system} system"), || {
+        f.state(&format!("paused-stc-{system}")).exists()
+    });
+    h
+}
+
+/// Start a re-run (with `extra`) while the activation of `system` is paused, wait until
+/// it has looked at the switch unit `unit`, do `meanwhile`, then lift the pause: the
+/// re-run's exit code and stderr. (The fake logs a `show` once its answer is decided; a
+/// fixed sleep instead lost the race on a loaded machine: the activation had ended.)
+fn rerun_past_a_paused_activation(
+    f: &Fake,
+    extra: &[&str],
+    unit: &str,
+    system: &str,
+    meanwhile: impl FnOnce(),
+) -> (Option<i32>, String) {
+    let look = format!("systemctl show -p ActiveState {unit}.service");
+    let asked = || f.calls().matches(look.as_str()).count();
+    let before = asked();
+    let rerun = f.spawn(extra);
+    wait_for(&format!("the re-run to look at {unit}"), || {
+        asked() > before
+    });
+    meanwhile();
+    std::fs::remove_file(f.state(&format!("pause-stc-{system}"))).unwrap();
+    let out = rerun.wait().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Backfill knobs slow enough that the run is still going when a test interrupts it.
 const SLOW_BACKFILL: [&str; 8] = [
     "--strategy",
@@ -551,11 +589,7 @@ fn an_unhealthy_hydra_after_the_final_switch_rolls_back_to_the_migration_system(
 fn ctrl_c_during_a_rollback_exits_130_and_the_rerun_waits_for_the_rollback_unit() {
     let f = Fake::new(58);
     f.inject("migration", "unhealthy");
-    std::fs::write(f.state("pause-stc-original"), "").unwrap();
-    let h = f.spawn(&[]);
-    wait_for("the rollback's activation", || {
-        f.state("paused-stc-original").exists()
-    });
+    let h = spawn_paused_at(&f, &[], "original");
     ctrl_c(&f, &h, "hydra-upgrade-switch-rollback");
     let out = h.wait().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -564,20 +598,9 @@ fn ctrl_c_during_a_rollback_exits_130_and_the_rerun_waits_for_the_rollback_unit(
     assert_eq!(f.upgrade_state()["switching_to"], "migration");
     // fixed meanwhile; the rollback's activation is still paused when the re-run starts
     std::fs::remove_file(f.system("migration").join("unhealthy")).unwrap();
-    let asked = || {
-        f.calls()
-            .matches("systemctl show -p ActiveState hydra-upgrade-switch-rollback.service")
-            .count()
-    };
-    let before = asked();
-    let rerun = f.spawn(&[]);
-    wait_for("the re-run to look at the rollback's unit", || {
-        asked() > before
-    });
-    std::fs::remove_file(f.state("pause-stc-original")).unwrap();
-    let out = rerun.wait().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let (code, stderr) =
+        rerun_past_a_paused_activation(&f, &[], "hydra-upgrade-switch-rollback", "original", || {});
+    assert_eq!(code, Some(0), "{stderr}");
     assert_contains(
         &stderr,
         "hydra-upgrade-switch-rollback.service, started by an earlier run, is still running",
@@ -904,12 +927,8 @@ fn killed_during_the_verify_before_the_final_switch_leaves_no_switch_to_finish()
 #[test]
 fn a_resumed_final_switch_with_null_rows_rolls_back_to_the_migration_system() {
     let f = Fake::new(58);
-    std::fs::write(f.state("pause-stc-final"), "").unwrap();
     f.inject("final", "fail-init");
-    let h = f.spawn(&["--stock-final"]);
-    wait_for("the final activation", || {
-        f.state("paused-stc-final").exists()
-    });
+    let h = spawn_paused_at(&f, &["--stock-final"], "final");
     h.kill().unwrap();
     f.db.exec(
         "INSERT INTO builds (finished, timestamp, project, jobset, job, drvpath, system)
@@ -955,11 +974,7 @@ fn a_resumed_final_switch_with_null_rows_rolls_back_to_the_migration_system() {
 #[test]
 fn a_host_that_does_not_answer_for_a_moment_after_a_switch_is_not_rolled_back() {
     let f = Fake::new(58);
-    std::fs::write(f.state("pause-stc-migration"), "").unwrap();
-    let h = f.spawn(&[]);
-    wait_for("the migration activation", || {
-        f.state("paused-stc-migration").exists()
-    });
+    let h = spawn_paused_at(&f, &[], "migration");
     std::fs::write(f.state("fail-show-hydra-init.service"), "3").unwrap();
     std::fs::write(f.state("fail-show-hydra-server.service"), "2").unwrap();
     std::fs::remove_file(f.state("pause-stc-migration")).unwrap();
@@ -1209,11 +1224,7 @@ fn target_host_runs_every_host_command_over_ssh() {
 #[test]
 fn killed_during_the_migration_switch_then_resumed() {
     let f = Fake::new(58);
-    std::fs::write(f.state("pause-stc-migration"), "").unwrap();
-    let h = f.spawn(&[]);
-    wait_for("the migration activation", || {
-        f.state("paused-stc-migration").exists()
-    });
+    let h = spawn_paused_at(&f, &[], "migration");
     h.kill().unwrap();
     assert_eq!(f.upgrade_state()["switching_to"], "migration");
     // the activation runs on in its unit, as under systemd-run
@@ -1231,11 +1242,7 @@ fn killed_during_the_migration_switch_then_resumed() {
 #[test]
 fn a_pending_switch_outlives_another_role_and_is_not_dropped_for_another_database() {
     let f = Fake::new(58);
-    std::fs::write(f.state("pause-stc-migration"), "").unwrap();
-    let h = f.spawn(&[]);
-    wait_for("the migration activation", || {
-        f.state("paused-stc-migration").exists()
-    });
+    let h = spawn_paused_at(&f, &[], "migration");
     h.kill().unwrap();
     std::fs::remove_file(f.state("pause-stc-migration")).unwrap();
     let _ = h.wait();
@@ -1274,30 +1281,12 @@ fn a_pending_switch_outlives_another_role_and_is_not_dropped_for_another_databas
 #[test]
 fn killed_during_the_final_switch_then_resumed_while_activation_still_runs() {
     let f = Fake::new(61);
-    std::fs::write(f.state("pause-stc-final"), "").unwrap();
-    let h = f.spawn(&[]);
-    wait_for("the final activation", || {
-        f.state("paused-stc-final").exists()
-    });
+    let h = spawn_paused_at(&f, &[], "final");
     h.kill().unwrap();
-    // re-run while the activation is still paused: it waits for the running unit. The
-    // pause is lifted only once the re-run has been told the unit's state (the fake logs
-    // a `show` after deciding its answer; a fixed sleep here lost the race on a loaded
-    // machine: the activation had ended by then).
-    let asked = || {
-        f.calls()
-            .matches("systemctl show -p ActiveState hydra-upgrade-switch-final.service")
-            .count()
-    };
-    let before = asked();
-    let rerun = f.spawn(&[]);
-    wait_for("the re-run to look at the running activation", || {
-        asked() > before
-    });
-    std::fs::remove_file(f.state("pause-stc-final")).unwrap();
-    let out = rerun.wait().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    // re-run while the activation is still paused: it waits for the running unit
+    let (code, stderr) =
+        rerun_past_a_paused_activation(&f, &[], "hydra-upgrade-switch-final", "final", || {});
+    assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.contains("still running; waiting for it"), "{stderr}");
     let _ = h.wait();
     f.assert_final();
@@ -1317,32 +1306,21 @@ fn killed_during_the_final_switch_then_resumed_while_activation_still_runs() {
 #[test]
 fn a_rerun_during_a_stock_final_activation_that_holds_builds_waits_for_it_saying_so() {
     let f = Fake::new(61);
-    std::fs::write(f.state("pause-stc-final"), "").unwrap();
-    let h = f.spawn(&["--stock-final"]);
-    wait_for("the final activation", || {
-        f.state("paused-stc-final").exists()
-    });
+    let h = spawn_paused_at(&f, &["--stock-final"], "final");
     h.kill().unwrap();
     // as the final system's hydra-init would, from its first schema step on
     let mut init = f.db.connect();
     init.client()
         .batch_execute("BEGIN; LOCK TABLE builds IN ACCESS EXCLUSIVE MODE")
         .unwrap();
-    let asked = || {
-        f.calls()
-            .matches("systemctl show -p ActiveState hydra-upgrade-switch-final.service")
-            .count()
-    };
-    let before = asked();
-    let rerun = f.spawn(&["--stock-final"]);
-    wait_for("the re-run to look at the running activation", || {
-        asked() > before
-    });
-    init.client().batch_execute("COMMIT").unwrap();
-    std::fs::remove_file(f.state("pause-stc-final")).unwrap();
-    let out = rerun.wait().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let (code, stderr) = rerun_past_a_paused_activation(
+        &f,
+        &["--stock-final"],
+        "hydra-upgrade-switch-final",
+        "final",
+        || init.client().batch_execute("COMMIT").unwrap(),
+    );
+    assert_eq!(code, Some(0), "{stderr}");
     assert_contains(
         &stderr,
         "finish the switch to the hydra-unstable system that an earlier run began",
@@ -1355,11 +1333,7 @@ fn a_rerun_during_a_stock_final_activation_that_holds_builds_waits_for_it_saying
 #[test]
 fn sigint_after_the_migration_switch_stops_then_resumes() {
     let f = Fake::new(58);
-    std::fs::write(f.state("pause-stc-migration"), "").unwrap();
-    let h = f.spawn(&[]);
-    wait_for("the migration activation", || {
-        f.state("paused-stc-migration").exists()
-    });
+    let h = spawn_paused_at(&f, &[], "migration");
     for pid in h.pids() {
         kill(&pid.to_string(), "-INT");
     }
@@ -1475,11 +1449,7 @@ fn sigterm_to_the_tool_alone_stops_the_backfill_unit() {
 #[test]
 fn ctrl_c_during_an_activation_does_not_roll_back_and_a_rerun_finishes_the_switch() {
     let f = Fake::new(58);
-    std::fs::write(f.state("pause-stc-migration"), "").unwrap();
-    let h = f.spawn(&[]);
-    wait_for("the migration activation", || {
-        f.state("paused-stc-migration").exists()
-    });
+    let h = spawn_paused_at(&f, &[], "migration");
     ctrl_c(&f, &h, "hydra-upgrade-switch-migration");
     let out = h.wait().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
