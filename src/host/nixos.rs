@@ -543,12 +543,7 @@ impl Host for NixosHost {
     }
 
     fn prepare_switch(&mut self, phase: Phase, out: &Out) -> Result<()> {
-        let current = self.current()?;
-        let pending = self.pending_switch() == Some(phase);
-        let previous = match (&self.state.state.previous_system, pending) {
-            (Some(p), true) => p.clone(),
-            _ => current.clone(),
-        };
+        let previous = self.current()?;
         if let Some(sys) = self.system(phase) {
             self.on(c::is_nixos_system(sys)).run().map_err(|_| {
                 fail(
@@ -731,13 +726,11 @@ impl Host for NixosHost {
                              while rolling back to {} ({e:#}): {where_}. Run `hydra-upgrade \
                              upgrade` again: it waits for any activation still running, then \
                              switches to the {} system again (rolling back once more if it still \
-                             fails); or roll back by hand: `nix-env -p {} --set {prev} && \
-                             {prev}/bin/switch-to-configuration switch`.",
+                             fails); or roll back by hand: {}.",
                             label(phase),
                             previous.display(),
                             label(phase),
-                            c::SYSTEM_PROFILE,
-                            prev = previous.display()
+                            roll_back_by_hand(&previous)
                         ),
                     );
                 }
@@ -748,13 +741,10 @@ impl Host for NixosHost {
                          failed too: {e:#}\nIf the older system's hydra-init refuses the newer \
                          schema (the module's schema guard does so on purpose), go forward \
                          instead: fix the cause and run `hydra-upgrade upgrade` again. To roll \
-                         back by hand: `nix-env -p {} --set {prev} && \
-                         {prev}/bin/switch-to-configuration switch`, then `systemctl status \
-                         'hydra-*'`.",
+                         back by hand: {}, then `systemctl status 'hydra-*'`.",
                         label(phase),
                         previous.display(),
-                        c::SYSTEM_PROFILE,
-                        prev = previous.display()
+                        roll_back_by_hand(&previous)
                     ),
                 );
             }
@@ -958,6 +948,15 @@ impl Host for NixosHost {
 
 /// Show a local unit's journal on our stderr from now on, while we wait for the unit
 /// ([`stop_following`]). Without `journalctl` the wait goes on unshown.
+/// The commands that roll the host back to `previous` by hand, for error messages.
+fn roll_back_by_hand(previous: &Path) -> String {
+    format!(
+        "`nix-env -p {} --set {prev} && {prev}/bin/switch-to-configuration switch`",
+        c::SYSTEM_PROFILE,
+        prev = previous.display()
+    )
+}
+
 fn follow_journal(unit: &str, out: &Out) -> Option<Running> {
     match c::journal_follow(unit, std::time::SystemTime::now()).start_to_stderr() {
         Ok(running) => Some(running),
